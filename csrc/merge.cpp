@@ -1,0 +1,111 @@
+// In-place merge on CPU: W[o, :] = round(W[o, :] + s · Σ_k B[o, k] A[k, :]).
+//
+// Each row of W is one task: its LoRA delta is accumulated in a row buffer of
+// the accumulation dtype (float32; float64 for float64 weights), k running
+// 0..r-1 in order, then added to W and rounded once into W's dtype. The extra
+// memory is A in the accumulation dtype plus one row buffer per thread,
+// whatever the size of W. The order of the sum never depends on threading, so
+// unmerge (s -> -s) subtracts exactly what merge added.
+#include "lora_kernels.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+namespace lora_kernels {
+namespace {
+
+// delta[:] = Σ_k B[o, k] A[k, :] for one row o, k in order.
+template <typename scalar_t, typename acc_t>
+void lora_row_delta(const at::Tensor& A_acc, const at::Tensor& B, int64_t o, acc_t* delta) {
+  const int64_t in = A_acc.size(1), r = A_acc.size(0);
+  const acc_t* a_ptr = A_acc.data_ptr<acc_t>();
+  const scalar_t* b_row = B.data_ptr<scalar_t>() + o * B.stride(0);
+  std::fill(delta, delta + in, acc_t(0));
+  for (int64_t k = 0; k < r; ++k) {
+    const acc_t b = static_cast<acc_t>(b_row[k * B.stride(1)]);
+    const acc_t* a_row = a_ptr + k * in;
+    for (int64_t i = 0; i < in; ++i) delta[i] += b * a_row[i];
+  }
+}
+
+template <typename scalar_t>
+int64_t merge_rows(at::Tensor& weight, const at::Tensor& A_acc, const at::Tensor& B,
+                   double scaling_d, const at::Tensor& sub_A_acc, const at::Tensor& sub_B,
+                   double sub_scaling_d, bool check_only) {
+  using acc_t = at::opmath_type<scalar_t>;  // float, or double for float64 weights
+  const acc_t scaling = static_cast<acc_t>(scaling_d), sub_scaling = static_cast<acc_t>(sub_scaling_d);
+  const bool has_sub = sub_A_acc.defined();
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const int64_t w_rs = weight.stride(0), w_cs = weight.stride(1);
+  scalar_t* w_ptr = weight.data_ptr<scalar_t>();
+  std::atomic<int64_t> nonfinite{0};
+
+  at::parallel_for(0, out, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> delta(in), sub_delta(has_sub ? in : 0);
+    int64_t local_nonfinite = 0;
+    for (int64_t o = begin; o < end; ++o) {
+      lora_row_delta<scalar_t>(A_acc, B, o, delta.data());
+      if (has_sub) lora_row_delta<scalar_t>(sub_A_acc, sub_B, o, sub_delta.data());
+      scalar_t* w_row = w_ptr + o * w_rs;
+      for (int64_t i = 0; i < in; ++i) {
+        // s·d - s'·d' is exactly -(s'·d' - s·d): switching back cancels bit for bit.
+        const acc_t change = has_sub ? scaling * delta[i] - sub_scaling * sub_delta[i]
+                                     : scaling * delta[i];
+        const acc_t merged = static_cast<acc_t>(w_row[i * w_cs]) + change;
+        if (check_only) {
+          local_nonfinite += !std::isfinite(merged);
+        } else {
+          w_row[i * w_cs] = static_cast<scalar_t>(merged);
+        }
+      }
+    }
+    nonfinite += local_nonfinite;
+  });
+  return nonfinite.load();
+}
+
+void check_adapter(const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+                   const char* a_name, const char* b_name) {
+  LK_CHECK(A.dim() == 2 && A.size(1) == weight.size(1), a_name, " must be [r, ", weight.size(1),
+           "], got ", A.sizes());
+  LK_CHECK(B.dim() == 2 && B.size(0) == weight.size(0) && B.size(1) == A.size(0), b_name,
+           " must be [", weight.size(0), ", ", A.size(0), "], got ", B.sizes());
+  LK_CHECK(A.scalar_type() == weight.scalar_type() && B.scalar_type() == weight.scalar_type(),
+           a_name, " and ", b_name, " must have weight's dtype ", weight.scalar_type());
+  LK_CHECK(A.device() == weight.device() && B.device() == weight.device(), a_name, " and ",
+           b_name, " must be on weight's device ", weight.device());
+}
+
+}  // namespace
+
+void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                      const c10::optional<at::Tensor>& sub_A, const c10::optional<at::Tensor>& sub_B) {
+  LK_CHECK(weight.dim() == 2, "weight must be 2-D [out, in], got ", weight.sizes());
+  check_adapter(weight, lora_A, lora_B, "lora_A", "lora_B");
+  LK_CHECK(sub_A.has_value() == sub_B.has_value(), "sub_A and sub_B must be given together");
+  if (sub_A.has_value()) check_adapter(weight, *sub_A, *sub_B, "sub_A", "sub_B");
+}
+
+int64_t merge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                  double scaling, const c10::optional<at::Tensor>& sub_A,
+                  const c10::optional<at::Tensor>& sub_B, double sub_scaling, bool check_only) {
+  check_merge_args(weight, lora_A, lora_B, sub_A, sub_B);
+  int64_t nonfinite = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "merge_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // A in the accumulation dtype, contiguous: [r, in], small next to W.
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor A_acc = lora_A.to(acc_dtype).contiguous();
+    const at::Tensor sub_A_acc = sub_A.has_value() ? sub_A->to(acc_dtype).contiguous() : at::Tensor();
+    const at::Tensor sub_B_t = sub_B.has_value() ? *sub_B : at::Tensor();
+    nonfinite = merge_rows<scalar_t>(weight, A_acc, lora_B, scaling, sub_A_acc, sub_B_t,
+                                     sub_scaling, check_only);
+  });
+  return nonfinite;
+}
+
+}  // namespace lora_kernels

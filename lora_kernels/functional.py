@@ -1,0 +1,191 @@
+"""Functional API: argument checks, autocast, then the custom ops (which pick a backend).
+
+    lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False)
+    merge_(weight, lora_A, lora_B, scaling, safe=False, exact=False)
+    unmerge_(weight, lora_A, lora_B, scaling, record=None)
+    switch_(weight, lora_A, lora_B, scaling, new_A, new_B, new_scaling, safe=False)
+
+Every check runs before anything is computed or written, so a call that raises
+leaves every tensor as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .ops.lora_linear import lora_linear_fwd
+from .ops.merge import MergeRecord, merge_exact_, merge_op
+
+__all__ = ["lora_linear", "merge_", "unmerge_", "switch_", "MergeRecord"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float_tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_same_dtype_device(reference_name: str, reference: Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.dtype != reference.dtype:
+            raise TypeError(f"{name} must have {reference_name}'s dtype {reference.dtype}, got {t.dtype}")
+        if t.device != reference.device:
+            raise ValueError(f"{name} must be on {reference_name}'s device {reference.device}, got {t.device}")
+
+
+def _check_scaling(name: str, scaling) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"{name} must be finite, got {scaling}")
+    return float(scaling)
+
+
+def _check_adapter(weight: Tensor, lora_A, lora_B, a_name: str = "lora_A", b_name: str = "lora_B") -> None:
+    """lora_A [r, in] and lora_B [out, r] for weight [out, in], r >= 1."""
+    _check_float_tensor(a_name, lora_A, 2)
+    _check_float_tensor(b_name, lora_B, 2)
+    out_features, in_features = weight.shape
+    r = lora_A.shape[0]
+    if r < 1 or lora_A.shape[1] != in_features:
+        raise ValueError(f"{a_name} must be [r >= 1, in_features={in_features}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"{b_name} must be [out_features={out_features}, r={r}], got {tuple(lora_B.shape)}")
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for `device_type`, or None."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """y = x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T, fused.
+
+    x [..., in], weight [out, in], bias [out] or None, lora_A [r, in], lora_B [out, r];
+    returns [..., out]. Dropout (probability dropout_p) is applied only when
+    training; its mask comes from a seed drawn from torch's default generator, so
+    torch.manual_seed makes runs reproducible. Differentiable in x, lora_A,
+    lora_B, bias (and weight, if it requires grad). Under torch.autocast it
+    computes in the autocast dtype like nn.Linear does.
+    """
+    _check_float_tensor("x", x)
+    _check_float_tensor("weight", weight, 2)
+    if bias is not None:
+        _check_float_tensor("bias", bias, 1)
+    _check_adapter(weight, lora_A, lora_B)
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must be [..., in_features={in_features}], got {tuple(x.shape)}")
+    if bias is not None and bias.shape[0] != out_features:
+        raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
+    scaling = _check_scaling("scaling", scaling)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+    cast_to = _autocast_dtype(x.device.type)
+    if cast_to is not None:
+        # As nn.Linear under autocast: compute in the autocast dtype; the casts are
+        # differentiable, so float32 parameters still receive float32 gradients.
+        x, weight, lora_A, lora_B = (t.to(cast_to) if t.dtype != torch.float64 else t for t in (x, weight, lora_A, lora_B))
+        if bias is not None and bias.dtype != torch.float64:
+            bias = bias.to(cast_to)
+    _check_same_dtype_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+
+    seed = None
+    if training and dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    x2d = x.reshape(-1, in_features)
+    y, _ = lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _check_merge_args(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling, name="scaling") -> float:
+    _check_float_tensor("weight", weight, 2)
+    _check_adapter(weight, lora_A, lora_B)
+    _check_same_dtype_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
+    return _check_scaling(name, scaling)
+
+
+@torch.no_grad()
+def merge_(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, safe: bool = False, exact: bool = False
+) -> MergeRecord | None:
+    """weight += scaling · lora_B @ lora_A, in place, one rounding per element; returns weight's record.
+
+    weight [out, in], lora_A [r, in], lora_B [out, r]. The product is accumulated
+    in float32 (float64 for float64 weights) tile by tile: no [out, in] temporary.
+    safe=True: raise RuntimeError, weight untouched, if any merged value would be
+    NaN/Inf. exact=True: return a MergeRecord with which unmerge_ restores the
+    weight bit for bit (otherwise None; a merge/unmerge cycle then stays within
+    one or two ulp of the original and does not drift further).
+    """
+    scaling = _check_merge_args(weight, lora_A, lora_B, scaling)
+    if exact:
+        return merge_exact_(weight, lora_A, lora_B, scaling, safe)
+    merge_op(weight, lora_A, lora_B, scaling, None, None, 0.0, safe)
+    return None
+
+
+@torch.no_grad()
+def unmerge_(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, record: MergeRecord | None = None
+) -> None:
+    """weight -= scaling · lora_B @ lora_A, in place; with merge_'s record, restores it exactly."""
+    scaling = _check_merge_args(weight, lora_A, lora_B, scaling)
+    if record is not None:
+        if not isinstance(record, MergeRecord):
+            raise TypeError(f"record must be a MergeRecord from merge_(..., exact=True), got {type(record).__name__}")
+        if record.shape != weight.shape or record.values.dtype != weight.dtype:
+            raise ValueError(
+                f"record was made for a {tuple(record.shape)} {record.values.dtype} weight, "
+                f"got weight {tuple(weight.shape)} {weight.dtype}"
+            )
+    merge_op(weight, lora_A, lora_B, -scaling, None, None, 0.0, False)
+    if record is not None:
+        record.restore_(weight)
+
+
+@torch.no_grad()
+def switch_(
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    new_A: Tensor,
+    new_B: Tensor,
+    new_scaling: float,
+    safe: bool = False,
+) -> None:
+    """Replace the merged adapter (lora_A, lora_B, scaling) by (new_A, new_B, new_scaling) in one pass.
+
+    weight += new_scaling · new_B new_A − scaling · lora_B lora_A, both products in
+    float32, one rounding. Switching back applies the exact negation, so
+    alternating adapters drifts no more than merge/unmerge does. The ranks may differ.
+    """
+    scaling = _check_merge_args(weight, lora_A, lora_B, scaling)
+    _check_adapter(weight, new_A, new_B, "new_A", "new_B")
+    _check_same_dtype_device("weight", weight, new_A=new_A, new_B=new_B)
+    new_scaling = _check_scaling("new_scaling", new_scaling)
+    merge_op(weight, new_A, new_B, new_scaling, lora_A, lora_B, scaling, safe)

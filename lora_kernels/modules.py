@@ -1,0 +1,186 @@
+"""LoRALinear: a drop-in LoRA linear layer on top of the fused ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import _check_adapter, lora_linear, merge_, switch_, unmerge_
+
+__all__ = ["LoRALinear"]
+
+
+class LoRALinear(nn.Module):
+    """y = x W0ᵀ + b + scaling · B A dropout(x), with W0 frozen and A, B trained.
+
+    Parameters and state-dict keys follow loralib: ``weight`` [out, in] (frozen;
+    [in, out] when fan_in_fan_out, as in GPT-2's Conv1D), ``bias`` [out],
+    ``lora_A`` [r, in], ``lora_B`` [out, r]. Initialised as loralib and PEFT do:
+    A kaiming-uniform(a=√5), B zeros, so a new layer equals its base layer.
+    ``scaling`` is lora_alpha / r, or lora_alpha / √r with use_rslora.
+
+    Merging: ``merge()`` folds scaling · B A into the weight in place (forward
+    becomes the plain base GEMM), ``unmerge()`` takes it out again. With
+    ``merge_weights=True`` the layer does this itself as loralib does: merged in
+    eval(), unmerged in train().
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        bias: bool = True,
+        fan_in_fan_out: bool = False,
+        use_rslora: bool = False,
+        merge_weights: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        factory = {"device": device, "dtype": dtype}
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
+        bias_param = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self._setup(in_features, out_features, weight, bias_param, r, lora_alpha, lora_dropout,
+                    fan_in_fan_out, use_rslora, merge_weights)
+        self._reset_base_parameters()
+        self.reset_lora_parameters()
+
+    def _setup(self, in_features, out_features, weight, bias, r, lora_alpha, lora_dropout,
+               fan_in_fan_out, use_rslora, merge_weights) -> None:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be an int >= 1, got {r!r}")
+        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
+        self.fan_in_fan_out, self.use_rslora, self.merge_weights = fan_in_fan_out, use_rslora, merge_weights
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.weight = weight
+        self.bias = bias
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self.merged = False
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        use_rslora: bool = False,
+        merge_weights: bool = False,
+    ) -> "LoRALinear":
+        """Wrap an existing linear layer, sharing (not copying) its weight and bias.
+
+        The weight is frozen (requires_grad=False). With fan_in_fan_out the
+        layer's weight is read as [in, out] (GPT-2 Conv1D).
+        """
+        weight = getattr(linear, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            raise TypeError(f"linear must have a 2-D weight Parameter, got {type(linear).__name__}")
+        in_features, out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        weight.requires_grad_(False)
+        layer._setup(in_features, out_features, weight, getattr(linear, "bias", None), r, lora_alpha,
+                     lora_dropout, fan_in_fan_out, use_rslora, merge_weights)
+        layer.reset_lora_parameters()
+        return layer
+
+    def _reset_base_parameters(self) -> None:
+        # nn.Linear's initialisation (for layers built from scratch).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def reset_lora_parameters(self) -> None:
+        """A ~ kaiming-uniform(a=√5), B = 0 (loralib / PEFT)."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def base_weight(self) -> Tensor:
+        """W0 (possibly merged) as [out, in]: a view, never a copy."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.base_weight(), self.bias)
+        return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scaling,
+                           self.lora_dropout, self.training)
+
+    # -- merging ------------------------------------------------------------
+
+    def merge(self, safe: bool = False) -> None:
+        """Fold scaling · B A into the weight in place; forward then costs one plain GEMM."""
+        if not self.merged:
+            merge_(self.base_weight(), self.lora_A, self.lora_B, self.scaling, safe=safe)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Take scaling · B A out of the weight again."""
+        if self.merged:
+            unmerge_(self.base_weight(), self.lora_A, self.lora_B, self.scaling)
+            self.merged = False
+
+    @torch.no_grad()
+    def switch_adapter(self, lora_A: Tensor, lora_B: Tensor, lora_alpha: float | None = None,
+                       safe: bool = False) -> None:
+        """Load another adapter (its rank may differ); if merged, swap it in the weight in one pass."""
+        lora_alpha = self.lora_alpha if lora_alpha is None else lora_alpha
+        r = lora_A.shape[0] if lora_A.dim() == 2 else 0
+        if r < 1:
+            raise ValueError(f"lora_A must be [r >= 1, {self.in_features}], got {tuple(lora_A.shape)}")
+        scaling = lora_alpha / math.sqrt(r) if self.use_rslora else lora_alpha / r
+        new_A = lora_A.to(self.lora_A.dtype)
+        new_B = lora_B.to(self.lora_B.dtype)
+        if self.merged:
+            switch_(self.base_weight(), self.lora_A, self.lora_B, self.scaling, new_A, new_B, scaling, safe=safe)
+        else:
+            _check_adapter(self.base_weight(), new_A, new_B)
+        self.lora_A = nn.Parameter(new_A.clone(), requires_grad=self.lora_A.requires_grad)
+        self.lora_B = nn.Parameter(new_B.clone(), requires_grad=self.lora_B.requires_grad)
+        self.r, self.lora_alpha, self.scaling = r, lora_alpha, scaling
+
+    def merge_and_unload(self) -> nn.Linear:
+        """A plain nn.Linear holding W0 + scaling · B A: this layer's weight, merged in place and
+        shared (copied only when fan_in_fan_out, to turn [in, out] into [out, in])."""
+        self.merge()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.base_weight().contiguous(), requires_grad=False) \
+            if self.fan_in_fan_out else self.weight
+        linear.bias = self.bias
+        return linear
+
+    def train(self, mode: bool = True) -> "LoRALinear":
+        super().train(mode)
+        if self.merge_weights:
+            if mode:
+                self.unmerge()
+            else:
+                self.merge()
+        return self
+
+    def extra_repr(self) -> str:
+        text = (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+                f"bias={self.bias is not None}")
+        for flag in ("fan_in_fan_out", "use_rslora", "merge_weights", "merged"):
+            if getattr(self, flag):
+                text += f", {flag}=True"
+        return text

@@ -1,0 +1,1 @@
+"""Custom ops (torch.library) of lora_kernels: one module per op family."""

@@ -1,0 +1,121 @@
+"""The fused LoRA linear as torch.library custom ops, with autograd and fake tensors.
+
+    lora_kernels::lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        -> (y [M, out], xa [M, r])
+    lora_kernels::lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p,
+                                  seed, need_dx) -> (dx [M, in] or [0], dA [r, in], dB [out, r])
+
+x is 2-D here (functional.lora_linear flattens leading dims and checks arguments).
+`seed` is a 0-d int64 CPU tensor, or None when dropout is off; the backward gets
+the same seed and regenerates the same mask, so only x, xa [M, r] and the seed
+are saved. Being custom ops, both are opaque to torch.compile (no graph break)
+and each call picks its backend (backends.py) at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backends import select_backend
+
+
+def _triton():
+    from . import triton_lora_linear  # imported on first use: triton is optional
+
+    return triton_lora_linear
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    backend = select_backend(x.device)
+    seed_value = int(seed) if seed is not None else 0
+    p = dropout_p if seed is not None else 0.0
+    if backend in ("cpu", "cuda"):
+        return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed_value)
+    if backend == "triton":
+        return _triton().forward(x, weight, bias, lora_A, lora_B, scaling, p, seed_value)
+    y, xa = reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed_value)
+    return y.contiguous(), xa.contiguous()
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    xa: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    backend = select_backend(x.device)
+    seed_value = int(seed) if seed is not None else 0
+    p = dropout_p if seed is not None else 0.0
+    if backend in ("cpu", "cuda"):
+        return torch.ops.lora_kernels.fused_backward(
+            grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed_value, need_dx
+        )
+    if backend == "triton":
+        return _triton().backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed_value, need_dx)
+    dx, dA, dB = reference.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed_value)
+    dx = dx.contiguous() if need_dx else x.new_empty(0)
+    return dx, dA.contiguous(), dB.contiguous()
+
+
+@lora_linear_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    _, xa = output
+    # x, xa [M, r] and the seed: never the dropped copy of x.
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.mark_non_differentiable(xa)
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:5]
+    grad_y = grad_y.contiguous()
+    dx, dA, dB = lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, need_x)
+    # The frozen-weight case is the point of LoRA; a trainable weight still gets its gradient.
+    d_weight = grad_y.t() @ x if need_w else None
+    d_bias = grad_y.sum(0) if need_b else None
+    return (
+        dx if need_x else None,
+        d_weight,
+        d_bias,
+        dA if need_a else None,
+        dB if need_b_lora else None,
+        None,
+        None,
+        None,
+    )
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
