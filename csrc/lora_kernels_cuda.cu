@@ -18,14 +18,15 @@ template <typename scalar_t>
 __global__ void dropped_rows_kernel(const scalar_t* __restrict__ src, int64_t src_rs,
                                     int64_t src_cs, scalar_t* __restrict__ out, int64_t rows,
                                     int64_t cols, int64_t row0, uint64_t threshold,
-                                    float inv_keep, uint64_t seed) {
+                                    at::opmath_type<scalar_t> inv_keep, uint64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * cols) return;
   const int64_t i = idx / cols, k = idx % cols;
   const uint64_t offset = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols) + k;
   const bool keep = philox_uint32(seed, offset) >= threshold;
-  const float v = static_cast<float>(src[i * src_rs + k * src_cs]);
-  out[idx] = static_cast<scalar_t>(keep ? v * inv_keep : 0.0f);
+  const acc_t v = static_cast<acc_t>(src[i * src_rs + k * src_cs]);
+  out[idx] = static_cast<scalar_t>(keep ? v * inv_keep : acc_t(0));
 }
 
 // Merge tile: a block of 32 x 8 threads owns a 32 x 32 tile of W; each thread
@@ -92,10 +93,11 @@ __global__ void merge_kernel(scalar_t* __restrict__ w, int64_t w_rs, int64_t w_c
     // Same expression as the CPU kernel: s·d - s'·d' negates exactly when the adapters swap.
     const acc_t change = sub.r > 0 ? scaling * acc[j] - sub_scaling * sub_acc[j] : scaling * acc[j];
     const acc_t merged = static_cast<acc_t>(*w_elem) + change;
+    const scalar_t rounded = static_cast<scalar_t>(merged);  // overflow shows up here
     if (check_only) {
-      local_nonfinite += !isfinite(merged);
+      local_nonfinite += !isfinite(static_cast<acc_t>(rounded));
     } else {
-      *w_elem = static_cast<scalar_t>(merged);
+      *w_elem = rounded;
     }
   }
   if (local_nonfinite) atomicAdd(nonfinite, local_nonfinite);
@@ -118,7 +120,7 @@ at::Tensor dropped_rows_cuda(const at::Tensor& src, int64_t row0, double p, int6
     dropped_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         src.data_ptr<scalar_t>(), src.stride(0), src.stride(1), out.data_ptr<scalar_t>(),
         src.size(0), src.size(1), row0, dropout_threshold(p),
-        static_cast<float>(1.0 / (1.0 - p)), static_cast<uint64_t>(seed));
+        static_cast<at::opmath_type<scalar_t>>(1.0 / (1.0 - p)), static_cast<uint64_t>(seed));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -14,6 +14,7 @@
 #include "lora_kernels.h"
 #include "philox.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
@@ -63,8 +64,9 @@ void dropped_rows_kernel(const at::Tensor& src, at::Tensor& out, int64_t row0, d
                          int64_t seed) {
   const int64_t rows = src.size(0), cols = src.size(1);
   const int64_t src_rs = src.stride(0), src_cs = src.stride(1);
+  using acc_t = at::opmath_type<scalar_t>;  // float, or double for double inputs
   const uint64_t threshold = dropout_threshold(p);
-  const float inv_keep = static_cast<float>(1.0 / (1.0 - p));
+  const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p));
   const scalar_t* src_ptr = src.data_ptr<scalar_t>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -74,7 +76,7 @@ void dropped_rows_kernel(const at::Tensor& src, at::Tensor& out, int64_t row0, d
       scalar_t* o = out_ptr + i * cols;
       for (int64_t k = 0; k < cols; ++k) {
         const bool keep = philox_uint32(static_cast<uint64_t>(seed), base + k) >= threshold;
-        o[k] = static_cast<scalar_t>(keep ? static_cast<float>(s[k * src_cs]) * inv_keep : 0.0f);
+        o[k] = static_cast<scalar_t>(keep ? static_cast<acc_t>(s[k * src_cs]) * inv_keep : acc_t(0));
       }
     }
   });
@@ -154,18 +156,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   }
 
   // Dropout: regenerate each block's mask; dA accumulates over blocks in fp32
-  // so that half-precision inputs are rounded once, at the end.
-  at::Tensor dA = at::zeros(lora_A.sizes(), x.options().dtype(at::kFloat));
-  const bool fp32 = x.scalar_type() == at::kFloat;
+  // (fp64 for fp64 inputs) so that half-precision inputs are rounded once, at the end.
+  const bool half_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  at::Tensor dA = at::zeros(lora_A.sizes(), x.options().dtype(half_precision ? at::kFloat : x.scalar_type()));
   const int64_t block = dropout_block_rows(x);
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
     at::Tensor gb_rows = gb_scaled.narrow(0, m0, rows);
     at::Tensor x_dropped = dropped_rows(x.narrow(0, m0, rows), m0, dropout_p, seed);
-    if (fp32) {
-      dA.addmm_(gb_rows.t(), x_dropped);
-    } else {
+    if (half_precision) {
       dA.addmm_(gb_rows.t().to(at::kFloat), x_dropped.to(at::kFloat));
+    } else {
+      dA.addmm_(gb_rows.t(), x_dropped);
     }
     if (need_dx) {
       dx.narrow(0, m0, rows).add_(dropped_rows(at::mm(gb_rows, lora_A), m0, dropout_p, seed));

@@ -56,10 +56,11 @@ int64_t merge_rows(at::Tensor& weight, const at::Tensor& A_acc, const at::Tensor
         const acc_t change = has_sub ? scaling * delta[i] - sub_scaling * sub_delta[i]
                                      : scaling * delta[i];
         const acc_t merged = static_cast<acc_t>(w_row[i * w_cs]) + change;
+        const scalar_t rounded = static_cast<scalar_t>(merged);  // overflow shows up here
         if (check_only) {
-          local_nonfinite += !std::isfinite(merged);
+          local_nonfinite += !std::isfinite(static_cast<acc_t>(rounded));
         } else {
-          w_row[i * w_cs] = static_cast<scalar_t>(merged);
+          w_row[i * w_cs] = rounded;
         }
       }
     }

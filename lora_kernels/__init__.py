@@ -8,12 +8,14 @@ The pure-PyTorch specification of every op is lora_kernels.reference.
 """
 
 from . import reference
-from .backends import available_backends
+from .backends import available_backends, compiled_extension
 from .functional import MergeRecord, lora_linear, merge_, switch_, unmerge_
 from .modules import LoRALinear
 from .utils import inject_lora, lora_state_dict, mark_only_lora_as_trainable
 
 __version__ = "0.1.0"
+
+compiled_extension()  # registers torch.ops.lora_kernels.* kernels when _C was built
 
 __all__ = [
     "LoRALinear",

@@ -86,11 +86,13 @@ def requested_backend() -> str:
     return name
 
 
-def select_backend(device: torch.device) -> str:
-    """The backend that runs an op on tensors living on `device`."""
+def select_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs an op on tensors of `dtype` living on `device`."""
     name = requested_backend()
     if name == "auto":
         preference = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+        if dtype == torch.float64:  # Triton's dots are float32 at most
+            preference = tuple(n for n in preference if n != "triton")
         return next(n for n in preference if _backend_problem(n, device) is None)
     problem = _backend_problem(name, device)
     if problem is not None:

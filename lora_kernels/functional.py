@@ -71,6 +71,15 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def draw_seed() -> Tensor:
+    """A dropout seed (0-d int64 CPU tensor) from torch's default CPU generator.
+
+    A tensor, not an int, so that torch.compile keeps it in the graph instead of
+    specialising on its value; torch.manual_seed makes the sequence reproducible.
+    """
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -113,9 +122,7 @@ def lora_linear(
             bias = bias.to(cast_to)
     _check_same_dtype_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
 
-    seed = None
-    if training and dropout_p > 0.0:
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    seed = draw_seed() if training and dropout_p > 0.0 else None
     x2d = x.reshape(-1, in_features)
     y, _ = lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
     return y.view(*x.shape[:-1], out_features)

@@ -40,7 +40,7 @@ def lora_linear_fwd(
     dropout_p: float,
     seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    backend = select_backend(x.device)
+    backend = select_backend(x.device, x.dtype)
     seed_value = int(seed) if seed is not None else 0
     p = dropout_p if seed is not None else 0.0
     if backend in ("cpu", "cuda"):
@@ -69,7 +69,7 @@ def lora_linear_bwd(
     seed: Optional[Tensor],
     need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    backend = select_backend(x.device)
+    backend = select_backend(x.device, x.dtype)
     seed_value = int(seed) if seed is not None else 0
     p = dropout_p if seed is not None else 0.0
     if backend in ("cpu", "cuda"):

@@ -39,11 +39,11 @@ def _reference_merge_(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling
         change = scaling * (lora_B[rows].double() @ A64)
         if sub_A64 is not None:
             change = change - sub_scaling * (sub_B[rows].double() @ sub_A64)
-        merged = weight[rows].double() + change
+        merged = (weight[rows].double() + change).to(weight.dtype)  # overflow shows up here
         if check_only:
             nonfinite += int((~torch.isfinite(merged)).sum())
         else:
-            weight[rows] = merged.to(weight.dtype)
+            weight[rows] = merged
     return nonfinite
 
 

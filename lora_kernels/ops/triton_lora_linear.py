@@ -1,0 +1,378 @@
+"""Triton kernels of the fused LoRA linear, forward and backward.
+
+Three kernels serve every product (x [M, in], W0 [out, in], A [r, in], B [out, r]):
+
+  _shrink_kernel        L = drop?(X) D              [M, r]   xa = drop(x) Aᵀ, gb = dy B
+  _fused_gemm_kernel    Y = X Wop + bias + s·L U    [M, N]   y (Wop = W0ᵀ, U = Bᵀ) and
+                                                             dx (Wop = W0, U = A, dropout mask on s·L U)
+                        with SHRINK_IN_LOOP, L is accumulated inside the K loop from the
+                        X tiles already loaded (decode: one launch, W0 read once)
+  _weight_grad_kernel   P = Gᵀ drop?(X)             [r, N]   dA = s·gbᵀ drop(x), dBᵀ = s·xaᵀ dy
+                        reduced over M in SPLIT parallel slices, then summed
+
+Dropout masks come from tl.randint(seed, row * in + col), the Philox stream that
+reference.philox_uint32 and csrc/philox.h reproduce bit for bit, so the backward
+regenerates the forward's mask and nothing of size [M, in] is saved. All
+accumulation is float32; masks guard every edge; row offsets are int64.
+Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (one small config).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import dropout_threshold
+
+# Up to this many rows the forward is one launch (shrink fused into the GEMM's K
+# loop): the repeated shrink costs M·in·r per column block, noise next to W0's
+# out·in reads while M is small, and it saves a launch and the xa round trip.
+DECODE_MAX_M = 16
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(full: list[dict], small: dict, warps_stages: list[tuple[int, int]]) -> list[triton.Config]:
+    if _interpreted():  # the interpreter is slow: one small config, no tuning
+        return [triton.Config(small, num_warps=4, num_stages=1)]
+    return [triton.Config(c, num_warps=w, num_stages=s) for c, (w, s) in zip(full, warps_stages)]
+
+
+# Large-M GEMM configs for Hopper/Ampere; tuned per (M, N, K) by triton.autotune.
+_GEMM_CONFIGS = _configs(
+    [
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ],
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+    [(8, 3), (8, 4), (4, 4), (8, 3), (4, 4), (4, 4)],
+)
+# Decode configs: 16-row tiles (tl.dot's minimum), narrow column blocks so that
+# enough programs stream W0 to fill the GPU, long K tiles.
+_DECODE_CONFIGS = _configs(
+    [
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1),
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
+    ],
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1),
+    [(4, 4), (4, 3), (4, 4), (4, 3), (4, 4)],
+)
+
+
+@triton.jit
+def _keep_mask(seed, rows, cols, row_len, threshold):
+    """Dropout keep-mask of elements (rows[:, None], cols[None, :]) of a [*, row_len] tensor."""
+    offsets = rows.to(tl.int64)[:, None] * row_len + cols.to(tl.int64)[None, :]
+    draws = tl.randint(seed, offsets).to(tl.int64) & 0xFFFFFFFF
+    return draws >= threshold
+
+
+# Triton's interpreter mishandles bfloat16 in two places: tl.dot multiplies the
+# raw uint16 bits, and float32 -> bfloat16 casts truncate. Kernels take a
+# constexpr SOFT_BF16, set only when interpreting bfloat16, that routes around
+# both: dots on float32 copies (bf16 products are exact in fp32) and a
+# round-to-nearest-even done on the bits before the cast. On a GPU it is off.
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """acc + a @ b, float32 accumulation."""
+    if SOFT_BF16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """x rounded to nearest-even into dtype."""
+    if SOFT_BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, d_ptr, out_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_dk, stride_dr, stride_om, stride_or,
+    seed, threshold, inv_keep,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[M, R] = drop?(x)[M, K] @ d[K, R]; each program owns BLOCK_M rows, loops over K."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+        if DROPOUT:
+            x = x * _keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
+        d = tl.load(d_ptr + ks[:, None] * stride_dk + ranks[None, :] * stride_dr,
+                    mask=(ks[:, None] < K) & (ranks[None, :] < R), other=0.0)
+        acc = _dot(x, d, acc, PRECISION, SOFT_BF16)
+    # The 1/(1-p) of dropout is applied once here rather than to every element of x.
+    acc = acc * inv_keep
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + ranks[None, :] * stride_or
+    tl.store(out, _cast(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & (ranks[None, :] < R))
+
+
+@triton.jit
+def _fused_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, l_ptr, u_ptr, d_ptr, y_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wk, stride_wn,
+    stride_lm, stride_lr, stride_ur, stride_un, stride_dk, stride_dr, stride_ym, stride_yn,
+    scaling, seed, threshold, inv_keep,
+    HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, DROPOUT_SHRINK: tl.constexpr,
+    DROPOUT_EPILOGUE: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[M, N] = x[M, K] @ w[K, N] + bias + scaling · (L[M, R] @ u[R, N]) (⊙ mask / (1-p)).
+
+    L is read from l_ptr, or with SHRINK_IN_LOOP accumulated in the K loop as
+    drop?(x) @ d[K, R] and written to l_ptr by the first column block.
+    """
+    # Grouped ordering: GROUP_M row blocks sweep the column blocks together, so
+    # their x rows and w columns stay in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, BLOCK_R)
+    row_ok, col_ok, rank_ok = rows < M, cols < N, ranks < R
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+
+    # Stage 1: the base GEMM (and, for decode, the LoRA shrink from the same x tiles).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SHRINK_IN_LOOP:
+        l_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None].to(tl.int64) * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(x, w, acc, PRECISION, SOFT_BF16)
+        if SHRINK_IN_LOOP:
+            if DROPOUT_SHRINK:
+                x = x * _keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
+            d = tl.load(d_ptr + ks[:, None] * stride_dk + ranks[None, :] * stride_dr,
+                        mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+            l_acc = _dot(x, d, l_acc, PRECISION, SOFT_BF16)
+
+    # Stage 2: L, the [BLOCK_M, r] left factor of the LoRA term.
+    l_ptrs = l_ptr + rows.to(tl.int64)[:, None] * stride_lm + ranks[None, :] * stride_lr
+    l_mask = row_ok[:, None] & rank_ok[None, :]
+    if SHRINK_IN_LOOP:
+        l_acc = l_acc * inv_keep
+        if pid_n == 0:  # xa is saved for the backward; one column block writes it
+            tl.store(l_ptrs, _cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16), mask=l_mask)
+        lora_left = _cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16).to(tl.float32)
+    else:
+        lora_left = tl.load(l_ptrs, mask=l_mask, other=0.0).to(tl.float32)
+
+    # Stage 3: epilogue. s·L U (masked by dropout for dx) and bias join the base
+    # accumulator in float32; y is rounded and stored once.
+    u = tl.load(u_ptr + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
+                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    lora = _dot(_cast(lora_left * scaling, u.dtype, SOFT_BF16), u, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                PRECISION, SOFT_BF16)
+    if DROPOUT_EPILOGUE:
+        lora = tl.where(_keep_mask(seed, rows, cols, N, threshold), lora * inv_keep, 0.0)
+    acc += lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, _cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & col_ok[None, :])
+
+
+_fused_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K", "R"])(_fused_gemm_kernel)
+_fused_gemm_decode = triton.autotune(configs=_DECODE_CONFIGS, key=["N", "K", "R"])(_fused_gemm_kernel)
+
+
+@triton.jit
+def _weight_grad_kernel(
+    g_ptr, x_ptr, part_ptr,
+    M, N, R, rows_per_split,
+    stride_gm, stride_gr, stride_xm, stride_xn,
+    seed, threshold,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """part[s, R, N] = g[rows of slice s, R]ᵀ @ drop?(x)[rows of slice s, N], float32."""
+    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, BLOCK_R)
+    col_ok, rank_ok = cols < N, ranks < R
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < m_end
+        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ranks[None, :] * stride_gr,
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xn,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if DROPOUT:
+            x = x * _keep_mask(seed, rows, cols, N, threshold).to(x.dtype)
+        acc = _dot(tl.trans(g), x, acc, PRECISION, SOFT_BF16)
+    part = part_ptr + pid_s.to(tl.int64) * R * N + ranks[:, None] * N + cols[None, :]
+    tl.store(part, acc, mask=rank_ok[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs get full-precision dots, as torch.mm gives by default (no TF32).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _soft_bf16(dtype: torch.dtype) -> bool:
+    return _interpreted() and dtype == torch.bfloat16
+
+
+def _dropout_args(p: float) -> tuple[int, float]:
+    """(threshold, 1/(1-p)) for dropout probability p (p = 0: nothing dropped)."""
+    return dropout_threshold(p), 1.0 / (1.0 - p)
+
+
+def _shrink(x: torch.Tensor, d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """drop?(x) @ d for x [M, K], d [K, R] (any strides)."""
+    M, K = x.shape
+    R = d.shape[1]
+    out = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out
+    threshold, inv_keep = _dropout_args(p)
+    block_m = 16 if _interpreted() or M <= 16 else 64
+    _shrink_kernel[(triton.cdiv(M, block_m),)](
+        x, d, out, M, K, R,
+        x.stride(0), x.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
+        seed, threshold, inv_keep,
+        DROPOUT=p > 0.0, PRECISION=_precision(x.dtype), SOFT_BF16=_soft_bf16(x.dtype),
+        BLOCK_M=block_m, BLOCK_K=32 if _interpreted() else 128, BLOCK_R=_block_r(R),
+    )
+    return out
+
+
+def _fused_gemm_launch(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shrink_in_loop, dropout_epilogue):
+    """y = x @ w_kn + bias + scaling · left @ u_rn (see _fused_gemm_kernel); w_kn, u_rn, d_kr are views."""
+    M, K = x.shape
+    N = w_kn.shape[1]
+    R = u_rn.shape[0]
+    threshold, inv_keep = _dropout_args(p)
+    kernel = _fused_gemm_decode if shrink_in_loop else _fused_gemm
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    d_strides = (d_kr.stride(0), d_kr.stride(1)) if d_kr is not None else (0, 0)
+    kernel[grid](
+        x, w_kn, bias if bias is not None else y, left, u_rn, d_kr if d_kr is not None else left, y,
+        M, N, K, R,
+        x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
+        left.stride(0), left.stride(1), u_rn.stride(0), u_rn.stride(1), *d_strides, y.stride(0), y.stride(1),
+        scaling, seed, threshold, inv_keep,
+        HAS_BIAS=bias is not None, SHRINK_IN_LOOP=shrink_in_loop,
+        DROPOUT_SHRINK=shrink_in_loop and p > 0.0, DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
+        PRECISION=_precision(x.dtype), SOFT_BF16=_soft_bf16(x.dtype), BLOCK_R=_block_r(R),
+    )
+
+
+def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """gᵀ @ drop?(x) in float32 for g [M, R], x [M, N]: returns [R, N]."""
+    M, R = g.shape
+    N = x.shape[1]
+    block_m, block_n = (16, 32) if _interpreted() else (64, 128)
+    n_blocks = triton.cdiv(N, block_n)
+    if _interpreted() or M == 0:
+        splits = 1
+    else:
+        # Enough M slices for ~4 programs per SM; each slice a whole number of row blocks.
+        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, n_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    splits = max(1, triton.cdiv(M, rows_per_split))
+    part = torch.empty(splits, R, N, device=x.device, dtype=torch.float32)
+    if M == 0:
+        return part.zero_().sum(0)
+    threshold, _ = _dropout_args(p)
+    _weight_grad_kernel[(n_blocks, splits)](
+        g, x, part, M, N, R, rows_per_split,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+        seed, threshold,
+        DROPOUT=p > 0.0, PRECISION=_precision(x.dtype), SOFT_BF16=_soft_bf16(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(R),
+    )
+    return part.sum(0)
+
+
+def _check_dtype(x: torch.Tensor) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the triton backend supports float16, bfloat16 and float32, got {x.dtype}")
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int):
+    """(y [M, out], xa [M, r]) for x [M, in]: y = x W0ᵀ + b + s·xa Bᵀ, xa = drop(x) Aᵀ."""
+    _check_dtype(x)
+    M = x.shape[0]
+    N, R = weight.shape[0], lora_A.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y, xa
+    if M <= DECODE_MAX_M:
+        _fused_gemm_launch(x, weight.t(), bias, xa, lora_B.t(), lora_A.t(), y, scaling, p, seed,
+                           shrink_in_loop=True, dropout_epilogue=False)
+    else:
+        xa = _shrink(x, lora_A.t(), p, seed)
+        _fused_gemm_launch(x, weight.t(), bias, xa, lora_B.t(), None, y, scaling, p, seed,
+                           shrink_in_loop=False, dropout_epilogue=False)
+    return y, xa
+
+
+def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, p: float, seed: int, need_dx: bool):
+    """(dx [M, in] or [0], dA [r, in], dB [out, r]) for a frozen weight."""
+    _check_dtype(x)
+    _, inv_keep = _dropout_args(p)
+    gb = _shrink(grad_y, lora_B, 0.0, 0)  # dy B   [M, r]
+    d_lora_A = (_weight_grad(gb, x, p, seed) * (scaling * inv_keep)).to(x.dtype)
+    d_lora_B = (_weight_grad(xa, grad_y, 0.0, 0) * scaling).t().contiguous().to(x.dtype)
+    if not need_dx:
+        return x.new_empty(0), d_lora_A, d_lora_B
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.shape[0]:
+        _fused_gemm_launch(grad_y, weight, None, gb, lora_A, None, dx, scaling, p, seed,
+                           shrink_in_loop=False, dropout_epilogue=True)
+    return dx, d_lora_A, d_lora_B

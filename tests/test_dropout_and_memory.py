@@ -1,0 +1,97 @@
+"""Dropout masks (statistics, same mask forward/backward, reproducibility) and what is saved for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_kernels import lora_linear, reference
+
+from conftest import DEVICE, compiled_backends, make_lora_inputs
+
+BACKENDS = ["reference"] + compiled_backends()
+
+
+def test_mask_matches_triton_philox_known_values():
+    # Philox-4x32-10 of counter (0, 0, 0, 0) and key (0, 0): the published test vector's first word.
+    assert int(reference.philox_uint32(0, torch.tensor([0]))[0]) == 0x6627E8D5
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_fraction(p):
+    keep = reference.dropout_mask(seed=2024, rows=400, cols=500, p=p)
+    n = keep.numel()
+    expected = 1 - p
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.float().mean().item() - expected) < 5 * sigma
+    # rows and columns are not correlated with the position: each row keeps ~ (1-p)
+    assert (keep.float().mean(1) - expected).abs().max() < 6 * (p * (1 - p) / 500) ** 0.5
+
+
+@pytest.mark.skipif("cpu" not in compiled_backends(), reason="lora_kernels._C not built")
+def test_cpu_kernel_mask_is_the_reference_mask():
+    x = torch.ones(37, 129, dtype=torch.float64)
+    dropped = torch.ops.lora_kernels.dropped_rows(x[5:], 5, 0.3, 99)
+    keep = reference.dropout_mask(99, 37, 129, 0.3)[5:]
+    torch.testing.assert_close(dropped, keep.double() / 0.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_and_backward_use_the_same_mask(backend, use_backend):
+    """With B = I-like and A = I, xa = drop(x) and dx's LoRA part is drop(dy B): both show the mask."""
+    use_backend(backend)
+    n = 33
+    x = torch.randn(7, n, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    weight = torch.zeros(n, n, device=DEVICE)
+    lora_A = torch.eye(n, device=DEVICE)[:16].clone().requires_grad_(True)  # r = 16: picks x[:, :16]
+    lora_B = torch.eye(n, device=DEVICE)[:, :16].clone().requires_grad_(True)
+    torch.manual_seed(5)
+    y = lora_linear(x, weight, None, lora_A, lora_B, 1.0, dropout_p=0.5, training=True)
+    y.backward(torch.ones_like(y))
+    kept_forward = (y[:, :16] != 0)
+    kept_backward = (x.grad[:, :16] != 0)
+    assert kept_forward.any() and (~kept_forward).any()
+    assert torch.equal(kept_forward, kept_backward)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reproducible_under_manual_seed(backend, use_backend):
+    use_backend(backend)
+    t = make_lora_inputs((9,), 33, 70, 3, torch.float32)
+    outs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        outs.append(lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0, 0.5, training=True))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+
+
+def _saved_activation_bytes(fn, params) -> tuple[int, int]:
+    """(bytes of tensors saved for backward that are not parameters, count of such tensors)."""
+    param_ptrs = {p.data_ptr() for p in params}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    activations = [t for t in saved if t.data_ptr() not in param_ptrs]
+    out.sum().backward()
+    return sum(t.numel() * t.element_size() for t in activations), len(activations)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_tensors_are_x_plus_O_of_M_r(backend, use_backend):
+    use_backend(backend)
+    M, d_in, d_out, r = 256, 64, 96, 4
+    t = make_lora_inputs((M,), d_in, d_out, r, torch.float32)
+    x = t["x"].requires_grad_(True)
+    params = [t["weight"], t["bias"], t["lora_A"].requires_grad_(True), t["lora_B"].requires_grad_(True)]
+    torch.manual_seed(0)
+    nbytes, _ = _saved_activation_bytes(
+        lambda: lora_linear(x, t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0, 0.1, training=True), params
+    )
+    budget = x.numel() * 4 + 4 * M * r * 4 + 64  # x, a few [M, r] buffers, the seed
+    assert nbytes <= budget, f"saved {nbytes} bytes for backward, budget {budget} (x alone is {x.numel() * 4})"

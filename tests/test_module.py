@@ -1,0 +1,177 @@
+"""LoRALinear, the model helpers, torch.compile, autocast and opcheck."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels
+from lora_kernels import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from lora_kernels.ops.lora_linear import lora_linear_bwd, lora_linear_fwd
+from lora_kernels.ops.merge import merge_op
+
+from conftest import DEVICE, compiled_backends, make_lora_inputs
+
+BACKENDS = ["reference"] + compiled_backends()
+
+
+def test_new_layer_equals_its_base_and_has_loralib_keys():
+    layer = LoRALinear(33, 70, r=4, lora_alpha=8, device=DEVICE)
+    x = torch.randn(5, 33, device=DEVICE)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    assert layer.lora_A.shape == (4, 33) and layer.lora_B.shape == (70, 4)
+    assert not layer.weight.requires_grad and layer.lora_A.requires_grad
+    assert layer.scaling == 2.0
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    bound = 1 / math.sqrt(33)  # kaiming_uniform(a=sqrt(5)) on [r, in]
+    assert layer.lora_A.abs().max() <= bound
+    assert "r=4" in repr(layer) and "scaling=2" in repr(layer)
+
+
+def test_rslora_scaling():
+    assert LoRALinear(8, 8, r=16, lora_alpha=8, use_rslora=True).scaling == pytest.approx(2.0)
+
+
+def test_from_linear_shares_weights_and_matches_peft_formula():
+    base = nn.Linear(33, 70).to(DEVICE)
+    layer = LoRALinear.from_linear(base, r=3, lora_alpha=6, lora_dropout=0.0)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 33, device=DEVICE)
+    expected = base(x) + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fan_in_fan_out_weight_layout():
+    conv1d_weight = torch.randn(33, 70, device=DEVICE)  # GPT-2 Conv1D: [in, out]
+    holder = nn.Module()
+    holder.weight = nn.Parameter(conv1d_weight.clone())
+    holder.bias = nn.Parameter(torch.zeros(70, device=DEVICE))
+    layer = LoRALinear.from_linear(holder, r=2, fan_in_fan_out=True)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 33, device=DEVICE)
+    expected = x @ conv1d_weight + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(16, 16)
+        self.v_proj = nn.Linear(16, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+    def forward(self, x):
+        return self.mlp(self.q_proj(x) + self.v_proj(x))
+
+
+def test_inject_mark_and_state_dict():
+    model = _Block()
+    inject_lora(model, ["q_proj", "v_proj"], r=2, lora_alpha=4)
+    assert isinstance(model.q_proj, LoRALinear) and isinstance(model.v_proj, LoRALinear)
+    assert isinstance(model.mlp[0], nn.Linear) and not isinstance(model.mlp[0], LoRALinear)
+    mark_only_lora_as_trainable(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"q_proj.lora_A", "q_proj.lora_B", "v_proj.lora_A", "v_proj.lora_B"}
+    mark_only_lora_as_trainable(model, bias="lora_only")
+    assert model.q_proj.bias.requires_grad and not model.mlp[0].bias.requires_grad
+    assert set(lora_state_dict(model)) == trainable
+    assert set(lora_state_dict(model, bias="all")) >= {"mlp.0.bias", "q_proj.bias"}
+    assert set(lora_state_dict(model, bias="lora_only")) == trainable | {"q_proj.bias", "v_proj.bias"}
+
+    regex_model = inject_lora(_Block(), r"mlp\.\d+", r=2)
+    assert isinstance(regex_model.mlp[0], LoRALinear) and isinstance(regex_model.mlp[2], LoRALinear)
+    with pytest.raises(ValueError, match="target_modules"):
+        inject_lora(_Block(), ["nope"])
+    with pytest.raises(ValueError, match="bias"):
+        mark_only_lora_as_trainable(model, bias="some")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_step_reduces_loss(backend, use_backend):
+    use_backend(backend)
+    torch.manual_seed(0)
+    model = inject_lora(_Block().to(DEVICE), ["q_proj", "v_proj"], r=4, lora_alpha=8, lora_dropout=0.1)
+    mark_only_lora_as_trainable(model)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.01)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x, target = torch.randn(64, 16, device=DEVICE), torch.randn(64, 16, device=DEVICE)
+    losses = []
+    for _ in range(20):
+        loss = nn.functional.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend, use_backend):
+    use_backend(backend)
+    torch.manual_seed(0)
+    model = inject_lora(_Block().to(DEVICE), ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B)
+    x = torch.randn(8, 16, device=DEVICE, requires_grad=True)
+    eager = model(x)
+    (g_eager,) = torch.autograd.grad(eager.sum(), x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    (g_compiled,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_compiled, g_eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_behaves_like_nn_linear(backend, use_backend):
+    use_backend(backend)
+    device_type = "cuda" if DEVICE == "cuda" else "cpu"
+    layer = LoRALinear(33, 70, r=4, device=DEVICE)
+    nn.init.normal_(layer.lora_B)
+    base = nn.Linear(33, 70, device=DEVICE)
+    x = torch.randn(5, 33, device=DEVICE)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        y = layer(x)
+        y_base = base(x)
+    assert y.dtype == y_base.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32
+    expected = layer.float()(x)
+    torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, use_backend):
+    use_backend(backend)
+    t = make_lora_inputs((6,), 33, 70, 3, torch.float32)
+    seed = torch.tensor(7)
+    fwd_args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0, 0.25, seed)
+    torch.library.opcheck(lora_linear_fwd, fwd_args)
+    torch.library.opcheck(lora_linear_fwd, (t["x"].requires_grad_(), *fwd_args[1:3],
+                                            t["lora_A"].requires_grad_(), t["lora_B"].requires_grad_(), 2.0, 0.0, None))
+    _, xa = lora_linear_fwd(*fwd_args)
+    grad_y = torch.randn(6, 70, device=DEVICE)
+    torch.library.opcheck(lora_linear_bwd, (grad_y, t["x"].detach(), t["weight"], t["lora_A"].detach(),
+                                            t["lora_B"].detach(), xa, 2.0, 0.25, seed, True))
+    weight = t["weight"].clone()
+    torch.library.opcheck(merge_op, (weight, t["lora_A"].detach(), t["lora_B"].detach(), 2.0, None, None, 0.0, False))
+
+
+def test_available_backends_and_forced_unavailable_backend(monkeypatch):
+    assert "reference" in lora_kernels.available_backends()
+    t = make_lora_inputs((2,), 8, 8, 2, torch.float32)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="LORA_KERNELS_BACKEND"):
+        lora_kernels.lora_linear(t["x"], t["weight"], None, t["lora_A"], t["lora_B"], 1.0)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("LORA_KERNELS_BACKEND", "cuda")
+        with pytest.raises(RuntimeError, match="LORA_KERNELS_BACKEND=cuda cannot be used"):
+            lora_kernels.lora_linear(t["x"], t["weight"], None, t["lora_A"], t["lora_B"], 1.0)
