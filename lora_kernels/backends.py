@@ -86,8 +86,19 @@ def requested_backend() -> str:
     return name
 
 
+_selected: dict[tuple, str] = {}
+
+
 def select_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend that runs an op on tensors of `dtype` living on `device`."""
+    """The backend that runs an op on tensors of `dtype` living on `device` (memoised: hot path)."""
+    key = (os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), device.type, dtype == torch.float64)
+    backend = _selected.get(key)
+    if backend is None:
+        backend = _selected[key] = _select_backend(device, dtype)
+    return backend
+
+
+def _select_backend(device: torch.device, dtype: torch.dtype | None) -> str:
     name = requested_backend()
     if name == "auto":
         preference = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")

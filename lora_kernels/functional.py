@@ -17,7 +17,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from .ops.lora_linear import lora_linear_fwd
+from .ops import lora_linear as _lora_linear_ops
 from .ops.merge import MergeRecord, merge_exact_, merge_op
 
 __all__ = ["lora_linear", "merge_", "unmerge_", "switch_", "MergeRecord"]
@@ -34,14 +34,21 @@ def _check_float_tensor(name: str, t, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
-def _check_same_dtype_device(reference_name: str, reference: Tensor, **others) -> None:
+def _check_same_device(reference_name: str, reference: Tensor, **others) -> None:
     for name, t in others.items():
-        if t is None:
-            continue
-        if t.dtype != reference.dtype:
-            raise TypeError(f"{name} must have {reference_name}'s dtype {reference.dtype}, got {t.dtype}")
-        if t.device != reference.device:
+        if t is not None and t.device != reference.device:
             raise ValueError(f"{name} must be on {reference_name}'s device {reference.device}, got {t.device}")
+
+
+def _check_same_dtype(reference_name: str, reference: Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != reference.dtype:
+            raise TypeError(f"{name} must have {reference_name}'s dtype {reference.dtype}, got {t.dtype}")
+
+
+def _check_same_dtype_device(reference_name: str, reference: Tensor, **others) -> None:
+    _check_same_device(reference_name, reference, **others)
+    _check_same_dtype(reference_name, reference, **others)
 
 
 def _check_scaling(name: str, scaling) -> float:
@@ -66,7 +73,7 @@ def _check_adapter(weight: Tensor, lora_A, lora_B, a_name: str = "lora_A", b_nam
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype in force for `device_type`, or None."""
-    if not torch.is_autocast_enabled(device_type):
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
@@ -78,6 +85,60 @@ def draw_seed() -> Tensor:
     specialising on its value; torch.manual_seed makes the sequence reproducible.
     """
     return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> bool:
+    """True for the everyday call: valid arguments, one dtype and device, no autocast.
+
+    One expression instead of a dozen helper calls: the per-call Python cost is
+    visible next to small layers. Anything else goes through _check_and_autocast,
+    which gives the precise error (or applies autocast).
+    """
+    return (
+        isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
+        and isinstance(lora_B, Tensor) and (bias is None or isinstance(bias, Tensor))
+        and x.dtype in _FLOAT_DTYPES
+        and weight.dtype == x.dtype and lora_A.dtype == x.dtype and lora_B.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and weight.device == x.device and lora_A.device == x.device and lora_B.device == x.device
+        and (bias is None or bias.device == x.device)
+        and x.dim() >= 1 and weight.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2
+        and lora_A.shape[0] >= 1 and x.shape[-1] == weight.shape[1] == lora_A.shape[1]
+        and lora_B.shape[0] == weight.shape[0] and lora_B.shape[1] == lora_A.shape[0]
+        and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
+        and type(scaling) in (float, int) and math.isfinite(scaling)
+        and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0
+        and _autocast_dtype(x.device.type) is None
+    )
+
+
+def _check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Every check of lora_linear with its error message; returns the (autocast) tensors."""
+    _check_float_tensor("x", x)
+    _check_float_tensor("weight", weight, 2)
+    if bias is not None:
+        _check_float_tensor("bias", bias, 1)
+    _check_adapter(weight, lora_A, lora_B)
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must be [..., in_features={in_features}], got {tuple(x.shape)}")
+    if bias is not None and bias.shape[0] != out_features:
+        raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
+    _check_same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    _check_scaling("scaling", scaling)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+    cast_to = _autocast_dtype(x.device.type)
+    if cast_to is not None:
+        # As nn.Linear under autocast: compute in the autocast dtype; the casts are
+        # differentiable, so float32 parameters still receive float32 gradients.
+        x, weight, lora_A, lora_B = (t.to(cast_to) if t.dtype != torch.float64 else t for t in (x, weight, lora_A, lora_B))
+        if bias is not None and bias.dtype != torch.float64:
+            bias = bias.to(cast_to)
+    _check_same_dtype("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+
+    return x, weight, bias, lora_A, lora_B
 
 
 def lora_linear(
@@ -99,32 +160,18 @@ def lora_linear(
     lora_B, bias (and weight, if it requires grad). Under torch.autocast it
     computes in the autocast dtype like nn.Linear does.
     """
-    _check_float_tensor("x", x)
-    _check_float_tensor("weight", weight, 2)
-    if bias is not None:
-        _check_float_tensor("bias", bias, 1)
-    _check_adapter(weight, lora_A, lora_B)
+    if not _plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+        x, weight, bias, lora_A, lora_B = _check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     out_features, in_features = weight.shape
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x must be [..., in_features={in_features}], got {tuple(x.shape)}")
-    if bias is not None and bias.shape[0] != out_features:
-        raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
-    scaling = _check_scaling("scaling", scaling)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-
-    cast_to = _autocast_dtype(x.device.type)
-    if cast_to is not None:
-        # As nn.Linear under autocast: compute in the autocast dtype; the casts are
-        # differentiable, so float32 parameters still receive float32 gradients.
-        x, weight, lora_A, lora_B = (t.to(cast_to) if t.dtype != torch.float64 else t for t in (x, weight, lora_A, lora_B))
-        if bias is not None and bias.dtype != torch.float64:
-            bias = bias.to(cast_to)
-    _check_same_dtype_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-
     seed = draw_seed() if training and dropout_p > 0.0 else None
     x2d = x.reshape(-1, in_features)
-    y, _ = lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
+    args = (x2d, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    if torch.compiler.is_compiling():
+        y, _ = _lora_linear_ops.lora_linear_fwd(*args)  # the custom op: traced without graph breaks
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+        y, _ = _lora_linear_ops.LoRALinearFunction.apply(*args)
+    else:
+        y, _ = _lora_linear_ops.forward(*args)  # inference: no autograd bookkeeping at all
     return y.view(*x.shape[:-1], out_features)
 
 

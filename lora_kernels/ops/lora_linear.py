@@ -1,15 +1,21 @@
-"""The fused LoRA linear as torch.library custom ops, with autograd and fake tensors.
+"""The fused LoRA linear: backend dispatch, custom ops for torch.compile, autograd.
 
-    lora_kernels::lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        -> (y [M, out], xa [M, r])
-    lora_kernels::lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p,
-                                  seed, need_dx) -> (dx [M, in] or [0], dA [r, in], dB [out, r])
+    forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y [M, out], xa [M, r])
+    backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx)
+        -> (dx [M, in] or [0], dA [r, in], dB [out, r])
 
 x is 2-D here (functional.lora_linear flattens leading dims and checks arguments).
 `seed` is a 0-d int64 CPU tensor, or None when dropout is off; the backward gets
 the same seed and regenerates the same mask, so only x, xa [M, r] and the seed
-are saved. Being custom ops, both are opaque to torch.compile (no graph break)
-and each call picks its backend (backends.py) at run time.
+are saved. dx, dA and dB come from the backend; d_weight (only if the weight
+requires grad) and d_bias are one ATen op each.
+
+Two entry points share `forward` / `backward`:
+- the custom ops lora_kernels::lora_linear_fwd / _bwd (torch.library: fake
+  tensors, registered autograd), which torch.compile traces without graph breaks;
+- LoRALinearFunction, a plain autograd.Function used in eager mode. The custom-op
+  dispatcher costs ~65 µs per call when the weight streams through the caches
+  (CPU, M=1, 4096x4096: benchmarks/NOTES.md), 2.5% of that layer.
 """
 
 from __future__ import annotations
@@ -29,6 +35,49 @@ def _triton():
     return triton_lora_linear
 
 
+def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: Optional[Tensor]):
+    """(y, xa) on the backend selected for x's device and dtype."""
+    backend = select_backend(x.device, x.dtype)
+    seed_value = int(seed) if seed is not None else 0
+    p = dropout_p if seed is not None else 0.0
+    if backend in ("cpu", "cuda"):
+        return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed_value)
+    if backend == "triton":
+        return _triton().forward(x, weight, bias, lora_A, lora_B, scaling, p, seed_value)
+    y, xa = reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed_value)
+    return y.contiguous(), xa.contiguous()
+
+
+def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, dropout_p: float, seed: Optional[Tensor],
+             need_dx: bool):
+    """(dx or an empty tensor, dA, dB) on the backend selected for x's device and dtype."""
+    backend = select_backend(x.device, x.dtype)
+    seed_value = int(seed) if seed is not None else 0
+    p = dropout_p if seed is not None else 0.0
+    if backend in ("cpu", "cuda"):
+        return torch.ops.lora_kernels.fused_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed_value,
+                                                     need_dx)
+    if backend == "triton":
+        return _triton().backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed_value, need_dx)
+    dx, dA, dB = reference.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed_value)
+    dx = dx.contiguous() if need_dx else x.new_empty(0)
+    return dx, dA.contiguous(), dB.contiguous()
+
+
+def _input_grads(needs_input_grad, grad_y, x, dx, dA, dB):
+    """The gradient tuple for (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)."""
+    need_x, need_w, need_b, need_a, need_b_lora = needs_input_grad[:5]
+    # The frozen-weight case is the point of LoRA; a trainable weight still gets its gradient.
+    d_weight = grad_y.t() @ x if need_w else None
+    d_bias = grad_y.sum(0) if need_b else None
+    return (dx if need_x else None, d_weight, d_bias, dA if need_a else None, dB if need_b_lora else None,
+            None, None, None)
+
+
+# ---------------------------------------------------------------------------
+# custom ops (torch.compile)
+
+
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(
     x: Tensor,
@@ -40,15 +89,7 @@ def lora_linear_fwd(
     dropout_p: float,
     seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    backend = select_backend(x.device, x.dtype)
-    seed_value = int(seed) if seed is not None else 0
-    p = dropout_p if seed is not None else 0.0
-    if backend in ("cpu", "cuda"):
-        return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed_value)
-    if backend == "triton":
-        return _triton().forward(x, weight, bias, lora_A, lora_B, scaling, p, seed_value)
-    y, xa = reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed_value)
-    return y.contiguous(), xa.contiguous()
+    return forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 @lora_linear_fwd.register_fake
@@ -69,18 +110,7 @@ def lora_linear_bwd(
     seed: Optional[Tensor],
     need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    backend = select_backend(x.device, x.dtype)
-    seed_value = int(seed) if seed is not None else 0
-    p = dropout_p if seed is not None else 0.0
-    if backend in ("cpu", "cuda"):
-        return torch.ops.lora_kernels.fused_backward(
-            grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed_value, need_dx
-        )
-    if backend == "triton":
-        return _triton().backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed_value, need_dx)
-    dx, dA, dB = reference.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed_value)
-    dx = dx.contiguous() if need_dx else x.new_empty(0)
-    return dx, dA.contiguous(), dB.contiguous()
+    return backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx)
 
 
 @lora_linear_bwd.register_fake
@@ -98,24 +128,34 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(xa)
 
 
-def _backward(ctx, grad_y, _grad_xa):
+def _custom_op_backward(ctx, grad_y, _grad_xa):
     x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    need_x, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:5]
     grad_y = grad_y.contiguous()
-    dx, dA, dB = lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, need_x)
-    # The frozen-weight case is the point of LoRA; a trainable weight still gets its gradient.
-    d_weight = grad_y.t() @ x if need_w else None
-    d_bias = grad_y.sum(0) if need_b else None
-    return (
-        dx if need_x else None,
-        d_weight,
-        d_bias,
-        dA if need_a else None,
-        dB if need_b_lora else None,
-        None,
-        None,
-        None,
-    )
+    dx, dA, dB = lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
+                                 ctx.needs_input_grad[0])
+    return _input_grads(ctx.needs_input_grad, grad_y, x, dx, dA, dB)
 
 
-lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+lora_linear_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# eager autograd
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Eager-mode twin of the custom ops: same forward/backward, no dispatcher round trip."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        y, xa = forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed), (y, xa))
+        return y, xa
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_xa):
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        dx, dA, dB = backward(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
+                              ctx.needs_input_grad[0])
+        return _input_grads(ctx.needs_input_grad, grad_y, x, dx, dA, dB)

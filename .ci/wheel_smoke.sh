@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Build the wheel, install it (no source tree in sight) into a fresh virtual
+# environment that borrows torch from .venv, and check it works there.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV="${LORA_KERNELS_VENV:-.venv}"
+rm -rf dist
+MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" -m pip wheel . --no-build-isolation --no-deps -q -w dist/
+wheel=$(ls dist/lora_kernels-*.whl)
+unzip -l "$wheel" | grep -q "lora_kernels/_C" || { echo "wheel has no compiled extension" >&2; exit 1; }
+
+fresh=$(mktemp -d)/venv
+python3 -m venv "$fresh"
+dev_site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+fresh_site=$("$fresh/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+# torch (and triton) from the dev environment; lora_kernels only from the wheel
+echo "$dev_site" > "$fresh_site/_dev_torch.pth"
+"$fresh/bin/python" -m pip install --disable-pip-version-check -q --no-deps "$wheel"
+
+cd "$(dirname "$fresh")"
+"$fresh/bin/python" - <<'PY'
+import torch
+import lora_kernels
+from lora_kernels import reference
+
+assert "site-packages" in lora_kernels.__file__, lora_kernels.__file__
+assert "cpu" in lora_kernels.available_backends(), lora_kernels.available_backends()
+torch.manual_seed(0)
+x, w, b = torch.randn(9, 33), torch.randn(70, 33), torch.randn(70)
+A, B = torch.randn(4, 33), torch.randn(70, 4)
+y = lora_kernels.lora_linear(x, w, b, A, B, 2.0)
+torch.testing.assert_close(y, reference.lora_linear(x, w, b, A, B, 2.0)[0], rtol=1e-5, atol=1e-4)
+w0 = w.clone()
+lora_kernels.merge_(w, A, B, 2.0, safe=True)
+torch.testing.assert_close(w, reference.merge(w0, A, B, 2.0), rtol=1e-5, atol=1e-5)
+print(f"wheel smoke test passed: {lora_kernels.__file__}, backends {lora_kernels.available_backends()}, "
+      f"CUDA kernels compiled: {lora_kernels.compiled_extension().with_cuda}")
+PY

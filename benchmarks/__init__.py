@@ -1,0 +1,1 @@
+"""lora_kernels benchmark suite: `python -m benchmarks --help` (or ./run.sh bench)."""

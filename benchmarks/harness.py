@@ -1,0 +1,217 @@
+"""Shared benchmark machinery: timing, machine description, result files.
+
+Timing rules (see benchmarks/NOTES.md):
+- CPU: every provider of a case is timed in one run, interleaved in a shuffled
+  order each repetition so that machine noise hits all of them alike; each
+  sample is one call measured with torch.utils.benchmark.Timer (all threads);
+  we report the median and the interquartile spread.
+- GPU: triton.testing.do_bench (median; it flushes L2 between calls).
+- Inputs rotate through enough buffers to exceed the last-level cache.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CACHE_BYTES = 64 << 20  # rotate inputs through at least this much memory
+
+
+@dataclass
+class Provider:
+    """A timed callable; `prepare` runs untimed before every sample (zero grads, pick backend)."""
+
+    name: str
+    fn: Callable[[], object]
+    prepare: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    samples: int
+
+
+@dataclass
+class CaseResult:
+    op: str
+    case: str
+    params: dict
+    timings: dict[str, Timing] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def ratio(self, provider: str, to: str = "base") -> float | None:
+        if provider not in self.timings or to not in self.timings:
+            return None
+        return self.timings[provider].median_ms / self.timings[to].median_ms
+
+
+def rotation(make: Callable[[], torch.Tensor], max_buffers: int = 8) -> Callable[[], torch.Tensor]:
+    """A function cycling through copies of make() whose total size exceeds CACHE_BYTES."""
+    first = make()
+    count = max(1, min(max_buffers, -(-CACHE_BYTES // max(1, first.numel() * first.element_size()))))
+    buffers = [first] + [make() for _ in range(count - 1)]
+    state = {"i": 0}
+
+    def next_buffer() -> torch.Tensor:
+        state["i"] = (state["i"] + 1) % len(buffers)
+        return buffers[state["i"]]
+
+    return next_buffer
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_providers(providers: list[Provider], device: str, reps: int, warmup: int = 2) -> dict[str, Timing]:
+    """Median and quartiles (ms) of each provider, measured in one interleaved run."""
+    if device == "cuda":
+        import triton.testing
+
+        out = {}
+        for p in providers:
+            def call(p=p):
+                p.prepare()
+                p.fn()
+
+            q1, med, q3 = triton.testing.do_bench(call, quantiles=[0.25, 0.5, 0.75], warmup=25, rep=max(50, reps * 10))
+            out[p.name] = Timing(med, q1, q3, reps)
+        return out
+
+    from torch.utils.benchmark import Timer
+
+    threads = torch.get_num_threads()
+    timers = {p.name: Timer("fn()", globals={"fn": p.fn}, num_threads=threads) for p in providers}
+    for _ in range(warmup):
+        for p in providers:
+            p.prepare()
+            p.fn()
+    samples: dict[str, list[float]] = {p.name: [] for p in providers}
+    order = list(providers)
+    rng = random.Random(0)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for p in order:
+            p.prepare()
+            samples[p.name].append(timers[p.name].timeit(1).median * 1e3)
+    out = {}
+    for name, values in samples.items():
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        out[name] = Timing(statistics.median(values), q[0], q[2], len(values))
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - any import failure means "not installed" here
+        return None
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "git_commit": _git_commit(),
+        "device": device,
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peft": _version("peft"),
+        "loralib": "installed" if _version("loralib") is not None or _has_module("loralib") else None,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def machine_slug(info: dict) -> str:
+    if info["device"] == "cuda":
+        kind = info["gpu"].replace("NVIDIA ", "").replace(" ", "-")
+    else:
+        kind = f"cpu-{info['cpu_cores']}core"
+    return f"{kind}-{info['date']}"
+
+
+def write_results(results: list[CaseResult], info: dict, out_dir: Path, markdown: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": info, "results": [asdict(r) for r in results]}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    (out_dir / "results.md").write_text(markdown)
+    plot_ratios(results, info, out_dir / "ratios.png")
+
+
+def plot_ratios(results: list[CaseResult], info: dict, path: Path) -> None:
+    """Grouped bars: time / base layer time for each timed case and provider."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    timed = [r for r in results if "base" in r.timings]
+    if not timed:
+        return
+    providers = [p for p in dict.fromkeys(p for r in timed for p in r.timings) if p != "base"]
+    width = 0.8 / max(1, len(providers))
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(timed) + 3), 5))
+    for i, provider in enumerate(providers):
+        xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(timed))]
+        ys = [r.ratio(provider) or 0.0 for r in timed]
+        ax.bar(xs, ys, width=width, label=provider)
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="base layer (floor)")
+    ax.set_xticks(range(len(timed)))
+    ax.set_xticklabels([f"{r.op}\n{r.case}" for r in timed], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("time / base layer time (lower is better)")
+    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores)"
+    ax.set_title(f"lora_kernels vs base layer — {where}, torch {info['torch']}, {info['date']}")
+    top = max((r.ratio(p) or 0.0) for r in timed for p in providers)
+    ax.set_ylim(0.0, max(1.6, min(top * 1.05, 4.0)))
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,170 @@
+"""The things the benchmark times, built for one case each.
+
+LoRA linear providers (same weights, same inputs):
+  base       F.linear with the frozen weight: the physical floor
+  reference  PEFT's unfused formula in plain PyTorch: base(x) + B(A(dropout(x))) * s
+  peft       peft.tuners.lora.Linear (when peft is installed)
+  loralib    loralib.Linear (when loralib is installed)
+  ours       lora_kernels.LoRALinear on the automatic backend; ours[<backend>] forces one
+Merge providers: ours (merge_), ours-safe, peft (LoraLayer.merge), gemm (one B @ A).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lora_kernels
+from lora_kernels import LoRALinear
+
+from .harness import Provider, rotation
+
+
+def have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _with_backend(backend: str | None):
+    """A prepare hook forcing LORA_KERNELS_BACKEND (None: automatic)."""
+
+    def prepare() -> None:
+        if backend is None:
+            os.environ.pop("LORA_KERNELS_BACKEND", None)
+        else:
+            os.environ["LORA_KERNELS_BACKEND"] = backend
+
+    return prepare
+
+
+def ours_names(device: str) -> list[str]:
+    """'ours' plus ours[<backend>] for each other compiled backend on this device."""
+    extra = {"cuda": ["cuda"], "cpu": []}[device]
+    return ["ours"] + [f"ours[{b}]" for b in extra if b in lora_kernels.available_backends()]
+
+
+def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, wanted, lora_alpha=None) -> list[Provider]:
+    """Providers computing one LoRA linear (forward, or forward + backward when train)."""
+    torch.manual_seed(0)
+    lora_alpha = 2 * r if lora_alpha is None else lora_alpha
+    scaling = lora_alpha / r
+    factory = dict(device=device, dtype=dtype)
+    base = nn.Linear(d_in, d_out, **factory).requires_grad_(False)
+    lora_A = torch.randn(r, d_in, **factory) / math.sqrt(d_in)
+    lora_B = torch.randn(d_out, r, **factory) * 0.01
+    next_x = rotation(lambda: torch.randn(M, d_in, **factory).requires_grad_(train))
+    grad_y = torch.randn(M, d_out, **factory)
+    trainable: list[torch.Tensor] = []
+
+    def step(forward):
+        if train:
+            def fn():
+                forward(next_x()).backward(grad_y)
+        else:
+            def fn():
+                with torch.no_grad():
+                    return forward(next_x())
+        return fn
+
+    def clear_grads() -> None:
+        for t in trainable:
+            t.grad = None
+
+    def lora_params(module_A: torch.Tensor, module_B: torch.Tensor) -> None:
+        with torch.no_grad():
+            module_A.copy_(lora_A)
+            module_B.copy_(lora_B)
+        trainable.extend([module_A, module_B])
+
+    providers = []
+    default_prepare = _chain(_with_backend(None), clear_grads)
+    if "base" in wanted:
+        providers.append(Provider("base", step(lambda x: F.linear(x, base.weight, base.bias)), default_prepare))
+    if "reference" in wanted:
+        ref_A, ref_B = nn.Parameter(lora_A.clone()), nn.Parameter(lora_B.clone())
+        trainable.extend([ref_A, ref_B])
+
+        def reference(x):
+            return F.linear(x, base.weight, base.bias) + F.linear(F.linear(F.dropout(x, dropout, train), ref_A), ref_B) * scaling
+
+        providers.append(Provider("reference", step(reference), default_prepare))
+    if "peft" in wanted and have("peft"):
+        from peft.tuners.lora import Linear as PeftLinear
+        from peft.tuners.lora import LoraConfig
+
+        config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=["base"])
+        peft_layer = PeftLinear(base, "default", config=config, r=r, lora_alpha=lora_alpha, lora_dropout=dropout)
+        peft_layer.train(train)
+        lora_params(peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight)
+        providers.append(Provider("peft", step(peft_layer), default_prepare))
+    if "loralib" in wanted and have("loralib"):
+        import loralib
+
+        lib_layer = loralib.Linear(d_in, d_out, r=r, lora_alpha=lora_alpha, lora_dropout=dropout, merge_weights=False)
+        lib_layer = lib_layer.to(**factory)
+        with torch.no_grad():
+            lib_layer.weight.copy_(base.weight)
+            lib_layer.bias.copy_(base.bias)
+        lib_layer.weight.requires_grad_(False)
+        lib_layer.bias.requires_grad_(False)
+        lib_layer.train(train)
+        lora_params(lib_layer.lora_A, lib_layer.lora_B)
+        providers.append(Provider("loralib", step(lib_layer), default_prepare))
+    for name in ours_names(device):
+        if name not in wanted and not (name.startswith("ours[") and "ours" in wanted):
+            continue
+        layer = LoRALinear.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=dropout)
+        layer.train(train)
+        lora_params(layer.lora_A, layer.lora_B)
+        backend = name[5:-1] if name.startswith("ours[") else None
+        providers.append(Provider(name, step(layer), _chain(_with_backend(backend), clear_grads)))
+    return providers
+
+
+def _chain(*hooks):
+    def run() -> None:
+        for hook in hooks:
+            hook()
+
+    return run
+
+
+def merge_providers(d_out, d_in, r, dtype, device, wanted) -> list[Provider]:
+    """Providers merging one adapter into a [d_out, d_in] weight (prepare() unmerges, untimed)."""
+    torch.manual_seed(0)
+    factory = dict(device=device, dtype=dtype)
+    lora_A = torch.randn(r, d_in, **factory) / math.sqrt(d_in)
+    lora_B = torch.randn(d_out, r, **factory) * 0.01
+    providers = []
+    if "gemm" in wanted:
+        providers.append(Provider("gemm", lambda: torch.mm(lora_B, lora_A)))
+    for name, safe in (("ours", False), ("ours-safe", True)):
+        if name not in wanted:
+            continue
+        layer = LoRALinear(d_in, d_out, r=r, lora_alpha=2 * r, **factory)
+        with torch.no_grad():
+            layer.lora_A.copy_(lora_A)
+            layer.lora_B.copy_(lora_B)
+        providers.append(Provider(name, lambda layer=layer, safe=safe: layer.merge(safe=safe),
+                                  _chain(_with_backend(None), layer.unmerge)))
+    if "peft" in wanted and have("peft"):
+        from peft.tuners.lora import Linear as PeftLinear
+        from peft.tuners.lora import LoraConfig
+
+        base = nn.Linear(d_in, d_out, **factory).requires_grad_(False)
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["base"])
+        peft_layer = PeftLinear(base, "default", config=config, r=r, lora_alpha=2 * r)
+        with torch.no_grad():
+            peft_layer.lora_A["default"].weight.copy_(lora_A)
+            peft_layer.lora_B["default"].weight.copy_(lora_B)
+
+        def peft_unmerge(layer=peft_layer):
+            if layer.merged:
+                layer.unmerge()
+
+        providers.append(Provider("peft", peft_layer.merge, peft_unmerge))
+    return providers
