@@ -3,8 +3,10 @@
 Timing rules (see benchmarks/NOTES.md):
 - CPU: every provider of a case is timed in one run, interleaved in a shuffled
   order each repetition so that machine noise hits all of them alike; each
-  sample is one call measured with torch.utils.benchmark.Timer (all threads);
-  we report the median and the interquartile spread.
+  sample is one call timed with time.perf_counter (torch.utils.benchmark's
+  Timer.timeit runs hidden warm-up calls, which would undo the untimed
+  `prepare` step, e.g. the unmerge before a timed merge); we report the median
+  and the interquartile spread.
 - GPU: triton.testing.do_bench (median; it flushes L2 between calls).
 - Inputs rotate through enough buffers to exceed the last-level cache.
 """
@@ -18,6 +20,7 @@ import platform
 import random
 import statistics
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -94,10 +97,6 @@ def time_providers(providers: list[Provider], device: str, reps: int, warmup: in
             out[p.name] = Timing(med, q1, q3, reps)
         return out
 
-    from torch.utils.benchmark import Timer
-
-    threads = torch.get_num_threads()
-    timers = {p.name: Timer("fn()", globals={"fn": p.fn}, num_threads=threads) for p in providers}
     for _ in range(warmup):
         for p in providers:
             p.prepare()
@@ -109,7 +108,9 @@ def time_providers(providers: list[Provider], device: str, reps: int, warmup: in
         rng.shuffle(order)
         for p in order:
             p.prepare()
-            samples[p.name].append(timers[p.name].timeit(1).median * 1e3)
+            start = time.perf_counter()
+            p.fn()
+            samples[p.name].append((time.perf_counter() - start) * 1e3)
     out = {}
     for name, values in samples.items():
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3

@@ -17,14 +17,16 @@ constexpr int kThreads = 256;
 template <typename scalar_t>
 __global__ void dropped_rows_kernel(const scalar_t* __restrict__ src, int64_t src_rs,
                                     int64_t src_cs, scalar_t* __restrict__ out, int64_t rows,
-                                    int64_t cols, int64_t row0, uint64_t threshold,
+                                    int64_t cols, int64_t row0, uint32_t threshold,
                                     at::opmath_type<scalar_t> inv_keep, uint64_t seed) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * cols) return;
   const int64_t i = idx / cols, k = idx % cols;
-  const uint64_t offset = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols) + k;
-  const bool keep = philox_uint32(seed, offset) >= threshold;
+  const uint64_t e = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols) + k;
+  // Each thread runs its group's Philox call (8 elements share it): compute is
+  // cheap here next to the memory traffic.
+  const bool keep = dropout_draw(philox4x32_10(seed, e >> 3), e) >= threshold;
   const acc_t v = static_cast<acc_t>(src[i * src_rs + k * src_cs]);
   out[idx] = static_cast<scalar_t>(keep ? v * inv_keep : acc_t(0));
 }

@@ -1,9 +1,11 @@
 // Counter-based dropout masks shared by the CPU and CUDA kernels.
 //
-// Element (m, k) of an [M, in] dropout mask is kept iff
-//     philox4x32_10(key = seed, counter = (lo32(m*in + k), hi32(m*in + k), 0, 0)).word0 >= threshold
-// This is bit-identical to triton's tl.randint(seed, int64 offsets) and to
-// lora_kernels.reference.philox_uint32, so every backend regenerates the same
+// Element e = m * in + k of an [M, in] dropout mask gets a 16-bit draw: one
+// Philox-4x32-10 call, key = seed, counter = (lo32(e / 8), hi32(e / 8), 0, 0),
+// gives 128 bits that serve the 8 elements of that group (word (e / 2) % 4,
+// half e % 2). The element is kept iff its draw >= round(p * 2^16). This is
+// bit-identical to the Triton kernels (tl.randint4x) and to
+// lora_kernels.reference.dropout_draws, so every backend regenerates the same
 // mask from the seed alone and nothing of size [M, in] is saved for backward.
 #pragma once
 
@@ -21,8 +23,12 @@ namespace lora_kernels {
 
 constexpr int kPhiloxRounds = 10;
 
-LK_HOST_DEVICE uint32_t philox_uint32(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
+struct PhiloxWords {
+  uint32_t w[4];
+};
+
+LK_HOST_DEVICE PhiloxWords philox4x32_10(uint64_t seed, uint64_t counter) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   LK_UNROLL
@@ -36,14 +42,18 @@ LK_HOST_DEVICE uint32_t philox_uint32(uint64_t seed, uint64_t offset) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  return {{c0, c1, c2, c3}};
 }
 
-// Draws below the threshold are dropped; threshold = round(p * 2^32), kept as
-// uint64 so that p -> 1 cannot wrap around.
-inline uint64_t dropout_threshold(double p) {
-  const double t = p * 4294967296.0 + 0.5;
-  return t >= 4294967296.0 ? 4294967296ull : static_cast<uint64_t>(t);
+// The 16-bit draw of element e, from the Philox words of its group e / 8.
+LK_HOST_DEVICE uint32_t dropout_draw(const PhiloxWords& words, uint64_t e) {
+  return (words.w[(e >> 1) & 3] >> ((e & 1) * 16)) & 0xFFFFu;
+}
+
+// Draws below the threshold are dropped: threshold = round(p * 2^16) in [0, 65536].
+inline uint32_t dropout_threshold(double p) {
+  const double t = p * 65536.0 + 0.5;
+  return t >= 65536.0 ? 65536u : static_cast<uint32_t>(t);
 }
 
 }  // namespace lora_kernels

@@ -8,9 +8,12 @@ Notation: x [M, in], weight W0 [out, in], bias [out], lora_A [r, in],
 lora_B [out, r], scaling s (alpha / r, or alpha / sqrt(r) with rsLoRA).
 
 Dropout masks come from a counter-based generator (Philox-4x32-10, the
-generator behind ``tl.rand``): element (m, k) of the [M, in] mask is decided by
-``philox(seed, m * in + k)``, so every backend, forward or backward, on any
-device and with any blocking, regenerates exactly the same mask from the seed.
+generator behind ``tl.randint4x``). Element e = m * in + k of the [M, in] mask
+gets a 16-bit draw: one Philox call on counter e // 8 yields 128 bits, which
+serve the 8 elements of that group (word (e // 2) % 4, half e % 2); the element
+is dropped iff its draw is below round(p * 2**16). So every backend, forward or
+backward, on any device and with any blocking, regenerates exactly the same
+mask from the seed, and the CPU pays one Philox call per 8 elements.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 
 __all__ = [
     "PHILOX_ROUNDS",
-    "philox_uint32",
+    "philox4x32",
+    "dropout_draws",
     "dropout_threshold",
     "dropout_mask",
     "lora_linear",
@@ -45,15 +49,15 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
-def philox_uint32(seed: int, offsets: torch.Tensor, rounds: int = PHILOX_ROUNDS) -> torch.Tensor:
-    """First output word of Philox-4x32 for counter (offset_lo, offset_hi, 0, 0), key = seed.
+def philox4x32(seed: int, counters: torch.Tensor, rounds: int = PHILOX_ROUNDS):
+    """The four output words of Philox-4x32 for counter (lo32, hi32, 0, 0) and key = seed.
 
-    offsets: int64 tensor of any shape. Returns an int64 tensor holding uint32 values.
-    Bit-identical to triton's ``tl.randint(seed, offsets)`` with int64 offsets and to
-    the C++/CUDA implementation in csrc/philox.h.
+    counters: int64 tensor of any shape. Returns four int64 tensors holding uint32
+    values, bit-identical to triton's ``tl.randint4x(seed, counters)`` with int64
+    counters and to ``philox4x32_10`` in csrc/philox.h.
     """
-    offsets = offsets.to(torch.int64)
-    c0, c1 = offsets & _MASK32, (offsets >> 32) & _MASK32
+    counters = counters.to(torch.int64)
+    c0, c1 = counters & _MASK32, (counters >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
@@ -62,18 +66,25 @@ def philox_uint32(seed: int, offsets: torch.Tensor, rounds: int = PHILOX_ROUNDS)
         hi_a, lo_a = _mulhilo32(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def dropout_draws(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """16-bit draws (int64 tensor) of the elements at flat `offsets` (see the module docstring)."""
+    words = torch.stack(philox4x32(seed, offsets >> 3))
+    word = torch.gather(words, 0, ((offsets >> 1) & 3).unsqueeze(0)).squeeze(0)
+    return (word >> ((offsets & 1) * 16)) & 0xFFFF
 
 
 def dropout_threshold(p: float) -> int:
-    """Integer threshold t = round(p * 2**32): an element is dropped iff its uint32 draw is < t."""
-    return min(int(p * 2.0**32 + 0.5), 2**32)
+    """Integer threshold t = round(p * 2**16): an element is dropped iff its 16-bit draw is < t."""
+    return min(int(p * 65536.0 + 0.5), 65536)
 
 
 def dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Keep-mask [rows, cols] (bool) of the dropout applied to x before lora_A."""
     offsets = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
-    return philox_uint32(seed, offsets) >= dropout_threshold(p)
+    return dropout_draws(seed, offsets) >= dropout_threshold(p)
 
 
 def _dropped(x: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor:

@@ -10,8 +10,9 @@ Three kernels serve every product (x [M, in], W0 [out, in], A [r, in], B [out, r
   _weight_grad_kernel   P = Gᵀ drop?(X)             [r, N]   dA = s·gbᵀ drop(x), dBᵀ = s·xaᵀ dy
                         reduced over M in SPLIT parallel slices, then summed
 
-Dropout masks come from tl.randint(seed, row * in + col), the Philox stream that
-reference.philox_uint32 and csrc/philox.h reproduce bit for bit, so the backward
+Dropout masks come from tl.randint4x(seed, (row * in + col) // 8), 16 bits per
+element, the Philox scheme that reference.dropout_draws and csrc/philox.h
+reproduce bit for bit, so the backward
 regenerates the forward's mask and nothing of size [M, in] is saved. All
 accumulation is float32; masks guard every edge; row offsets are int64.
 Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (one small config).
@@ -75,7 +76,10 @@ _DECODE_CONFIGS = _configs(
 def _keep_mask(seed, rows, cols, row_len, threshold):
     """Dropout keep-mask of elements (rows[:, None], cols[None, :]) of a [*, row_len] tensor."""
     offsets = rows.to(tl.int64)[:, None] * row_len + cols.to(tl.int64)[None, :]
-    draws = tl.randint(seed, offsets).to(tl.int64) & 0xFFFFFFFF
+    w0, w1, w2, w3 = tl.randint4x(seed, offsets >> 3)  # one call serves 8 elements (see reference.py)
+    word_index = (offsets >> 1) & 3
+    word = tl.where(word_index == 0, w0, tl.where(word_index == 1, w1, tl.where(word_index == 2, w2, w3)))
+    draws = ((word.to(tl.int64) & 0xFFFFFFFF) >> ((offsets & 1) * 16)) & 0xFFFF
     return draws >= threshold
 
 

@@ -1,0 +1,223 @@
+"""The prepared GPU check: validate every GPU kernel against reference.py, then time them.
+
+    bash benchmarks/gpu_check.sh              # on the GPU machine: build, validate, time (< 8 min)
+    python -m benchmarks.gpu_check --dry-run  # anywhere: same code path on CPU through TRITON_INTERPRET=1
+
+Validation: each GPU backend (triton, cuda), float16/bfloat16/float32, odd
+shapes, with and without dropout and bias: y, xa, dx, dA, dB against the float64
+reference with the same dropout seed, within twice plain PyTorch's error in the
+same dtype (the tests' rule); merge/unmerge/switch, safe merge and 50-cycle drift
+(12 in --dry-run).
+Fresh random inputs per case; the allocator is filled with NaN before each run
+so an output element a kernel forgets to write cannot pass.
+
+Timing: forward and forward+backward (frozen W0), M in {1, 16, 2048, 8192},
+(in, out) in {(4096, 4096), (4096, 14336), (14336, 4096)}, r in {16, 64}, bf16:
+ours vs F.linear (the floor) vs the reference formula vs PEFT, triton.testing.do_bench.
+Writes gpu_check.json (and the suite's results files) to --out ($OUT when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def _poison_allocator(device: str) -> None:
+    """Fill freed allocator blocks with NaN so that unwritten outputs show up."""
+    if device != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info()
+    blocks = [torch.full((n,), float("nan"), device=device) for n in (1 << 16, 1 << 20, 1 << 24)
+              if n * 4 * 4 < free]
+    del blocks
+
+
+def _error_ok(ours, exact, plain) -> tuple[bool, str]:
+    if not torch.isfinite(ours).all():
+        return False, "non-finite values"
+    if ours.numel() == 0:
+        return True, ""
+    err = (ours.double() - exact).abs().max().item()
+    plain_err = (plain.double() - exact).abs().max().item()
+    eps = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[ours.dtype]
+    budget = 2 * plain_err + 8 * eps * max(1.0, exact.abs().max().item())
+    return err <= budget, f"err {err:.3g} budget {budget:.3g}"
+
+
+def validate_linear(backend: str, device: str, shapes, log) -> list[dict]:
+    from lora_kernels import reference
+    from lora_kernels.ops import lora_linear as ops
+
+    rows = []
+    os.environ["LORA_KERNELS_BACKEND"] = backend
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for (M, d_in, d_out, r) in shapes:
+            for p in (0.0, 0.3):
+                for has_bias in (True, False):
+                    g = torch.Generator(device="cpu").manual_seed(hash((M, d_in, d_out, r, p, has_bias)) % 2**31)
+                    def rand(*shape, scale=1.0):
+                        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+                    x, w = rand(M, d_in), rand(d_out, d_in, scale=d_in**-0.5)
+                    bias = rand(d_out) if has_bias else None
+                    A, B = rand(r, d_in, scale=d_in**-0.5), rand(d_out, r, scale=r**-0.5)
+                    grad_y = rand(M, d_out)
+                    seed = torch.tensor(1234 + M) if p else None
+                    _poison_allocator(device)
+                    y, xa = ops.forward(x, w, bias, A, B, 2.0, p, seed)
+                    _poison_allocator(device)
+                    dx, dA, dB = ops.backward(grad_y, x, w, A, B, xa, 2.0, p, seed, True)
+                    sv = int(seed) if seed is not None else None
+                    d = lambda t: t.double() if t is not None else None  # noqa: E731
+                    ey, exa = reference.lora_linear(d(x), d(w), d(bias), d(A), d(B), 2.0, p, sv)
+                    edx, edA, edB = reference.lora_linear_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, 2.0, p, sv)
+                    py, pxa = reference.lora_linear(x, w, bias, A, B, 2.0, p, sv)
+                    pdx, pdA, pdB = reference.lora_linear_backward(grad_y, x, w, A, B, pxa, 2.0, p, sv)
+                    for name, ours, exact, plain in (("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx),
+                                                     ("dA", dA, edA, pdA), ("dB", dB, edB, pdB)):
+                        ok, why = _error_ok(ours, exact, plain)
+                        rows.append(dict(op="lora_linear", backend=backend, dtype=str(dtype)[6:],
+                                         shape=[M, d_in, d_out, r], dropout=p, bias=has_bias, output=name,
+                                         ok=ok, detail=why))
+                        if not ok:
+                            log(f"FAIL {backend} {dtype} M={M} {d_in}->{d_out} r={r} p={p} bias={has_bias} {name}: {why}")
+    os.environ.pop("LORA_KERNELS_BACKEND", None)
+    return rows
+
+
+def validate_merge(backend: str, device: str, shapes, cycles: int, log) -> list[dict]:
+    from lora_kernels import merge_, switch_, unmerge_
+
+    rows = []
+    os.environ["LORA_KERNELS_BACKEND"] = backend
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for (d_out, d_in, r) in shapes:
+            g = torch.Generator().manual_seed(d_out * d_in + r)
+            def rand(*shape, scale):
+                return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+            w0, A, B = rand(d_out, d_in, scale=0.02), rand(r, d_in, scale=d_in**-0.5), rand(d_out, r, scale=0.01)
+            exact = w0.double() + 1.5 * (B.double() @ A.double())
+            w = w0.clone()
+            merge_(w, A, B, 1.5)
+            rounded_exact = exact.to(dtype).double()
+            one_ulp = (rounded_exact - exact).abs().max().item() * 2 + 1e-30
+            err = (w.double() - exact).abs().max().item()
+            ok_merge = err <= max(one_ulp, (rounded_exact.abs().max().item()) * 2.0**-20)
+            for _ in range(cycles):
+                unmerge_(w, A, B, 1.5)
+                merge_(w, A, B, 1.5)
+            unmerge_(w, A, B, 1.5)
+            drift = (w.double() - w0.double()).abs()
+            ulp = torch.pow(2.0, torch.frexp(torch.maximum(w0.double().abs(), exact.abs()))[1].double() - 1 -
+                            {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[dtype])
+            ok_drift = bool((drift <= 2 * ulp).all())
+            bad_A = A.clone()
+            bad_A[0, 0] = float("nan")
+            before = w.clone()
+            try:
+                merge_(w, bad_A, B, 1.5, safe=True)
+                ok_safe = False
+            except RuntimeError:
+                ok_safe = torch.equal(w, before)
+            _, A2, B2 = w0, rand(5, d_in, scale=d_in**-0.5), rand(d_out, 5, scale=0.01)
+            merge_(w, A, B, 1.5)
+            switch_(w, A, B, 1.5, A2, B2, 0.5)
+            exact2 = w0.double() + 0.5 * (B2.double() @ A2.double())
+            ok_switch = (w.double() - exact2).abs().max().item() <= 4 * one_ulp + exact2.abs().max().item() * 2.0**-18
+            for name, ok in (("merge", ok_merge), ("drift", ok_drift), ("safe", ok_safe), ("switch", ok_switch)):
+                rows.append(dict(op="merge", backend=backend, dtype=str(dtype)[6:], shape=[d_out, d_in, r],
+                                 output=name, ok=bool(ok), detail=f"merge err {err:.3g}"))
+                if not ok:
+                    log(f"FAIL merge {backend} {dtype} {d_out}x{d_in} r={r}: {name}")
+    os.environ.pop("LORA_KERNELS_BACKEND", None)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results/gpu_check")))
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per case")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import lora_kernels  # noqa: F401  (after TRITON_INTERPRET is set)
+    from . import suite
+
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --dry-run", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_lines: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_lines.append(line)
+
+    started = time.time()
+    backends = [b for b in ("triton", "cuda") if b in lora_kernels.available_backends()]
+    if args.dry_run:
+        backends = ["triton"]
+    log(f"backends under test: {backends}; torch {torch.__version__}; device "
+        f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}")
+    shapes = ([(1, 33, 70, 1), (7, 70, 100, 3), (37, 100, 33, 16)] if args.dry_run else
+              [(1, 33, 70, 1), (7, 70, 100, 3), (37, 100, 33, 16), (1000, 129, 257, 64), (16, 4096, 4096, 16),
+               (2048, 4096, 1000, 16), (2049, 1000, 4096, 64)])
+    merge_shapes = [(33, 70, 3), (40, 50, 16)] if args.dry_run else [(33, 70, 3), (100, 129, 64), (257, 1000, 16)]
+    cycles = 12 if args.dry_run else 50
+    checks = []
+    for backend in backends:
+        for section in (lambda: validate_linear(backend, device, shapes, log),
+                        lambda: validate_merge(backend, device, merge_shapes, cycles, log)):
+            try:
+                checks += section()
+            except Exception:  # noqa: BLE001 - report and carry on to the other checks
+                log(f"ERROR in validation of {backend}:\n{traceback.format_exc()}")
+                checks.append(dict(op="error", backend=backend, ok=False, detail=traceback.format_exc()))
+    n_ok = sum(c["ok"] for c in checks)
+    log(f"validation: {n_ok}/{len(checks)} checks passed ({time.time() - started:.0f} s)")
+
+    results = []
+    if not args.skip_timing:
+        if args.dry_run:
+            cases = [suite.LinearCase(M, 64, 96, 16, torch.float32, t, 0.0) for M in (1, 37) for t in (False, True)]
+            wanted = ["base", "reference", "ours"]
+        else:
+            cases = [c for c in suite.linear_cases("cuda", full=False)]
+            wanted = ["base", "reference", "peft", "ours"]
+        for i, case in enumerate(cases):
+            try:
+                results.append(suite.run_linear(case, device, wanted, args.budget))
+            except Exception:  # noqa: BLE001
+                log(f"ERROR timing {case.label}:\n{traceback.format_exc()}")
+            if i % 8 == 7:
+                log(f"timed {i + 1}/{len(cases)} cases ({time.time() - started:.0f} s)")
+        if not args.dry_run:
+            for shape in suite.merge_cases("cuda", full=False):
+                try:
+                    results.append(suite.run_merge(shape, device, ["gemm", "ours", "ours-safe", "peft"], args.budget))
+                except Exception:  # noqa: BLE001
+                    log(f"ERROR timing merge {shape}:\n{traceback.format_exc()}")
+
+    from .harness import machine_info, write_results
+
+    info = machine_info(device)
+    report = suite.markdown_report(results, info)
+    write_results(results, info, args.out, report)
+    (args.out / "gpu_check.json").write_text(json.dumps({"machine": info, "checks": checks, "log": log_lines}, indent=1))
+    print(report)
+    print(f"validation: {n_ok}/{len(checks)} checks passed; total {time.time() - started:.0f} s; wrote {args.out}")
+    return 0 if n_ok == len(checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
