@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         wanted.append("base")  # ratios need the floor
     if "merge" in ops and "gemm" not in wanted:
         wanted.append("gemm")
-    budget = args.budget or (12.0 if args.full else 2.5)
+    budget = args.budget or (12.0 if args.full else 2.0)
     device = args.device
     torch.manual_seed(0)
 
