@@ -9,11 +9,9 @@ namespace lora_kernels {
 
 #define LK_CHECK(cond, ...) TORCH_CHECK(cond, "lora_kernels: ", __VA_ARGS__)
 
-// src [rows, in] (any strides) holds rows row0 .. row0+rows-1 of an [M, in]
-// tensor; returns src * keep / (1 - p) as a new contiguous tensor, with the
-// keep-mask of those rows (see philox.h).
-at::Tensor dropped_rows(const at::Tensor& src, int64_t row0, double p, int64_t seed);
-at::Tensor dropped_rows_cpu(const at::Tensor& src, int64_t row0, double p, int64_t seed);
+// CUDA: src [rows, in] (any strides) holds rows row0 .. row0+rows-1 of an
+// [M, in] tensor; returns src * keep / (1 - p) as a new contiguous tensor, with
+// the keep-mask of those rows (see philox.h).
 #ifdef LORA_KERNELS_WITH_CUDA
 at::Tensor dropped_rows_cuda(const at::Tensor& src, int64_t row0, double p, int64_t seed);
 #endif

@@ -1,18 +1,22 @@
-// Fused LoRA linear, forward and backward, written once against ATen so that it
-// serves CPU tensors (BLAS GEMMs) and CUDA tensors (cuBLAS GEMMs) alike:
+// Fused LoRA linear, forward and backward:
 //
-//   forward   y  = bias + x W0ᵀ             one GEMM writes y once
-//             xa = drop(x) Aᵀ                [M, r]; dropout applied block by block
-//             y += s · xa Bᵀ                 accumulated into y (beta = 1): no [M, out] temporary
+//   forward   y  = bias + x W0ᵀ             one BLAS/cuBLAS GEMM writes y once
+//             xa = drop(x) Aᵀ                [M, r]
+//             y += s · xa Bᵀ                 accumulated into y: no [M, out] temporary
 //   backward  gb = dy B                      [M, r]
 //             dx = dy W0 + s (gb A) ⊙ mask/(1-p)
-//             dA = s gbᵀ drop(x)             accumulated block by block in fp32
+//             dA = s gbᵀ drop(x)
 //             dB = s dyᵀ xa
 //
-// The only [M, in] tensors are x and dx themselves; the dropout mask is
-// regenerated from the seed for each row block (philox.h), so it is never saved.
+// Without dropout every product is one BLAS (CPU) or cuBLAS (CUDA) call: on the
+// machines measured, MKL's skinny GEMMs beat our own loops (benchmarks/NOTES.md).
+// With dropout, CPU tensors go through lora_cpu_kernels.cpp, which applies the
+// mask where it reads x (shrink, dA) or writes dx's LoRA term (expand); CUDA
+// tensors get row blocks masked by a CUDA kernel (lora_kernels_cuda.cu). Either
+// way the mask is regenerated from the seed (philox.h): the only [M, in]
+// tensors are x and dx.
+#include "lora_cpu_kernels.h"
 #include "lora_kernels.h"
-#include "philox.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,12 +28,19 @@
 namespace lora_kernels {
 namespace {
 
-// Rows per dropout block: a block of x (or of dx) stays around this many bytes,
-// small enough to live in L2 on CPU, large enough to keep cuBLAS busy on GPU.
+// CUDA dropout works on row blocks of x (or of dx) of about 64 MB: large enough
+// to keep cuBLAS busy, small next to the [M, in] copy it avoids.
 int64_t dropout_block_rows(const at::Tensor& x) {
-  const int64_t budget_bytes = x.is_cuda() ? (int64_t{64} << 20) : (int64_t{512} << 10);
   const int64_t row_bytes = std::max<int64_t>(1, x.size(1) * static_cast<int64_t>(sizeof(float)));
-  return std::max<int64_t>(8, budget_bytes / row_bytes);
+  return std::max<int64_t>(8, (int64_t{64} << 20) / row_bytes);
+}
+
+at::Tensor dropped_rows(const at::Tensor& src, int64_t row0, double p, int64_t seed) {
+#ifdef LORA_KERNELS_WITH_CUDA
+  return dropped_rows_cuda(src, row0, p, seed);
+#else
+  LK_CHECK(false, "this build of lora_kernels._C has no CUDA kernels");
+#endif
 }
 
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
@@ -61,66 +72,7 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
   LK_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
 }
 
-// keep[k] = 1 for the kept elements e = base .. base+cols-1. One Philox call per
-// group of 8 elements; compiled for AVX-512 and AVX2 as well, picked at run time,
-// because this loop is the whole cost of CPU dropout.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void keep_row(uint64_t seed, uint64_t base, int64_t cols, uint32_t threshold, uint8_t* keep) {
-  const uint64_t first_group = base >> 3, last_group = (base + cols - 1) >> 3;
-  for (uint64_t g = first_group; g <= last_group; ++g) {
-    const PhiloxWords words = philox4x32_10(seed, g);
-    for (uint64_t j = 0; j < 8; ++j) {
-      const uint64_t e = (g << 3) + j;
-      if (e >= base && e < base + static_cast<uint64_t>(cols)) {
-        keep[e - base] = dropout_draw(words, e) >= threshold;
-      }
-    }
-  }
-}
-
-template <typename scalar_t>
-void dropped_rows_kernel(const at::Tensor& src, at::Tensor& out, int64_t row0, double p,
-                         int64_t seed) {
-  using acc_t = at::opmath_type<scalar_t>;  // float, or double for double inputs
-  const int64_t rows = src.size(0), cols = src.size(1);
-  const int64_t src_rs = src.stride(0), src_cs = src.stride(1);
-  const uint32_t threshold = dropout_threshold(p);
-  const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p));
-  const scalar_t* src_ptr = src.data_ptr<scalar_t>();
-  scalar_t* out_ptr = out.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> keep(cols);
-    for (int64_t i = begin; i < end; ++i) {
-      const uint64_t base = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols);
-      keep_row(static_cast<uint64_t>(seed), base, cols, threshold, keep.data());
-      const scalar_t* s = src_ptr + i * src_rs;
-      scalar_t* o = out_ptr + i * cols;
-      for (int64_t k = 0; k < cols; ++k) {
-        o[k] = static_cast<scalar_t>(keep[k] ? static_cast<acc_t>(s[k * src_cs]) * inv_keep : acc_t(0));
-      }
-    }
-  });
-}
-
 }  // namespace
-
-at::Tensor dropped_rows_cpu(const at::Tensor& src, int64_t row0, double p, int64_t seed) {
-  at::Tensor out = at::empty({src.size(0), src.size(1)}, src.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "dropped_rows",
-                                  [&] { dropped_rows_kernel<scalar_t>(src, out, row0, p, seed); });
-  return out;
-}
-
-at::Tensor dropped_rows(const at::Tensor& src, int64_t row0, double p, int64_t seed) {
-  if (src.is_cuda()) {
-#ifdef LORA_KERNELS_WITH_CUDA
-    return dropped_rows_cuda(src, row0, p, seed);
-#else
-    LK_CHECK(false, "this build of lora_kernels._C has no CUDA kernels");
-#endif
-  }
-  return dropped_rows_cpu(src, row0, p, seed);
-}
 
 std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::Tensor& weight,
                                                  const c10::optional<at::Tensor>& bias,
@@ -137,6 +89,11 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::
     at::addmm_out(y, *bias, x, weight.t());
   } else {
     at::mm_out(y, x, weight.t());
+  }
+  if (x.is_cpu() && dropout_p > 0.0) {  // dropout fused into the shrink: no dropped copy of x
+    xa = shrink_cpu(x, lora_A.t(), 1.0, dropout_p, seed);
+    y.addmm_(xa, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
+    return {y, xa};
   }
   if (dropout_p == 0.0) {
     at::mm_out(xa, x, lora_A.t());
@@ -164,6 +121,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   check_same(grad_y, "grad_y", x);
   check_same(xa, "xa", x);
   const int64_t M = x.size(0);
+
+  if (x.is_cpu() && dropout_p > 0.0) {  // the mask applied where x and dx's LoRA term are read/written
+    at::Tensor dB = at::mm(grad_y.t(), xa).mul_(scaling);  // [out, r]
+    at::Tensor gb = at::mm(grad_y, lora_B);                // dy B   [M, r]
+    at::Tensor dA = weight_grad_cpu(gb, x, scaling, dropout_p, seed);
+    at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::empty({0}, x.options());
+    if (need_dx) expand_cpu_(dx, gb, lora_A, scaling, dropout_p, seed);
+    return {dx, dA, dB};
+  }
 
   at::Tensor dB = at::mm(grad_y.t(), xa).mul_(scaling);          // [out, r]
   at::Tensor gb_scaled = at::mm(grad_y, lora_B).mul_(scaling);  // s · dy B   [M, r]

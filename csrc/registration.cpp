@@ -44,14 +44,12 @@ TORCH_LIBRARY(lora_kernels, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("merge_kernel_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, "
         "Tensor? sub_A, Tensor? sub_B, float sub_scaling, bool check_only) -> int");
-  m.def("dropped_rows(Tensor src, int row0, float p, int seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("fused_forward", &fused_forward);
   m.impl("fused_backward", &fused_backward);
   m.impl("merge_kernel_", &merge_dispatch);
-  m.impl("dropped_rows", &dropped_rows);
 }
 
 #ifdef LORA_KERNELS_WITH_CUDA
@@ -59,7 +57,6 @@ TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   m.impl("fused_forward", &fused_forward);
   m.impl("fused_backward", &fused_backward);
   m.impl("merge_kernel_", &merge_dispatch);
-  m.impl("dropped_rows", &dropped_rows);
 }
 #endif
 

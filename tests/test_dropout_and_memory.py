@@ -37,12 +37,18 @@ def test_keep_fraction(p):
     assert (keep.float().mean(1) - expected).abs().max() < 6 * (p * (1 - p) / 500) ** 0.5
 
 
-@pytest.mark.skipif("cpu" not in compiled_backends(), reason="lora_kernels._C not built")
-def test_cpu_kernel_mask_is_the_reference_mask():
-    x = torch.ones(37, 129, dtype=torch.float64)
-    dropped = torch.ops.lora_kernels.dropped_rows(x[5:], 5, 0.3, 99)
-    keep = reference.dropout_mask(99, 37, 129, 0.3)[5:]
-    torch.testing.assert_close(dropped, keep.double() / 0.7)
+@pytest.mark.parametrize("backend", compiled_backends())
+def test_kernel_mask_is_the_reference_mask(backend, use_backend):
+    """With lora_A = I (r = in = 13, rows not aligned to the 8-element Philox groups), xa = drop(x)."""
+    use_backend(backend)
+    from lora_kernels.ops.lora_linear import forward
+
+    x = torch.ones(37, 13, dtype=torch.float32, device=DEVICE)
+    eye = torch.eye(13, device=DEVICE)
+    _, xa = forward(x, torch.zeros(5, 13, device=DEVICE), None, eye, torch.zeros(5, 13, device=DEVICE), 1.0, 0.3,
+                    torch.tensor(99))
+    keep = reference.dropout_mask(99, 37, 13, 0.3, device=DEVICE)
+    torch.testing.assert_close(xa, keep.float() / 0.7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
