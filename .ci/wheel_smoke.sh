@@ -17,14 +17,22 @@ fresh_site=$("$fresh/bin/python" -c "import sysconfig; print(sysconfig.get_paths
 echo "$dev_site" > "$fresh_site/_dev_torch.pth"
 "$fresh/bin/python" -m pip install --disable-pip-version-check -q --no-deps "$wheel"
 
+# where nvcc and a CUDA build of torch are present, the CUDA kernels must have been compiled
+expect_cuda=0
+if command -v nvcc >/dev/null && "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then
+  expect_cuda=1
+fi
 cd "$(dirname "$fresh")"
-"$fresh/bin/python" - <<'PY'
+EXPECT_CUDA=$expect_cuda "$fresh/bin/python" - <<'PY'
+import os
 import torch
 import lora_kernels
 from lora_kernels import reference
 
 assert "site-packages" in lora_kernels.__file__, lora_kernels.__file__
 assert "cpu" in lora_kernels.available_backends(), lora_kernels.available_backends()
+if os.environ["EXPECT_CUDA"] == "1":
+    assert lora_kernels.compiled_extension().with_cuda, "nvcc was found but the CUDA kernels were not compiled"
 torch.manual_seed(0)
 x, w, b = torch.randn(9, 33), torch.randn(70, 33), torch.randn(70)
 A, B = torch.randn(4, 33), torch.randn(70, 4)

@@ -39,6 +39,7 @@ class Provider:
     name: str
     fn: Callable[[], object]
     prepare: Callable[[], None] = lambda: None
+    params: list = field(default_factory=list)  # weights and adapters: not counted as saved activations
 
 
 @dataclass
@@ -75,6 +76,31 @@ def rotation(make: Callable[[], torch.Tensor], max_buffers: int = 8) -> Callable
         return buffers[state["i"]]
 
     return next_buffer
+
+
+def memory_profile(provider: Provider, device: str) -> dict:
+    """One call's memory: bytes saved for backward that are not parameters, and (CUDA) the
+    peak allocation above what was allocated before the call."""
+    param_ptrs = {t.data_ptr() for t in provider.params}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in param_ptrs:
+            saved[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    provider.prepare()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        provider.fn()
+    out = {"saved_for_backward_mb": sum(saved.values()) / 2**20}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        out["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return out
 
 
 def _sync(device: str) -> None:
@@ -209,7 +235,8 @@ def plot_ratios(results: list[CaseResult], info: dict, path: Path) -> None:
     ax.set_xticklabels([f"{r.op}\n{r.case}" for r in timed], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("time / base layer time (lower is better)")
     where = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores)"
-    ax.set_title(f"lora_kernels vs base layer — {where}, torch {info['torch']}, {info['date']}")
+    ax.set_title(f"lora_kernels vs base layer — {where}\ntorch {info['torch']}, triton {info['triton']}, "
+                 f"peft {info['peft']}, {info['date']}, commit {info['git_commit']}", fontsize=10)
     top = max((r.ratio(p) or 0.0) for r in timed for p in providers)
     ax.set_ylim(0.0, max(1.6, min(top * 1.05, 4.0)))
     ax.legend(fontsize=8, ncol=2)

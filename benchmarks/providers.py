@@ -83,7 +83,8 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
     providers = []
     default_prepare = _chain(_with_backend(None), clear_grads)
     if "base" in wanted:
-        providers.append(Provider("base", step(lambda x: F.linear(x, base.weight, base.bias)), default_prepare))
+        providers.append(Provider("base", step(lambda x: F.linear(x, base.weight, base.bias)), default_prepare,
+                                  list(base.parameters())))
     if "reference" in wanted:
         ref_A, ref_B = nn.Parameter(lora_A.clone()), nn.Parameter(lora_B.clone())
         trainable.extend([ref_A, ref_B])
@@ -91,7 +92,8 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
         def reference(x):
             return F.linear(x, base.weight, base.bias) + F.linear(F.linear(F.dropout(x, dropout, train), ref_A), ref_B) * scaling
 
-        providers.append(Provider("reference", step(reference), default_prepare))
+        providers.append(Provider("reference", step(reference), default_prepare,
+                                  [*base.parameters(), ref_A, ref_B]))
     if "peft" in wanted and have("peft"):
         from peft.tuners.lora import Linear as PeftLinear
         from peft.tuners.lora import LoraConfig
@@ -100,7 +102,7 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
         peft_layer = PeftLinear(base, "default", config=config, r=r, lora_alpha=lora_alpha, lora_dropout=dropout)
         peft_layer.train(train)
         lora_params(peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight)
-        providers.append(Provider("peft", step(peft_layer), default_prepare))
+        providers.append(Provider("peft", step(peft_layer), default_prepare, list(peft_layer.parameters())))
     if "loralib" in wanted and have("loralib"):
         import loralib
 
@@ -113,7 +115,7 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
         lib_layer.bias.requires_grad_(False)
         lib_layer.train(train)
         lora_params(lib_layer.lora_A, lib_layer.lora_B)
-        providers.append(Provider("loralib", step(lib_layer), default_prepare))
+        providers.append(Provider("loralib", step(lib_layer), default_prepare, list(lib_layer.parameters())))
     for name in ours_names(device):
         if name not in wanted and not (name.startswith("ours[") and "ours" in wanted):
             continue
@@ -121,7 +123,8 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
         layer.train(train)
         lora_params(layer.lora_A, layer.lora_B)
         backend = name[5:-1] if name.startswith("ours[") else None
-        providers.append(Provider(name, step(layer), _chain(_with_backend(backend), clear_grads)))
+        providers.append(Provider(name, step(layer), _chain(_with_backend(backend), clear_grads),
+                                  list(layer.parameters())))
     return providers
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from . import providers as prov
-from .harness import RESULTS_DIR, ROOT, CaseResult, machine_info, machine_slug, time_providers, write_results
+from .harness import (RESULTS_DIR, ROOT, CaseResult, machine_info, machine_slug, memory_profile, time_providers,
+                      write_results)
 
 R_ALPHA = {8: 16, 16: 32, 64: 128, 128: 256}  # lora_alpha = 2r throughout
 
@@ -105,7 +106,10 @@ def run_linear(case: LinearCase, device: str, wanted: list[str], budget_s: float
     timings = time_providers(providers, device, reps=reps)
     params = dict(M=case.M, d_in=case.d_in, d_out=case.d_out, r=case.r, dtype=str(case.dtype), mode=case.mode,
                   dropout=case.dropout, lora_share=case.lora_share(), target=case.target(device))
-    return CaseResult("linear", case.label, params, timings)
+    result = CaseResult("linear", case.label, params, timings)
+    if case.train or device == "cuda":
+        result.extra["memory"] = {p.name: memory_profile(p, device) for p in providers}
+    return result
 
 
 def run_merge(shape, device: str, wanted: list[str], budget_s: float) -> CaseResult:
@@ -123,19 +127,28 @@ def run_merge(shape, device: str, wanted: list[str], budget_s: float) -> CaseRes
 
 
 _PEAK_SCRIPT = """
-import resource, sys, torch, os
+import os, torch
 os.environ.pop("LORA_KERNELS_BACKEND", None)
 from benchmarks.providers import merge_providers
+
+def hwm_kb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+
+warm_up = merge_providers(64, 64, {r}, torch.{dtype}, "cpu", ["{name}"])[0]
+warm_up.prepare()
+warm_up.fn()  # one-time costs (imports, thread pools) are not the merge's
 provider = merge_providers({d_out}, {d_in}, {r}, torch.{dtype}, "cpu", ["{name}"])[0]
 provider.prepare()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS to the current RSS (Linux >= 4.0)
+    f.write("5")
+before = hwm_kb()
 provider.fn()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print((hwm_kb() - before) / 1024)
 """
 
 
 def merge_peak_memory_mb(shape, name: str) -> float:
-    """Growth of the process's peak RSS (MB) during one CPU merge, in a fresh process."""
+    """Growth of the process's peak RSS (MB) during one CPU merge, in a fresh process (Linux)."""
     d_out, d_in, r, dtype = shape
     script = _PEAK_SCRIPT.format(d_out=d_out, d_in=d_in, r=r, dtype=str(dtype)[6:], name=name)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -213,6 +226,21 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
             cells = [_fmt_ratio(r, n, "base") for n in names]
             lines.append(f"| {r.case} | {_fmt_ratio(r, 'base', 'base')} | " + " | ".join(cells) +
                          f" | {target if target is not None else '—'} | {met} |")
+        lines.append("")
+    with_memory = [r for r in linear if r.extra.get("memory")]
+    if with_memory:
+        names = list(dict.fromkeys(n for r in with_memory for n in r.extra["memory"]))
+        key = "peak_extra_mb" if "peak_extra_mb" in next(iter(with_memory[0].extra["memory"].values())) else None
+        lines += ["Memory per call: MB saved for backward beyond the parameters"
+                  + (" / peak MB allocated during the call" if key else "") + ".", "",
+                  "| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for r in with_memory:
+            cells = []
+            for n in names:
+                m = r.extra["memory"].get(n)
+                cells.append("—" if m is None else f"{m['saved_for_backward_mb']:.1f}"
+                             + (f" / {m[key]:.1f}" if key else ""))
+            lines.append(f"| {r.case} | " + " | ".join(cells) + " |")
         lines.append("")
     merges = [r for r in results if r.op == "merge"]
     if merges:

@@ -18,18 +18,37 @@
 namespace lora_kernels {
 namespace {
 
-// delta[:] = Σ_k B[o, k] A[k, :] for one row o, k in order.
-template <typename scalar_t, typename acc_t>
-void lora_row_delta(const at::Tensor& A_acc, const at::Tensor& B, int64_t o, acc_t* delta) {
-  const int64_t in = A_acc.size(1), r = A_acc.size(0);
-  const acc_t* a_ptr = A_acc.data_ptr<acc_t>();
-  const scalar_t* b_row = B.data_ptr<scalar_t>() + o * B.stride(0);
+// delta[:] = Σ_k b[k] A[k, :] for one row of W, k in order (b = that row of B, converted).
+// Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time; the lane
+// order does not change any element's sum, so every version gives the same bits.
+template <typename acc_t>
+inline __attribute__((always_inline)) void row_delta_impl(const acc_t* a, int64_t in, int64_t r, const acc_t* b,
+                                                          acc_t* delta) {
   std::fill(delta, delta + in, acc_t(0));
   for (int64_t k = 0; k < r; ++k) {
-    const acc_t b = static_cast<acc_t>(b_row[k * B.stride(1)]);
-    const acc_t* a_row = a_ptr + k * in;
-    for (int64_t i = 0; i < in; ++i) delta[i] += b * a_row[i];
+    const acc_t bk = b[k];
+    const acc_t* a_row = a + k * in;
+    for (int64_t i = 0; i < in; ++i) delta[i] += bk * a_row[i];
   }
+}
+
+// No FMA contraction, so that the AVX-512, AVX2 and baseline versions give the
+// same bits (merge/unmerge consistency only needs one version per machine).
+#define LK_ROW_DELTA(acc_t)                                                                                 \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), optimize("fp-contract=off"))) \
+  void row_delta(const acc_t* a, int64_t in, int64_t r, const acc_t* b, acc_t* delta) {                    \
+    row_delta_impl(a, in, r, b, delta);                                                                     \
+  }
+LK_ROW_DELTA(float)
+LK_ROW_DELTA(double)
+#undef LK_ROW_DELTA
+
+template <typename scalar_t, typename acc_t>
+void lora_row_delta(const at::Tensor& A_acc, const at::Tensor& B, int64_t o, acc_t* b_row, acc_t* delta) {
+  const int64_t r = A_acc.size(0);
+  const scalar_t* b_src = B.data_ptr<scalar_t>() + o * B.stride(0);
+  for (int64_t k = 0; k < r; ++k) b_row[k] = static_cast<acc_t>(b_src[k * B.stride(1)]);
+  row_delta(A_acc.data_ptr<acc_t>(), A_acc.size(1), r, b_row, delta);
 }
 
 template <typename scalar_t>
@@ -46,10 +65,11 @@ int64_t merge_rows(at::Tensor& weight, const at::Tensor& A_acc, const at::Tensor
 
   at::parallel_for(0, out, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> delta(in), sub_delta(has_sub ? in : 0);
+    std::vector<acc_t> b_row(std::max(A_acc.size(0), has_sub ? sub_A_acc.size(0) : int64_t{0}));
     int64_t local_nonfinite = 0;
     for (int64_t o = begin; o < end; ++o) {
-      lora_row_delta<scalar_t>(A_acc, B, o, delta.data());
-      if (has_sub) lora_row_delta<scalar_t>(sub_A_acc, sub_B, o, sub_delta.data());
+      lora_row_delta<scalar_t>(A_acc, B, o, b_row.data(), delta.data());
+      if (has_sub) lora_row_delta<scalar_t>(sub_A_acc, sub_B, o, b_row.data(), sub_delta.data());
       scalar_t* w_row = w_ptr + o * w_rs;
       for (int64_t i = 0; i < in; ++i) {
         // s·d - s'·d' is exactly -(s'·d' - s·d): switching back cancels bit for bit.

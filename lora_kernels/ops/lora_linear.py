@@ -128,12 +128,17 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(xa)
 
 
-def _custom_op_backward(ctx, grad_y, _grad_xa):
+def _backward_from_context(ctx, grad_y, run_backward):
+    """The input gradients from what _setup_context saved; run_backward is `backward` or its custom op."""
     x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     grad_y = grad_y.contiguous()
-    dx, dA, dB = lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
-                                 ctx.needs_input_grad[0])
+    dx, dA, dB = run_backward(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
+                              ctx.needs_input_grad[0])
     return _input_grads(ctx.needs_input_grad, grad_y, x, dx, dA, dB)
+
+
+def _custom_op_backward(ctx, grad_y, _grad_xa):
+    return _backward_from_context(ctx, grad_y, lora_linear_bwd)
 
 
 lora_linear_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)
@@ -154,8 +159,4 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_xa):
-        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        dx, dA, dB = backward(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
-                              ctx.needs_input_grad[0])
-        return _input_grads(ctx.needs_input_grad, grad_y, x, dx, dA, dB)
+        return _backward_from_context(ctx, grad_y, backward)
