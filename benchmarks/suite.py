@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default=None, help="only cases whose label contains this text")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--provider", default=None,
-                        help="comma list from base,reference,peft,loralib,ours,gemm,ours-safe (default: all)")
+                        help="comma list from base,reference,peft,loralib,ours,gemm,ours-safe (default: all; "
+                             "loralib only with --full)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<machine>-<date>)")
@@ -286,8 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     ops = args.op.split(",") if args.op else (["linear", "merge", "drift"] if args.full else ["linear", "merge"])
-    wanted = args.provider.split(",") if args.provider else ["base", "reference", "peft", "loralib", "ours", "gemm",
-                                                              "ours-safe"]
+    if args.provider:
+        wanted = args.provider.split(",")
+    else:  # loralib only in --full: the quick run must stay under 2 minutes on 2 cores
+        wanted = ["base", "reference", "peft", "ours", "gemm", "ours-safe"] + (["loralib"] if args.full else [])
     if "linear" in ops and "base" not in wanted:
         wanted.append("base")  # ratios need the floor
     if "merge" in ops and "gemm" not in wanted:

@@ -92,7 +92,10 @@ def _plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> bo
 
     One expression instead of a dozen helper calls: the per-call Python cost is
     visible next to small layers. Anything else goes through _check_and_autocast,
-    which gives the precise error (or applies autocast).
+    which gives the precise error (or applies autocast). Under torch.compile a
+    scaling that changed between calls is traced as a symbolic float (a graph
+    input, so loading another alpha does not recompile again); its finiteness
+    cannot be checked at trace time.
     """
     return (
         isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
@@ -106,7 +109,7 @@ def _plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> bo
         and lora_A.shape[0] >= 1 and x.shape[-1] == weight.shape[1] == lora_A.shape[1]
         and lora_B.shape[0] == weight.shape[0] and lora_B.shape[1] == lora_A.shape[0]
         and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
-        and type(scaling) in (float, int) and math.isfinite(scaling)
+        and type(scaling) in (float, int) and (torch.compiler.is_compiling() or math.isfinite(scaling))
         and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0
         and _autocast_dtype(x.device.type) is None
     )
@@ -165,10 +168,13 @@ def lora_linear(
     out_features, in_features = weight.shape
     seed = draw_seed() if training and dropout_p > 0.0 else None
     x2d = x.reshape(-1, in_features)
-    args = (x2d, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
     if torch.compiler.is_compiling():
+        # scaling goes in as traced (float() would specialise the graph on its value)
+        args = (x2d, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
         y, _ = _lora_linear_ops.lora_linear_fwd(*args)  # the custom op: traced without graph breaks
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+        return y.view(*x.shape[:-1], out_features)
+    args = (x2d, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
         y, _ = _lora_linear_ops.LoRALinearFunction.apply(*args)
     else:
         y, _ = _lora_linear_ops.forward(*args)  # inference: no autograd bookkeeping at all

@@ -128,6 +128,9 @@ def test_torch_compile_fullgraph(backend, use_backend):
     (g_compiled,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(g_compiled, g_eager)
+    # another adapter strength (a new alpha) must trace too, and give the eager numbers
+    model.q_proj.scaling = 3.5
+    torch.testing.assert_close(compiled(x), model(x))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
