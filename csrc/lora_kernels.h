@@ -9,11 +9,11 @@ namespace lora_kernels {
 
 #define LK_CHECK(cond, ...) TORCH_CHECK(cond, "lora_kernels: ", __VA_ARGS__)
 
-// CUDA: src [rows, in] (any strides) holds rows row0 .. row0+rows-1 of an
-// [M, in] tensor; returns src * keep / (1 - p) as a new contiguous tensor, with
-// the keep-mask of those rows (see philox.h).
 #ifdef LORA_KERNELS_WITH_CUDA
-at::Tensor dropped_rows_cuda(const at::Tensor& src, int64_t row0, double p, int64_t seed);
+// Rows row0 .. row0+rows-1 of the [M, cols] dropout mask (philox.h) as float32
+// on the CUDA device of `options`: 1/(1-p) where kept, 0 where dropped.
+at::Tensor dropout_mask_cuda(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
+                             at::TensorOptions options);
 #endif
 
 // In-place W = round(W + s · B A - s' · B' A'), the two products accumulated in

@@ -1,4 +1,4 @@
-// CUDA kernels of lora_kernels._C: the dropout block used by the fused
+// CUDA kernels of lora_kernels._C: the dropout mask blocks used by the fused
 // forward/backward (lora_linear.cpp runs its GEMMs through cuBLAS), and the
 // in-place merge.
 #include "lora_kernels.h"
@@ -13,22 +13,15 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// out[i, k] = src[i, k] * keep(row0 + i, k) / (1 - p); one thread per element.
-template <typename scalar_t>
-__global__ void dropped_rows_kernel(const scalar_t* __restrict__ src, int64_t src_rs,
-                                    int64_t src_cs, scalar_t* __restrict__ out, int64_t rows,
-                                    int64_t cols, int64_t row0, uint32_t threshold,
-                                    at::opmath_type<scalar_t> inv_keep, uint64_t seed) {
-  using acc_t = at::opmath_type<scalar_t>;
+// mask[i, k] = keep(row0 + i, k) ? 1/(1-p) : 0; one thread per element. Each
+// thread runs its group's Philox call (8 elements share it): compute is cheap
+// here next to the memory traffic.
+__global__ void dropout_mask_kernel(float* __restrict__ mask, int64_t rows, int64_t cols, int64_t row0,
+                                    uint32_t threshold, float value, uint64_t seed) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * cols) return;
-  const int64_t i = idx / cols, k = idx % cols;
-  const uint64_t e = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols) + k;
-  // Each thread runs its group's Philox call (8 elements share it): compute is
-  // cheap here next to the memory traffic.
-  const bool keep = dropout_draw(philox4x32_10(seed, e >> 3), e) >= threshold;
-  const acc_t v = static_cast<acc_t>(src[i * src_rs + k * src_cs]);
-  out[idx] = static_cast<scalar_t>(keep ? v * inv_keep : acc_t(0));
+  const uint64_t e = static_cast<uint64_t>(row0) * static_cast<uint64_t>(cols) + static_cast<uint64_t>(idx);
+  mask[idx] = dropout_draw(philox4x32_10(seed, e >> 3), e) >= threshold ? value : 0.0f;
 }
 
 // Merge tile: a block of 32 x 8 threads owns a 32 x 32 tile of W; each thread
@@ -111,21 +104,18 @@ AdapterView view_of(const at::Tensor& A, const at::Tensor& B) {
 
 }  // namespace
 
-at::Tensor dropped_rows_cuda(const at::Tensor& src, int64_t row0, double p, int64_t seed) {
-  const c10::cuda::CUDAGuard guard(src.device());
-  at::Tensor out = at::empty({src.size(0), src.size(1)}, src.options());
-  const int64_t n = out.numel();
-  if (n == 0) return out;
+at::Tensor dropout_mask_cuda(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
+                             at::TensorOptions options) {
+  const c10::cuda::CUDAGuard guard(options.device());
+  at::Tensor mask = at::empty({rows, cols}, options.dtype(at::kFloat));
+  const int64_t n = mask.numel();
+  if (n == 0) return mask;
   const unsigned blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "dropped_rows_cuda", [&] {
-    dropped_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        src.data_ptr<scalar_t>(), src.stride(0), src.stride(1), out.data_ptr<scalar_t>(),
-        src.size(0), src.size(1), row0, dropout_threshold(p),
-        static_cast<at::opmath_type<scalar_t>>(1.0 / (1.0 - p)), static_cast<uint64_t>(seed));
-  });
+  dropout_mask_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      mask.data_ptr<float>(), rows, cols, row0, dropout_threshold(p), static_cast<float>(1.0 / (1.0 - p)),
+      static_cast<uint64_t>(seed));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return mask;
 }
 
 int64_t merge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,

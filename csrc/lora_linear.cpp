@@ -8,39 +8,37 @@
 //             dA = s gbᵀ drop(x)
 //             dB = s dyᵀ xa
 //
-// Without dropout every product is one BLAS (CPU) or cuBLAS (CUDA) call: on the
-// machines measured, MKL's skinny GEMMs beat our own loops (benchmarks/NOTES.md).
-// With dropout, CPU tensors go through lora_cpu_kernels.cpp, which applies the
-// mask where it reads x (shrink, dA) or writes dx's LoRA term (expand); CUDA
-// tensors get row blocks masked by a CUDA kernel (lora_kernels_cuda.cu). Either
-// way the mask is regenerated from the seed (philox.h): the only [M, in]
-// tensors are x and dx.
-#include "lora_cpu_kernels.h"
+// Every product is one BLAS (CPU) or cuBLAS (CUDA) call: on the machine
+// measured, MKL's r-wide GEMMs beat register-blocked loops of our own
+// (benchmarks/NOTES.md). With dropout, x and dx's LoRA term are masked in row
+// blocks whose mask is regenerated from the seed (dropout_cpu.cpp, or the CUDA
+// kernel in lora_kernels_cuda.cu), so the only [M, in] tensors are x and dx.
+#include "dropout_cpu.h"
 #include "lora_kernels.h"
 
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <c10/util/Half.h>
-#include <c10/util/BFloat16.h>
-
-#include <vector>
+#include <algorithm>
 
 namespace lora_kernels {
 namespace {
 
-// CUDA dropout works on row blocks of x (or of dx) of about 64 MB: large enough
-// to keep cuBLAS busy, small next to the [M, in] copy it avoids.
+// Dropout works on row blocks of x (and of dx's LoRA term): ~256 KB of mask on
+// CPU, so that the block stays in L2 between its uses; ~64 MB on CUDA, enough to
+// keep cuBLAS busy. Either way small next to the [M, in] copy it avoids.
 int64_t dropout_block_rows(const at::Tensor& x) {
-  const int64_t row_bytes = std::max<int64_t>(1, x.size(1) * static_cast<int64_t>(sizeof(float)));
-  return std::max<int64_t>(8, (int64_t{64} << 20) / row_bytes);
+  const int64_t budget_bytes = x.is_cuda() ? (int64_t{64} << 20) : (int64_t{256} << 10);
+  return std::max<int64_t>(16, budget_bytes / std::max<int64_t>(1, x.size(1) * 4));
 }
 
-at::Tensor dropped_rows(const at::Tensor& src, int64_t row0, double p, int64_t seed) {
+// Rows row0 .. row0+rows-1 of the dropout mask of x, float32 on x's device.
+at::Tensor dropout_mask(const at::Tensor& x, int64_t row0, int64_t rows, double p, int64_t seed) {
+  if (x.is_cuda()) {
 #ifdef LORA_KERNELS_WITH_CUDA
-  return dropped_rows_cuda(src, row0, p, seed);
+    return dropout_mask_cuda(row0, rows, x.size(1), p, seed, x.options());
 #else
-  LK_CHECK(false, "this build of lora_kernels._C has no CUDA kernels");
+    LK_CHECK(false, "this build of lora_kernels._C has no CUDA kernels");
 #endif
+  }
+  return dropout_mask_cpu(row0, rows, x.size(1), p, seed, x.options());
 }
 
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
@@ -90,19 +88,15 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::
   } else {
     at::mm_out(y, x, weight.t());
   }
-  if (x.is_cpu() && dropout_p > 0.0) {  // dropout fused into the shrink: no dropped copy of x
-    xa = shrink_cpu(x, lora_A.t(), 1.0, dropout_p, seed);
-    y.addmm_(xa, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
-    return {y, xa};
-  }
   if (dropout_p == 0.0) {
     at::mm_out(xa, x, lora_A.t());
   } else {
     const int64_t block = dropout_block_rows(x);
     for (int64_t m0 = 0; m0 < M; m0 += block) {
       const int64_t rows = std::min(block, M - m0);
+      const at::Tensor mask = dropout_mask(x, m0, rows, dropout_p, seed);
       at::Tensor xa_rows = xa.narrow(0, m0, rows);
-      at::mm_out(xa_rows, dropped_rows(x.narrow(0, m0, rows), m0, dropout_p, seed), lora_A.t());
+      at::mm_out(xa_rows, x.narrow(0, m0, rows).mul(mask).to(x.scalar_type()), lora_A.t());
     }
   }
   y.addmm_(xa, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
@@ -122,15 +116,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   check_same(xa, "xa", x);
   const int64_t M = x.size(0);
 
-  if (x.is_cpu() && dropout_p > 0.0) {  // the mask applied where x and dx's LoRA term are read/written
-    at::Tensor dB = at::mm(grad_y.t(), xa).mul_(scaling);  // [out, r]
-    at::Tensor gb = at::mm(grad_y, lora_B);                // dy B   [M, r]
-    at::Tensor dA = weight_grad_cpu(gb, x, scaling, dropout_p, seed);
-    at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::empty({0}, x.options());
-    if (need_dx) expand_cpu_(dx, gb, lora_A, scaling, dropout_p, seed);
-    return {dx, dA, dB};
-  }
-
   at::Tensor dB = at::mm(grad_y.t(), xa).mul_(scaling);          // [out, r]
   at::Tensor gb_scaled = at::mm(grad_y, lora_B).mul_(scaling);  // s · dy B   [M, r]
   at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::empty({0}, x.options());
@@ -141,23 +126,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     return {dx, dA, dB};
   }
 
-  // Dropout: regenerate each block's mask; dA accumulates over blocks in fp32
-  // (fp64 for fp64 inputs) so that half-precision inputs are rounded once, at the end.
+  // Dropout: each row block's mask is regenerated once and serves dA (masked x)
+  // and dx (masked LoRA term). dA accumulates over blocks in fp32 (fp64 for fp64
+  // inputs) so that half-precision inputs are rounded once, at the end.
   const bool half_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   at::Tensor dA = at::zeros(lora_A.sizes(), x.options().dtype(half_precision ? at::kFloat : x.scalar_type()));
   const int64_t block = dropout_block_rows(x);
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
-    at::Tensor gb_rows = gb_scaled.narrow(0, m0, rows);
-    at::Tensor x_dropped = dropped_rows(x.narrow(0, m0, rows), m0, dropout_p, seed);
-    if (half_precision) {
-      dA.addmm_(gb_rows.t().to(at::kFloat), x_dropped.to(at::kFloat));
-    } else {
-      dA.addmm_(gb_rows.t(), x_dropped);
-    }
-    if (need_dx) {
-      dx.narrow(0, m0, rows).add_(dropped_rows(at::mm(gb_rows, lora_A), m0, dropout_p, seed));
-    }
+    const at::Tensor mask = dropout_mask(x, m0, rows, dropout_p, seed);
+    const at::Tensor gb_rows = gb_scaled.narrow(0, m0, rows);
+    dA.addmm_(gb_rows.t().to(dA.scalar_type()), x.narrow(0, m0, rows).mul(mask).to(dA.scalar_type()));
+    if (need_dx) dx.narrow(0, m0, rows).addcmul_(at::mm(gb_rows, lora_A), mask);
   }
   return {dx, dA.to(x.scalar_type()), dB};
 }
