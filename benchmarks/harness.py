@@ -122,7 +122,7 @@ def time_providers(providers: list[Provider], device: str, reps: int, warmup: in
             # do_bench's rep is the milliseconds spent measuring: 100 ms is thousands of calls of a
             # decode layer and still a few of the largest training step
             q1, med, q3 = triton.testing.do_bench(call, quantiles=[0.25, 0.5, 0.75], warmup=25, rep=100)
-            out[p.name] = Timing(med, q1, q3, reps)
+            out[p.name] = Timing(med, q1, q3, samples=0)  # do_bench does not report its call count
         return out
 
     for _ in range(warmup):
