@@ -52,6 +52,8 @@ def _check_same_dtype_device(reference_name: str, reference: Tensor, **others) -
 
 
 def _check_scaling(name: str, scaling) -> float:
+    if isinstance(scaling, Tensor) and scaling.dim() == 0 and scaling.is_floating_point() and scaling.device.type == "cpu":
+        scaling = scaling.item()  # a 0-d CPU tensor (what LoRALinear keeps for torch.compile) is accepted too
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(scaling).__name__}")
     if not math.isfinite(scaling):
@@ -92,10 +94,9 @@ def _plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> bo
 
     One expression instead of a dozen helper calls: the per-call Python cost is
     visible next to small layers. Anything else goes through _check_and_autocast,
-    which gives the precise error (or applies autocast). Under torch.compile a
-    scaling that changed between calls is traced as a symbolic float (a graph
-    input, so loading another alpha does not recompile again); its finiteness
-    cannot be checked at trace time.
+    which gives the precise error (or applies autocast). Under torch.compile,
+    LoRALinear passes scaling as a 0-d tensor (a graph input), whose value cannot
+    be checked at trace time.
     """
     return (
         isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
@@ -109,7 +110,8 @@ def _plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> bo
         and lora_A.shape[0] >= 1 and x.shape[-1] == weight.shape[1] == lora_A.shape[1]
         and lora_B.shape[0] == weight.shape[0] and lora_B.shape[1] == lora_A.shape[0]
         and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
-        and type(scaling) in (float, int) and (torch.compiler.is_compiling() or math.isfinite(scaling))
+        and (type(scaling) in (float, int) and math.isfinite(scaling)
+             or isinstance(scaling, Tensor) and torch.compiler.is_compiling())
         and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0
         and _autocast_dtype(x.device.type) is None
     )
@@ -169,9 +171,12 @@ def lora_linear(
     seed = draw_seed() if training and dropout_p > 0.0 else None
     x2d = x.reshape(-1, in_features)
     if torch.compiler.is_compiling():
-        # scaling goes in as traced (float() would specialise the graph on its value)
+        # The custom op, traced without graph breaks; scaling as a tensor is a graph
+        # input, so another value (LoRALinear keeps one in sync) does not recompile.
+        if not isinstance(scaling, Tensor):
+            scaling = torch.tensor(scaling, dtype=torch.float64)
         args = (x2d, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
-        y, _ = _lora_linear_ops.lora_linear_fwd(*args)  # the custom op: traced without graph breaks
+        y, _ = _lora_linear_ops.lora_linear_fwd(*args)
         return y.view(*x.shape[:-1], out_features)
     args = (x2d, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):

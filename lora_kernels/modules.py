@@ -114,6 +114,22 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    @property
+    def scaling(self) -> float:
+        """lora_alpha / r (lora_alpha / √r with rsLoRA); assignable."""
+        return self._scaling
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        self._scaling = float(value)
+        # The same value as a 0-d CPU tensor, updated in place, for torch.compile: a
+        # graph input rather than a constant, so a new alpha does not recompile.
+        # A plain attribute, not a buffer: .to(device) leaves it on the CPU.
+        if "_scaling_tensor" in self.__dict__:
+            self._scaling_tensor.fill_(self._scaling)
+        else:
+            self.__dict__["_scaling_tensor"] = torch.tensor(self._scaling, dtype=torch.float64)
+
     def base_weight(self) -> Tensor:
         """W0 (possibly merged) as [out, in]: a view, never a copy."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
@@ -121,7 +137,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.base_weight(), self.bias)
-        return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scaling,
+        scaling = self._scaling_tensor if torch.compiler.is_compiling() else self._scaling
+        return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, scaling,
                            self.lora_dropout, self.training)
 
     # -- merging ------------------------------------------------------------

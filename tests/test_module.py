@@ -128,9 +128,11 @@ def test_torch_compile_fullgraph(backend, use_backend):
     (g_compiled,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(g_compiled, g_eager)
-    # another adapter strength (a new alpha) must trace too, and give the eager numbers
+    # another adapter strength (a new alpha): the eager numbers, without recompiling
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     model.q_proj.scaling = 3.5
     torch.testing.assert_close(compiled(x), model(x))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles, "a new scaling recompiled"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -155,15 +157,16 @@ def test_autocast_behaves_like_nn_linear(backend, use_backend):
 def test_opcheck(backend, use_backend):
     use_backend(backend)
     t = make_lora_inputs((6,), 33, 70, 3, torch.float32)
-    seed = torch.tensor(7)
-    fwd_args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0, 0.25, seed)
+    seed, scaling = torch.tensor(7), torch.tensor(2.0, dtype=torch.float64)
+    fwd_args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], scaling, 0.25, seed)
     torch.library.opcheck(lora_linear_fwd, fwd_args)
     torch.library.opcheck(lora_linear_fwd, (t["x"].requires_grad_(), *fwd_args[1:3],
-                                            t["lora_A"].requires_grad_(), t["lora_B"].requires_grad_(), 2.0, 0.0, None))
+                                            t["lora_A"].requires_grad_(), t["lora_B"].requires_grad_(), scaling, 0.0,
+                                            None))
     _, xa = lora_linear_fwd(*fwd_args)
     grad_y = torch.randn(6, 70, device=DEVICE)
     torch.library.opcheck(lora_linear_bwd, (grad_y, t["x"].detach(), t["weight"], t["lora_A"].detach(),
-                                            t["lora_B"].detach(), xa, 2.0, 0.25, seed, True))
+                                            t["lora_B"].detach(), xa, scaling, 0.25, seed, True))
     weight = t["weight"].clone()
     torch.library.opcheck(merge_op, (weight, t["lora_A"].detach(), t["lora_B"].detach(), 2.0, None, None, 0.0, False))
 

@@ -5,6 +5,9 @@
         -> (dx [M, in] or [0], dA [r, in], dB [out, r])
 
 x is 2-D here (functional.lora_linear flattens leading dims and checks arguments).
+`scaling` is a float in eager mode; the custom ops take it as a 0-d float64 CPU
+tensor, so that torch.compile sees a graph input rather than a constant and
+loading an adapter with another alpha does not recompile.
 `seed` is a 0-d int64 CPU tensor, or None when dropout is off; the backward gets
 the same seed and regenerates the same mask, so only x, xa [M, r] and the seed
 are saved. dx, dA and dB come from the backend; d_weight (only if the weight
@@ -85,11 +88,11 @@ def lora_linear_fwd(
     bias: Optional[Tensor],
     lora_A: Tensor,
     lora_B: Tensor,
-    scaling: float,
+    scaling: Tensor,
     dropout_p: float,
     seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    return forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return forward(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed)
 
 
 @lora_linear_fwd.register_fake
@@ -105,12 +108,12 @@ def lora_linear_bwd(
     lora_A: Tensor,
     lora_B: Tensor,
     xa: Tensor,
-    scaling: float,
+    scaling: Tensor,
     dropout_p: float,
     seed: Optional[Tensor],
     need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx)
+    return backward(grad_y, x, weight, lora_A, lora_B, xa, float(scaling), dropout_p, seed, need_dx)
 
 
 @lora_linear_bwd.register_fake
@@ -122,7 +125,8 @@ def _(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
     _, xa = output
-    # x, xa [M, r] and the seed: never the dropped copy of x.
+    # x, xa [M, r] and the seed: never the dropped copy of x. scaling stays as it
+    # came (float in eager, tensor for the custom ops) for the matching backward.
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.mark_non_differentiable(xa)
