@@ -20,22 +20,17 @@ Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (one small config).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..backends import triton_interpreted as _interpreted
 from ..reference import dropout_threshold
 
 # Up to this many rows the forward is one launch (shrink fused into the GEMM's K
 # loop): the repeated shrink costs M·in·r per column block, noise next to W0's
 # out·in reads while M is small, and it saves a launch and the xa round trip.
 DECODE_MAX_M = 16
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs(full: list[dict], small: dict, warps_stages: list[tuple[int, int]]) -> list[triton.Config]:

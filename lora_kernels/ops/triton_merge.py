@@ -10,12 +10,11 @@ the number of non-finite merged values is counted instead (safe merge).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..backends import triton_interpreted
 from .triton_lora_linear import _cast
 
 
@@ -72,7 +71,7 @@ def merge_(weight, lora_A, lora_B, scaling: float, sub_A, sub_B, sub_scaling: fl
     nonfinite = torch.zeros(1, dtype=torch.int32, device=weight.device)
     if weight.numel() == 0:
         return 0
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpreted = triton_interpreted()
     block_o, block_i = (16, 32) if interpreted else (32, 128)
     has_sub = sub_A is not None
     sub_A_, sub_B_ = (sub_A, sub_B) if has_sub else (lora_A, lora_B)
