@@ -183,7 +183,7 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "peft": _version("peft"),
-        "loralib": "installed" if _version("loralib") is not None or _has_module("loralib") else None,
+        "loralib": "installed" if _has_module("loralib") else None,  # it has no __version__
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()

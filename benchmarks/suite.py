@@ -15,7 +15,6 @@ import argparse
 import math
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,4 +334,4 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_save:
         out_dir = args.out or RESULTS_DIR / machine_slug(info)
         write_results(results, info, out_dir, report)
-        print(textwrap.dedent(f"\nwrote {out_dir}/results.json, results.md, ratios.png"))
+        print(f"\nwrote {out_dir}/results.json, results.md, ratios.png")

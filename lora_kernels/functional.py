@@ -186,11 +186,11 @@ def lora_linear(
     return y.view(*x.shape[:-1], out_features)
 
 
-def _check_merge_args(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling, name="scaling") -> float:
+def _check_merge_args(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling) -> float:
     _check_float_tensor("weight", weight, 2)
     _check_adapter(weight, lora_A, lora_B)
     _check_same_dtype_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
-    return _check_scaling(name, scaling)
+    return _check_scaling("scaling", scaling)
 
 
 @torch.no_grad()

@@ -13,6 +13,15 @@ from .functional import _check_adapter, lora_linear, merge_, switch_, unmerge_
 __all__ = ["LoRALinear"]
 
 
+def _lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """lora_alpha / r, or lora_alpha / √r with rsLoRA, after checking both."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an int >= 1, got {r!r}")
+    if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
 class LoRALinear(nn.Module):
     """y = x W0ᵀ + b + scaling · B A dropout(x), with W0 frozen and A, B trained.
 
@@ -57,16 +66,13 @@ class LoRALinear(nn.Module):
 
     def _setup(self, in_features, out_features, weight, bias, r, lora_alpha, lora_dropout,
                fan_in_fan_out, use_rslora, merge_weights) -> None:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be an int >= 1, got {r!r}")
-        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not math.isfinite(lora_alpha):
-            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+        scaling = _lora_scaling(r, lora_alpha, use_rslora)
         if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
         self.fan_in_fan_out, self.use_rslora, self.merge_weights = fan_in_fan_out, use_rslora, merge_weights
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling = scaling
         self.weight = weight
         self.bias = bias
         factory = {"device": weight.device, "dtype": weight.dtype}
@@ -163,7 +169,7 @@ class LoRALinear(nn.Module):
         r = lora_A.shape[0] if lora_A.dim() == 2 else 0
         if r < 1:
             raise ValueError(f"lora_A must be [r >= 1, {self.in_features}], got {tuple(lora_A.shape)}")
-        scaling = lora_alpha / math.sqrt(r) if self.use_rslora else lora_alpha / r
+        scaling = _lora_scaling(r, lora_alpha, self.use_rslora)
         new_A = lora_A.to(self.lora_A.dtype)
         new_B = lora_B.to(self.lora_B.dtype)
         if self.merged:

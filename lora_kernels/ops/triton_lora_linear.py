@@ -33,37 +33,36 @@ from ..reference import dropout_threshold
 DECODE_MAX_M = 16
 
 
-def _configs(full: list[dict], small: dict, warps_stages: list[tuple[int, int]]) -> list[triton.Config]:
+def _configs(full: list[tuple[dict, int, int]], small: dict) -> list[triton.Config]:
+    """triton.Configs from (tile sizes, num_warps, num_stages); `small` alone under the interpreter."""
     if _interpreted():  # the interpreter is slow: one small config, no tuning
         return [triton.Config(small, num_warps=4, num_stages=1)]
-    return [triton.Config(c, num_warps=w, num_stages=s) for c, (w, s) in zip(full, warps_stages)]
+    return [triton.Config(tiles, num_warps=warps, num_stages=stages) for tiles, warps, stages in full]
 
 
 # Large-M GEMM configs for Hopper/Ampere; tuned per (M, N, K) by triton.autotune.
 _GEMM_CONFIGS = _configs(
     [
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-        dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
+        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8, 4),
+        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), 4, 4),
+        (dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
+        (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4),
+        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 4),
     ],
-    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
-    [(8, 3), (8, 4), (4, 4), (8, 3), (4, 4), (4, 4)],
+    small=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
 )
 # Decode configs: 16-row tiles (tl.dot's minimum), narrow column blocks so that
 # enough programs stream W0 to fill the GPU, long K tiles.
 _DECODE_CONFIGS = _configs(
     [
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1),
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1),
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1),
-        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
+        (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1), 4, 4),
+        (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1), 4, 3),
+        (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1), 4, 4),
+        (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1), 4, 3),
+        (dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1), 4, 4),
     ],
-    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1),
-    [(4, 4), (4, 3), (4, 4), (4, 3), (4, 4)],
+    small=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1),
 )
 
 
