@@ -7,7 +7,13 @@ VENV="${LORA_KERNELS_VENV:-.venv}"
 rm -rf dist
 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" -m pip wheel . --no-build-isolation --no-deps -q -w dist/
 wheel=$(ls dist/lora_kernels-*.whl)
-unzip -l "$wheel" | grep -q "lora_kernels/_C" || { echo "wheel has no compiled extension" >&2; exit 1; }
+# (not `unzip -l | grep -q`: under pipefail, grep's early exit can kill unzip with SIGPIPE and fail at random)
+"$VENV/bin/python" - "$wheel" <<'PY'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+if not any(n.startswith("lora_kernels/_C") and n.endswith(".so") for n in names):
+    sys.exit(f"wheel has no compiled extension; it holds: {names}")
+PY
 
 fresh=$(mktemp -d)/venv
 python3 -m venv "$fresh"
