@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,8 @@ from pathlib import Path
 import torch
 
 from . import providers as prov
-from .harness import (RESULTS_DIR, ROOT, CaseResult, machine_info, machine_slug, memory_profile, time_providers,
-                      write_results)
+from .harness import RESULTS_DIR, CaseResult, machine_info, machine_slug, memory_profile, time_providers, write_results
+from .peak_rss import peak_rss_growth_mb
 
 R_ALPHA = {8: 16, 16: 32, 64: 128, 128: 256}  # lora_alpha = 2r throughout
 
@@ -106,8 +105,7 @@ def run_linear(case: LinearCase, device: str, wanted: list[str], budget_s: float
     params = dict(M=case.M, d_in=case.d_in, d_out=case.d_out, r=case.r, dtype=str(case.dtype), mode=case.mode,
                   dropout=case.dropout, lora_share=case.lora_share(), target=case.target(device))
     result = CaseResult("linear", case.label, params, timings)
-    if case.train or device == "cuda":
-        result.extra["memory"] = {p.name: memory_profile(p, device) for p in providers}
+    result.extra["memory"] = {p.name: memory_profile(p, device) for p in providers}
     return result
 
 
@@ -123,35 +121,6 @@ def run_merge(shape, device: str, wanted: list[str], budget_s: float) -> CaseRes
     if "gemm" in timings:  # reported against one B @ A GEMM, the floor of any merge
         result.extra["ratio_to"] = "gemm"
     return result
-
-
-_PEAK_SCRIPT = """
-import os, torch
-os.environ.pop("LORA_KERNELS_BACKEND", None)
-from benchmarks.providers import merge_providers
-
-def hwm_kb():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
-
-warm_up = merge_providers(64, 64, {r}, torch.{dtype}, "cpu", ["{name}"])[0]
-warm_up.prepare()
-warm_up.fn()  # one-time costs (imports, thread pools) are not the merge's
-provider = merge_providers({d_out}, {d_in}, {r}, torch.{dtype}, "cpu", ["{name}"])[0]
-provider.prepare()
-with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS to the current RSS (Linux >= 4.0)
-    f.write("5")
-before = hwm_kb()
-provider.fn()
-print((hwm_kb() - before) / 1024)
-"""
-
-
-def merge_peak_memory_mb(shape, name: str) -> float:
-    """Growth of the process's peak RSS (MB) during one CPU merge, in a fresh process (Linux)."""
-    d_out, d_in, r, dtype = shape
-    script = _PEAK_SCRIPT.format(d_out=d_out, d_in=d_in, r=r, dtype=str(dtype)[6:], name=name)
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def run_drift(device: str, cycles=(1, 10, 100, 1000)) -> CaseResult:
@@ -195,6 +164,18 @@ def run_drift(device: str, cycles=(1, 10, 100, 1000)) -> CaseResult:
         "max_abs_drift": drift, "exact_record_relative_size": record.relative_size})
 
 
+def _add_peak_rss(jobs, results: list[CaseResult], wanted: list[str]) -> None:
+    """CPU: each provider's peak RSS growth during one call, measured for all jobs in one fresh process."""
+    print("measuring peak RSS per provider (fresh process)...", file=sys.stderr)
+    by_job = peak_rss_growth_mb(jobs, wanted)
+    for result, growth in zip((r for r in results if r.op != "drift"), by_job):
+        if result.op == "linear":
+            for name, mb in growth.items():
+                result.extra["memory"][name]["peak_extra_mb"] = mb
+        else:
+            result.extra["peak_rss_mb"] = growth
+
+
 # ---------------------------------------------------------------------------
 # report
 
@@ -229,16 +210,18 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
     with_memory = [r for r in linear if r.extra.get("memory")]
     if with_memory:
         names = list(dict.fromkeys(n for r in with_memory for n in r.extra["memory"]))
-        key = "peak_extra_mb" if "peak_extra_mb" in next(iter(with_memory[0].extra["memory"].values())) else None
-        lines += ["Memory per call: MB saved for backward beyond the parameters"
-                  + (" / peak MB allocated during the call" if key else "") + ".", "",
+        has_peak = any("peak_extra_mb" in m for r in with_memory for m in r.extra["memory"].values())
+        peak_meaning = ("growth of the process's peak RSS during the call (fresh process, after a warm-up call)"
+                        if info["device"] == "cpu" else "peak allocated during the call above what was allocated before")
+        lines += ["Memory per call, MB: saved for backward beyond the parameters"
+                  + (f" / {peak_meaning}" if has_peak else "") + ".", "",
                   "| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for r in with_memory:
             cells = []
             for n in names:
                 m = r.extra["memory"].get(n)
                 cells.append("—" if m is None else f"{m['saved_for_backward_mb']:.1f}"
-                             + (f" / {m[key]:.1f}" if key else ""))
+                             + (f" / {m['peak_extra_mb']:.1f}" if "peak_extra_mb" in m else ""))
             lines.append(f"| {r.case} | " + " | ".join(cells) + " |")
         lines.append("")
     merges = [r for r in results if r.op == "merge"]
@@ -246,7 +229,7 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
         names = [n for n in dict.fromkeys(n for r in merges for n in r.timings) if n != "gemm"]
         lines += ["Merge: median time of one in-place merge, and its ratio to one `B @ A` GEMM (which allocates the "
                   "[out, in] product and writes nothing into the weight). Peak memory: growth of the peak RSS during "
-                  "one merge, fresh process (CPU, --full only).", "",
+                  "one call, fresh process (CPU).", "",
                   "| weight | gemm | " + " | ".join(names) + " | peak memory (MB) |",
                   "|---|---|" + "---|" * len(names) + "---|"]
         for r in merges:
@@ -320,13 +303,11 @@ def main(argv: list[str] | None = None) -> None:
         if op == "linear":
             results.append(run_linear(job, device, wanted, budget))
         elif op == "merge":
-            result = run_merge(job, device, wanted, budget)
-            if args.full and device == "cpu":
-                result.extra["peak_rss_mb"] = {n: merge_peak_memory_mb(job, n) for n in ("ours", "peft")
-                                               if n in wanted and (n != "peft" or prov.have("peft"))}
-            results.append(result)
+            results.append(run_merge(job, device, wanted, budget))
         else:
             results.append(run_drift(device))
+    if device == "cpu":  # on GPU, memory_profile already recorded CUDA's peak
+        _add_peak_rss([(op, job) for op, job in jobs if op != "drift"], results, wanted)
 
     info = machine_info(device)
     report = markdown_report(results, info)
