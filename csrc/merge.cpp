@@ -2,7 +2,8 @@
 //
 // Each row of W is one task: its LoRA delta is accumulated in a row buffer of
 // the accumulation dtype (float32; float64 for float64 weights), k running
-// 0..r-1 in order, then added to W and rounded once into W's dtype. The extra
+// 0..r-1 in order, then added to W and rounded once into W's dtype, in one
+// vectorised pass over the row (bf16 and fp16 converted bitwise / with F16C). The extra
 // memory is A in the accumulation dtype plus one row buffer per thread,
 // whatever the size of W. The order of the sum never depends on threading, so
 // unmerge (s -> -s) subtracts exactly what merge added.
@@ -11,8 +12,10 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace lora_kernels {
@@ -43,6 +46,81 @@ LK_ROW_DELTA(float)
 LK_ROW_DELTA(double)
 #undef LK_ROW_DELTA
 
+// W's element type seen as its storage bits, with conversions to and from the
+// accumulation type that the compiler can vectorise (c10's are out-of-line and
+// branchy). Both round to nearest even, as c10 does; a NaN stays a NaN.
+template <typename scalar_t>
+struct Element {  // float, double: stored as themselves
+  using storage = scalar_t;
+  static scalar_t load(storage v) { return v; }
+  static storage store(scalar_t v) { return v; }
+};
+template <>
+struct Element<at::BFloat16> {
+  using storage = uint16_t;
+  static float load(storage bits) { return __builtin_bit_cast(float, static_cast<uint32_t>(bits) << 16); }
+  static storage store(float v) {
+    const uint32_t u = __builtin_bit_cast(uint32_t, v);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return static_cast<storage>(v != v ? 0x7FC0u : rounded);
+  }
+};
+template <>
+struct Element<at::Half> {
+  using storage = _Float16;  // F16C's conversions where the CPU has them (x86-64-v3 and up)
+  static float load(storage v) { return static_cast<float>(v); }
+  static storage store(float v) { return static_cast<storage>(v); }
+};
+
+// w[i] = round(w[i] + s·delta[i] - s'·sub_delta[i]) for one row, or (check_only)
+// the count of elements whose result would not be finite. s·d - s'·d' is exactly
+// -(s'·d' - s·d), so switching back cancels bit for bit.
+template <typename scalar_t>
+inline __attribute__((always_inline)) int64_t apply_row_impl(typename Element<scalar_t>::storage* w, int64_t stride,
+                                                             int64_t in, const at::opmath_type<scalar_t>* delta,
+                                                             const at::opmath_type<scalar_t>* sub_delta,
+                                                             at::opmath_type<scalar_t> s,
+                                                             at::opmath_type<scalar_t> sub_s, bool check_only) {
+  using E = Element<scalar_t>;
+  using acc_t = at::opmath_type<scalar_t>;
+  auto merged = [&](int64_t i, acc_t w_i) {
+    const acc_t change = sub_delta != nullptr ? s * delta[i] - sub_s * sub_delta[i] : s * delta[i];
+    return E::store(w_i + change);  // rounded once; an overflow shows up here
+  };
+  int64_t nonfinite = 0;
+  if (check_only) {
+    for (int64_t i = 0; i < in; ++i) nonfinite += !std::isfinite(E::load(merged(i, E::load(w[i * stride]))));
+  } else if (stride == 1) {  // the common case, vectorised
+    for (int64_t i = 0; i < in; ++i) w[i] = merged(i, E::load(w[i]));
+  } else {
+    for (int64_t i = 0; i < in; ++i) w[i * stride] = merged(i, E::load(w[i * stride]));
+  }
+  return nonfinite;
+}
+
+// One multi-versioned function per dtype (target_clones does not apply to
+// templates); no FMA contraction, so that every version gives the same bits.
+#define LK_APPLY_ROW(name, scalar_t)                                                                              \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), optimize("fp-contract=off")))       \
+  int64_t name(Element<scalar_t>::storage* w, int64_t stride, int64_t in, const at::opmath_type<scalar_t>* delta, \
+               const at::opmath_type<scalar_t>* sub_delta, at::opmath_type<scalar_t> s,                            \
+               at::opmath_type<scalar_t> sub_s, bool check_only) {                                                 \
+    return apply_row_impl<scalar_t>(w, stride, in, delta, sub_delta, s, sub_s, check_only);                       \
+  }
+LK_APPLY_ROW(apply_row_f32, float)
+LK_APPLY_ROW(apply_row_f64, double)
+LK_APPLY_ROW(apply_row_bf16, at::BFloat16)
+LK_APPLY_ROW(apply_row_f16, at::Half)
+#undef LK_APPLY_ROW
+
+template <typename scalar_t>
+constexpr auto apply_row() {
+  if constexpr (std::is_same_v<scalar_t, float>) return &apply_row_f32;
+  else if constexpr (std::is_same_v<scalar_t, double>) return &apply_row_f64;
+  else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return &apply_row_bf16;
+  else return &apply_row_f16;
+}
+
 template <typename scalar_t, typename acc_t>
 void lora_row_delta(const at::Tensor& A_acc, const at::Tensor& B, int64_t o, acc_t* b_row, acc_t* delta) {
   const int64_t r = A_acc.size(0);
@@ -56,11 +134,13 @@ int64_t merge_rows(at::Tensor& weight, const at::Tensor& A_acc, const at::Tensor
                    double scaling_d, const at::Tensor& sub_A_acc, const at::Tensor& sub_B,
                    double sub_scaling_d, bool check_only) {
   using acc_t = at::opmath_type<scalar_t>;  // float, or double for float64 weights
+  using storage_t = typename Element<scalar_t>::storage;
+  static_assert(sizeof(storage_t) == sizeof(scalar_t));
   const acc_t scaling = static_cast<acc_t>(scaling_d), sub_scaling = static_cast<acc_t>(sub_scaling_d);
   const bool has_sub = sub_A_acc.defined();
   const int64_t out = weight.size(0), in = weight.size(1);
   const int64_t w_rs = weight.stride(0), w_cs = weight.stride(1);
-  scalar_t* w_ptr = weight.data_ptr<scalar_t>();
+  storage_t* w_ptr = reinterpret_cast<storage_t*>(weight.data_ptr<scalar_t>());
   std::atomic<int64_t> nonfinite{0};
 
   at::parallel_for(0, out, 1, [&](int64_t begin, int64_t end) {
@@ -70,19 +150,9 @@ int64_t merge_rows(at::Tensor& weight, const at::Tensor& A_acc, const at::Tensor
     for (int64_t o = begin; o < end; ++o) {
       lora_row_delta<scalar_t>(A_acc, B, o, b_row.data(), delta.data());
       if (has_sub) lora_row_delta<scalar_t>(sub_A_acc, sub_B, o, b_row.data(), sub_delta.data());
-      scalar_t* w_row = w_ptr + o * w_rs;
-      for (int64_t i = 0; i < in; ++i) {
-        // s·d - s'·d' is exactly -(s'·d' - s·d): switching back cancels bit for bit.
-        const acc_t change = has_sub ? scaling * delta[i] - sub_scaling * sub_delta[i]
-                                     : scaling * delta[i];
-        const acc_t merged = static_cast<acc_t>(w_row[i * w_cs]) + change;
-        const scalar_t rounded = static_cast<scalar_t>(merged);  // overflow shows up here
-        if (check_only) {
-          local_nonfinite += !std::isfinite(static_cast<acc_t>(rounded));
-        } else {
-          w_row[i * w_cs] = rounded;
-        }
-      }
+      local_nonfinite += apply_row<scalar_t>()(w_ptr + o * w_rs, w_cs, in, delta.data(),
+                                               has_sub ? sub_delta.data() : nullptr, scaling, sub_scaling,
+                                               check_only);
     }
     nonfinite += local_nonfinite;
   });

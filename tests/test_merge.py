@@ -99,6 +99,29 @@ def test_exact_mode_restores_bits(backend, dtype, use_backend):
     assert record.indices.numel() == record.values.numel()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "transposed"])
+def test_half_precision_rounding_is_torchs_round_to_nearest_even(backend, dtype, contiguous, use_backend):
+    """Deltas that are exact in float32 and land on ties, between and beyond: the one rounding is torch's."""
+    use_backend(backend)
+    g = torch.Generator().manual_seed(3)
+    out_f, in_f = 37, 70
+    ulp_at_one = 2.0 ** -MANTISSA_BITS[dtype]
+    weight = (1 + torch.randint(0, 2 ** MANTISSA_BITS[dtype], (out_f, in_f), generator=g) * ulp_at_one).to(dtype)
+    weight[0, :3] = torch.tensor([-1.5, 60000.0 if dtype == torch.float16 else 3.0e38, float("nan")])
+    # r = 1, B = 1, s = 1: the delta is A itself, a multiple of a quarter ulp at 1 (ties included)
+    lora_A = (torch.randint(-8, 9, (1, in_f), generator=g) * ulp_at_one / 4).to(dtype)
+    lora_A[0, 1] = 1.0e4 if dtype == torch.float16 else 1.0e38  # overflows to inf, as torch's rounding does
+    lora_B = torch.ones(out_f, 1, dtype=dtype)
+    weight, lora_A, lora_B = weight.to(DEVICE), lora_A.to(DEVICE), lora_B.to(DEVICE)
+    expected = (weight.double() + lora_B.double() @ lora_A.double()).float().to(dtype)
+    target = weight.clone() if contiguous else weight.t().contiguous().t()
+    merge_(target, lora_A, lora_B, 1.0)
+    assert torch.equal(target.view(torch.int16)[~target.isnan()], expected.view(torch.int16)[~expected.isnan()])
+    assert torch.equal(target.isnan(), expected.isnan())
+
+
 @pytest.mark.parametrize("where", ["lora_A", "lora_B"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("backend", BACKENDS)
