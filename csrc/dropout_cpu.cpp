@@ -4,10 +4,10 @@
 //
 // The mask is the whole cost of CPU dropout (10 Philox rounds per 8 elements),
 // so the rounds run on 16 counters at once in GCC/Clang vector types, and the
-// row function is compiled for AVX-512, AVX2 and baseline x86-64, the best
-// picked at load time: wheels stay portable.
+// row function is multi-versioned (cpu_multiversion.h): wheels stay portable.
 #include "dropout_cpu.h"
 
+#include "cpu_multiversion.h"
 #include "philox.h"
 
 #include <ATen/Parallel.h>
@@ -69,7 +69,7 @@ LK_ALWAYS_INLINE void keep_bits(uint64_t seed, uint64_t base, int64_t count, uin
 // One row of the mask: `value` where kept, 0 where dropped. (A lambda inside a
 // multi-versioned function would not inherit its ISA, so the parallel loop
 // lives in the caller.)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+LK_MULTIVERSIONED
 void mask_row(uint64_t seed, uint64_t base, int64_t cols, uint32_t threshold, float value, uint8_t* keep, float* out) {
   keep_bits(seed, base, cols, threshold, keep);
   for (int64_t j = 0; j < cols; ++j) out[j] = keep[j] ? value : 0.0f;

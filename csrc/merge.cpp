@@ -7,6 +7,7 @@
 // memory is A in the accumulation dtype plus one row buffer per thread,
 // whatever the size of W. The order of the sum never depends on threading, so
 // unmerge (s -> -s) subtracts exactly what merge added.
+#include "cpu_multiversion.h"
 #include "lora_kernels.h"
 
 #include <ATen/OpMathType.h>
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -38,7 +40,7 @@ inline __attribute__((always_inline)) void row_delta_impl(const acc_t* a, int64_
 // No FMA contraction, so that the AVX-512, AVX2 and baseline versions give the
 // same bits (merge/unmerge consistency only needs one version per machine).
 #define LK_ROW_DELTA(acc_t)                                                                                 \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), optimize("fp-contract=off"))) \
+  LK_MULTIVERSIONED LK_NO_FMA_CONTRACTION \
   void row_delta(const acc_t* a, int64_t in, int64_t r, const acc_t* b, acc_t* delta) {                    \
     row_delta_impl(a, in, r, b, delta);                                                                     \
   }
@@ -50,27 +52,35 @@ LK_ROW_DELTA(double)
 // accumulation type that the compiler can vectorise (c10's are out-of-line and
 // branchy). Both round to nearest even, as c10 does; a NaN stays a NaN.
 template <typename scalar_t>
-struct Element {  // float, double: stored as themselves
+struct Element {  // float, double, and fp16 without compiler support: c10's own conversions
   using storage = scalar_t;
-  static scalar_t load(storage v) { return v; }
-  static storage store(scalar_t v) { return v; }
+  static at::opmath_type<scalar_t> load(storage v) { return v; }
+  static storage store(at::opmath_type<scalar_t> v) { return static_cast<storage>(v); }
 };
 template <>
 struct Element<at::BFloat16> {
   using storage = uint16_t;
-  static float load(storage bits) { return __builtin_bit_cast(float, static_cast<uint32_t>(bits) << 16); }
+  static float load(storage bits) {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float v;
+    std::memcpy(&v, &u, sizeof(v));
+    return v;
+  }
   static storage store(float v) {
-    const uint32_t u = __builtin_bit_cast(uint32_t, v);
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
     const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     return static_cast<storage>(v != v ? 0x7FC0u : rounded);
   }
 };
+#if defined(__FLT16_MAX__)  // the compiler has _Float16 (GCC 12+ / clang 15+ on x86-64)
 template <>
 struct Element<at::Half> {
   using storage = _Float16;  // F16C's conversions where the CPU has them (x86-64-v3 and up)
   static float load(storage v) { return static_cast<float>(v); }
   static storage store(float v) { return static_cast<storage>(v); }
 };
+#endif
 
 // w[i] = round(w[i] + s·delta[i] - s'·sub_delta[i]) for one row, or (check_only)
 // the count of elements whose result would not be finite. s·d - s'·d' is exactly
@@ -101,7 +111,7 @@ inline __attribute__((always_inline)) int64_t apply_row_impl(typename Element<sc
 // One multi-versioned function per dtype (target_clones does not apply to
 // templates); no FMA contraction, so that every version gives the same bits.
 #define LK_APPLY_ROW(name, scalar_t)                                                                              \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), optimize("fp-contract=off")))       \
+  LK_MULTIVERSIONED LK_NO_FMA_CONTRACTION       \
   int64_t name(Element<scalar_t>::storage* w, int64_t stride, int64_t in, const at::opmath_type<scalar_t>* delta, \
                const at::opmath_type<scalar_t>* sub_delta, at::opmath_type<scalar_t> s,                            \
                at::opmath_type<scalar_t> sub_s, bool check_only) {                                                 \
