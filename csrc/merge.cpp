@@ -30,7 +30,22 @@ template <typename acc_t>
 inline __attribute__((always_inline)) void row_delta_impl(const acc_t* a, int64_t in, int64_t r, const acc_t* b,
                                                           acc_t* delta) {
   std::fill(delta, delta + in, acc_t(0));
-  for (int64_t k = 0; k < r; ++k) {
+  int64_t k = 0;
+  // Four k at a time: one load and store of delta per four products instead of
+  // per product; each element still sums its products in order k = 0, 1, 2, ...
+  for (; k + 4 <= r; k += 4) {
+    const acc_t b0 = b[k], b1 = b[k + 1], b2 = b[k + 2], b3 = b[k + 3];
+    const acc_t *a0 = a + k * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
+    for (int64_t i = 0; i < in; ++i) {
+      acc_t d = delta[i];
+      d += b0 * a0[i];
+      d += b1 * a1[i];
+      d += b2 * a2[i];
+      d += b3 * a3[i];
+      delta[i] = d;
+    }
+  }
+  for (; k < r; ++k) {
     const acc_t bk = b[k];
     const acc_t* a_row = a + k * in;
     for (int64_t i = 0; i < in; ++i) delta[i] += bk * a_row[i];
