@@ -134,7 +134,7 @@ def _shrink_kernel(
 @triton.jit
 def _fused_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, l_ptr, u_ptr, d_ptr, y_ptr,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_ur, stride_un, stride_dk, stride_dr, stride_ym, stride_yn,
     scaling, seed, threshold, inv_keep,
@@ -146,6 +146,8 @@ def _fused_gemm_kernel(
 
     L is read from l_ptr, or with SHRINK_IN_LOOP accumulated in the K loop as
     drop?(x) @ d[K, R] and written to l_ptr by the first column block.
+    M_BUCKET (M rounded up to a power of two) is not used here: it is the
+    autotuner's key, so that batches of every new length do not re-tune.
     """
     # Grouped ordering: GROUP_M row blocks sweep the column blocks together, so
     # their x rows and w columns stay in L2.
@@ -208,7 +210,9 @@ def _fused_gemm_kernel(
     tl.store(y_ptrs, _cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & col_ok[None, :])
 
 
-_fused_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K", "R"])(_fused_gemm_kernel)
+# Keyed on M's power-of-two bucket, not M: training batches of varying length
+# would otherwise pay a full autotuning run (seconds) for every new M.
+_fused_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"])(_fused_gemm_kernel)
 _fused_gemm_decode = triton.autotune(configs=_DECODE_CONFIGS, key=["N", "K", "R"])(_fused_gemm_kernel)
 
 
@@ -298,7 +302,7 @@ def _fused_gemm_launch(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shr
     d_strides = (d_kr.stride(0), d_kr.stride(1)) if d_kr is not None else (0, 0)
     kernel[grid](
         x, w_kn, bias if bias is not None else y, left, u_rn, d_kr if d_kr is not None else left, y,
-        M, N, K, R,
+        M, N, K, R, triton.next_power_of_2(M),
         x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
         left.stride(0), left.stride(1), u_rn.stride(0), u_rn.stride(1), *d_strides, y.stride(0), y.stride(1),
         scaling, seed, threshold, inv_keep,
