@@ -227,22 +227,26 @@ def plot_ratios(results: list[CaseResult], info: dict, path: Path) -> None:
         return
     providers = [p for p in dict.fromkeys(p for r in timed for p in r.timings) if p != "base"]
     width = 0.8 / max(1, len(providers))
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(timed) + 3), 5))
-    for i, provider in enumerate(providers):
-        xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(timed))]
-        ys = [r.ratio(provider) or float("nan") for r in timed]
-        ax.bar(xs, ys, width=width, label=provider)
-    ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="base layer (floor)")
-    ax.set_xticks(range(len(timed)))
-    ax.set_xticklabels([f"{r.op}\n{r.case}" for r in timed], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("time / base layer time (lower is better)")
-    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores)"
-    ax.set_title(f"lora_kernels vs base layer — {where}\ntorch {info['torch']}, triton {info['triton']}, "
-                 f"peft {info['peft']}, {info['date']}, commit {info['git_commit']}", fontsize=10)
     ratios = [r.ratio(p) for r in timed for p in providers if r.ratio(p)]
     # ratios cluster near 1: start the axis just below the smallest so differences show
-    ax.set_ylim(max(0.0, min(ratios + [1.0]) - 0.05), max(1.3, min(max(ratios) * 1.03, 4.0)))
-    ax.legend(fontsize=8, ncol=2)
+    y_range = (max(0.0, min(ratios + [1.0]) - 0.05), max(1.3, min(max(ratios) * 1.03, 4.0)))
+    per_row = 12  # a long sweep wraps onto several rows of cases, one shared y range
+    rows = [timed[i:i + per_row] for i in range(0, len(timed), per_row)]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(8, 0.9 * len(rows[0]) + 3), 4.6 * len(rows)), squeeze=False)
+    for ax, row in zip(axes[:, 0], rows):
+        for i, provider in enumerate(providers):
+            xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(row))]
+            ax.bar(xs, [r.ratio(provider) or float("nan") for r in row], width=width, label=provider)
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="base layer (floor)")
+        ax.set_xticks(range(len(row)))
+        ax.set_xticklabels([f"{r.op}\n{r.case}" for r in row], rotation=45, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, per_row - 0.4 if len(rows) > 1 else len(row) - 0.4)
+        ax.set_ylabel("time / base layer time (lower is better)")
+        ax.set_ylim(*y_range)
+    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores)"
+    axes[0, 0].set_title(f"lora_kernels vs base layer — {where}\ntorch {info['torch']}, triton {info['triton']}, "
+                         f"peft {info['peft']}, {info['date']}, commit {info['git_commit']}", fontsize=10)
+    axes[0, 0].legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

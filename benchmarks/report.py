@@ -26,6 +26,27 @@ def latest_results() -> list[Path]:
     return list(newest.values())
 
 
+LINEAR_HEADINGS = ("Median time per call", "Memory per call")
+
+
+def _without_linear_tables(markdown: str, link: str) -> str:
+    """The report minus its LoRA-linear tables (each a heading paragraph and a table), with a link to them."""
+    paragraphs = markdown.split("\n\n")
+    kept, dropped, skip_table = [], 0, False
+    for paragraph in paragraphs:
+        if paragraph.startswith(LINEAR_HEADINGS):
+            skip_table, dropped = True, dropped + 1
+            continue
+        if skip_table and paragraph.startswith("|"):
+            skip_table = False
+            continue
+        skip_table = False
+        kept.append(paragraph)
+    if dropped:
+        kept.insert(1, f"The LoRA-linear sweep of this run (ranks 8–128, bf16, loralib) is in [results.md]({link}).")
+    return "\n\n".join(kept)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -34,8 +55,11 @@ def main() -> None:
     blocks = []
     for md in latest_results():
         folder = md.parent.relative_to(ROOT)
+        text_md = md.read_text().strip()
+        if "-full-" in folder.name:  # the long sweep's linear tables stay in its own file
+            text_md = _without_linear_tables(text_md, f"{folder}/results.md")
         blocks.append(f"#### `{folder.name}`\n\nFrom [{folder}]({folder}) ([plot]({folder}/ratios.png)).\n\n"
-                      + md.read_text().strip())
+                      + text_md)
     body = "\n\n".join(blocks) if blocks else "No results committed yet."
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
