@@ -3,8 +3,8 @@
 // Each row of W is one task: its LoRA delta is accumulated in a row buffer of
 // the accumulation dtype (float32; float64 for float64 weights), k running
 // 0..r-1 in order, then added to W and rounded once into W's dtype, in one
-// vectorised pass over the row (bf16 and fp16 converted bitwise / with F16C). The extra
-// memory is A in the accumulation dtype plus one row buffer per thread,
+// vectorised pass over the row (bf16 converted bitwise, fp16 with F16C). The
+// extra memory is A in the accumulation dtype plus one row buffer per thread,
 // whatever the size of W. The order of the sum never depends on threading, so
 // unmerge (s -> -s) subtracts exactly what merge added.
 #include "cpu_multiversion.h"
@@ -24,8 +24,8 @@ namespace lora_kernels {
 namespace {
 
 // delta[:] = Σ_k b[k] A[k, :] for one row of W, k in order (b = that row of B, converted).
-// Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time; the lane
-// order does not change any element's sum, so every version gives the same bits.
+// Multi-versioned (cpu_multiversion.h); the lane order does not change any
+// element's sum, so every version gives the same bits.
 template <typename acc_t>
 inline __attribute__((always_inline)) void row_delta_impl(const acc_t* a, int64_t in, int64_t r, const acc_t* b,
                                                           acc_t* delta) {
@@ -54,10 +54,10 @@ inline __attribute__((always_inline)) void row_delta_impl(const acc_t* a, int64_
 
 // No FMA contraction, so that the AVX-512, AVX2 and baseline versions give the
 // same bits (merge/unmerge consistency only needs one version per machine).
-#define LK_ROW_DELTA(acc_t)                                                                                 \
-  LK_MULTIVERSIONED LK_NO_FMA_CONTRACTION \
-  void row_delta(const acc_t* a, int64_t in, int64_t r, const acc_t* b, acc_t* delta) {                    \
-    row_delta_impl(a, in, r, b, delta);                                                                     \
+#define LK_ROW_DELTA(acc_t)                                                                  \
+  LK_MULTIVERSIONED LK_NO_FMA_CONTRACTION                                                    \
+  void row_delta(const acc_t* a, int64_t in, int64_t r, const acc_t* b, acc_t* delta) {     \
+    row_delta_impl(a, in, r, b, delta);                                                      \
   }
 LK_ROW_DELTA(float)
 LK_ROW_DELTA(double)
@@ -126,7 +126,7 @@ inline __attribute__((always_inline)) int64_t apply_row_impl(typename Element<sc
 // One multi-versioned function per dtype (target_clones does not apply to
 // templates); no FMA contraction, so that every version gives the same bits.
 #define LK_APPLY_ROW(name, scalar_t)                                                                              \
-  LK_MULTIVERSIONED LK_NO_FMA_CONTRACTION       \
+  LK_MULTIVERSIONED LK_NO_FMA_CONTRACTION                                                                         \
   int64_t name(Element<scalar_t>::storage* w, int64_t stride, int64_t in, const at::opmath_type<scalar_t>* delta, \
                const at::opmath_type<scalar_t>* sub_delta, at::opmath_type<scalar_t> s,                            \
                at::opmath_type<scalar_t> sub_s, bool check_only) {                                                 \
