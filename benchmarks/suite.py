@@ -1,7 +1,7 @@
 """The benchmark suite's cases, runner and report.
 
     python -m benchmarks                 # --quick: the CPU comparison table (< 2 min on 2 cores)
-    python -m benchmarks --full          # more shapes, ranks, dtypes; merge memory and drift
+    python -m benchmarks --full          # more shapes, ranks, dtypes, loralib; drift
     python -m benchmarks --op merge --provider ours,peft --shape 4096
 
 Every LoRA-linear case times the providers of providers.py in one run and
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the default: the main comparison, < 2 min on CPU")
-    size.add_argument("--full", action="store_true", help="all shapes, ranks and dtypes, merge memory, drift")
+    size.add_argument("--full", action="store_true", help="all shapes, ranks and dtypes, loralib, drift")
     parser.add_argument("--op", default=None, help="comma list of linear,merge,drift (default: linear,merge; "
                                                    "--full adds drift)")
     parser.add_argument("--shape", default=None, help="only cases whose label contains this text")
