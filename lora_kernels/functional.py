@@ -95,8 +95,9 @@ def _plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> bo
     One expression instead of a dozen helper calls: the per-call Python cost is
     visible next to small layers. Anything else goes through _check_and_autocast,
     which gives the precise error (or applies autocast). Under torch.compile,
-    LoRALinear passes scaling as a 0-d tensor (a graph input), whose value cannot
-    be checked at trace time.
+    scaling's value cannot be checked at trace time: LoRALinear passes it as a
+    0-d tensor (a graph input), and Dynamo traces a float argument of a compiled
+    function as a symbolic float.
     """
     return (
         isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
@@ -110,7 +111,7 @@ def _plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> bo
         and lora_A.shape[0] >= 1 and x.shape[-1] == weight.shape[1] == lora_A.shape[1]
         and lora_B.shape[0] == weight.shape[0] and lora_B.shape[1] == lora_A.shape[0]
         and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
-        and (type(scaling) in (float, int) and math.isfinite(scaling)
+        and (type(scaling) in (float, int) and (torch.compiler.is_compiling() or math.isfinite(scaling))
              or isinstance(scaling, Tensor) and torch.compiler.is_compiling())
         and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0
         and _autocast_dtype(x.device.type) is None
@@ -173,8 +174,10 @@ def lora_linear(
     if torch.compiler.is_compiling():
         # The custom op, traced without graph breaks; scaling as a tensor is a graph
         # input, so another value (LoRALinear keeps one in sync) does not recompile.
+        # A float becomes a tensor by a multiplication, which Dynamo keeps symbolic
+        # (torch.tensor(scaling) would specialise on the value and recompile).
         if not isinstance(scaling, Tensor):
-            scaling = torch.tensor(scaling, dtype=torch.float64)
+            scaling = torch.ones((), dtype=torch.float64) * scaling
         args = (x2d, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
         y, _ = _lora_linear_ops.lora_linear_fwd(*args)
         return y.view(*x.shape[:-1], out_features)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lora_kernels
-from lora_kernels import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from lora_kernels import LoRALinear, inject_lora, lora_linear, lora_state_dict, mark_only_lora_as_trainable, reference
 from lora_kernels.ops.lora_linear import lora_linear_bwd, lora_linear_fwd
 from lora_kernels.ops.merge import merge_op
 
@@ -133,6 +133,25 @@ def test_torch_compile_fullgraph(backend, use_backend):
     model.q_proj.scaling = 3.5
     torch.testing.assert_close(compiled(x), model(x))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles, "a new scaling recompiled"
+
+
+def test_torch_compile_functional_with_float_scaling():
+    """lora_linear inside a compiled function, its scaling a float argument: no graph break, and after
+    Dynamo's usual first specialisation a new value reuses the graph."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(5, 33), torch.randn(70, 33), torch.randn(70)
+    lora_A, lora_B = torch.randn(4, 33), torch.randn(70, 4)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def layer(x, scaling):
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling)
+
+    torch._dynamo.utils.counters.clear()
+    for i, scaling in enumerate((2.0, 3.0, 0.5, 7.25)):
+        torch.testing.assert_close(layer(x, scaling), reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling)[0])
+        if i == 1:
+            compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles, "a new float scaling recompiled"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
