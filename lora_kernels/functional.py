@@ -189,8 +189,22 @@ def lora_linear(
     return y.view(*x.shape[:-1], out_features)
 
 
+def _check_no_shared_elements(name: str, t: Tensor) -> None:
+    """An in-place result is only defined if no two elements of t share memory (as in an expand()ed view).
+
+    Sufficient test: each dimension, taken by increasing stride, steps past the span of the smaller ones.
+    """
+    span = 1
+    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) > 1):
+        if stride < span:
+            raise ValueError(f"{name} must not have elements that share memory (shape {tuple(t.shape)}, strides "
+                             f"{t.stride()}, e.g. an expand()ed view): an in-place update of it is undefined")
+        span = stride * size
+
+
 def _check_merge_args(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling) -> float:
     _check_float_tensor("weight", weight, 2)
+    _check_no_shared_elements("weight", weight)
     _check_adapter(weight, lora_A, lora_B)
     _check_same_dtype_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
     return _check_scaling("scaling", scaling)

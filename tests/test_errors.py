@@ -62,6 +62,7 @@ BAD_MERGE = [
     ("weight", torch.randn(10, 12, dtype=torch.float64), TypeError, "lora_A must have weight's dtype"),
     ("weight", torch.ones(10, 12, dtype=torch.int8), TypeError, "weight must be float16"),
     ("scaling", float("inf"), ValueError, "scaling must be finite"),
+    ("weight", torch.randn(1, 12).expand(10, 12), ValueError, "weight must not have elements that share memory"),
 ]
 
 
@@ -80,6 +81,16 @@ def test_merge_family_rejects_bad_input(op, arg, value, exc, words):
     assert words in str(info.value)
     for k, v in before.items():
         assert torch.equal(kwargs[k], v), f"{k} was modified"
+
+
+def test_merge_accepts_strided_weights_that_share_no_memory():
+    """Column slices and transposes (a fused QKV weight's parts, fan_in_fan_out) are merged in place."""
+    t = _inputs()
+    fused = torch.randn(10, 30)
+    for view in (fused[:, 5:17], fused.t().contiguous().t()[:, :12]):
+        expected = view + 2.0 * t["lora_B"] @ t["lora_A"]
+        merge_(view, t["lora_A"], t["lora_B"], 2.0)
+        torch.testing.assert_close(view, expected)
 
 
 def test_switch_rejects_bad_new_adapter():
