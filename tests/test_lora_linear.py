@@ -94,6 +94,19 @@ def test_eval_mode_ignores_dropout(backend, use_backend):
     torch.testing.assert_close(y_eval, y_nodrop)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_double_backward_raises_instead_of_returning_wrong_gradients(backend, use_backend):
+    """The fused kernels have no derivatives of their own: differentiating the backward must fail loudly."""
+    use_backend(backend)
+    t = make_lora_inputs((5,), 33, 70, 4, torch.float32)
+    for name in ("x", "lora_A", "lora_B"):
+        t[name].requires_grad_(True)
+    y = lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0)
+    (grad_x,) = torch.autograd.grad(y.pow(2).sum(), t["x"], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.pow(2).sum().backward()
+
+
 def test_trainable_weight_gets_its_gradient():
     t = make_lora_inputs((6,), 33, 70, 3, torch.float64)
     w = t["weight"].clone().requires_grad_(True)

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import reference
 from ..backends import select_backend
@@ -168,5 +169,6 @@ class LoRALinearFunction(torch.autograd.Function):
         return y, xa
 
     @staticmethod
+    @once_differentiable  # the kernels have no derivatives of their own: a double backward must raise
     def backward(ctx, grad_y, _grad_xa):
         return _backward_from_context(ctx, grad_y, backward)
