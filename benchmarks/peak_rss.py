@@ -67,10 +67,8 @@ def _measure(jobs: list[dict]) -> list[dict[str, float]]:
 
 def _spec(op: str, job) -> dict:
     if op == "linear":
-        from .suite import R_ALPHA
-
         return dict(M=job.M, d_in=job.d_in, d_out=job.d_out, r=job.r, dtype=str(job.dtype)[6:], dropout=job.dropout,
-                    train=job.train, lora_alpha=R_ALPHA.get(job.r, 2 * job.r))
+                    train=job.train, lora_alpha=job.lora_alpha)
     d_out, d_in, r, dtype = job
     return dict(d_out=d_out, d_in=d_in, r=r, dtype=str(dtype)[6:])
 

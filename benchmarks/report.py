@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from .harness import RESULTS_DIR, ROOT
+from .suite import LINEAR_MEMORY_HEADING, LINEAR_TIME_HEADING
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -26,7 +27,7 @@ def latest_results() -> list[Path]:
     return list(newest.values())
 
 
-LINEAR_HEADINGS = ("Median time per call", "Memory per call")
+LINEAR_HEADINGS = (LINEAR_TIME_HEADING, LINEAR_MEMORY_HEADING)
 
 
 def _without_linear_tables(markdown: str, link: str) -> str:

@@ -23,9 +23,6 @@ from . import providers as prov
 from .harness import RESULTS_DIR, CaseResult, machine_info, machine_slug, memory_profile, time_providers, write_results
 from .peak_rss import peak_rss_growth_mb
 
-R_ALPHA = {8: 16, 16: 32, 64: 128, 128: 256}  # lora_alpha = 2r throughout
-
-
 @dataclass(frozen=True)
 class LinearCase:
     M: int
@@ -45,6 +42,11 @@ class LinearCase:
     @property
     def label(self) -> str:
         return f"M={self.M} {self.d_in}->{self.d_out} r={self.r} {str(self.dtype)[6:]} {self.mode}"
+
+    @property
+    def lora_alpha(self) -> int:
+        """2r throughout (issue 2's r = 16, lora_alpha = 32): the scaling is 2 at every rank."""
+        return 2 * self.r
 
     def lora_share(self) -> float:
         """f = r(in+out)/(in·out): the LoRA share of the base layer's flops."""
@@ -98,7 +100,7 @@ def _reps(base_ms: float, n_providers: int, budget_s: float) -> int:
 
 def run_linear(case: LinearCase, device: str, wanted: list[str], budget_s: float) -> CaseResult:
     providers = prov.lora_linear_providers(case.M, case.d_in, case.d_out, case.r, case.dtype, case.dropout,
-                                           case.train, device, wanted, lora_alpha=R_ALPHA.get(case.r, 2 * case.r))
+                                           case.train, device, wanted, lora_alpha=case.lora_alpha)
     probe = time_providers([p for p in providers if p.name == "base"], device, reps=2, warmup=1)
     reps = _reps(probe["base"].median_ms, len(providers), budget_s) if probe else 5
     timings = time_providers(providers, device, reps=reps)
@@ -195,6 +197,11 @@ def _fmt_ratio(result: CaseResult, provider: str, to: str) -> str:
     return f"{t.median_ms:.3g} ms ({ratio:.3f}x)" if provider != to else f"{t.median_ms:.3g} ms"
 
 
+# How the two LoRA-linear tables of a report begin (report.py leaves them out of the README for long sweeps).
+LINEAR_TIME_HEADING = "Median time per call"
+LINEAR_MEMORY_HEADING = "Memory per call"
+
+
 def markdown_report(results: list[CaseResult], info: dict) -> str:
     where = info.get("gpu") or f"{info['cpu']}, {info['cpu_cores']} cores"
     lines = [f"Machine: {where}; torch {info['torch']}, triton {info['triton']}, peft {info['peft']}; "
@@ -202,7 +209,7 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
     linear = [r for r in results if r.op == "linear"]
     if linear:
         names = [n for n in dict.fromkeys(n for r in linear for n in r.timings) if n != "base"]
-        lines += ["Median time per call, and its ratio to the base layer (F.linear, same weight) measured in the "
+        lines += [f"{LINEAR_TIME_HEADING}, and its ratio to the base layer (F.linear, same weight) measured in the "
                   "same run. *Target*: the issue's bound for ours / base.", "",
                   "| case | base | " + " | ".join(names) + " | target | met |",
                   "|---|---|" + "---|" * len(names) + "---|---|"]
@@ -220,7 +227,7 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
         has_peak = any("peak_extra_mb" in m for r in with_memory for m in r.extra["memory"].values())
         peak_meaning = ("growth of the process's peak RSS during the call (fresh process, after a warm-up call)"
                         if info["device"] == "cpu" else "peak allocated during the call above what was allocated before")
-        lines += ["Memory per call, MB: saved for backward beyond the parameters"
+        lines += [f"{LINEAR_MEMORY_HEADING}, MB: saved for backward beyond the parameters"
                   + (f" / {peak_meaning}" if has_peak else "") + ".", "",
                   "| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for r in with_memory:

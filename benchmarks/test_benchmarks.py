@@ -25,7 +25,7 @@ MERGE_PROVIDERS = ["gemm", "ours", "ours-safe", "peft"]
 @pytest.mark.parametrize("case", suite.linear_cases(DEVICE, full=False), ids=lambda c: c.label)
 def test_lora_linear(benchmark, case, provider):
     found = prov.lora_linear_providers(case.M, case.d_in, case.d_out, case.r, case.dtype, case.dropout, case.train,
-                                       DEVICE, [provider], lora_alpha=suite.R_ALPHA[case.r])
+                                       DEVICE, [provider], lora_alpha=case.lora_alpha)
     found = [p for p in found if p.name == provider]
     if not found:
         pytest.skip(f"{provider} is not installed")

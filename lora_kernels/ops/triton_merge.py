@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from .triton_lora_linear import _cast
+from .triton_lora_linear import _cast, _soft_bf16
 
 
 @triton.jit
@@ -68,11 +68,10 @@ def _merge_kernel(
 def merge_(weight, lora_A, lora_B, scaling: float, sub_A, sub_B, sub_scaling: float, check_only: bool) -> int:
     """Launch the merge over weight [out, in]; returns the non-finite count when check_only, else 0."""
     out_features, in_features = weight.shape
-    nonfinite = torch.zeros(1, dtype=torch.int32, device=weight.device)
     if weight.numel() == 0:
         return 0
-    interpreted = triton_interpreted()
-    block_o, block_i = (16, 32) if interpreted else (32, 128)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=weight.device)
+    block_o, block_i = (16, 32) if triton_interpreted() else (32, 128)
     has_sub = sub_A is not None
     sub_A_, sub_B_ = (sub_A, sub_B) if has_sub else (lora_A, lora_B)
     grid = (triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
@@ -84,7 +83,7 @@ def merge_(weight, lora_A, lora_B, scaling: float, sub_A, sub_B, sub_scaling: fl
         scaling, sub_scaling if has_sub else 0.0,
         HAS_SUB=has_sub, CHECK_ONLY=check_only,
         ACC_DTYPE=tl.float64 if weight.dtype == torch.float64 else tl.float32,
-        SOFT_BF16=interpreted and weight.dtype == torch.bfloat16,  # see triton_lora_linear
+        SOFT_BF16=_soft_bf16(weight.dtype),
         BLOCK_O=block_o, BLOCK_I=block_i,
     )
     return int(nonfinite.item()) if check_only else 0
