@@ -41,14 +41,13 @@ def _poison_allocator(device: str) -> None:
 
 
 def _error_ok(ours, exact, plain) -> tuple[bool, str]:
+    from lora_kernels.reference import error_and_budget
+
     if not torch.isfinite(ours).all():
         return False, "non-finite values"
     if ours.numel() == 0:
         return True, ""
-    err = (ours.double() - exact).abs().max().item()
-    plain_err = (plain.double() - exact).abs().max().item()
-    eps = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[ours.dtype]
-    budget = 2 * plain_err + 8 * eps * max(1.0, exact.abs().max().item())
+    err, budget = error_and_budget(ours, exact, plain)
     return err <= budget, f"err {err:.3g} budget {budget:.3g}"
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "lora_linear",
     "lora_linear_backward",
     "merge",
+    "error_and_budget",
 ]
 
 PHILOX_ROUNDS = 10
@@ -127,3 +128,16 @@ def merge(weight, lora_A, lora_B, scaling):
     """W0 + s · B A, computed in float64 and returned in weight's dtype (not in place)."""
     delta = scaling * (lora_B.double() @ lora_A.double())
     return (weight.double() + delta).to(weight.dtype)
+
+
+def error_and_budget(ours: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor) -> tuple[float, float]:
+    """(max |ours − exact|, the most it may be): how a backend's output is judged against the reference.
+
+    exact is the float64 reference result; plain is plain PyTorch's result in ours' dtype. The budget is
+    twice plain PyTorch's error plus 8 ulp (of ours' dtype) of the result's scale (at least 1). The tests
+    and the GPU check both use this rule.
+    """
+    err = (ours.double() - exact).abs().max().item()
+    plain_err = (plain.double() - exact).abs().max().item()
+    scale = max(exact.abs().max().item(), 1.0)
+    return err, 2.0 * plain_err + 8 * torch.finfo(ours.dtype).eps * scale
