@@ -14,6 +14,7 @@ Timing rules (see benchmarks/NOTES.md):
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -183,7 +184,7 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "peft": _version("peft"),
-        "loralib": "installed" if _has_module("loralib") else None,  # it has no __version__
+        "loralib": "installed" if have("loralib") else None,  # it has no __version__
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
@@ -191,10 +192,9 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def _has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
+def have(module: str) -> bool:
+    """Whether `module` is installed (without importing it)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def machine_slug(info: dict) -> str:

@@ -11,7 +11,6 @@ Merge providers: ours (merge_), ours-safe, peft (LoraLayer.merge), gemm (one B @
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -22,11 +21,7 @@ from torch import nn
 import lora_kernels
 from lora_kernels import LoRALinear
 
-from .harness import Provider, rotation
-
-
-def have(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+from .harness import Provider, have, rotation
 
 
 def _with_backend(backend: str | None):

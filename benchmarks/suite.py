@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from . import providers as prov
-from .harness import RESULTS_DIR, CaseResult, machine_info, machine_slug, memory_profile, time_providers, write_results
+from .harness import (RESULTS_DIR, CaseResult, have, machine_info, machine_slug, memory_profile, time_providers,
+                      write_results)
 from .peak_rss import peak_rss_growth_mb
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def run_drift(device: str, cycles=(1, 10, 100, 1000)) -> CaseResult:
             if cycle in cycles:
                 drift[name][cycle] = (weight.float() - weight0.float()).abs().max().item()
     record = merge_(weight0.clone(), lora_A, lora_B, scaling, exact=True)
-    if prov.have("peft"):
+    if have("peft"):
         from peft.tuners.lora import Linear as PeftLinear
         from peft.tuners.lora import LoraConfig
 
