@@ -13,6 +13,11 @@
 // (benchmarks/NOTES.md). With dropout, x and dx's LoRA term are masked in row
 // blocks whose mask is regenerated from the seed (dropout_cpu.cpp, or the CUDA
 // kernel in lora_kernels_cuda.cu), so the only [M, in] tensors are x and dx.
+//
+// Rounding follows reference.py: for float16/bfloat16 inputs the LoRA branch's
+// intermediates (s · xa Bᵀ, gb, the LoRA part of dx, dA, dB) stay in float32 and
+// each result is rounded once, so a large scaling cannot overflow (or a small
+// gradient underflow) a 16-bit intermediate.
 #include "dropout_cpu.h"
 #include "lora_kernels.h"
 
@@ -21,12 +26,19 @@
 namespace lora_kernels {
 namespace {
 
-// Dropout works on row blocks of x (and of dx's LoRA term): ~256 KB of mask on
-// CPU, so that the block stays in L2 between its uses; ~64 MB on CUDA, enough to
-// keep cuBLAS busy. Either way small next to the [M, in] copy it avoids.
-int64_t dropout_block_rows(const at::Tensor& x) {
+// The backward's blocked path (dropout, or 16-bit inputs widened to float32) works
+// on row blocks of x and dy: ~256 KB of float32 per block on CPU, so that the block
+// stays in L2 between its uses; ~64 MB on CUDA, enough to keep cuBLAS busy. Either
+// way small next to the [M, in] copy it avoids. `width` is the widest row involved.
+int64_t block_rows(const at::Tensor& x, int64_t width) {
   const int64_t budget_bytes = x.is_cuda() ? (int64_t{64} << 20) : (int64_t{256} << 10);
-  return std::max<int64_t>(16, budget_bytes / std::max<int64_t>(1, x.size(1) * 4));
+  return std::max<int64_t>(16, budget_bytes / std::max<int64_t>(1, width * 4));
+}
+
+// float32 for float16/bfloat16 inputs (the LoRA branch's intermediates), else x's dtype.
+at::ScalarType accumulation_type(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
 // Rows row0 .. row0+rows-1 of the dropout mask of x, float32 on x's device.
@@ -91,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::
   if (dropout_p == 0.0) {
     at::mm_out(xa, x, lora_A.t());
   } else {
-    const int64_t block = dropout_block_rows(x);
+    const int64_t block = block_rows(x, x.size(1));
     for (int64_t m0 = 0; m0 < M; m0 += block) {
       const int64_t rows = std::min(block, M - m0);
       const at::Tensor mask = dropout_mask(x, m0, rows, dropout_p, seed);
@@ -99,7 +111,15 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::
       at::mm_out(xa_rows, x.narrow(0, m0, rows).mul(mask).to(x.scalar_type()), lora_A.t());
     }
   }
-  y.addmm_(xa, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
+  if (scaling != 0.0) {
+    // alpha = s is applied to the float32 accumulator (BLAS / cuBLAS), before y is rounded.
+    y.addmm_(xa, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
+  } else {
+    // BLAS skips the product when alpha = 0, which would hide NaN/Inf in x, A or B;
+    // F.linear-like semantics want 0 · NaN = NaN, so the term is formed explicitly.
+    const auto acc = accumulation_type(x);
+    y.add_(at::mm(xa.to(acc), lora_B.to(acc).t()).mul_(scaling));
+  }
   return {y, xa};
 }
 
@@ -115,31 +135,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   check_same(grad_y, "grad_y", x);
   check_same(xa, "xa", x);
   const int64_t M = x.size(0);
-
-  at::Tensor dB = at::mm(grad_y.t(), xa).mul_(scaling);          // [out, r]
-  at::Tensor gb_scaled = at::mm(grad_y, lora_B).mul_(scaling);  // s · dy B   [M, r]
+  const auto acc = accumulation_type(x);
+  const bool low_precision = acc != x.scalar_type();
   at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::empty({0}, x.options());
 
-  if (dropout_p == 0.0) {
+  if (dropout_p == 0.0 && !low_precision) {
+    // float32/float64 without dropout: every product is one whole GEMM. The scaling
+    // is applied by an elementwise multiply, not a GEMM's alpha, so that s = 0
+    // still propagates NaN/Inf.
+    at::Tensor dB = at::mm(grad_y.t(), xa).mul_(scaling);          // [out, r]
+    at::Tensor gb_scaled = at::mm(grad_y, lora_B).mul_(scaling);  // s · dy B   [M, r]
     at::Tensor dA = at::mm(gb_scaled.t(), x);
     if (need_dx && M > 0) dx.addmm_(gb_scaled, lora_A);
     return {dx, dA, dB};
   }
 
-  // Dropout: each row block's mask is regenerated once and serves dA (masked x)
-  // and dx (masked LoRA term). dA accumulates over blocks in fp32 (fp64 for fp64
-  // inputs) so that half-precision inputs are rounded once, at the end.
-  const bool half_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  at::Tensor dA = at::zeros(lora_A.sizes(), x.options().dtype(half_precision ? at::kFloat : x.scalar_type()));
-  const int64_t block = dropout_block_rows(x);
+  // Row blocks: each block's dropout mask is regenerated once and serves dA (masked
+  // x) and dx (masked LoRA term); 16-bit inputs are widened to float32 a block at a
+  // time, so gb, dA, dB and dx's LoRA term never pass through a 16-bit rounding.
+  const at::Tensor lora_A_acc = lora_A.to(acc), lora_B_acc = lora_B.to(acc);
+  at::Tensor dA = at::zeros(lora_A.sizes(), x.options().dtype(acc));
+  at::Tensor dB = low_precision ? at::zeros(lora_B.sizes(), x.options().dtype(acc))
+                                : at::mm(grad_y.t(), xa);
+  const int64_t block = block_rows(x, std::max(x.size(1), grad_y.size(1)));
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
-    const at::Tensor mask = dropout_mask(x, m0, rows, dropout_p, seed);
-    const at::Tensor gb_rows = gb_scaled.narrow(0, m0, rows);
-    dA.addmm_(gb_rows.t().to(dA.scalar_type()), x.narrow(0, m0, rows).mul(mask).to(dA.scalar_type()));
-    if (need_dx) dx.narrow(0, m0, rows).addcmul_(at::mm(gb_rows, lora_A), mask);
+    const at::Tensor grad_y_rows = grad_y.narrow(0, m0, rows).to(acc);
+    const at::Tensor gb_rows = at::mm(grad_y_rows, lora_B_acc).mul_(scaling);  // s · dy B, float32
+    if (low_precision) dB.addmm_(grad_y_rows.t(), xa.narrow(0, m0, rows).to(acc));
+    at::Tensor x_rows = x.narrow(0, m0, rows).to(acc);
+    at::Tensor mask;
+    if (dropout_p != 0.0) {
+      mask = dropout_mask(x, m0, rows, dropout_p, seed);
+      x_rows = x_rows.mul(mask);
+    }
+    dA.addmm_(gb_rows.t(), x_rows);
+    if (need_dx) {
+      at::Tensor dx_rows = dx.narrow(0, m0, rows);
+      const at::Tensor lora_rows = at::mm(gb_rows, lora_A_acc);
+      // in place into dx's dtype: the float32 sum is rounded once
+      if (mask.defined()) {
+        dx_rows.addcmul_(lora_rows, mask);
+      } else {
+        dx_rows.add_(lora_rows);
+      }
+    }
   }
-  return {dx, dA.to(x.scalar_type()), dB};
+  dB.mul_(scaling);
+  return {dx, dA.to(x.scalar_type()), dB.to(x.scalar_type())};
 }
 
 }  // namespace lora_kernels

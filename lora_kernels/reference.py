@@ -26,6 +26,7 @@ __all__ = [
     "dropout_draws",
     "dropout_threshold",
     "dropout_mask",
+    "accumulation_dtype",
     "lora_linear",
     "lora_linear_backward",
     "merge",
@@ -96,16 +97,32 @@ def _dropped(x: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tenso
     return x * keep.to(x.dtype) / (1.0 - dropout_p)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which the LoRA branch's intermediates live: float32 for float16/bfloat16 inputs.
+
+    s·xa and dy B can leave float16's range (or sink into its subnormals) long
+    before the result does, so they are never rounded to a 16-bit type.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
     """y = x W0ᵀ + b + s · (drop(x) Aᵀ) Bᵀ, and xa = drop(x) Aᵀ (what the backward saves).
 
     x [M, in], weight [out, in], bias [out] or None, lora_A [r, in], lora_B [out, r].
     Dropout is applied when dropout_p > 0 and a seed is given. Returns (y [M, out], xa [M, r]).
+
+    Order of rounding (the spec every backend follows): xa is rounded to x's dtype
+    (it is an output); s · xa Bᵀ is computed in accumulation_dtype and added to the
+    base x W0ᵀ + b before the final rounding, so a large scaling cannot overflow a
+    float16 intermediate.
     """
+    acc = accumulation_dtype(x.dtype)
     xa = _dropped(x, dropout_p, seed) @ lora_A.t()
-    y = x @ weight.t() + (scaling * xa) @ lora_B.t()
+    y = x @ weight.t()
     if bias is not None:
         y = y + bias
+    y = (y.to(acc) + scaling * (xa.to(acc) @ lora_B.to(acc).t())).to(x.dtype)
     return y, xa
 
 
@@ -116,11 +133,17 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout
         dx = dy W0 + s · (gb A) ⊙ mask / (1 - p)
         dA = s · gbᵀ drop(x)
         dB = s · dyᵀ xa
+
+    gb and every LoRA product are kept in accumulation_dtype (float32 for 16-bit
+    inputs) and each gradient is rounded once at the end.
     """
-    gb = grad_y @ lora_B
-    dx = grad_y @ weight + _dropped(scaling * (gb @ lora_A), dropout_p, seed)
-    d_lora_A = scaling * (gb.t() @ _dropped(x, dropout_p, seed))
-    d_lora_B = scaling * (grad_y.t() @ xa)
+    dtype = x.dtype
+    acc = accumulation_dtype(dtype)
+    grad_y_acc = grad_y.to(acc)
+    gb = grad_y_acc @ lora_B.to(acc)
+    dx = ((grad_y @ weight).to(acc) + _dropped(scaling * (gb @ lora_A.to(acc)), dropout_p, seed)).to(dtype)
+    d_lora_A = (scaling * (gb.t() @ _dropped(x.to(acc), dropout_p, seed))).to(dtype)
+    d_lora_B = (scaling * (grad_y_acc.t() @ xa.to(acc))).to(dtype)
     return dx, d_lora_A, d_lora_B
 
 

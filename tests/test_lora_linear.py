@@ -94,17 +94,131 @@ def test_eval_mode_ignores_dropout(backend, use_backend):
     torch.testing.assert_close(y_eval, y_nodrop)
 
 
+def _plain_lora(x, weight, bias, lora_A, lora_B, scaling, keep=None, p=0.0):
+    """The textbook formula in plain PyTorch ops (what PEFT computes), differentiable to any order."""
+    dropped = x if keep is None else x * keep.to(x.dtype) / (1 - p)
+    return x @ weight.t() + bias + scaling * (dropped @ lora_A.t()) @ lora_B.t()
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("upstream", ["constant", "dependent"])
 @pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
-def test_double_backward_raises_instead_of_returning_wrong_gradients(backend, use_backend):
-    """The fused kernels have no derivatives of their own: differentiating the backward must fail loudly."""
+def test_double_backward_matches_plain_pytorch(backend, upstream, dropout_p, use_backend):
+    """A gradient penalty through the layer: second derivatives reach x, A, B and bias exactly as
+    through plain PyTorch, whether or not the upstream gradient itself depends on the inputs
+    (y.sum() gives a constant one, which once_differentiable used to let through silently)."""
     use_backend(backend)
     t = make_lora_inputs((5,), 33, 70, 4, torch.float32)
-    for name in ("x", "lora_A", "lora_B"):
-        t[name].requires_grad_(True)
-    y = lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0)
-    (grad_x,) = torch.autograd.grad(y.pow(2).sum(), t["x"], create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad_x.pow(2).sum().backward()
+    names = ("x", "bias", "lora_A", "lora_B")
+
+    def penalty_grads(fn, tensors):
+        leaves = {k: v.detach().clone().requires_grad_(k in names) for k, v in tensors.items()}
+        torch.manual_seed(7)
+        y = fn(leaves)
+        out = y.sum() if upstream == "constant" else y.pow(2).sum()
+        (grad_x,) = torch.autograd.grad(out, leaves["x"], create_graph=True)
+        assert grad_x.requires_grad, "the first derivative lost its graph"
+        penalty = grad_x.pow(2).sum() + out
+        return torch.autograd.grad(penalty, [leaves[k] for k in names], allow_unused=True)
+
+    ours = penalty_grads(lambda v: lora_linear(v["x"], v["weight"], v["bias"], v["lora_A"], v["lora_B"], SCALING,
+                                               dropout_p, training=True), t)
+    torch.manual_seed(7)
+    seed = int(draw_seed()) if dropout_p else None
+    keep = reference.dropout_mask(seed, 5, 33, dropout_p) if dropout_p else None
+    exact = penalty_grads(lambda v: _plain_lora(v["x"], v["weight"], v["bias"], v["lora_A"], v["lora_B"], SCALING,
+                                                keep, dropout_p), {k: v.double() for k, v in t.items()})
+    for name, g, e in zip(names, ours, exact):
+        e = torch.zeros_like(e) if e is None else e
+        g = torch.zeros_like(e) if g is None else g
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4, msg=lambda m: f"d penalty / d {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_float16_large_scaling_keeps_lora_intermediates_in_float32(backend, use_backend):
+    """x = 4, A = 1, B = 2⁻¹², s = 3000, in = 16: s·xa = 192000 overflows float16 but y = 46.875 does not.
+    In the backward, dy B with a tiny B sinks into float16's subnormals unless kept in float32."""
+    use_backend(backend)
+    x = torch.full((3, 16), 4.0, dtype=torch.float16, device=DEVICE)
+    weight = torch.zeros(8, 16, dtype=torch.float16, device=DEVICE)
+    lora_A = torch.ones(2, 16, dtype=torch.float16, device=DEVICE)
+    lora_B = torch.full((8, 2), 2.0**-13, dtype=torch.float16, device=DEVICE)
+    y = lora_linear(x, weight, None, lora_A, lora_B, 3000.0)
+    assert torch.equal(y, torch.full_like(y, 46.875)), y
+
+    g = torch.Generator().manual_seed(0)
+    t = {k: v.to(DEVICE) for k, v in dict(
+        x=torch.randn(9, 16, generator=g), weight=torch.randn(8, 16, generator=g) / 4,
+        lora_A=torch.randn(2, 16, generator=g) / 4, lora_B=torch.randn(8, 2, generator=g) * 2.0**-14).items()}
+    grad_y = torch.randn(9, 8, generator=g).to(DEVICE) * 2.0**-6
+
+    def grads(dtype, fn):
+        leaves = {k: v.to(dtype).requires_grad_(k != "weight") for k, v in t.items()}
+        fn(leaves).backward(grad_y.to(dtype))
+        return [leaves[k].grad.double() for k in ("x", "lora_A", "lora_B")]
+
+    ours = grads(torch.float16, lambda v: lora_linear(v["x"], v["weight"], None, v["lora_A"], v["lora_B"], 3000.0))
+    exact = grads(torch.float64, lambda v: _plain_lora(v["x"], v["weight"], 0.0, v["lora_A"], v["lora_B"], 3000.0))
+    for name, o, e in zip(("dx", "dA", "dB"), ours, exact):
+        rel = ((o - e).abs().max() / e.abs().max()).item()
+        assert rel < 4e-3, f"{name}: relative error {rel:.2e} (16-bit intermediates give ~7e-2)"
+
+
+@pytest.mark.parametrize("where", ["x", "lora_A", "lora_B"])
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_zero_scaling_still_propagates_nan(backend, where, use_backend):
+    """scaling = 0 multiplies the LoRA term, as in F.linear-style arithmetic: 0 · NaN is NaN.
+    (BLAS skips a product whose alpha is 0, which used to hide it on the cpu backend.)"""
+    use_backend(backend)
+    t = make_lora_inputs((5,), 12, 10, 3, torch.float32)
+    t[where][1, 2] = float("nan")
+    leaves = {k: v.clone().requires_grad_(k != "weight") for k, v in t.items()}
+    y = lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], 0.0)
+    leaves64 = {k: v.double().requires_grad_(k != "weight") for k, v in t.items()}
+    expected = _plain_lora(leaves64["x"], leaves64["weight"], leaves64["bias"], leaves64["lora_A"],
+                           leaves64["lora_B"], 0.0)
+    assert torch.equal(y.isnan(), expected.isnan()) and expected.isnan().any()
+    grad_y = torch.ones_like(y)
+    y.backward(grad_y)
+    expected.backward(grad_y.double())
+    for k in ("x", "lora_A", "lora_B"):
+        assert torch.equal(leaves[k].grad.isnan(), leaves64[k].grad.isnan()), f"d{k}: NaN pattern differs"
+
+
+@pytest.mark.parametrize("rows", [1, 20], ids=["decode", "prefill"])
+@pytest.mark.parametrize("r", [3, 16])
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_infinite_input_gives_the_references_inf_and_nan_pattern(backend, r, rows, use_backend):
+    """+Inf in x: the output has Inf/NaN exactly where the float64 formula has them, and the
+    other entries are right (zero-padded rank lanes must not turn 0·Inf into NaN across a row)."""
+    use_backend(backend)
+    t = make_lora_inputs((rows,), 33, 20, r, torch.float32)
+    t["weight"] = t["weight"].abs()  # all-positive columns: x·W0 is +Inf, never Inf - Inf
+    t["lora_B"] = t["lora_B"].abs()
+    t["lora_A"] = t["lora_A"].abs()
+    t["x"][0, 5] = float("inf")
+    y = lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], SCALING)
+    expected = _plain_lora(*(t[k].double() for k in ("x", "weight", "bias", "lora_A", "lora_B")), SCALING)
+    assert torch.equal(y.isnan(), expected.isnan()), "NaN where the formula has none"
+    assert torch.equal(y.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    torch.testing.assert_close(y.double()[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_zero_in_features_returns_the_bias(backend, use_backend):
+    """in_features = 0 is an empty sum, as F.linear has it: y = bias; gradients are empty or zero."""
+    use_backend(backend)
+    x = torch.randn(2, 3, 0, device=DEVICE, requires_grad=True)
+    weight = torch.randn(5, 0, device=DEVICE)
+    bias = torch.randn(5, device=DEVICE, requires_grad=True)
+    lora_A = torch.randn(2, 0, device=DEVICE, requires_grad=True)
+    lora_B = torch.randn(5, 2, device=DEVICE, requires_grad=True)
+    y = lora_linear(x, weight, bias, lora_A, lora_B, SCALING)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and lora_A.grad.shape == lora_A.shape
+    assert torch.equal(lora_B.grad, torch.zeros_like(lora_B)) and torch.equal(bias.grad, torch.full_like(bias, 6.0))
 
 
 def test_trainable_weight_gets_its_gradient():

@@ -27,7 +27,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import reference
 from ..backends import select_backend
@@ -134,12 +133,39 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_from_context(ctx, grad_y, run_backward):
-    """The input gradients from what _setup_context saved; run_backward is `backward` or its custom op."""
+    """The input gradients from what _setup_context saved; run_backward is `backward` or its custom op.
+
+    When a graph of the backward is being built (create_graph=True: grad mode is on
+    here), the kernels, which have no derivatives of their own, are not used.
+    """
+    if torch.is_grad_enabled():
+        return _differentiable_backward(ctx, grad_y)
     x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     grad_y = grad_y.contiguous()
     dx, dA, dB = run_backward(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
                               ctx.needs_input_grad[0])
     return _input_grads(ctx.needs_input_grad, grad_y, x, dx, dA, dB)
+
+
+def _differentiable_backward(ctx, grad_y):
+    """Double backward: the first derivatives as a graph of plain PyTorch ops (reference.py's forward,
+    recomputed from the saved inputs and differentiated with create_graph=True), so that a gradient
+    penalty or a Hessian-vector product through the layer is exact. Slower than the kernels; only
+    taken when a graph of the backward is asked for."""
+    x, weight, lora_A, lora_B, _, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:5]
+    wrt = [(i, t) for i, (t, need) in enumerate(zip((x, weight, lora_A, lora_B), (need_x, need_w, need_a, need_b_lora)))
+           if need]
+    grads = [None] * 4
+    if wrt:
+        scaling = ctx.scaling.item() if isinstance(ctx.scaling, Tensor) else ctx.scaling
+        p = ctx.dropout_p if seed is not None else 0.0
+        y, _ = reference.lora_linear(x, weight, None, lora_A, lora_B, scaling, p, int(seed) if seed is not None else None)
+        found = torch.autograd.grad(y, [t for _, t in wrt], grad_y, create_graph=True)
+        for (i, _), g in zip(wrt, found):
+            grads[i] = g
+    d_bias = grad_y.sum(0) if need_b else None
+    return grads[0], grads[1], d_bias, grads[2], grads[3], None, None, None
 
 
 def _custom_op_backward(ctx, grad_y, _grad_xa):
@@ -169,6 +195,5 @@ class LoRALinearFunction(torch.autograd.Function):
         return y, xa
 
     @staticmethod
-    @once_differentiable  # the kernels have no derivatives of their own: a double backward must raise
     def backward(ctx, grad_y, _grad_xa):
         return _backward_from_context(ctx, grad_y, backward)

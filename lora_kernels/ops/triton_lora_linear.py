@@ -188,19 +188,24 @@ def _fused_gemm_kernel(
     l_ptrs = l_ptr + rows.to(tl.int64)[:, None] * stride_lm + ranks[None, :] * stride_lr
     l_mask = row_ok[:, None] & rank_ok[None, :]
     if SHRINK_IN_LOOP:
-        l_acc = l_acc * inv_keep
+        # Rank lanes beyond R hold 0·x, NaN where x is ±Inf: zero them, or the
+        # zero-padded rows of U would turn them into NaN across the whole row of y.
+        l_acc = tl.where(rank_ok[None, :], l_acc * inv_keep, 0.0)
+        lora_left = _cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16)
         if pid_n == 0:  # xa is saved for the backward; one column block writes it
-            tl.store(l_ptrs, _cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16), mask=l_mask)
-        lora_left = _cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16).to(tl.float32)
+            tl.store(l_ptrs, lora_left, mask=l_mask)
     else:
-        lora_left = tl.load(l_ptrs, mask=l_mask, other=0.0).to(tl.float32)
+        lora_left = tl.load(l_ptrs, mask=l_mask, other=0.0)
 
-    # Stage 3: epilogue. s·L U (masked by dropout for dx) and bias join the base
-    # accumulator in float32; y is rounded and stored once.
+    # Stage 3: epilogue. L U in float32 (L as stored: xa in x's dtype, or gb in
+    # float32 for dx, then U is widened to match), times s only after the product,
+    # so s·L is never rounded to a 16-bit type (reference.py's order); the LoRA term
+    # (masked by dropout for dx) and bias join the base accumulator; y is rounded
+    # and stored once.
     u = tl.load(u_ptr + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
                 mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    lora = _dot(_cast(lora_left * scaling, u.dtype, SOFT_BF16), u, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                PRECISION, SOFT_BF16)
+    lora = _dot(lora_left, u.to(lora_left.dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                PRECISION, SOFT_BF16) * scaling
     if DROPOUT_EPILOGUE:
         lora = tl.where(_keep_mask(seed, rows, cols, N, threshold), lora * inv_keep, 0.0)
     acc += lora
@@ -242,7 +247,7 @@ def _weight_grad_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
             x = x * _keep_mask(seed, rows, cols, N, threshold).to(x.dtype)
-        acc = _dot(tl.trans(g), x, acc, PRECISION, SOFT_BF16)
+        acc = _dot(tl.trans(g), x.to(g.dtype), acc, PRECISION, SOFT_BF16)  # g may be float32 (gb)
     part = part_ptr + pid_s.to(tl.int64) * R * N + ranks[:, None] * N + cols[None, :]
     tl.store(part, acc, mask=rank_ok[:, None] & col_ok[None, :])
 
@@ -269,11 +274,12 @@ def _dropout_args(p: float) -> tuple[int, float]:
     return dropout_threshold(p), 1.0 / (1.0 - p)
 
 
-def _shrink(x: torch.Tensor, d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """drop?(x) @ d for x [M, K], d [K, R] (any strides)."""
+def _shrink(x: torch.Tensor, d: torch.Tensor, p: float, seed: int, out_dtype: torch.dtype | None = None
+            ) -> torch.Tensor:
+    """drop?(x) @ d for x [M, K], d [K, R] (any strides), in out_dtype (default x's dtype)."""
     M, K = x.shape
     R = d.shape[1]
-    out = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    out = torch.empty(M, R, device=x.device, dtype=out_dtype or x.dtype)
     if M == 0:
         return out
     threshold, inv_keep = _dropout_args(p)
@@ -324,11 +330,11 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch
         # Enough M slices for ~4 programs per SM; each slice a whole number of row blocks.
         target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
         splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, n_blocks)))
+    if M == 0:
+        return torch.zeros(R, N, device=x.device, dtype=torch.float32)
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = max(1, triton.cdiv(M, rows_per_split))
     part = torch.empty(splits, R, N, device=x.device, dtype=torch.float32)
-    if M == 0:
-        return part.zero_().sum(0)
     threshold, _ = _dropout_args(p)
     _weight_grad_kernel[(n_blocks, splits)](
         g, x, part, M, N, R, rows_per_split,
@@ -368,7 +374,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, p: float, se
     """(dx [M, in] or [0], dA [r, in], dB [out, r]) for a frozen weight."""
     _check_dtype(x)
     _, inv_keep = _dropout_args(p)
-    gb = _shrink(grad_y, lora_B, 0.0, 0)  # dy B   [M, r]
+    gb = _shrink(grad_y, lora_B, 0.0, 0, torch.float32)  # dy B   [M, r], float32 (reference.py's order)
     d_lora_A = (_weight_grad(gb, x, p, seed) * (scaling * inv_keep)).to(x.dtype)
     d_lora_B = (_weight_grad(xa, grad_y, 0.0, 0) * scaling).t().contiguous().to(x.dtype)
     if not need_dx:
