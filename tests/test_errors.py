@@ -21,7 +21,6 @@ def _snapshot(tensors):
 BAD_LORA_LINEAR = [
     # (argument changed, new value, exception, words in the message)
     ("x", torch.randn(5, 11), ValueError, "x must be [..., in_features=12]"),
-    ("x", torch.randn(()), ValueError, "x must be"),
     ("x", torch.ones(5, 12, dtype=torch.int64), TypeError, "x must be float16"),
     ("x", [[1.0] * 12], TypeError, "x must be a torch.Tensor"),
     ("x", torch.randn(5, 12, dtype=torch.float64), TypeError, "weight must have x's dtype"),
@@ -36,6 +35,11 @@ BAD_LORA_LINEAR = [
     ("lora_B", torch.randn(10, 4), ValueError, "lora_B must be [out_features=10, r=3]"),
     ("lora_B", torch.ones(10, 3, dtype=torch.int32), TypeError, "lora_B must be float16"),
     ("scaling", float("nan"), ValueError, "scaling must be finite"),
+    ("scaling", 10**400, ValueError, "scaling must be finite"),
+    ("scaling", torch.tensor(2.0, dtype=torch.float64, requires_grad=True), ValueError,
+     "scaling must not require grad"),
+    ("weight", torch.randn(10, 11), ValueError, "weight must be [out_features, in_features=12]"),
+    ("x", torch.tensor(1.0), ValueError, "x must be [..., in_features]"),
     ("scaling", "2", TypeError, "scaling must be a real number"),
     ("dropout_p", 1.0, ValueError, "dropout_p must be a number in [0, 1)"),
     ("dropout_p", -0.1, ValueError, "dropout_p must be a number in [0, 1)"),
@@ -62,6 +66,7 @@ BAD_MERGE = [
     ("weight", torch.randn(10, 12, dtype=torch.float64), TypeError, "lora_A must have weight's dtype"),
     ("weight", torch.ones(10, 12, dtype=torch.int8), TypeError, "weight must be float16"),
     ("scaling", float("inf"), ValueError, "scaling must be finite"),
+    ("scaling", -(10**400), ValueError, "scaling must be finite"),
     ("weight", torch.randn(1, 12).expand(10, 12), ValueError, "weight must not have elements that share memory"),
 ]
 
@@ -127,3 +132,20 @@ def test_module_rejects_bad_config(kwargs, words):
     with pytest.raises(ValueError) as info:
         LoRALinear(**config)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("op", ["merge_", "unmerge_", "switch_"])
+def test_merge_family_refuses_inference_tensors_outside_inference_mode(op):
+    """As torch's own in-place ops: an inference tensor is updated only inside inference_mode."""
+    t = _inputs()
+    with torch.inference_mode():
+        weight = t["weight"].clone()
+    before = weight.clone()
+    args = (weight, t["lora_A"], t["lora_B"], 2.0) + ((t["lora_A"], t["lora_B"], 1.0) if op == "switch_" else ())
+    fn = {"merge_": merge_, "unmerge_": unmerge_, "switch_": switch_}[op]
+    with pytest.raises(RuntimeError, match="weight is an inference tensor"):
+        fn(*args)
+    assert torch.equal(weight, before)
+    with torch.inference_mode():
+        fn(*args)
+    assert not torch.equal(weight, before)

@@ -240,3 +240,27 @@ def test_module_switch_adapter_when_merged():
     expected = nn.functional.linear(x, layer.weight, layer.bias) + 2.0 * (x @ new_A.t()) @ new_B.t()
     layer.merge()
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adapters_that_alias_the_weight_are_read_before_it_is_written(backend, use_backend):
+    """merge_(W, W[:2], B, s): the merge must use A's values from before the write, as the formula
+    W + s·B·A does; likewise for lora_B, and for both adapters of a switch."""
+    use_backend(backend)
+    g = torch.Generator().manual_seed(5)
+    weight0 = torch.randn(10, 12, generator=g).to(DEVICE)
+    B = torch.randn(10, 2, generator=g).to(DEVICE)
+    A = torch.randn(2, 12, generator=g).to(DEVICE)
+
+    weight = weight0.clone()
+    merge_(weight, weight[:2], B, 0.5)
+    torch.testing.assert_close(weight, reference.merge(weight0, weight0[:2], B, 0.5))
+
+    weight = weight0.clone()
+    unmerge_(weight, A, weight[:, 3:5], 0.5)
+    torch.testing.assert_close(weight, reference.merge(weight0, A, weight0[:, 3:5], -0.5))
+
+    weight = weight0.clone()
+    switch_(weight, weight[4:6], B, 0.5, A, weight[:, :2], 2.0)
+    expected = reference.merge(reference.merge(weight0, A, weight0[:, :2], 2.0), weight0[4:6], B, -0.5)
+    torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-5)

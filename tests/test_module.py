@@ -200,3 +200,27 @@ def test_available_backends_and_forced_unavailable_backend(monkeypatch):
         monkeypatch.setenv("LORA_KERNELS_BACKEND", "cuda")
         with pytest.raises(RuntimeError, match="LORA_KERNELS_BACKEND=cuda cannot be used"):
             lora_kernels.lora_linear(t["x"], t["weight"], None, t["lora_A"], t["lora_B"], 1.0)
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["2-D", "3-D"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_is_not_a_view_and_in_place_ops_on_it_are_tracked(backend, lead, use_backend):
+    """Like nn.Linear, the layer's output owns its memory: an in-place op on it (h.mul_) is recorded
+    on the output itself, so autograd hooks placed on it (FSDP2's pre-backward hook) still fire."""
+    use_backend(backend)
+    layer = LoRALinear(33, 70, r=4, device=DEVICE)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(*lead, 33, device=DEVICE)
+    y = layer(x)
+    assert y._base is None and not y._is_view()
+    with torch.no_grad():
+        assert layer(x)._base is None
+    fired = []
+    y.register_hook(lambda g: fired.append(g.shape))
+    y.mul_(3.0).sum().backward()
+    assert fired == [y.shape]
+    grad_B = layer.lora_B.grad.clone()
+    layer.zero_grad()
+    (3.0 * reference.lora_linear(x.reshape(-1, 33), layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                 layer.scaling)[0]).sum().backward()
+    torch.testing.assert_close(grad_B, layer.lora_B.grad)
