@@ -255,6 +255,7 @@ def _check_merge_args(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling) -
                            "in-place ops, merge_/unmerge_/switch_ update it only inside torch.inference_mode()")
     _check_adapter(weight, lora_A, lora_B)
     _check_same_dtype_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
+    _check_not_distributed_tensor(weight=weight, lora_A=lora_A, lora_B=lora_B)
     return _check_scaling("scaling", scaling)
 
 
