@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed results, cited by the README
+LOCAL_RESULTS_DIR = RESULTS_DIR / "local"  # a user's own runs (untracked)
 CACHE_BYTES = 64 << 20  # rotate inputs through at least this much memory
 
 
@@ -165,6 +166,19 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _cpu_isa() -> str:
+    """The widest x86 vector extension this CPU has (CPU results depend on it), or the machine type."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+        if flag in flags:
+            return name
+    return platform.machine()
+
+
 def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
@@ -178,6 +192,7 @@ def machine_info(device: str) -> dict:
         "git_commit": _git_commit(),
         "device": device,
         "cpu": _cpu_name(),
+        "cpu_isa": _cpu_isa(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

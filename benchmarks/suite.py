@@ -6,13 +6,15 @@
 
 Every LoRA-linear case times the providers of providers.py in one run and
 reports each as a ratio to the base layer (F.linear with the same weight).
-Results go to benchmarks/results/<machine>-<date>/ (JSON, Markdown, PNG).
+Results go to benchmarks/results/local/<machine>-<date>/ (JSON, Markdown, PNG; untracked);
+--save-results writes the tracked benchmarks/results/<machine>-<date>/ that the README cites.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,8 @@ from pathlib import Path
 import torch
 
 from . import providers as prov
-from .harness import (RESULTS_DIR, CaseResult, have, machine_info, machine_slug, memory_profile, time_providers,
-                      write_results)
+from .harness import (LOCAL_RESULTS_DIR, RESULTS_DIR, ROOT, CaseResult, have, machine_info, machine_slug,
+                      memory_profile, time_providers, write_results)
 from .peak_rss import peak_rss_growth_mb
 
 @dataclass(frozen=True)
@@ -190,12 +192,66 @@ def _add_peak_rss(jobs, results: list[CaseResult], wanted: list[str]) -> None:
 # report
 
 
+def format_time(ms: float) -> str:
+    """A duration in plain units: 350 µs, 2.79 ms, 166 ms, 1.11 s."""
+    if ms >= 1000:
+        return f"{ms / 1000:.3g} s"
+    if ms >= 1:
+        return f"{ms:.3g} ms" if ms < 100 else f"{ms:.0f} ms"
+    return f"{ms * 1000:.3g} µs" if ms >= 0.1 else f"{ms * 1000:.2g} µs"
+
+
 def _fmt_ratio(result: CaseResult, provider: str, to: str) -> str:
     t = result.timings.get(provider)
     if t is None:
         return "—"
     ratio = result.ratio(provider, to)
-    return f"{t.median_ms:.3g} ms ({ratio:.3f}x)" if provider != to else f"{t.median_ms:.3g} ms"
+    return f"{format_time(t.median_ms)} ({ratio:.3f}x)" if provider != to else format_time(t.median_ms)
+
+
+def summary_lines(results: list[CaseResult], info: dict) -> list[str]:
+    """What a reader wants first: how ours compares with PEFT and with its targets, and whether the
+    machine was quiet enough to trust the ratios."""
+    linear = [r for r in results if r.op == "linear"]
+    lines = []
+    vs_peft = [r for r in linear if r.ratio("ours", "peft") is not None]
+    if vs_peft:
+        faster = sum(r.ratio("ours", "peft") < 1.0 for r in vs_peft)
+        with_mem = [r for r in vs_peft if {"ours", "peft"} <= set(r.extra.get("memory", {}))]
+
+        def footprint(r, name):
+            m = r.extra["memory"][name]
+            return m.get("peak_extra_mb", 0.0) + m["saved_for_backward_mb"]
+
+        less = sum(footprint(r, "ours") < footprint(r, "peft") - 0.05 for r in with_mem)
+        same = sum(abs(footprint(r, "ours") - footprint(r, "peft")) <= 0.05 for r in with_mem)
+        lines.append(f"**Summary**: ours vs PEFT: faster in {faster} of {len(vs_peft)} cases"
+                     + (f", less memory in {less} (the same in {same})" if with_mem else "") + ".")
+    with_target = [r for r in linear if r.params.get("target") is not None and r.ratio("ours") is not None]
+    if with_target:
+        met = sum(r.ratio("ours") <= r.params["target"] for r in with_target)
+        lines.append(f"ours within its target ratio to the base layer in {met} of {len(with_target)} cases.")
+    busy = busy_machine_note(results, info)
+    if busy:
+        lines.append(busy)
+    return lines + [""] if lines else []
+
+
+def busy_machine_note(results: list[CaseResult], info: dict) -> str | None:
+    """A warning when the ratios may be off by more than usual: load above the core count during the
+    run, or a wide spread between repetitions (interquartile range over 15% of the median) in many cases."""
+    reasons = []
+    load = max(info.get("load_average") or [0.0])
+    cores = info.get("cpu_cores") or 1
+    if info.get("device") == "cpu" and load > cores:
+        reasons.append(f"load average up to {load:.1f} on {cores} cores")
+    timings = [t for r in results for t in r.timings.values() if t.samples > 1 and t.median_ms > 0]
+    wide = sum((t.q3_ms - t.q1_ms) / t.median_ms > 0.15 for t in timings)
+    if timings and wide > len(timings) // 4:
+        reasons.append(f"{wide} of {len(timings)} timings spread over 15% between repetitions")
+    if not reasons:
+        return None
+    return f"**Note**: the machine was busy during this run ({'; '.join(reasons)}): ratios may be off by more than usual."
 
 
 # How the two LoRA-linear tables of a report begin (report.py leaves them out of the README for long sweeps).
@@ -205,13 +261,20 @@ LINEAR_MEMORY_HEADING = "Memory per call"
 
 def markdown_report(results: list[CaseResult], info: dict) -> str:
     where = info.get("gpu") or f"{info['cpu']}, {info['cpu_cores']} cores"
-    lines = [f"Machine: {where}; torch {info['torch']}, triton {info['triton']}, peft {info['peft']}; "
+    isa = f", {info['cpu_isa']}" if info.get("cpu_isa") and info["device"] == "cpu" else ""
+    lines = [f"Machine: {where}{isa}; torch {info['torch']}, triton {info['triton']}, peft {info['peft']}; "
              f"{info['date']}, commit {info['git_commit']}.", ""]
+    lines += summary_lines(results, info)
     linear = [r for r in results if r.op == "linear"]
     if linear:
         names = [n for n in dict.fromkeys(n for r in linear for n in r.timings) if n != "base"]
-        lines += [f"{LINEAR_TIME_HEADING}, and its ratio to the base layer (F.linear, same weight) measured in the "
-                  "same run. *Target*: the issue's bound for ours / base.", "",
+        ours = info.get("ours_backend")
+        lines += [f"{LINEAR_TIME_HEADING} (lower is better), and its ratio to the base layer (F.linear, same "
+                  "weight: the floor) measured in the same run. *ours* is lora_kernels"
+                  + (f" on its `{ours}` backend (what `auto` picks here)" if ours else "")
+                  + "; *reference* is the textbook formula in PyTorch ops, *peft* a PEFT LoRA layer. *target*: the "
+                  "ratio ours / base the design aims for (the base layer plus about 1.5× the LoRA branch's share "
+                  "of the flops, plus 1 point, and 5 more with dropout); *met*: ours / base ≤ target.", "",
                   "| case | base | " + " | ".join(names) + " | target | met |",
                   "|---|---|" + "---|" * len(names) + "---|---|"]
         for r in linear:
@@ -279,7 +342,11 @@ def main(argv: list[str] | None = None) -> None:
                              "loralib only with --full)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<machine>-<date>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results folder (default {LOCAL_RESULTS_DIR.relative_to(ROOT)}/<machine>-<date>, untracked)")
+    parser.add_argument("--save-results", action="store_true",
+                        help="write into the tracked benchmarks/results/<machine>-<date>/ that the README cites "
+                             "(then commit it and run python -m benchmarks.report)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
 
@@ -314,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
             return items
 
     results = []
+    load_average = [_load_average()]
     for op, job in tqdm(jobs, desc="benchmark", unit="case", file=sys.stderr):
         if op == "linear":
             results.append(run_linear(job, device, wanted, budget))
@@ -325,9 +393,28 @@ def main(argv: list[str] | None = None) -> None:
         _add_peak_rss([(op, job) for op, job in jobs if op != "drift"], results, wanted)
 
     info = machine_info(device)
+    load_average.append(_load_average())
+    info["load_average"] = [x for x in load_average if x is not None]
+    info["ours_backend"] = _ours_backend(device)
     report = markdown_report(results, info)
     print(report)
     if not args.no_save:
-        out_dir = args.out or RESULTS_DIR / machine_slug(info)
+        out_dir = args.out or (RESULTS_DIR if args.save_results else LOCAL_RESULTS_DIR) / machine_slug(info)
         write_results(results, info, out_dir, report)
         print(f"\nwrote {out_dir}/results.json, results.md, ratios.png")
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _ours_backend(device: str) -> str | None:
+    from lora_kernels.backends import select_backend
+
+    try:
+        return select_backend(torch.device(device), torch.float32)
+    except (RuntimeError, ValueError):
+        return None

@@ -73,6 +73,16 @@ def pytest_collection_modifyitems(items):
             _BACKEND_OF[item.nodeid] = callspec.params["backend"]
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """With LORA_KERNELS_REQUIRE_BACKENDS set (CI), each named backend must have had tests that passed:
+    available is not enough if its tests were all skipped or deselected."""
+    required = [b.strip() for b in os.environ.get(REQUIRED_ENV, "").split(",") if b.strip()]
+    unexercised = [b for b in required if b not in _backend_outcomes or _backend_outcomes[b]["passed"] == 0]
+    if unexercised and exitstatus == 0:
+        session.exitstatus = 3
+        print(f"\n{REQUIRED_ENV}: no test of backend(s) {', '.join(unexercised)} passed", flush=True)
+
+
 def pytest_terminal_summary(terminalreporter):
     """One line per backend: how many of its tests passed, failed, were skipped."""
     terminalreporter.section("backends tested")

@@ -1,0 +1,24 @@
+"""The README's python blocks run as written (a reader copies them)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_python_blocks():
+    assert BLOCKS, "README.md has no python block to run"
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_block_runs(index, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in BLOCKS[:index]:  # later blocks may use names defined by earlier ones
+        exec(compile(block, f"README.md block {index}", "exec"), namespace)
+    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)
