@@ -14,10 +14,12 @@
 // blocks whose mask is regenerated from the seed (dropout_cpu.cpp, or the CUDA
 // kernel in lora_kernels_cuda.cu), so the only [M, in] tensors are x and dx.
 //
-// Rounding follows reference.py: for float16/bfloat16 inputs the LoRA branch's
-// intermediates (s · xa Bᵀ, gb, the LoRA part of dx, dA, dB) stay in float32 and
-// each result is rounded once, so a large scaling cannot overflow (or a small
-// gradient underflow) a 16-bit intermediate.
+// Rounding follows reference.py: s · xa Bᵀ is added to y in the GEMM's float32
+// accumulator; for float16 inputs gb, the LoRA part of dx, dA and dB stay in float32
+// and each result is rounded once, so a large scaling cannot overflow (or a small
+// gradient underflow) a float16 intermediate. bfloat16, which has float32's range,
+// rounds gb = s·dy B once to bfloat16 (after scaling) and keeps its fast 16-bit GEMMs:
+// widening it too cost +50% of a bf16 train step on an AMX CPU (benchmarks/NOTES.md).
 #include "dropout_cpu.h"
 #include "lora_kernels.h"
 
@@ -35,10 +37,16 @@ int64_t block_rows(const at::Tensor& x, int64_t width) {
   return std::max<int64_t>(16, budget_bytes / std::max<int64_t>(1, width * 4));
 }
 
-// float32 for float16/bfloat16 inputs (the LoRA branch's intermediates), else x's dtype.
-at::ScalarType accumulation_type(const at::Tensor& x) {
-  const auto t = x.scalar_type();
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+// s · (a b) with the scaling applied to the GEMM's accumulator (alpha), so a 16-bit
+// result is rounded once, after scaling. BLAS skips the product when alpha = 0, which
+// would hide NaN/Inf in a or b: then the product is formed (in float32 for 16-bit
+// inputs, so that it cannot overflow) and multiplied by 0 explicitly.
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scaling) {
+  if (scaling == 0.0) {
+    const auto wide = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    return at::mm(a.to(wide), b.to(wide)).mul_(scaling).to(a.scalar_type());
+  }
+  return at::addmm(at::zeros({a.size(0), b.size(1)}, a.options()), a, b, /*beta=*/0, /*alpha=*/scaling);
 }
 
 // Rows row0 .. row0+rows-1 of the dropout mask of x, float32 on x's device.
@@ -115,10 +123,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::
     // alpha = s is applied to the float32 accumulator (BLAS / cuBLAS), before y is rounded.
     y.addmm_(xa, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
   } else {
-    // BLAS skips the product when alpha = 0, which would hide NaN/Inf in x, A or B;
-    // F.linear-like semantics want 0 · NaN = NaN, so the term is formed explicitly.
-    const auto acc = accumulation_type(x);
-    y.add_(at::mm(xa.to(acc), lora_B.to(acc).t()).mul_(scaling));
+    y.add_(scaled_mm(xa, lora_B.t(), 0.0));  // alpha = 0 would let BLAS skip NaN/Inf (see scaled_mm)
   }
   return {y, xa};
 }
@@ -135,45 +140,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   check_same(grad_y, "grad_y", x);
   check_same(xa, "xa", x);
   const int64_t M = x.size(0);
-  const auto acc = accumulation_type(x);
-  const bool low_precision = acc != x.scalar_type();
+  // float16 keeps gb, dB and dx's LoRA term in float32 (s·dy B easily leaves its range);
+  // bfloat16 has float32's range, so gb = s·dy B is rounded once to bfloat16 by the
+  // GEMM itself (alpha = s), like any bf16 operand, and the fast 16-bit GEMMs stay.
+  const bool widen = x.scalar_type() == at::kHalf;
+  const auto acc = widen ? at::kFloat : x.scalar_type();
   at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::empty({0}, x.options());
 
-  if (dropout_p == 0.0 && !low_precision) {
-    // float32/float64 without dropout: every product is one whole GEMM. The scaling
-    // is applied by an elementwise multiply, not a GEMM's alpha, so that s = 0
-    // still propagates NaN/Inf.
-    at::Tensor dB = at::mm(grad_y.t(), xa).mul_(scaling);          // [out, r]
-    at::Tensor gb_scaled = at::mm(grad_y, lora_B).mul_(scaling);  // s · dy B   [M, r]
+  if (dropout_p == 0.0 && !widen) {
+    at::Tensor dB = scaled_mm(grad_y.t(), xa, scaling);          // [out, r]
+    at::Tensor gb_scaled = scaled_mm(grad_y, lora_B, scaling);  // s · dy B   [M, r]
     at::Tensor dA = at::mm(gb_scaled.t(), x);
     if (need_dx && M > 0) dx.addmm_(gb_scaled, lora_A);
     return {dx, dA, dB};
   }
 
   // Row blocks: each block's dropout mask is regenerated once and serves dA (masked
-  // x) and dx (masked LoRA term); 16-bit inputs are widened to float32 a block at a
-  // time, so gb, dA, dB and dx's LoRA term never pass through a 16-bit rounding.
+  // x) and dx (masked LoRA term); float16 inputs are widened a block at a time. dA
+  // accumulates over blocks in float32 for 16-bit inputs, rounded once at the end.
   const at::Tensor lora_A_acc = lora_A.to(acc), lora_B_acc = lora_B.to(acc);
-  at::Tensor dA = at::zeros(lora_A.sizes(), x.options().dtype(acc));
-  at::Tensor dB = low_precision ? at::zeros(lora_B.sizes(), x.options().dtype(acc))
-                                : at::mm(grad_y.t(), xa);
-  const int64_t block = block_rows(x, std::max(x.size(1), grad_y.size(1)));
+  const bool sixteen_bit = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  at::Tensor dA = at::zeros(lora_A.sizes(), x.options().dtype(sixteen_bit ? at::kFloat : x.scalar_type()));
+  at::Tensor dB = widen ? at::zeros(lora_B.sizes(), x.options().dtype(acc)) : scaled_mm(grad_y.t(), xa, scaling);
+  const int64_t block = block_rows(x, std::max(x.size(1), widen ? grad_y.size(1) : 0));
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
     const at::Tensor grad_y_rows = grad_y.narrow(0, m0, rows).to(acc);
-    const at::Tensor gb_rows = at::mm(grad_y_rows, lora_B_acc).mul_(scaling);  // s · dy B, float32
-    if (low_precision) dB.addmm_(grad_y_rows.t(), xa.narrow(0, m0, rows).to(acc));
-    at::Tensor x_rows = x.narrow(0, m0, rows).to(acc);
+    const at::Tensor gb_rows = scaled_mm(grad_y_rows, lora_B_acc, scaling);  // s · dy B
+    if (widen) dB.addmm_(grad_y_rows.t(), xa.narrow(0, m0, rows).to(acc));
+    at::Tensor x_rows = x.narrow(0, m0, rows);
     at::Tensor mask;
     if (dropout_p != 0.0) {
       mask = dropout_mask(x, m0, rows, dropout_p, seed);
-      x_rows = x_rows.mul(mask);
+      x_rows = x_rows.mul(mask);  // float32 for 16-bit x (type promotion with the float32 mask)
     }
-    dA.addmm_(gb_rows.t(), x_rows);
+    dA.addmm_(gb_rows.t().to(dA.scalar_type()), x_rows.to(dA.scalar_type()));
     if (need_dx) {
       at::Tensor dx_rows = dx.narrow(0, m0, rows);
       const at::Tensor lora_rows = at::mm(gb_rows, lora_A_acc);
-      // in place into dx's dtype: the float32 sum is rounded once
+      // in place into dx's dtype: the sum is rounded once
       if (mask.defined()) {
         dx_rows.addcmul_(lora_rows, mask);
       } else {
@@ -181,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
       }
     }
   }
-  dB.mul_(scaling);
+  if (widen) dB.mul_(scaling);
   return {dx, dA.to(x.scalar_type()), dB.to(x.scalar_type())};
 }
 
