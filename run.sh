@@ -50,7 +50,8 @@ setup() {
     say "requirements installed"
   fi
   cuda=$(cuda_choice)
-  build_stamp=$(printf '%s\n%s' "$(stamp_of setup.py pyproject.toml csrc/*)" "${cuda%% *}" | sha256sum | cut -c1-16)
+  build_stamp=$(printf '%s\n%s' "$(stamp_of setup.py pyproject.toml $(find csrc -type f | sort))" "${cuda%% *}" |
+    sha256sum | cut -c1-16)
   if [ "$(cat "$VENV/.build-stamp" 2>/dev/null)" != "$build_stamp" ] || ! "$PY" -c "import lora_kernels._C" 2>/dev/null; then
     say "building lora_kernels._C: C++ CPU kernels; CUDA kernels: $cuda"
     local skip=1

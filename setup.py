@@ -59,14 +59,15 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     csrc = ROOT / "csrc"
-    sources = sorted(str(p.relative_to(ROOT)) for p in csrc.glob("*.cpp"))
+    # csrc/*.cpp (device-generic ops, registration) and csrc/cpu/*.cpp; csrc/cuda/*.cu with nvcc
+    sources = sorted(str(p.relative_to(ROOT)) for p in csrc.rglob("*.cpp"))
     cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for (C++17, or C++20 from 2.10)
     if not with_cuda:
         return [CppExtension("lora_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})]
 
     archs = os.environ.get("LORA_KERNELS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch's CUDAExtension
-    sources += sorted(str(p.relative_to(ROOT)) for p in csrc.glob("*.cu"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in csrc.rglob("*.cu"))
     return [
         CUDAExtension(
             "lora_kernels._C",

@@ -1,4 +1,15 @@
-// Declarations shared by the C++ (CPU) and CUDA sources of lora_kernels._C.
+// Every C++/CUDA implementation of lora_kernels._C, declared once. registration.cpp
+// binds them to the op schemas, the CPU implementations under the CPU dispatch key
+// and the CUDA ones under the CUDA key:
+//
+//   op                       CPU                       CUDA
+//   fused_forward            fused_forward_cpu         fused_forward_cuda      lora_linear.cpp
+//   fused_backward           fused_backward_cpu        fused_backward_cuda     lora_linear.cpp
+//   merge_kernel_            merge_cpu_                merge_cuda_             cpu/merge.cpp, cuda/merge.cu
+//   merge_nonfinite_count    merge_nonfinite_count_cpu merge_nonfinite_count_cuda
+//
+// lora_linear.cpp composes ATen (BLAS / cuBLAS) GEMMs; the per-device pieces it
+// needs are the dropout mask generators (cpu/dropout.cpp, cuda/dropout.cu).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,26 +20,50 @@ namespace lora_kernels {
 
 #define LK_CHECK(cond, ...) TORCH_CHECK(cond, "lora_kernels: ", __VA_ARGS__)
 
+using OptionalTensor = c10::optional<at::Tensor>;
+
+// ---- fused LoRA linear (lora_linear.cpp)
+std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                     const OptionalTensor& bias, const at::Tensor& lora_A,
+                                                     const at::Tensor& lora_B, double scaling, double dropout_p,
+                                                     int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx);
+
+// ---- dropout masks: rows row0 .. row0+rows-1 of the [M, cols] mask (philox.h) as float32
+// on the device of `options`: 1/(1-p) where kept, 0 where dropped.
+at::Tensor dropout_mask_cpu(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
+                            at::TensorOptions options);
+
+// ---- in-place merge: W = round(W + s · B A - s' · B' A'), the two products accumulated
+// in fp32 (fp64 for fp64 weights), one rounding per element; the subtracted adapter
+// (sub_A [r', in], sub_B [out, r'], s') is optional and serves one-pass switching.
+// The _count variants write nothing and return how many results would not be finite
+// (a 0-d int64 tensor on weight's device, so that the op traces under torch.compile).
+void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                      const OptionalTensor& sub_A, const OptionalTensor& sub_B);
+void merge_cpu_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                const OptionalTensor& sub_A, const OptionalTensor& sub_B, double sub_scaling);
+at::Tensor merge_nonfinite_count_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                     double scaling, const OptionalTensor& sub_A, const OptionalTensor& sub_B,
+                                  double sub_scaling);
+
 #ifdef LORA_KERNELS_WITH_CUDA
-// Rows row0 .. row0+rows-1 of the [M, cols] dropout mask (philox.h) as float32
-// on the CUDA device of `options`: 1/(1-p) where kept, 0 where dropped.
+std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                      const OptionalTensor& bias, const at::Tensor& lora_A,
+                                                      const at::Tensor& lora_B, double scaling, double dropout_p,
+                                                      int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx);
 at::Tensor dropout_mask_cuda(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
                              at::TensorOptions options);
-#endif
-
-// In-place W = round(W + s · B A - s' · B' A'), the two products accumulated in
-// fp32 (fp64 for fp64 weights), one rounding per element; the subtracted adapter
-// (sub_A [r', in], sub_B [out, r'], s') is optional and serves one-pass switching.
-// With check_only nothing is written and the number of non-finite results is returned.
-void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                      const c10::optional<at::Tensor>& sub_A, const c10::optional<at::Tensor>& sub_B);
-int64_t merge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                  double scaling, const c10::optional<at::Tensor>& sub_A,
-                  const c10::optional<at::Tensor>& sub_B, double sub_scaling, bool check_only);
-#ifdef LORA_KERNELS_WITH_CUDA
-int64_t merge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                   double scaling, const c10::optional<at::Tensor>& sub_A,
-                   const c10::optional<at::Tensor>& sub_B, double sub_scaling, bool check_only);
+void merge_cuda_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                 const OptionalTensor& sub_A, const OptionalTensor& sub_B, double sub_scaling);
+at::Tensor merge_nonfinite_count_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                   double scaling, const OptionalTensor& sub_A, const OptionalTensor& sub_B,
+                                   double sub_scaling);
 #endif
 
 }  // namespace lora_kernels

@@ -11,8 +11,8 @@
 // Every product is one BLAS (CPU) or cuBLAS (CUDA) call: on the machine
 // measured, MKL's r-wide GEMMs beat register-blocked loops of our own
 // (benchmarks/NOTES.md). With dropout, x and dx's LoRA term are masked in row
-// blocks whose mask is regenerated from the seed (dropout_cpu.cpp, or the CUDA
-// kernel in lora_kernels_cuda.cu), so the only [M, in] tensors are x and dx.
+// blocks whose mask is regenerated from the seed (cpu/dropout.cpp, or the CUDA
+// kernel in cuda/dropout.cu), so the only [M, in] tensors are x and dx.
 //
 // Rounding follows reference.py: s · xa Bᵀ is added to y in the GEMM's float32
 // accumulator; for float16 inputs gb, the LoRA part of dx, dA and dB stay in float32
@@ -20,7 +20,6 @@
 // gradient underflow) a float16 intermediate. bfloat16, which has float32's range,
 // rounds gb = s·dy B once to bfloat16 (after scaling) and keeps its fast 16-bit GEMMs:
 // widening it too cost +50% of a bf16 train step on an AMX CPU (benchmarks/NOTES.md).
-#include "dropout_cpu.h"
 #include "lora_kernels.h"
 
 #include <algorithm>
@@ -28,14 +27,26 @@
 namespace lora_kernels {
 namespace {
 
-// The backward's blocked path (dropout, or 16-bit inputs widened to float32) works
-// on row blocks of x and dy: ~256 KB of float32 per block on CPU, so that the block
-// stays in L2 between its uses; ~64 MB on CUDA, enough to keep cuBLAS busy. Either
-// way small next to the [M, in] copy it avoids. `width` is the widest row involved.
-int64_t block_rows(const at::Tensor& x, int64_t width) {
-  const int64_t budget_bytes = x.is_cuda() ? (int64_t{64} << 20) : (int64_t{256} << 10);
-  return std::max<int64_t>(16, budget_bytes / std::max<int64_t>(1, width * 4));
-}
+// What differs between the CPU and CUDA versions of the op: the dropout mask
+// generator, and the size of the row blocks that the blocked paths work on
+// (~256 KB of float32 on CPU, so that a block stays in L2 between its uses; ~64 MB
+// on CUDA, enough to keep cuBLAS busy; either way small next to the [M, in] copy
+// of x they avoid).
+struct DeviceParts {
+  at::Tensor (*dropout_mask)(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
+                             at::TensorOptions options);
+  int64_t block_bytes;
+
+  // Rows per block when the widest row involved has `width` elements.
+  int64_t block_rows(int64_t width) const {
+    return std::max<int64_t>(16, block_bytes / std::max<int64_t>(1, width * 4));
+  }
+};
+
+constexpr DeviceParts kCpu{&dropout_mask_cpu, int64_t{256} << 10};
+#ifdef LORA_KERNELS_WITH_CUDA
+constexpr DeviceParts kCuda{&dropout_mask_cuda, int64_t{64} << 20};
+#endif
 
 // s · (a b) with the scaling applied to the GEMM's accumulator (alpha), so a 16-bit
 // result is rounded once, after scaling. BLAS skips the product when alpha = 0, which
@@ -47,18 +58,6 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scaling) {
     return at::mm(a.to(wide), b.to(wide)).mul_(scaling).to(a.scalar_type());
   }
   return at::addmm(at::zeros({a.size(0), b.size(1)}, a.options()), a, b, /*beta=*/0, /*alpha=*/scaling);
-}
-
-// Rows row0 .. row0+rows-1 of the dropout mask of x, float32 on x's device.
-at::Tensor dropout_mask(const at::Tensor& x, int64_t row0, int64_t rows, double p, int64_t seed) {
-  if (x.is_cuda()) {
-#ifdef LORA_KERNELS_WITH_CUDA
-    return dropout_mask_cuda(row0, rows, x.size(1), p, seed, x.options());
-#else
-    LK_CHECK(false, "this build of lora_kernels._C has no CUDA kernels");
-#endif
-  }
-  return dropout_mask_cpu(row0, rows, x.size(1), p, seed, x.options());
 }
 
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
@@ -90,13 +89,11 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
   LK_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
 }
 
-}  // namespace
 
-std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                 const c10::optional<at::Tensor>& bias,
-                                                 const at::Tensor& lora_A,
-                                                 const at::Tensor& lora_B, double scaling,
-                                                 double dropout_p, int64_t seed) {
+std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, const at::Tensor& x,
+                                                 const at::Tensor& weight, const OptionalTensor& bias,
+                                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                 double scaling, double dropout_p, int64_t seed) {
   check_forward_args(x, weight, bias, lora_A, lora_B, dropout_p);
   const int64_t M = x.size(0), r = lora_A.size(0);
   at::Tensor y = at::empty({M, weight.size(0)}, x.options());
@@ -111,10 +108,10 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::
   if (dropout_p == 0.0) {
     at::mm_out(xa, x, lora_A.t());
   } else {
-    const int64_t block = block_rows(x, x.size(1));
+    const int64_t block = device.block_rows(x.size(1));
     for (int64_t m0 = 0; m0 < M; m0 += block) {
       const int64_t rows = std::min(block, M - m0);
-      const at::Tensor mask = dropout_mask(x, m0, rows, dropout_p, seed);
+      const at::Tensor mask = device.dropout_mask(m0, rows, x.size(1), dropout_p, seed, x.options());
       at::Tensor xa_rows = xa.narrow(0, m0, rows);
       at::mm_out(xa_rows, x.narrow(0, m0, rows).mul(mask).to(x.scalar_type()), lora_A.t());
     }
@@ -129,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const DeviceParts& device, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
     double dropout_p, int64_t seed, bool need_dx) {
   check_forward_args(x, weight, c10::nullopt, lora_A, lora_B, dropout_p);
@@ -162,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   const bool sixteen_bit = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   at::Tensor dA = at::zeros(lora_A.sizes(), x.options().dtype(sixteen_bit ? at::kFloat : x.scalar_type()));
   at::Tensor dB = widen ? at::zeros(lora_B.sizes(), x.options().dtype(acc)) : scaled_mm(grad_y.t(), xa, scaling);
-  const int64_t block = block_rows(x, std::max(x.size(1), widen ? grad_y.size(1) : 0));
+  const int64_t block = device.block_rows(std::max(x.size(1), widen ? grad_y.size(1) : 0));
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
     const at::Tensor grad_y_rows = grad_y.narrow(0, m0, rows).to(acc);
@@ -171,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     at::Tensor x_rows = x.narrow(0, m0, rows);
     at::Tensor mask;
     if (dropout_p != 0.0) {
-      mask = dropout_mask(x, m0, rows, dropout_p, seed);
+      mask = device.dropout_mask(m0, rows, x.size(1), dropout_p, seed, x.options());
       x_rows = x_rows.mul(mask);  // float32 for 16-bit x (type promotion with the float32 mask)
     }
     dA.addmm_(gb_rows.t().to(dA.scalar_type()), x_rows.to(dA.scalar_type()));
@@ -189,5 +186,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   if (widen) dB.mul_(scaling);
   return {dx, dA.to(x.scalar_type()), dB.to(x.scalar_type())};
 }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                     const OptionalTensor& bias, const at::Tensor& lora_A,
+                                                     const at::Tensor& lora_B, double scaling, double dropout_p,
+                                                     int64_t seed) {
+  return fused_forward(kCpu, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx) {
+  return fused_backward(kCpu, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx);
+}
+
+#ifdef LORA_KERNELS_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                      const OptionalTensor& bias, const at::Tensor& lora_A,
+                                                      const at::Tensor& lora_B, double scaling, double dropout_p,
+                                                      int64_t seed) {
+  return fused_forward(kCuda, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx) {
+  return fused_backward(kCuda, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx);
+}
+#endif
 
 }  // namespace lora_kernels

@@ -22,6 +22,10 @@
 namespace lora_kernels {
 
 constexpr int kPhiloxRounds = 10;
+// Philox-4x32's round multipliers and key increments (Salmon et al., SC'11), for
+// every C++/CUDA implementation (the scalar one below, cpu/dropout.cpp's vector one).
+constexpr uint32_t kPhiloxMulA = 0xD2511F53u, kPhiloxMulB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
 
 struct PhiloxWords {
   uint32_t w[4];
@@ -33,14 +37,14 @@ LK_HOST_DEVICE PhiloxWords philox4x32_10(uint64_t seed, uint64_t counter) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   LK_UNROLL
   for (int round = 0; round < kPhiloxRounds; ++round) {
-    const uint64_t prod_b = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    const uint64_t prod_a = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t prod_b = static_cast<uint64_t>(kPhiloxMulB) * c2;
+    const uint64_t prod_a = static_cast<uint64_t>(kPhiloxMulA) * c0;
     c0 = static_cast<uint32_t>(prod_b >> 32) ^ c1 ^ k0;
     c2 = static_cast<uint32_t>(prod_a >> 32) ^ c3 ^ k1;
     c1 = static_cast<uint32_t>(prod_b);
     c3 = static_cast<uint32_t>(prod_a);
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
   }
   return {{c0, c1, c2, c3}};
 }

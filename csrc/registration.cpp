@@ -1,40 +1,12 @@
-// Operator schemas and their CPU / CUDA implementations (namespace lora_kernels).
-// The Python package wraps these in the public custom ops (lora_kernels/ops/),
-// which add autograd, fake tensors and backend selection.
+// Operator schemas, and each op's implementation under the CPU and the CUDA dispatch
+// keys (declared in lora_kernels.h): the dispatcher picks by the tensors' device, no
+// implementation branches on it. The Python package (lora_kernels/ops/) registers
+// their fakes and wraps them in the public custom ops, which add autograd and
+// backend selection.
 #include "lora_kernels.h"
 
 #include <torch/extension.h>
 #include <torch/library.h>
-
-namespace lora_kernels {
-
-std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                 const c10::optional<at::Tensor>& bias,
-                                                 const at::Tensor& lora_A,
-                                                 const at::Tensor& lora_B, double scaling,
-                                                 double dropout_p, int64_t seed);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
-    double dropout_p, int64_t seed, bool need_dx);
-
-namespace {
-
-int64_t merge_dispatch(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                       double scaling, const c10::optional<at::Tensor>& sub_A,
-                       const c10::optional<at::Tensor>& sub_B, double sub_scaling,
-                       bool check_only) {
-  if (weight.is_cuda()) {
-#ifdef LORA_KERNELS_WITH_CUDA
-    return merge_cuda(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling, check_only);
-#else
-    LK_CHECK(false, "this build of lora_kernels._C has no CUDA kernels");
-#endif
-  }
-  return merge_cpu(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling, check_only);
-}
-
-}  // namespace
 
 TORCH_LIBRARY(lora_kernels, m) {
   m.def("fused_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
@@ -43,24 +15,26 @@ TORCH_LIBRARY(lora_kernels, m) {
         "Tensor xa, float scaling, float dropout_p, int seed, bool need_dx) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("merge_kernel_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, "
-        "Tensor? sub_A, Tensor? sub_B, float sub_scaling, bool check_only) -> int");
+        "Tensor? sub_A, Tensor? sub_B, float sub_scaling) -> ()");
+  m.def("merge_nonfinite_count(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, "
+        "Tensor? sub_A, Tensor? sub_B, float sub_scaling) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
-  m.impl("fused_forward", &fused_forward);
-  m.impl("fused_backward", &fused_backward);
-  m.impl("merge_kernel_", &merge_dispatch);
+  m.impl("fused_forward", &lora_kernels::fused_forward_cpu);
+  m.impl("fused_backward", &lora_kernels::fused_backward_cpu);
+  m.impl("merge_kernel_", &lora_kernels::merge_cpu_);
+  m.impl("merge_nonfinite_count", &lora_kernels::merge_nonfinite_count_cpu);
 }
 
 #ifdef LORA_KERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
-  m.impl("fused_forward", &fused_forward);
-  m.impl("fused_backward", &fused_backward);
-  m.impl("merge_kernel_", &merge_dispatch);
+  m.impl("fused_forward", &lora_kernels::fused_forward_cuda);
+  m.impl("fused_backward", &lora_kernels::fused_backward_cuda);
+  m.impl("merge_kernel_", &lora_kernels::merge_cuda_);
+  m.impl("merge_nonfinite_count", &lora_kernels::merge_nonfinite_count_cuda);
 }
 #endif
-
-}  // namespace lora_kernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lora_kernels compiled kernels (ops live in torch.ops.lora_kernels)";

@@ -11,7 +11,7 @@ from . import reference
 from .backends import available_backends, compiled_extension
 from .functional import MergeRecord, lora_linear, merge_, switch_, unmerge_
 from .modules import LoRALinear
-from .utils import inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from .model_setup import inject_lora, lora_state_dict, mark_only_lora_as_trainable
 
 __version__ = "0.1.0"
 

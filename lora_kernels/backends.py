@@ -1,25 +1,83 @@
-"""Which implementation runs an op: backend discovery and selection.
+"""Which implementation runs an op: backend discovery and the per-op backend registry.
 
-    reference  pure PyTorch (reference.py); always available
-    cpu        lora_kernels._C, C++ kernels for CPU tensors
-    cuda       lora_kernels._C built with nvcc: cuBLAS GEMMs + CUDA kernels for CUDA tensors
+    reference  pure PyTorch (reference.py); always available, any device
+    cpu        lora_kernels._C's kernels registered under the CPU dispatch key
+    cuda       lora_kernels._C's kernels registered under the CUDA dispatch key (built with nvcc)
     triton     Triton kernels for CUDA tensors; also CPU tensors under TRITON_INTERPRET=1
 
-LORA_KERNELS_BACKEND=auto|reference|cpu|triton|cuda picks one (read at every call);
-``auto`` takes the fastest that fits the tensors' device. Forcing a backend that
-is unavailable, or that cannot run tensors on that device, is an error.
+Each op registers its implementations once (ops/<op>.py):
+
+    register(Implementation("lora_linear", "triton", devices=("cuda",), dtypes=HALF_AND_FLOAT32,
+                            module="lora_kernels.ops.triton_lora_linear"))
+
+and asks for one at run time with `implementation("lora_linear", device, dtype)`.
+LORA_KERNELS_BACKEND=auto|reference|cpu|cuda|triton picks one (read at every call);
+``auto`` takes the first of the device's preference order that has the op for
+that device and dtype. Forcing a backend that is unavailable, or that has no
+implementation of the op for the tensors' device or dtype, is a clear error.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "LORA_KERNELS_BACKEND"
+# auto's order per device type: the fastest first; the reference always serves
+_PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+HALF_AND_FLOAT32 = frozenset((torch.float16, torch.bfloat16, torch.float32))
+ANY_DEVICE = None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of one op.
+
+    module: the dotted path of the module (or object path "module:attribute") that
+    holds it, imported on first use, so that an optional backend (triton) costs
+    nothing until chosen. devices: device types it serves (None: any). The Triton
+    interpreter adds "cpu" to a backend that serves "cuda".
+    """
+
+    op: str
+    backend: str
+    module: str
+    devices: tuple[str, ...] | None = ANY_DEVICE
+    dtypes: frozenset = FLOAT_DTYPES
+
+    def serves(self, device_type: str, dtype: torch.dtype | None) -> bool:
+        devices = self.devices
+        if devices is not None and self.backend == "triton" and triton_interpreted():
+            devices = devices + ("cpu",)
+        return (devices is None or device_type in devices) and (dtype is None or dtype in self.dtypes)
+
+    def load(self):
+        module, _, attribute = self.module.partition(":")
+        loaded = importlib.import_module(module)
+        return getattr(loaded, attribute) if attribute else loaded
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def register(impl: Implementation) -> None:
+    """Add one backend's implementation of an op (each op's module calls this for its backends)."""
+    if impl.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {impl.backend!r}; known: {', '.join(BACKENDS)}")
+    _REGISTRY.setdefault(impl.op, {})[impl.backend] = impl
+    _selected.clear()
+
+
+def registered_ops() -> list[str]:
+    return sorted(_REGISTRY)
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,40 +100,30 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _backend_problem(name: str, device: torch.device | None) -> str | None:
-    """Why `name` cannot run here (on `device`, when given), or None when it can."""
+def _backend_problem(name: str) -> str | None:
+    """Why backend `name` cannot run at all on this machine, or None when it can."""
     C = compiled_extension()
     if name == "reference":
         return None
     if name == "cpu":
-        if C is None:
-            return "lora_kernels._C is not built (pip install the package from source)"
-        if device is not None and device.type != "cpu":
-            return f"it runs CPU tensors only, got tensors on {device}"
-        return None
+        return None if C is not None else "lora_kernels._C is not built (pip install the package from source)"
     if name == "cuda":
         if C is None or not C.with_cuda:
             return "lora_kernels._C was built without CUDA kernels (nvcc not found at build time)"
-        if device is None and not torch.cuda.is_available():
-            return "no CUDA device is available"
-        if device is not None and device.type != "cuda":
-            return f"it runs CUDA tensors only, got tensors on {device}"
-        return None
+        return None if torch.cuda.is_available() else "no CUDA device is available"
     if name == "triton":
         if not _triton_importable():
             return "triton is not installed"
-        on_cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
-        if on_cpu and not triton_interpreted():
-            return "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
-        if device is not None and device.type not in ("cpu", "cuda"):
-            return f"it runs CUDA (or interpreted CPU) tensors only, got tensors on {device}"
+        if not torch.cuda.is_available() and not triton_interpreted():
+            return "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
         return None
     raise ValueError(f"{ENV_VAR} must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
 
 
-def available_backends() -> list[str]:
-    """Backends that can run on this machine, in BACKENDS order."""
-    return [name for name in BACKENDS if _backend_problem(name, None) is None]
+def available_backends(op: str | None = None) -> list[str]:
+    """Backends that can run on this machine (that implement `op`, when given), in BACKENDS order."""
+    names = BACKENDS if op is None else [b for b in BACKENDS if b in _REGISTRY.get(op, {})]
+    return [name for name in names if _backend_problem(name) is None]
 
 
 def requested_backend() -> str:
@@ -86,26 +134,44 @@ def requested_backend() -> str:
     return name
 
 
-_selected: dict[tuple, str] = {}
+_selected: dict[tuple, tuple[str, object]] = {}
 
 
-def select_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend that runs an op on tensors of `dtype` living on `device` (memoised: hot path)."""
-    key = (os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), device.type, dtype == torch.float64)
-    backend = _selected.get(key)
-    if backend is None:
-        backend = _selected[key] = _select_backend(device, dtype)
-    return backend
+def implementation(op: str, device: torch.device, dtype: torch.dtype | None = None) -> object:
+    """The loaded implementation of `op` for tensors of `dtype` on `device` (memoised: the hot path)."""
+    return select(op, device, dtype)[1]
 
 
-def _select_backend(device: torch.device, dtype: torch.dtype | None) -> str:
+def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, object]:
+    """(backend name, loaded implementation) of `op` for `device` and `dtype`."""
+    key = (op, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), device.type, dtype)
+    chosen = _selected.get(key)
+    if chosen is None:
+        impl = _choose(op, device.type, dtype)
+        chosen = _selected[key] = (impl.backend, impl.load())
+    return chosen
+
+
+def _choose(op: str, device_type: str, dtype: torch.dtype | None) -> Implementation:
+    impls = _REGISTRY.get(op)
+    if not impls:
+        raise KeyError(f"no implementation of op {op!r} is registered; registered ops: {registered_ops()}")
     name = requested_backend()
     if name == "auto":
-        preference = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
-        if dtype == torch.float64:  # Triton's dots are float32 at most
-            preference = tuple(n for n in preference if n != "triton")
-        return next(n for n in preference if _backend_problem(n, device) is None)
-    problem = _backend_problem(name, device)
+        for candidate in _PREFERENCE.get(device_type, ("reference",)):
+            impl = impls.get(candidate)
+            if impl is not None and impl.serves(device_type, dtype) and _backend_problem(candidate) is None:
+                return impl
+        raise RuntimeError(f"no backend implements {op} for {dtype} tensors on {device_type}")
+    problem = _backend_problem(name)
     if problem is not None:
         raise RuntimeError(f"{ENV_VAR}={name} cannot be used: {problem}")
-    return name
+    impl = impls.get(name)
+    if impl is None:
+        raise RuntimeError(f"{ENV_VAR}={name} cannot be used: the {name} backend has no implementation of {op} "
+                           f"(it is implemented by: {', '.join(impls)})")
+    if not impl.serves(device_type, dtype):
+        devices = "any device" if impl.devices is None else ", ".join(impl.devices)
+        raise RuntimeError(f"{ENV_VAR}={name} cannot be used: its {op} runs {devices} tensors of "
+                           f"{', '.join(sorted(str(d)[6:] for d in impl.dtypes))}; got {dtype} tensors on {device_type}")
+    return impl

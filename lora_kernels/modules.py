@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import _check_adapter, lora_linear, merge_, switch_, unmerge_
+from .functional import lora_linear, merge_, switch_, unmerge_
+from .validation import check_adapter
 
 __all__ = ["LoRALinear"]
 
@@ -175,7 +176,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             switch_(self.base_weight(), self.lora_A, self.lora_B, self.scaling, new_A, new_B, scaling, safe=safe)
         else:
-            _check_adapter(self.base_weight(), new_A, new_B)
+            check_adapter(self.base_weight(), new_A, new_B)
         self.lora_A = nn.Parameter(new_A.clone(), requires_grad=self.lora_A.requires_grad)
         self.lora_B = nn.Parameter(new_B.clone(), requires_grad=self.lora_B.requires_grad)
         self.r, self.lora_alpha, self.scaling = r, lora_alpha, scaling

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import lora_kernels  # noqa: E402
+from lora_kernels import testing  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,33 +112,14 @@ def use_backend(monkeypatch):
     return _use
 
 
-def make_lora_inputs(lead, in_features, out_features, r, dtype, device=DEVICE, bias=True, seed=0):
-    """x [*lead, in], weight [out, in], bias [out], lora_A [r, in], lora_B [out, r] with O(1) outputs.
-
-    lora_B is random (not the zero init) so that the LoRA branch is really exercised.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-
-    return dict(
-        x=rand(*lead, in_features),
-        weight=rand(out_features, in_features, scale=in_features**-0.5),
-        bias=rand(out_features) if bias else None,
-        lora_A=rand(r, in_features, scale=in_features**-0.5),
-        lora_B=rand(out_features, r, scale=r**-0.5),
-    )
+def make_lora_inputs(*args, device=DEVICE, **kwargs):
+    """lora_kernels.testing.make_lora_inputs on the device under test."""
+    return testing.make_lora_inputs(*args, device=device, **kwargs)
 
 
-def assert_matches_reference(ours: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor, name: str) -> None:
-    """ours vs the float64 result `exact`, with a budget of twice the error of plain PyTorch
-    in the same dtype (`plain`), plus a few ulps of slack. NaN never passes."""
-    assert ours.shape == exact.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(exact.shape)}"
-    assert ours.dtype == plain.dtype, f"{name}: dtype {ours.dtype} != {plain.dtype}"
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    if ours.numel() == 0:
-        return
-    err, budget = lora_kernels.reference.error_and_budget(ours, exact, plain)
-    plain_err = (plain.double() - exact).abs().max().item()
-    assert err <= budget, f"{name}: max error {err:.3g} > budget {budget:.3g} (plain PyTorch: {plain_err:.3g})"
+def make_adapter(*args, device=DEVICE, **kwargs):
+    """lora_kernels.testing.make_adapter on the device under test."""
+    return testing.make_adapter(*args, device=device, **kwargs)
+
+
+assert_matches_reference = testing.assert_matches_reference

@@ -12,35 +12,13 @@ from torch import nn
 
 from lora_kernels import LoRALinear, merge_, reference, switch_, unmerge_
 
-from conftest import DEVICE, DTYPES, compiled_backends
+from lora_kernels.testing import MANTISSA_BITS, two_ulp_bound, ulp
+
+from conftest import DEVICE, DTYPES, compiled_backends, make_adapter
 
 BACKENDS = ["reference"] + compiled_backends()
-MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
-MIN_EXPONENT = {torch.float16: -14, torch.bfloat16: -126, torch.float32: -126, torch.float64: -1022}
 # The interpreter is slow: fewer cycles there (still past cycle 10), the same bounds.
 DRIFT_CYCLES = {"triton": 25}
-
-
-def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of `dtype` floats at |values| (float64), subnormal range included."""
-    _, exponent = torch.frexp(values.double().abs())
-    exponent = torch.clamp(exponent - 1, min=MIN_EXPONENT[dtype])
-    return torch.pow(2.0, (exponent - MANTISSA_BITS[dtype]).double())
-
-
-def two_ulp_bound(dtype: torch.dtype, *values: torch.Tensor) -> torch.Tensor:
-    """2 ulp of the largest magnitude each element takes among `values` (the issue's drift bound)."""
-    largest = torch.stack([v.double().abs() for v in values]).amax(0)
-    return 2 * ulp(largest, dtype)
-
-
-def make_adapter(out_f, in_f, r, dtype, seed=0, weight_scale=0.02):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
-
-    return (rand(out_f, in_f, scale=weight_scale), rand(r, in_f, scale=in_f**-0.5), rand(out_f, r, scale=0.01))
 
 
 SHAPES = [(1, 1, 1), (33, 70, 3), (70, 33, 16), (100, 129, 64)]

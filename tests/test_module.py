@@ -10,7 +10,7 @@ from torch import nn
 
 import lora_kernels
 from lora_kernels import LoRALinear, inject_lora, lora_linear, lora_state_dict, mark_only_lora_as_trainable, reference
-from lora_kernels.ops.lora_linear import lora_linear_bwd, lora_linear_fwd
+from lora_kernels.ops.lora_linear import lora_linear_op
 from lora_kernels.ops.merge import merge_op
 
 from conftest import DEVICE, compiled_backends, make_lora_inputs
@@ -178,16 +178,32 @@ def test_opcheck(backend, use_backend):
     t = make_lora_inputs((6,), 33, 70, 3, torch.float32)
     seed, scaling = torch.tensor(7), torch.tensor(2.0, dtype=torch.float64)
     fwd_args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], scaling, 0.25, seed)
-    torch.library.opcheck(lora_linear_fwd, fwd_args)
-    torch.library.opcheck(lora_linear_fwd, (t["x"].requires_grad_(), *fwd_args[1:3],
-                                            t["lora_A"].requires_grad_(), t["lora_B"].requires_grad_(), scaling, 0.0,
-                                            None))
-    _, xa = lora_linear_fwd(*fwd_args)
+    torch.library.opcheck(lora_linear_op.custom_op, fwd_args)
+    torch.library.opcheck(lora_linear_op.custom_op, (t["x"].requires_grad_(), *fwd_args[1:3],
+                                                     t["lora_A"].requires_grad_(), t["lora_B"].requires_grad_(),
+                                                     scaling, 0.0, None))
+    _, xa = lora_linear_op.custom_op(*fwd_args)
     grad_y = torch.randn(6, 70, device=DEVICE)
-    torch.library.opcheck(lora_linear_bwd, (grad_y, t["x"].detach(), t["weight"], t["lora_A"].detach(),
-                                            t["lora_B"].detach(), xa, scaling, 0.25, seed, True))
+    torch.library.opcheck(lora_linear_op.backward_op, (grad_y, t["x"].detach(), t["weight"], t["lora_A"].detach(),
+                                                       t["lora_B"].detach(), xa, scaling, 0.25, seed, True))
     weight = t["weight"].clone()
-    torch.library.opcheck(merge_op, (weight, t["lora_A"].detach(), t["lora_B"].detach(), 2.0, None, None, 0.0, False))
+    torch.library.opcheck(merge_op.custom_op, (weight, t["lora_A"].detach(), t["lora_B"].detach(), 2.0, None, None,
+                                               0.0, False))
+
+
+@pytest.mark.skipif("cpu" not in compiled_backends(), reason="lora_kernels._C not built")
+def test_opcheck_compiled_kernels():
+    """The C++ ops themselves (registered per dispatch key, with fakes) pass opcheck too."""
+    t = make_lora_inputs((6,), 33, 70, 3, torch.float32)
+    args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0, 0.25, 7)
+    torch.library.opcheck(torch.ops.lora_kernels.fused_forward.default, args)
+    _, xa = torch.ops.lora_kernels.fused_forward(*args)
+    grad_y = torch.randn(6, 70, device=DEVICE)
+    torch.library.opcheck(torch.ops.lora_kernels.fused_backward.default,
+                          (grad_y, t["x"], t["weight"], t["lora_A"], t["lora_B"], xa, 2.0, 0.25, 7, True))
+    merge_args = (t["weight"].clone(), t["lora_A"], t["lora_B"], 2.0, None, None, 0.0)
+    torch.library.opcheck(torch.ops.lora_kernels.merge_kernel_.default, merge_args)
+    torch.library.opcheck(torch.ops.lora_kernels.merge_nonfinite_count.default, merge_args)
 
 
 def test_available_backends_and_forced_unavailable_backend(monkeypatch):

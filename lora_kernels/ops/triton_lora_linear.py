@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreted as _interpreted
-from ..reference import dropout_threshold
+from .triton_common import block_r, cast, configs, dot, dropout_args, interpreted, keep_mask, precision, soft_bf16
 
 # Up to this many rows the forward is one launch (shrink fused into the GEMM's K
 # loop): the repeated shrink costs M·in·r per column block, noise next to W0's
@@ -33,15 +32,8 @@ from ..reference import dropout_threshold
 DECODE_MAX_M = 16
 
 
-def _configs(full: list[tuple[dict, int, int]], small: dict) -> list[triton.Config]:
-    """triton.Configs from (tile sizes, num_warps, num_stages); `small` alone under the interpreter."""
-    if _interpreted():  # the interpreter is slow: one small config, no tuning
-        return [triton.Config(small, num_warps=4, num_stages=1)]
-    return [triton.Config(tiles, num_warps=warps, num_stages=stages) for tiles, warps, stages in full]
-
-
 # Large-M GEMM configs for Hopper/Ampere; tuned per (M, N, K) by triton.autotune.
-_GEMM_CONFIGS = _configs(
+_GEMM_CONFIGS = configs(
     [
         (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
         (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8, 4),
@@ -54,7 +46,7 @@ _GEMM_CONFIGS = _configs(
 )
 # Decode configs: 16-row tiles (tl.dot's minimum), narrow column blocks so that
 # enough programs stream W0 to fill the GPU, long K tiles.
-_DECODE_CONFIGS = _configs(
+_DECODE_CONFIGS = configs(
     [
         (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1), 4, 4),
         (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1), 4, 3),
@@ -64,42 +56,6 @@ _DECODE_CONFIGS = _configs(
     ],
     small=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1),
 )
-
-
-@triton.jit
-def _keep_mask(seed, rows, cols, row_len, threshold):
-    """Dropout keep-mask of elements (rows[:, None], cols[None, :]) of a [*, row_len] tensor."""
-    offsets = rows.to(tl.int64)[:, None] * row_len + cols.to(tl.int64)[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, offsets >> 3)  # one call serves 8 elements (see reference.py)
-    word_index = (offsets >> 1) & 3
-    word = tl.where(word_index == 0, w0, tl.where(word_index == 1, w1, tl.where(word_index == 2, w2, w3)))
-    draws = ((word.to(tl.int64) & 0xFFFFFFFF) >> ((offsets & 1) * 16)) & 0xFFFF
-    return draws >= threshold
-
-
-# Triton's interpreter mishandles bfloat16 in two places: tl.dot multiplies the
-# raw uint16 bits, and float32 -> bfloat16 casts truncate. Kernels take a
-# constexpr SOFT_BF16, set only when interpreting bfloat16, that routes around
-# both: dots on float32 copies (bf16 products are exact in fp32) and a
-# round-to-nearest-even done on the bits before the cast. On a GPU it is off.
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """acc + a @ b, float32 accumulation."""
-    if SOFT_BF16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """x rounded to nearest-even into dtype."""
-    if SOFT_BF16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -121,14 +77,14 @@ def _shrink_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
         if DROPOUT:
-            x = x * _keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
+            x = x * keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
         d = tl.load(d_ptr + ks[:, None] * stride_dk + ranks[None, :] * stride_dr,
                     mask=(ks[:, None] < K) & (ranks[None, :] < R), other=0.0)
-        acc = _dot(x, d, acc, PRECISION, SOFT_BF16)
+        acc = dot(x, d, acc, PRECISION, SOFT_BF16)
     # The 1/(1-p) of dropout is applied once here rather than to every element of x.
     acc = acc * inv_keep
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + ranks[None, :] * stride_or
-    tl.store(out, _cast(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & (ranks[None, :] < R))
+    tl.store(out, cast(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & (ranks[None, :] < R))
 
 
 @triton.jit
@@ -176,13 +132,13 @@ def _fused_gemm_kernel(
         k_ok = ks < K
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_cols + ks[:, None].to(tl.int64) * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(x, w, acc, PRECISION, SOFT_BF16)
+        acc = dot(x, w, acc, PRECISION, SOFT_BF16)
         if SHRINK_IN_LOOP:
             if DROPOUT_SHRINK:
-                x = x * _keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
+                x = x * keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
             d = tl.load(d_ptr + ks[:, None] * stride_dk + ranks[None, :] * stride_dr,
                         mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-            l_acc = _dot(x, d, l_acc, PRECISION, SOFT_BF16)
+            l_acc = dot(x, d, l_acc, PRECISION, SOFT_BF16)
 
     # Stage 2: L, the [BLOCK_M, r] left factor of the LoRA term.
     l_ptrs = l_ptr + rows.to(tl.int64)[:, None] * stride_lm + ranks[None, :] * stride_lr
@@ -191,7 +147,7 @@ def _fused_gemm_kernel(
         # Rank lanes beyond R hold 0·x, NaN where x is ±Inf: zero them, or the
         # zero-padded rows of U would turn them into NaN across the whole row of y.
         l_acc = tl.where(rank_ok[None, :], l_acc * inv_keep, 0.0)
-        lora_left = _cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16)
+        lora_left = cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16)
         if pid_n == 0:  # xa is saved for the backward; one column block writes it
             tl.store(l_ptrs, lora_left, mask=l_mask)
     else:
@@ -204,15 +160,15 @@ def _fused_gemm_kernel(
     # and stored once.
     u = tl.load(u_ptr + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
                 mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    lora = _dot(lora_left, u.to(lora_left.dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+    lora = dot(lora_left, u.to(lora_left.dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                 PRECISION, SOFT_BF16) * scaling
     if DROPOUT_EPILOGUE:
-        lora = tl.where(_keep_mask(seed, rows, cols, N, threshold), lora * inv_keep, 0.0)
+        lora = tl.where(keep_mask(seed, rows, cols, N, threshold), lora * inv_keep, 0.0)
     acc += lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
-    tl.store(y_ptrs, _cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # Keyed on M's power-of-two bucket, not M: training batches of varying length
@@ -246,32 +202,14 @@ def _weight_grad_kernel(
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
-            x = x * _keep_mask(seed, rows, cols, N, threshold).to(x.dtype)
-        acc = _dot(tl.trans(g), x.to(g.dtype), acc, PRECISION, SOFT_BF16)  # g may be float32 (gb)
+            x = x * keep_mask(seed, rows, cols, N, threshold).to(x.dtype)
+        acc = dot(tl.trans(g), x.to(g.dtype), acc, PRECISION, SOFT_BF16)  # g may be float32 (gb)
     part = part_ptr + pid_s.to(tl.int64) * R * N + ranks[:, None] * N + cols[None, :]
     tl.store(part, acc, mask=rank_ok[:, None] & col_ok[None, :])
 
 
 # ---------------------------------------------------------------------------
 # Launchers
-
-
-def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # float32 inputs get full-precision dots, as torch.mm gives by default (no TF32).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _soft_bf16(dtype: torch.dtype) -> bool:
-    return _interpreted() and dtype == torch.bfloat16
-
-
-def _dropout_args(p: float) -> tuple[int, float]:
-    """(threshold, 1/(1-p)) for dropout probability p (p = 0: nothing dropped)."""
-    return dropout_threshold(p), 1.0 / (1.0 - p)
 
 
 def _shrink(x: torch.Tensor, d: torch.Tensor, p: float, seed: int, out_dtype: torch.dtype | None = None
@@ -282,14 +220,14 @@ def _shrink(x: torch.Tensor, d: torch.Tensor, p: float, seed: int, out_dtype: to
     out = torch.empty(M, R, device=x.device, dtype=out_dtype or x.dtype)
     if M == 0:
         return out
-    threshold, inv_keep = _dropout_args(p)
-    block_m = 16 if _interpreted() or M <= 16 else 64
+    threshold, inv_keep = dropout_args(p)
+    block_m = 16 if interpreted() or M <= 16 else 64
     _shrink_kernel[(triton.cdiv(M, block_m),)](
         x, d, out, M, K, R,
         x.stride(0), x.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
         seed, threshold, inv_keep,
-        DROPOUT=p > 0.0, PRECISION=_precision(x.dtype), SOFT_BF16=_soft_bf16(x.dtype),
-        BLOCK_M=block_m, BLOCK_K=32 if _interpreted() else 128, BLOCK_R=_block_r(R),
+        DROPOUT=p > 0.0, PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype),
+        BLOCK_M=block_m, BLOCK_K=32 if interpreted() else 128, BLOCK_R=block_r(R),
     )
     return out
 
@@ -299,7 +237,7 @@ def _fused_gemm_launch(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shr
     M, K = x.shape
     N = w_kn.shape[1]
     R = u_rn.shape[0]
-    threshold, inv_keep = _dropout_args(p)
+    threshold, inv_keep = dropout_args(p)
     kernel = _fused_gemm_decode if shrink_in_loop else _fused_gemm
 
     def grid(meta):
@@ -314,7 +252,7 @@ def _fused_gemm_launch(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shr
         scaling, seed, threshold, inv_keep,
         HAS_BIAS=bias is not None, SHRINK_IN_LOOP=shrink_in_loop,
         DROPOUT_SHRINK=shrink_in_loop and p > 0.0, DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
-        PRECISION=_precision(x.dtype), SOFT_BF16=_soft_bf16(x.dtype), BLOCK_R=_block_r(R),
+        PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype), BLOCK_R=block_r(R),
     )
 
 
@@ -322,9 +260,9 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch
     """gᵀ @ drop?(x) in float32 for g [M, R], x [M, N]: returns [R, N]."""
     M, R = g.shape
     N = x.shape[1]
-    block_m, block_n = (16, 32) if _interpreted() else (64, 128)
+    block_m, block_n = (16, 32) if interpreted() else (64, 128)
     n_blocks = triton.cdiv(N, block_n)
-    if _interpreted() or M == 0:
+    if interpreted() or M == 0:
         splits = 1
     else:
         # Enough M slices for ~4 programs per SM; each slice a whole number of row blocks.
@@ -335,13 +273,13 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = max(1, triton.cdiv(M, rows_per_split))
     part = torch.empty(splits, R, N, device=x.device, dtype=torch.float32)
-    threshold, _ = _dropout_args(p)
+    threshold, _ = dropout_args(p)
     _weight_grad_kernel[(n_blocks, splits)](
         g, x, part, M, N, R, rows_per_split,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1),
         seed, threshold,
-        DROPOUT=p > 0.0, PRECISION=_precision(x.dtype), SOFT_BF16=_soft_bf16(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(R),
+        DROPOUT=p > 0.0, PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r(R),
     )
     return part.sum(0)
 
@@ -373,7 +311,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int
 def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, p: float, seed: int, need_dx: bool):
     """(dx [M, in] or [0], dA [r, in], dB [out, r]) for a frozen weight."""
     _check_dtype(x)
-    _, inv_keep = _dropout_args(p)
+    _, inv_keep = dropout_args(p)
     gb = _shrink(grad_y, lora_B, 0.0, 0, torch.float32)  # dy B   [M, r], float32 (reference.py's order)
     d_lora_A = (_weight_grad(gb, x, p, seed) * (scaling * inv_keep)).to(x.dtype)
     d_lora_B = (_weight_grad(xa, grad_y, 0.0, 0) * scaling).t().contiguous().to(x.dtype)

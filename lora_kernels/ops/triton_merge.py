@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreted
-from .triton_lora_linear import _cast, _soft_bf16
+from .triton_common import cast, interpreted, soft_bf16
 
 
 @triton.jit
@@ -56,7 +55,7 @@ def _merge_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wo + cols.to(tl.int64)[None, :] * stride_wi
     merged = tl.load(w_ptrs, mask=mask, other=0.0).to(ACC_DTYPE) + change
-    rounded = _cast(merged, w_ptr.dtype.element_ty, SOFT_BF16)  # overflow shows up here
+    rounded = cast(merged, w_ptr.dtype.element_ty, SOFT_BF16)  # overflow shows up here
     if CHECK_ONLY:
         as_acc = rounded.to(ACC_DTYPE)
         not_finite = (as_acc - as_acc) != 0  # NaN for ±Inf and NaN alike
@@ -71,7 +70,7 @@ def merge_(weight, lora_A, lora_B, scaling: float, sub_A, sub_B, sub_scaling: fl
     if weight.numel() == 0:
         return 0
     nonfinite = torch.zeros(1, dtype=torch.int32, device=weight.device)
-    block_o, block_i = (16, 32) if triton_interpreted() else (32, 128)
+    block_o, block_i = (16, 32) if interpreted() else (32, 128)
     has_sub = sub_A is not None
     sub_A_, sub_B_ = (sub_A, sub_B) if has_sub else (lora_A, lora_B)
     grid = (triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
@@ -83,7 +82,7 @@ def merge_(weight, lora_A, lora_B, scaling: float, sub_A, sub_B, sub_scaling: fl
         scaling, sub_scaling if has_sub else 0.0,
         HAS_SUB=has_sub, CHECK_ONLY=check_only,
         ACC_DTYPE=tl.float64 if weight.dtype == torch.float64 else tl.float32,
-        SOFT_BF16=_soft_bf16(weight.dtype),
+        SOFT_BF16=soft_bf16(weight.dtype),
         BLOCK_O=block_o, BLOCK_I=block_i,
     )
     return int(nonfinite.item()) if check_only else 0

@@ -1,8 +1,5 @@
-// CUDA kernels of lora_kernels._C: the dropout mask blocks used by the fused
-// forward/backward (lora_linear.cpp runs its GEMMs through cuBLAS), and the
-// in-place merge.
-#include "lora_kernels.h"
-#include "philox.h"
+// CUDA in-place merge: W = round(W + s·B A − s'·B' A'), one rounding per element.
+#include "../lora_kernels.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -10,19 +7,6 @@
 
 namespace lora_kernels {
 namespace {
-
-constexpr int kThreads = 256;
-
-// mask[i, k] = keep(row0 + i, k) ? 1/(1-p) : 0; one thread per element. Each
-// thread runs its group's Philox call (8 elements share it): compute is cheap
-// here next to the memory traffic.
-__global__ void dropout_mask_kernel(float* __restrict__ mask, int64_t rows, int64_t cols, int64_t row0,
-                                    uint32_t threshold, float value, uint64_t seed) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= rows * cols) return;
-  const uint64_t e = static_cast<uint64_t>(row0) * static_cast<uint64_t>(cols) + static_cast<uint64_t>(idx);
-  mask[idx] = dropout_draw(philox4x32_10(seed, e >> 3), e) >= threshold ? value : 0.0f;
-}
 
 // Merge tile: a block of 32 x 8 threads owns a 32 x 32 tile of W; each thread
 // accumulates 4 rows of one column in the accumulation dtype, k in order,
@@ -104,28 +88,18 @@ AdapterView view_of(const at::Tensor& A, const at::Tensor& B) {
 
 }  // namespace
 
-at::Tensor dropout_mask_cuda(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
-                             at::TensorOptions options) {
-  const c10::cuda::CUDAGuard guard(options.device());
-  at::Tensor mask = at::empty({rows, cols}, options.dtype(at::kFloat));
-  const int64_t n = mask.numel();
-  if (n == 0) return mask;
-  const unsigned blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
-  dropout_mask_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      mask.data_ptr<float>(), rows, cols, row0, dropout_threshold(p), static_cast<float>(1.0 / (1.0 - p)),
-      static_cast<uint64_t>(seed));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return mask;
-}
+namespace {
 
-int64_t merge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                   double scaling, const c10::optional<at::Tensor>& sub_A,
-                   const c10::optional<at::Tensor>& sub_B, double sub_scaling, bool check_only) {
+// The count of non-finite results (check_only) as a 0-d int64 tensor on weight's device: the check
+// pass stays asynchronous too, and the caller reads it when it needs it.
+at::Tensor merge_or_count(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                       const OptionalTensor& sub_A, const OptionalTensor& sub_B, double sub_scaling,
+                       bool check_only) {
   check_merge_args(weight, lora_A, lora_B, sub_A, sub_B);
-  if (weight.numel() == 0) return 0;
+  at::Tensor nonfinite = at::zeros({}, weight.options().dtype(at::kLong));
+  if (weight.numel() == 0) return nonfinite;
   const c10::cuda::CUDAGuard guard(weight.device());
   const int64_t out = weight.size(0), in = weight.size(1);
-  at::Tensor nonfinite = at::zeros({1}, weight.options().dtype(at::kLong));
   const AdapterView add = view_of(lora_A, lora_B);
   const AdapterView sub = sub_A.has_value() ? view_of(*sub_A, *sub_B) : AdapterView{};
   const dim3 threads(kTile, kTile / kRowsPerThread);
@@ -135,13 +109,25 @@ int64_t merge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "merge_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     merge_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        weight.data_ptr<scalar_t>(), weight.stride(0), weight.stride(1), out, in, add,
+        static_cast<scalar_t*>(weight.data_ptr()), weight.stride(0), weight.stride(1), out, in, add,
         static_cast<acc_t>(scaling), sub, static_cast<acc_t>(sub_scaling), check_only,
         reinterpret_cast<unsigned long long*>(nonfinite.data_ptr<int64_t>()));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // Only the check pass needs its count on the host; the write pass stays asynchronous.
-  return check_only ? nonfinite.item<int64_t>() : 0;
+  return nonfinite;
+}
+
+}  // namespace
+
+void merge_cuda_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                 const OptionalTensor& sub_A, const OptionalTensor& sub_B, double sub_scaling) {
+  merge_or_count(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling, /*check_only=*/false);
+}
+
+at::Tensor merge_nonfinite_count_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                      double scaling, const OptionalTensor& sub_A, const OptionalTensor& sub_B,
+                                      double sub_scaling) {
+  return merge_or_count(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling, /*check_only=*/true);
 }
 
 }  // namespace lora_kernels

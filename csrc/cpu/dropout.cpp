@@ -4,11 +4,10 @@
 //
 // The mask is the whole cost of CPU dropout (10 Philox rounds per 8 elements),
 // so the rounds run on 16 counters at once in GCC/Clang vector types, and the
-// row function is multi-versioned (cpu_multiversion.h): wheels stay portable.
-#include "dropout_cpu.h"
-
-#include "cpu_multiversion.h"
-#include "philox.h"
+// row function is multi-versioned (multiversion.h): wheels stay portable.
+#include "../lora_kernels.h"
+#include "../philox.h"
+#include "multiversion.h"
 
 #include <ATen/Parallel.h>
 
@@ -34,14 +33,14 @@ LK_ALWAYS_INLINE void keep_16_groups(uint64_t seed, uint64_t g0, uint32_t thresh
   U32x16 c2 = {}, c3 = {};
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < kPhiloxRounds; ++round) {
-    const U64x16 prod_b = __builtin_convertvector(c2, U64x16) * 0xCD9E8D57ull;
-    const U64x16 prod_a = __builtin_convertvector(c0, U64x16) * 0xD2511F53ull;
+    const U64x16 prod_b = __builtin_convertvector(c2, U64x16) * static_cast<uint64_t>(kPhiloxMulB);
+    const U64x16 prod_a = __builtin_convertvector(c0, U64x16) * static_cast<uint64_t>(kPhiloxMulA);
     c0 = __builtin_convertvector(prod_b >> 32, U32x16) ^ c1 ^ k0;
     c2 = __builtin_convertvector(prod_a >> 32, U32x16) ^ c3 ^ k1;
     c1 = __builtin_convertvector(prod_b, U32x16);
     c3 = __builtin_convertvector(prod_a, U32x16);
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
   }
   const U32x16 words[4] = {c0, c1, c2, c3};
   for (int l = 0; l < 16; ++l) {

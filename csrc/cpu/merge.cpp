@@ -7,8 +7,8 @@
 // extra memory is A in the accumulation dtype plus one row buffer per thread,
 // whatever the size of W. The order of the sum never depends on threading, so
 // unmerge (s -> -s) subtracts exactly what merge added.
-#include "cpu_multiversion.h"
-#include "lora_kernels.h"
+#include "../lora_kernels.h"
+#include "multiversion.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,7 +24,7 @@ namespace lora_kernels {
 namespace {
 
 // delta[:] = Σ_k b[k] A[k, :] for one row of W, k in order (b = that row of B, converted).
-// Multi-versioned (cpu_multiversion.h); the lane order does not change any
+// Multi-versioned (multiversion.h); the lane order does not change any
 // element's sum, so every version gives the same bits.
 template <typename acc_t>
 inline __attribute__((always_inline)) void row_delta_impl(const acc_t* a, int64_t in, int64_t r, const acc_t* b,
@@ -155,7 +155,7 @@ void lora_row_delta(const at::Tensor& A_acc, const at::Tensor& B, int64_t o, acc
 }
 
 template <typename scalar_t>
-int64_t merge_rows(at::Tensor& weight, const at::Tensor& A_acc, const at::Tensor& B,
+int64_t merge_rows(const at::Tensor& weight, const at::Tensor& A_acc, const at::Tensor& B,
                    double scaling_d, const at::Tensor& sub_A_acc, const at::Tensor& sub_B,
                    double sub_scaling_d, bool check_only) {
   using acc_t = at::opmath_type<scalar_t>;  // float, or double for float64 weights
@@ -206,9 +206,11 @@ void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_A, const 
   if (sub_A.has_value()) check_adapter(weight, *sub_A, *sub_B, "sub_A", "sub_B");
 }
 
-int64_t merge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                  double scaling, const c10::optional<at::Tensor>& sub_A,
-                  const c10::optional<at::Tensor>& sub_B, double sub_scaling, bool check_only) {
+namespace {
+
+int64_t merge_or_count(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                       const OptionalTensor& sub_A, const OptionalTensor& sub_B, double sub_scaling,
+                       bool check_only) {
   check_merge_args(weight, lora_A, lora_B, sub_A, sub_B);
   int64_t nonfinite = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "merge_cpu", [&] {
@@ -222,6 +224,20 @@ int64_t merge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor
                                      sub_scaling, check_only);
   });
   return nonfinite;
+}
+
+}  // namespace
+
+void merge_cpu_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                const OptionalTensor& sub_A, const OptionalTensor& sub_B, double sub_scaling) {
+  merge_or_count(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling, /*check_only=*/false);
+}
+
+at::Tensor merge_nonfinite_count_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                     double scaling, const OptionalTensor& sub_A, const OptionalTensor& sub_B,
+                                     double sub_scaling) {
+  const int64_t count = merge_or_count(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling, true);
+  return at::scalar_tensor(count, weight.options().dtype(at::kLong));
 }
 
 }  // namespace lora_kernels

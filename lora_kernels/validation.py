@@ -1,0 +1,212 @@
+"""Argument checks (and autocast) of the public functions, before anything is computed or written.
+
+Every check raises ValueError/TypeError/RuntimeError naming the argument and what was expected,
+so a call that raises leaves every tensor as it was. `plain_valid_call` is the one-expression
+test of the everyday call (the per-call Python cost shows next to small layers); anything else
+goes through the full checks, which give the precise error.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+
+import torch
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_MAX = sys.float_info.max
+
+
+def check_float_tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_same_device(reference_name: str, reference: Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != reference.device:
+            raise ValueError(f"{name} must be on {reference_name}'s device {reference.device}, got {t.device}")
+
+
+def check_same_dtype(reference_name: str, reference: Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != reference.dtype:
+            raise TypeError(f"{name} must have {reference_name}'s dtype {reference.dtype}, got {t.dtype}")
+
+
+def check_same_dtype_device(reference_name: str, reference: Tensor, **others) -> None:
+    check_same_device(reference_name, reference, **others)
+    check_same_dtype(reference_name, reference, **others)
+
+
+def check_scaling(name: str, scaling) -> float:
+    if isinstance(scaling, Tensor) and scaling.dim() == 0 and scaling.is_floating_point() and scaling.device.type == "cpu":
+        scaling = scaling.item()  # a 0-d CPU tensor (what LoRALinear keeps for torch.compile) is accepted too
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(scaling).__name__}")
+    try:
+        value = float(scaling)
+    except OverflowError:  # an int beyond float64's range
+        raise ValueError(f"{name} must be finite, got an integer of {int(scaling).bit_length()} bits") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {scaling}")
+    return value
+
+
+def check_not_learnable_scaling(scaling) -> None:
+    """The fused op has no gradient for the scaling: a tensor that asks for one is refused, not ignored."""
+    if isinstance(scaling, Tensor) and scaling.requires_grad:
+        raise ValueError("scaling must not require grad: lora_linear computes no gradient for it (a learnable "
+                         "scaling would silently stay constant); pass a float or a tensor with requires_grad=False")
+
+
+def dtensor_class():
+    """torch.distributed.tensor.DTensor once something imported it (no DTensor exists before), else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def check_not_distributed_tensor(**tensors) -> None:
+    """A DTensor (tensor parallelism, or FSDP2's sharded parameters outside its forward) holds only a shard:
+    running the kernels on its local piece would be silently wrong."""
+    dtensor = dtensor_class()
+    for name, t in tensors.items():
+        if dtensor is not None and isinstance(t, dtensor):
+            raise TypeError(f"{name} is a DTensor (placements {tuple(t.placements)}): lora_kernels runs on whole, "
+                            "local tensors; tensor-parallel (DTensor) weights are not supported. FSDP2 "
+                            "(fully_shard) and DDP are: they hand the layer ordinary tensors in forward")
+
+
+def check_adapter(weight: Tensor, lora_A, lora_B, a_name: str = "lora_A", b_name: str = "lora_B") -> None:
+    """lora_A [r, in] and lora_B [out, r] for weight [out, in], r >= 1."""
+    check_float_tensor(a_name, lora_A, 2)
+    check_float_tensor(b_name, lora_B, 2)
+    out_features, in_features = weight.shape
+    r = lora_A.shape[0]
+    if r < 1 or lora_A.shape[1] != in_features:
+        raise ValueError(f"{a_name} must be [r >= 1, in_features={in_features}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"{b_name} must be [out_features={out_features}, r={r}], got {tuple(lora_B.shape)}")
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for `device_type`, or None."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> bool:
+    """True for the everyday call: valid arguments, one dtype and device, no autocast.
+
+    One expression instead of a dozen helper calls: the per-call Python cost is
+    visible next to small layers. Anything else goes through check_and_autocast,
+    which gives the precise error (or applies autocast). Under torch.compile,
+    scaling's value cannot be checked at trace time: LoRALinear passes it as a
+    0-d tensor (a graph input), and Dynamo traces a float argument of a compiled
+    function as a symbolic float.
+    """
+    return (
+        isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
+        and isinstance(lora_B, Tensor) and (bias is None or isinstance(bias, Tensor))
+        and x.dtype in _FLOAT_DTYPES
+        and weight.dtype == x.dtype and lora_A.dtype == x.dtype and lora_B.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and weight.device == x.device and lora_A.device == x.device and lora_B.device == x.device
+        and (bias is None or bias.device == x.device)
+        and x.dim() >= 1 and weight.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2
+        and lora_A.shape[0] >= 1 and x.shape[-1] == weight.shape[1] == lora_A.shape[1]
+        and lora_B.shape[0] == weight.shape[0] and lora_B.shape[1] == lora_A.shape[0]
+        and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
+        and (type(scaling) is float and (torch.compiler.is_compiling() or math.isfinite(scaling))
+             or type(scaling) is int and -_FLOAT_MAX <= scaling <= _FLOAT_MAX
+             or isinstance(scaling, Tensor) and torch.compiler.is_compiling() and not scaling.requires_grad)
+        and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0
+        and autocast_dtype(x.device.type) is None
+        and (dtensor_class() is None or not any(isinstance(t, dtensor_class()) for t in (x, weight, bias, lora_A, lora_B)))
+    )
+
+
+def check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Every check of lora_linear with its error message; returns the (autocast) tensors."""
+    check_float_tensor("x", x)
+    check_float_tensor("weight", weight, 2)
+    if bias is not None:
+        check_float_tensor("bias", bias, 1)
+    if x.dim() < 1:
+        raise ValueError(f"x must be [..., in_features], got a 0-d tensor")
+    out_features, in_features = weight.shape
+    if in_features != x.shape[-1]:
+        # Blame the odd one out: the weight when x and lora_A agree on in_features, else x.
+        if isinstance(lora_A, Tensor) and lora_A.dim() == 2 and lora_A.shape[1] == x.shape[-1]:
+            raise ValueError(f"weight must be [out_features, in_features={x.shape[-1]}] (the last dimension of x "
+                             f"and lora_A), got {tuple(weight.shape)}")
+        raise ValueError(f"x must be [..., in_features={in_features}], got {tuple(x.shape)}")
+    check_adapter(weight, lora_A, lora_B)
+    if bias is not None and bias.shape[0] != out_features:
+        raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
+    check_same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    check_not_distributed_tensor(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    check_not_learnable_scaling(scaling)
+    if not (isinstance(scaling, Tensor) and torch.compiler.is_compiling()):  # a traced value cannot be read
+        check_scaling("scaling", scaling)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+    cast_to = autocast_dtype(x.device.type)
+    if cast_to is not None:
+        # As nn.Linear under autocast: compute in the autocast dtype; the casts are
+        # differentiable, so float32 parameters still receive float32 gradients.
+        x, weight, lora_A, lora_B = (t.to(cast_to) if t.dtype != torch.float64 else t for t in (x, weight, lora_A, lora_B))
+        if bias is not None and bias.dtype != torch.float64:
+            bias = bias.to(cast_to)
+    check_same_dtype("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+
+    return x, weight, bias, lora_A, lora_B
+
+
+def check_no_shared_elements(name: str, t: Tensor) -> None:
+    """An in-place result is only defined if no two elements of t share memory (as in an expand()ed view).
+
+    Sufficient test: each dimension, taken by increasing stride, steps past the span of the smaller ones.
+    """
+    span = 1
+    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) > 1):
+        if stride < span:
+            raise ValueError(f"{name} must not have elements that share memory (shape {tuple(t.shape)}, strides "
+                             f"{t.stride()}, e.g. an expand()ed view): an in-place update of it is undefined")
+        span = stride * size
+
+
+def check_merge_args(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling) -> float:
+    check_float_tensor("weight", weight, 2)
+    check_no_shared_elements("weight", weight)
+    if weight.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("weight is an inference tensor (created under torch.inference_mode()): like torch's own "
+                           "in-place ops, merge_/unmerge_/switch_ update it only inside torch.inference_mode()")
+    check_adapter(weight, lora_A, lora_B)
+    check_same_dtype_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
+    check_not_distributed_tensor(weight=weight, lora_A=lora_A, lora_B=lora_B)
+    return check_scaling("scaling", scaling)
+
+
+def byte_span(t: Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses that t's elements can occupy."""
+    start = t.data_ptr()
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + (extent + 1) * t.element_size()
+
+
+def unaliased(t: Tensor | None, weight: Tensor) -> Tensor | None:
+    """t, or a copy of it when its memory may overlap weight's (merge_(W, W[:2], ...)): the merge
+    reads t while it writes weight, so it must read values that the write cannot change."""
+    if (t is None or t.numel() == 0 or weight.numel() == 0 or t.device != weight.device
+            or t.device.type == "meta" or torch.compiler.is_compiling()):
+        return t
+    (t0, t1), (w0, w1) = byte_span(t), byte_span(weight)
+    return t.clone() if t0 < w1 and w0 < t1 else t
