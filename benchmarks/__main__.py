@@ -1,3 +1,122 @@
-from .suite import main
+"""The benchmark's command line (cases.py: what is timed; runners.py: how; tables.py: the report).
 
-main()
+    python -m benchmarks                 # --quick: the CPU comparison table (< 2 min on 2 cores)
+    python -m benchmarks --full          # more shapes, ranks, dtypes, loralib; drift
+    python -m benchmarks --op merge --provider ours,peft --shape 4096
+
+Every LoRA-linear case times the providers of providers.py in one run and
+reports each as a ratio to the base layer (F.linear with the same weight).
+Results go to benchmarks/results/local/<machine>-<date>/ (JSON, Markdown, PNG; untracked);
+--save-results writes the tracked benchmarks/results/<machine>-<date>/ that the README cites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .cases import linear_cases, merge_cases
+from .harness import LOCAL_RESULTS_DIR, RESULTS_DIR, ROOT, machine_info, machine_slug, write_results
+from .runners import add_peak_rss, run_drift, run_linear, run_merge
+from .tables import markdown_report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the default: the main comparison, < 2 min on CPU")
+    size.add_argument("--full", action="store_true", help="all shapes, ranks and dtypes, loralib, drift")
+    parser.add_argument("--op", default=None, help="comma list of linear,merge,drift (default: linear,merge; "
+                                                   "--full adds drift)")
+    parser.add_argument("--shape", default=None, help="only cases whose label contains this text")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    parser.add_argument("--provider", default=None,
+                        help="comma list from base,reference,peft,loralib,ours,gemm,ours-safe (default: all; "
+                             "loralib only with --full)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results folder (default {LOCAL_RESULTS_DIR.relative_to(ROOT)}/<machine>-<date>, untracked)")
+    parser.add_argument("--save-results", action="store_true",
+                        help="write into the tracked benchmarks/results/<machine>-<date>/ that the README cites "
+                             "(then commit it and run python -m benchmarks.report)")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+
+    ops = args.op.split(",") if args.op else (["linear", "merge", "drift"] if args.full else ["linear", "merge"])
+    if args.provider:
+        wanted = args.provider.split(",")
+    else:  # loralib only in --full: the quick run must stay under 2 minutes on 2 cores
+        wanted = ["base", "reference", "peft", "ours", "gemm", "ours-safe"] + (["loralib"] if args.full else [])
+    if "linear" in ops and "base" not in wanted:
+        wanted.append("base")  # ratios need the floor
+    if "merge" in ops and "gemm" not in wanted:
+        wanted.append("gemm")
+    budget = args.budget or (12.0 if args.full else 2.0)
+    device = args.device
+    torch.manual_seed(0)
+
+    def keep(label: str, dtype: torch.dtype) -> bool:
+        return (args.shape is None or args.shape in label) and (args.dtype is None or str(dtype) == f"torch.{args.dtype}")
+
+    jobs = []
+    if "linear" in ops:
+        jobs += [("linear", c) for c in linear_cases(device, args.full) if keep(c.label, c.dtype)]
+    if "merge" in ops:
+        jobs += [("merge", s) for s in merge_cases(device, args.full) if keep(f"{s[0]}x{s[1]} r={s[2]}", s[3])]
+    if "drift" in ops:
+        jobs.append(("drift", None))
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        def tqdm(items, **_):
+            return items
+
+    results = []
+    load_average = [_load_average()]
+    for op, job in tqdm(jobs, desc="benchmark", unit="case", file=sys.stderr):
+        if op == "linear":
+            results.append(run_linear(job, device, wanted, budget))
+        elif op == "merge":
+            results.append(run_merge(job, device, wanted, budget))
+        else:
+            results.append(run_drift(device))
+    if device == "cpu":  # on GPU, memory_profile already recorded CUDA's peak
+        add_peak_rss([(op, job) for op, job in jobs if op != "drift"], results, wanted)
+
+    info = machine_info(device)
+    load_average.append(_load_average())
+    info["load_average"] = [x for x in load_average if x is not None]
+    info["ours_backend"] = _ours_backend(device)
+    report = markdown_report(results, info)
+    print(report)
+    if not args.no_save:
+        out_dir = args.out or (RESULTS_DIR if args.save_results else LOCAL_RESULTS_DIR) / machine_slug(info)
+        write_results(results, info, out_dir, report)
+        print(f"\nwrote {out_dir}/results.json, results.md, ratios.png")
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _ours_backend(device: str) -> str | None:
+    from lora_kernels.backends import select
+
+    try:
+        return select("lora_linear", torch.device(device), torch.float32)[0]
+    except (RuntimeError, ValueError):
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -41,7 +41,7 @@ def _poison_allocator(device: str) -> None:
 
 
 def _error_ok(ours, exact, plain) -> tuple[bool, str]:
-    from lora_kernels.reference import error_and_budget
+    from lora_kernels.testing import error_and_budget
 
     if not torch.isfinite(ours).all():
         return False, "non-finite values"
@@ -54,6 +54,7 @@ def _error_ok(ours, exact, plain) -> tuple[bool, str]:
 def validate_linear(backend: str, device: str, shapes, log) -> list[dict]:
     from lora_kernels import reference
     from lora_kernels.ops import lora_linear as ops
+    from lora_kernels.testing import make_lora_inputs
 
     rows = []
     os.environ["LORA_KERNELS_BACKEND"] = backend
@@ -61,13 +62,10 @@ def validate_linear(backend: str, device: str, shapes, log) -> list[dict]:
         for (M, d_in, d_out, r) in shapes:
             for p in (0.0, 0.3):
                 for has_bias in (True, False):
-                    g = torch.Generator(device="cpu").manual_seed(hash((M, d_in, d_out, r, p, has_bias)) % 2**31)
-                    def rand(*shape, scale=1.0):
-                        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
-                    x, w = rand(M, d_in), rand(d_out, d_in, scale=d_in**-0.5)
-                    bias = rand(d_out) if has_bias else None
-                    A, B = rand(r, d_in, scale=d_in**-0.5), rand(d_out, r, scale=r**-0.5)
-                    grad_y = rand(M, d_out)
+                    case_seed = hash((M, d_in, d_out, r, p, has_bias)) % 2**31
+                    t = make_lora_inputs((M,), d_in, d_out, r, dtype, device, bias=has_bias, seed=case_seed)
+                    x, w, bias, A, B = t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]
+                    grad_y = make_lora_inputs((M,), d_out, 1, 1, dtype, device, seed=case_seed + 1)["x"]
                     seed = torch.tensor(1234 + M) if p else None
                     _poison_allocator(device)
                     y, xa = ops.forward(x, w, bias, A, B, 2.0, p, seed)
@@ -93,15 +91,13 @@ def validate_linear(backend: str, device: str, shapes, log) -> list[dict]:
 
 def validate_merge(backend: str, device: str, shapes, cycles: int, log) -> list[dict]:
     from lora_kernels import merge_, switch_, unmerge_
+    from lora_kernels.testing import make_adapter, two_ulp_bound
 
     rows = []
     os.environ["LORA_KERNELS_BACKEND"] = backend
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for (d_out, d_in, r) in shapes:
-            g = torch.Generator().manual_seed(d_out * d_in + r)
-            def rand(*shape, scale):
-                return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
-            w0, A, B = rand(d_out, d_in, scale=0.02), rand(r, d_in, scale=d_in**-0.5), rand(d_out, r, scale=0.01)
+            w0, A, B = make_adapter(d_out, d_in, r, dtype, device, seed=d_out * d_in + r)
             exact = w0.double() + 1.5 * (B.double() @ A.double())
             w = w0.clone()
             merge_(w, A, B, 1.5)
@@ -114,9 +110,7 @@ def validate_merge(backend: str, device: str, shapes, cycles: int, log) -> list[
                 merge_(w, A, B, 1.5)
             unmerge_(w, A, B, 1.5)
             drift = (w.double() - w0.double()).abs()
-            ulp = torch.pow(2.0, torch.frexp(torch.maximum(w0.double().abs(), exact.abs()))[1].double() - 1 -
-                            {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[dtype])
-            ok_drift = bool((drift <= 2 * ulp).all())
+            ok_drift = bool((drift <= two_ulp_bound(dtype, w0, exact)).all())
             bad_A = A.clone()
             bad_A[0, 0] = float("nan")
             before = w.clone()
@@ -125,7 +119,7 @@ def validate_merge(backend: str, device: str, shapes, cycles: int, log) -> list[
                 ok_safe = False
             except RuntimeError:
                 ok_safe = torch.equal(w, before)
-            _, A2, B2 = w0, rand(5, d_in, scale=d_in**-0.5), rand(d_out, 5, scale=0.01)
+            _, A2, B2 = make_adapter(d_out, d_in, 5, dtype, device, seed=d_out * d_in + r + 1)
             merge_(w, A, B, 1.5)
             switch_(w, A, B, 1.5, A2, B2, 0.5)
             exact2 = w0.double() + 0.5 * (B2.double() @ A2.double())
@@ -149,7 +143,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     import lora_kernels  # noqa: F401  (after TRITON_INTERPRET is set)
-    from . import suite
+    from .cases import LinearCase, linear_cases, merge_cases
+    from .runners import run_linear, run_merge
+    from .tables import markdown_report
 
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -188,29 +184,29 @@ def main(argv=None) -> int:
     results = []
     if not args.skip_timing:
         if args.dry_run:
-            cases = [suite.LinearCase(M, 64, 96, 16, torch.float32, t, 0.0) for M in (1, 37) for t in (False, True)]
+            cases = [LinearCase(M, 64, 96, 16, torch.float32, t, 0.0) for M in (1, 37) for t in (False, True)]
             wanted = ["base", "reference", "ours"]
         else:
-            cases = [c for c in suite.linear_cases("cuda", full=False)]
+            cases = [c for c in linear_cases("cuda", full=False)]
             wanted = ["base", "reference", "peft", "ours"]
         for i, case in enumerate(cases):
             try:
-                results.append(suite.run_linear(case, device, wanted, args.budget))
+                results.append(run_linear(case, device, wanted, args.budget))
             except Exception:  # noqa: BLE001
                 log(f"ERROR timing {case.label}:\n{traceback.format_exc()}")
             if i % 8 == 7:
                 log(f"timed {i + 1}/{len(cases)} cases ({time.time() - started:.0f} s)")
         if not args.dry_run:
-            for shape in suite.merge_cases("cuda", full=False):
+            for shape in merge_cases("cuda", full=False):
                 try:
-                    results.append(suite.run_merge(shape, device, ["gemm", "ours", "ours-safe", "peft"], args.budget))
+                    results.append(run_merge(shape, device, ["gemm", "ours", "ours-safe", "peft"], args.budget))
                 except Exception:  # noqa: BLE001
                     log(f"ERROR timing merge {shape}:\n{traceback.format_exc()}")
 
     from .harness import machine_info, write_results
 
     info = machine_info(device)
-    report = suite.markdown_report(results, info)
+    report = markdown_report(results, info)
     write_results(results, info, args.out, report)
     (args.out / "gpu_check.json").write_text(json.dumps({"machine": info, "checks": checks, "log": log_lines}, indent=1))
     print(report)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from . import providers as prov
-from . import suite
+from .cases import linear_cases, merge_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LINEAR_PROVIDERS = ["base", "reference", "peft", "loralib"] + prov.ours_names(DEVICE)
@@ -22,7 +22,7 @@ MERGE_PROVIDERS = ["gemm", "ours", "ours-safe", "peft"]
 
 
 @pytest.mark.parametrize("provider", LINEAR_PROVIDERS)
-@pytest.mark.parametrize("case", suite.linear_cases(DEVICE, full=False), ids=lambda c: c.label)
+@pytest.mark.parametrize("case", linear_cases(DEVICE, full=False), ids=lambda c: c.label)
 def test_lora_linear(benchmark, case, provider):
     found = prov.lora_linear_providers(case.M, case.d_in, case.d_out, case.r, case.dtype, case.dropout, case.train,
                                        DEVICE, [provider], lora_alpha=case.lora_alpha)
@@ -33,7 +33,7 @@ def test_lora_linear(benchmark, case, provider):
 
 
 @pytest.mark.parametrize("provider", MERGE_PROVIDERS)
-@pytest.mark.parametrize("shape", suite.merge_cases(DEVICE, full=False), ids=lambda s: f"{s[0]}x{s[1]}-r{s[2]}-{s[3]}")
+@pytest.mark.parametrize("shape", merge_cases(DEVICE, full=False), ids=lambda s: f"{s[0]}x{s[1]}-r{s[2]}-{s[3]}")
 def test_merge(benchmark, shape, provider):
     found = prov.merge_providers(*shape, DEVICE, [provider])
     if not found:

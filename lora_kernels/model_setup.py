@@ -7,6 +7,7 @@ from typing import Iterable
 
 from torch import nn
 
+from .config import LoRAConfig
 from .modules import LoRALinear
 
 __all__ = ["inject_lora", "mark_only_lora_as_trainable", "lora_state_dict"]
@@ -22,12 +23,14 @@ def _matches(name: str, target_modules: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def inject_lora(model: nn.Module, target_modules: str | Iterable[str], **lora_kwargs) -> nn.Module:
+def inject_lora(model: nn.Module, target_modules: str | Iterable[str], config: LoRAConfig | None = None,
+                **options) -> nn.Module:
     """Replace every nn.Linear whose name matches target_modules by a LoRALinear sharing its weights.
 
-    lora_kwargs go to LoRALinear.from_linear (r, lora_alpha, lora_dropout, use_rslora, ...).
+    config, or LoRAConfig's options as keywords (r, lora_alpha, lora_dropout, use_rslora, ...).
     Returns the model (changed in place). Raises ValueError if nothing matched.
     """
+    config = LoRAConfig.of(config, options)
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
     targets = [
@@ -40,7 +43,7 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], **lora_kw
     for name, module in targets:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, LoRALinear.from_linear(module, **lora_kwargs))
+        setattr(parent, child_name, LoRALinear.from_linear(module, config))
     return model
 
 

@@ -8,19 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import LoRAConfig
 from .functional import lora_linear, merge_, switch_, unmerge_
 from .validation import check_adapter
 
 __all__ = ["LoRALinear"]
-
-
-def _lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
-    """lora_alpha / r, or lora_alpha / √r with rsLoRA, after checking both."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be an int >= 1, got {r!r}")
-    if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not math.isfinite(lora_alpha):
-        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 class LoRALinear(nn.Module):
@@ -53,6 +45,7 @@ class LoRALinear(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        config = LoRAConfig(r, lora_alpha, lora_dropout, use_rslora, fan_in_fan_out, merge_weights)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -60,52 +53,47 @@ class LoRALinear(nn.Module):
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         bias_param = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self._setup(in_features, out_features, weight, bias_param, r, lora_alpha, lora_dropout,
-                    fan_in_fan_out, use_rslora, merge_weights)
+        self._setup(in_features, out_features, weight, bias_param, config)
         self._reset_base_parameters()
         self.reset_lora_parameters()
 
-    def _setup(self, in_features, out_features, weight, bias, r, lora_alpha, lora_dropout,
-               fan_in_fan_out, use_rslora, merge_weights) -> None:
-        scaling = _lora_scaling(r, lora_alpha, use_rslora)
-        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    def _setup(self, in_features, out_features, weight, bias, config: LoRAConfig) -> None:
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
-        self.fan_in_fan_out, self.use_rslora, self.merge_weights = fan_in_fan_out, use_rslora, merge_weights
-        self.scaling = scaling
+        self.r, self.lora_alpha, self.lora_dropout = config.r, config.lora_alpha, float(config.lora_dropout)
+        self.fan_in_fan_out, self.use_rslora = config.fan_in_fan_out, config.use_rslora
+        self.merge_weights = config.merge_weights
+        self.scaling = config.scaling
         self.weight = weight
         self.bias = bias
         factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, config.r, **factory))
         self.merged = False
 
+    @property
+    def config(self) -> LoRAConfig:
+        """This layer's options as a LoRAConfig."""
+        return LoRAConfig(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.fan_in_fan_out,
+                          self.merge_weights)
+
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Module,
-        r: int = 8,
-        lora_alpha: float = 8,
-        lora_dropout: float = 0.0,
-        fan_in_fan_out: bool = False,
-        use_rslora: bool = False,
-        merge_weights: bool = False,
-    ) -> "LoRALinear":
+    def from_linear(cls, linear: nn.Module, config: LoRAConfig | None = None, **options) -> "LoRALinear":
         """Wrap an existing linear layer, sharing (not copying) its weight and bias.
 
-        The weight is frozen (requires_grad=False). With fan_in_fan_out the
-        layer's weight is read as [in, out] (GPT-2 Conv1D).
+        config, or LoRAConfig's options as keywords (r, lora_alpha, lora_dropout,
+        use_rslora, fan_in_fan_out, merge_weights). The weight is frozen
+        (requires_grad=False). With fan_in_fan_out the layer's weight is read as
+        [in, out] (GPT-2 Conv1D).
         """
+        config = LoRAConfig.of(config, options)
         weight = getattr(linear, "weight", None)
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
             raise TypeError(f"linear must have a 2-D weight Parameter, got {type(linear).__name__}")
-        in_features, out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        in_features, out_features = weight.shape if config.fan_in_fan_out else weight.shape[::-1]
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         weight.requires_grad_(False)
-        layer._setup(in_features, out_features, weight, getattr(linear, "bias", None), r, lora_alpha,
-                     lora_dropout, fan_in_fan_out, use_rslora, merge_weights)
+        layer._setup(in_features, out_features, weight, getattr(linear, "bias", None), config)
         layer.reset_lora_parameters()
         return layer
 
@@ -170,7 +158,7 @@ class LoRALinear(nn.Module):
         r = lora_A.shape[0] if lora_A.dim() == 2 else 0
         if r < 1:
             raise ValueError(f"lora_A must be [r >= 1, {self.in_features}], got {tuple(lora_A.shape)}")
-        scaling = _lora_scaling(r, lora_alpha, self.use_rslora)
+        scaling = self.config.replace(r=r, lora_alpha=lora_alpha).scaling
         new_A = lora_A.to(self.lora_A.dtype)
         new_B = lora_B.to(self.lora_B.dtype)
         if self.merged:

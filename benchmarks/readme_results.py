@@ -1,6 +1,6 @@
 """Rewrite the README's results section from the committed result files.
 
-    python -m benchmarks.report
+    python -m benchmarks.readme_results
 
 For each machine kind under benchmarks/results/ (the folder name without its
 date), the newest results.md is copied between the README's markers, with a
@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from .harness import RESULTS_DIR, ROOT
-from .suite import LINEAR_MEMORY_HEADING, LINEAR_TIME_HEADING
+from .tables import LINEAR_MEMORY_HEADING, LINEAR_TIME_HEADING
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 

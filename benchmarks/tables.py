@@ -1,0 +1,140 @@
+"""The Markdown report of a run: summary line, time/ratio tables, memory, merge and drift tables."""
+
+from __future__ import annotations
+
+from .harness import CaseResult
+
+
+def format_time(ms: float) -> str:
+    """A duration in plain units: 350 µs, 2.79 ms, 166 ms, 1.11 s."""
+    if ms >= 1000:
+        return f"{ms / 1000:.3g} s"
+    if ms >= 1:
+        return f"{ms:.3g} ms" if ms < 100 else f"{ms:.0f} ms"
+    return f"{ms * 1000:.3g} µs" if ms >= 0.1 else f"{ms * 1000:.2g} µs"
+
+
+def _fmt_ratio(result: CaseResult, provider: str, to: str) -> str:
+    t = result.timings.get(provider)
+    if t is None:
+        return "—"
+    ratio = result.ratio(provider, to)
+    return f"{format_time(t.median_ms)} ({ratio:.3f}x)" if provider != to else format_time(t.median_ms)
+
+
+def summary_lines(results: list[CaseResult], info: dict) -> list[str]:
+    """What a reader wants first: how ours compares with PEFT and with its targets, and whether the
+    machine was quiet enough to trust the ratios."""
+    linear = [r for r in results if r.op == "linear"]
+    lines = []
+    vs_peft = [r for r in linear if r.ratio("ours", "peft") is not None]
+    if vs_peft:
+        faster = sum(r.ratio("ours", "peft") < 1.0 for r in vs_peft)
+        with_mem = [r for r in vs_peft if {"ours", "peft"} <= set(r.extra.get("memory", {}))]
+
+        def footprint(r, name):
+            m = r.extra["memory"][name]
+            return m.get("peak_extra_mb", 0.0) + m["saved_for_backward_mb"]
+
+        less = sum(footprint(r, "ours") < footprint(r, "peft") - 0.05 for r in with_mem)
+        same = sum(abs(footprint(r, "ours") - footprint(r, "peft")) <= 0.05 for r in with_mem)
+        lines.append(f"**Summary**: ours vs PEFT: faster in {faster} of {len(vs_peft)} cases"
+                     + (f", less memory in {less} (the same in {same})" if with_mem else "") + ".")
+    with_target = [r for r in linear if r.params.get("target") is not None and r.ratio("ours") is not None]
+    if with_target:
+        met = sum(r.ratio("ours") <= r.params["target"] for r in with_target)
+        lines.append(f"ours within its target ratio to the base layer in {met} of {len(with_target)} cases.")
+    busy = busy_machine_note(results, info)
+    if busy:
+        lines.append(busy)
+    return lines + [""] if lines else []
+
+
+def busy_machine_note(results: list[CaseResult], info: dict) -> str | None:
+    """A warning when the ratios may be off by more than usual: load above the core count during the
+    run, or a wide spread between repetitions (interquartile range over 15% of the median) in many cases."""
+    reasons = []
+    load = max(info.get("load_average") or [0.0])
+    cores = info.get("cpu_cores") or 1
+    if info.get("device") == "cpu" and load > cores:
+        reasons.append(f"load average up to {load:.1f} on {cores} cores")
+    timings = [t for r in results for t in r.timings.values() if t.samples > 1 and t.median_ms > 0]
+    wide = sum((t.q3_ms - t.q1_ms) / t.median_ms > 0.15 for t in timings)
+    if timings and wide > len(timings) // 4:
+        reasons.append(f"{wide} of {len(timings)} timings spread over 15% between repetitions")
+    if not reasons:
+        return None
+    return f"**Note**: the machine was busy during this run ({'; '.join(reasons)}): ratios may be off by more than usual."
+
+
+# How the two LoRA-linear tables of a report begin (report.py leaves them out of the README for long sweeps).
+LINEAR_TIME_HEADING = "Median time per call"
+LINEAR_MEMORY_HEADING = "Memory per call"
+
+
+def markdown_report(results: list[CaseResult], info: dict) -> str:
+    where = info.get("gpu") or f"{info['cpu']}, {info['cpu_cores']} cores"
+    isa = f", {info['cpu_isa']}" if info.get("cpu_isa") and info["device"] == "cpu" else ""
+    lines = [f"Machine: {where}{isa}; torch {info['torch']}, triton {info['triton']}, peft {info['peft']}; "
+             f"{info['date']}, commit {info['git_commit']}.", ""]
+    lines += summary_lines(results, info)
+    linear = [r for r in results if r.op == "linear"]
+    if linear:
+        names = [n for n in dict.fromkeys(n for r in linear for n in r.timings) if n != "base"]
+        ours = info.get("ours_backend")
+        lines += [f"{LINEAR_TIME_HEADING} (lower is better), and its ratio to the base layer (F.linear, same "
+                  "weight: the floor) measured in the same run. *ours* is lora_kernels"
+                  + (f" on its `{ours}` backend (what `auto` picks here)" if ours else "")
+                  + "; *reference* is the textbook formula in PyTorch ops, *peft* a PEFT LoRA layer. *target*: the "
+                  "ratio ours / base the design aims for (the base layer plus about 1.5× the LoRA branch's share "
+                  "of the flops, plus 1 point, and 5 more with dropout); *met*: ours / base ≤ target.", "",
+                  "| case | base | " + " | ".join(names) + " | target | met |",
+                  "|---|---|" + "---|" * len(names) + "---|---|"]
+        for r in linear:
+            target = r.params.get("target")
+            ratio = r.ratio("ours")
+            met = "—" if target is None or ratio is None else ("yes" if ratio <= target else "no")
+            cells = [_fmt_ratio(r, n, "base") for n in names]
+            lines.append(f"| {r.case} | {_fmt_ratio(r, 'base', 'base')} | " + " | ".join(cells) +
+                         f" | {target if target is not None else '—'} | {met} |")
+        lines.append("")
+    with_memory = [r for r in linear if r.extra.get("memory")]
+    if with_memory:
+        names = list(dict.fromkeys(n for r in with_memory for n in r.extra["memory"]))
+        has_peak = any("peak_extra_mb" in m for r in with_memory for m in r.extra["memory"].values())
+        peak_meaning = ("growth of the process's peak RSS during the call (fresh process, after a warm-up call)"
+                        if info["device"] == "cpu" else "peak allocated during the call above what was allocated before")
+        lines += [f"{LINEAR_MEMORY_HEADING}, MB: saved for backward beyond the parameters"
+                  + (f" / {peak_meaning}" if has_peak else "") + ".", "",
+                  "| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for r in with_memory:
+            cells = []
+            for n in names:
+                m = r.extra["memory"].get(n)
+                cells.append("—" if m is None else f"{m['saved_for_backward_mb']:.1f}"
+                             + (f" / {m['peak_extra_mb']:.1f}" if "peak_extra_mb" in m else ""))
+            lines.append(f"| {r.case} | " + " | ".join(cells) + " |")
+        lines.append("")
+    merges = [r for r in results if r.op == "merge"]
+    if merges:
+        names = [n for n in dict.fromkeys(n for r in merges for n in r.timings) if n != "gemm"]
+        lines += ["Merge: median time of one in-place merge, and its ratio to one `B @ A` GEMM (which allocates the "
+                  "[out, in] product and writes nothing into the weight). Peak memory: growth of the peak RSS during "
+                  "one call, fresh process (CPU).", "",
+                  "| weight | gemm | " + " | ".join(names) + " | peak memory (MB) |",
+                  "|---|---|" + "---|" * len(names) + "---|"]
+        for r in merges:
+            peak = r.extra.get("peak_rss_mb")
+            peak_txt = ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) if peak else "—"
+            lines.append(f"| {r.case} | {_fmt_ratio(r, 'gemm', 'gemm')} | " +
+                         " | ".join(_fmt_ratio(r, n, "gemm") for n in names) + f" | {peak_txt} |")
+        lines.append("")
+    for r in (r for r in results if r.op == "drift"):
+        cycles = r.params["cycles"]
+        lines += [f"Drift: max |W − W0| after n merge/unmerge cycles ({r.case}, |W0| ≤ {r.params['weight_bound']}).",
+                  "", "| provider | " + " | ".join(f"n={c}" for c in cycles) + " |", "|---|" + "---|" * len(cycles)]
+        for name, values in r.extra["max_abs_drift"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{values[c]:.2g}" for c in cycles) + " |")
+        lines += ["", f"Exact mode's side record: {100 * r.extra['exact_record_relative_size']:.1f}% of the weight's "
+                  "bytes.", ""]
+    return "\n".join(lines)
