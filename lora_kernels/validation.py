@@ -139,7 +139,7 @@ def check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     if bias is not None:
         check_float_tensor("bias", bias, 1)
     if x.dim() < 1:
-        raise ValueError(f"x must be [..., in_features], got a 0-d tensor")
+        raise ValueError("x must be [..., in_features], got a 0-d tensor")
     out_features, in_features = weight.shape
     if in_features != x.shape[-1]:
         # Blame the odd one out: the weight when x and lora_A agree on in_features, else x.
