@@ -34,6 +34,7 @@ _PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "referenc
 
 FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 HALF_AND_FLOAT32 = frozenset((torch.float16, torch.bfloat16, torch.float32))
+HALF = frozenset((torch.float16, torch.bfloat16))
 ANY_DEVICE = None
 
 
@@ -52,6 +53,10 @@ class Implementation:
     module: str
     devices: tuple[str, ...] | None = ANY_DEVICE
     dtypes: frozenset = FLOAT_DTYPES
+    auto_dtypes: frozenset | None = None  # the dtypes `auto` picks it for (None: all of `dtypes`)
+
+    def chosen_by_auto(self, device_type: str, dtype: torch.dtype | None) -> bool:
+        return self.serves(device_type, dtype) and (self.auto_dtypes is None or dtype in self.auto_dtypes)
 
     def serves(self, device_type: str, dtype: torch.dtype | None) -> bool:
         devices = self.devices
@@ -160,7 +165,7 @@ def _choose(op: str, device_type: str, dtype: torch.dtype | None) -> Implementat
     if name == "auto":
         for candidate in _PREFERENCE.get(device_type, ("reference",)):
             impl = impls.get(candidate)
-            if impl is not None and impl.serves(device_type, dtype) and _backend_problem(candidate) is None:
+            if impl is not None and impl.chosen_by_auto(device_type, dtype) and _backend_problem(candidate) is None:
                 return impl
         raise RuntimeError(f"no backend implements {op} for {dtype} tensors on {device_type}")
     problem = _backend_problem(name)

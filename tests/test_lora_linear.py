@@ -21,7 +21,9 @@ SHAPES = [
     ((4, 9), 33, 70, 3),
 ]
 # The Triton interpreter is slow: its own small odd shapes (M = 1, 7, 37).
-TRITON_SHAPES = [((1,), 33, 70, 1), ((7,), 70, 100, 3), ((37,), 100, 33, 16), ((3, 5), 33, 70, 3)]
+# Ranks above the kernels' rank chunk (64) run in several chunks: r = 80 at decode size, r = 130 at prefill.
+TRITON_SHAPES = [((0,), 33, 70, 3), ((1,), 33, 70, 1), ((7,), 70, 100, 3), ((37,), 100, 33, 16), ((3, 5), 33, 70, 3),
+                 ((5,), 40, 36, 80), ((20,), 33, 40, 130)]
 
 
 def _cases():

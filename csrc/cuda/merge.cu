@@ -5,6 +5,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
+
 namespace lora_kernels {
 namespace {
 
@@ -49,6 +51,15 @@ __device__ void tile_delta(const AdapterView& ad, int64_t row0, int64_t col, int
   }
 }
 
+// Products and sums rounded one by one (no FMA contraction): s·d − s'·d' is then exactly the
+// negation of s'·d' − s·d, and switching adapters back and forth cannot drift.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+
 template <typename scalar_t>
 __global__ void merge_kernel(scalar_t* __restrict__ w, int64_t w_rs, int64_t w_cs, int64_t out,
                              int64_t in, AdapterView add, at::opmath_type<scalar_t> scaling,
@@ -58,25 +69,28 @@ __global__ void merge_kernel(scalar_t* __restrict__ w, int64_t w_rs, int64_t w_c
   __shared__ acc_t a_tile[kChunk][kTile];
   __shared__ acc_t b_tile[kTile][kChunk + 1];  // +1: no bank conflicts on column reads
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  acc_t acc[kRowsPerThread] = {}, sub_acc[kRowsPerThread] = {};
-  tile_delta<scalar_t>(add, row0, col, out, in, a_tile, b_tile, acc);
-  if (sub.r > 0) tile_delta<scalar_t>(sub, row0, col, out, in, a_tile, b_tile, sub_acc);
-
   unsigned long long local_nonfinite = 0;
+  // Row tiles stride by gridDim.y (at most 65535), so any number of rows is covered.
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTile; row0 < out;
+       row0 += static_cast<int64_t>(gridDim.y) * kTile) {
+    acc_t acc[kRowsPerThread] = {}, sub_acc[kRowsPerThread] = {};
+    tile_delta<scalar_t>(add, row0, col, out, in, a_tile, b_tile, acc);
+    if (sub.r > 0) tile_delta<scalar_t>(sub, row0, col, out, in, a_tile, b_tile, sub_acc);
 #pragma unroll
-  for (int j = 0; j < kRowsPerThread; ++j) {
-    const int64_t row = row0 + threadIdx.y + j * blockDim.y;
-    if (row >= out || col >= in) continue;
-    scalar_t* w_elem = w + row * w_rs + col * w_cs;
-    // Same expression as the CPU kernel: s·d - s'·d' negates exactly when the adapters swap.
-    const acc_t change = sub.r > 0 ? scaling * acc[j] - sub_scaling * sub_acc[j] : scaling * acc[j];
-    const acc_t merged = static_cast<acc_t>(*w_elem) + change;
-    const scalar_t rounded = static_cast<scalar_t>(merged);  // overflow shows up here
-    if (check_only) {
-      local_nonfinite += !isfinite(static_cast<acc_t>(rounded));
-    } else {
-      *w_elem = rounded;
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int64_t row = row0 + threadIdx.y + j * blockDim.y;
+      if (row >= out || col >= in) continue;
+      scalar_t* w_elem = w + row * w_rs + col * w_cs;
+      // Same expression as the CPU kernel: s·d - s'·d' negates exactly when the adapters swap.
+      const acc_t change = sub.r > 0 ? sub_rn(mul_rn(scaling, acc[j]), mul_rn(sub_scaling, sub_acc[j]))
+                                     : mul_rn(scaling, acc[j]);
+      const acc_t merged = add_rn(static_cast<acc_t>(*w_elem), change);
+      const scalar_t rounded = static_cast<scalar_t>(merged);  // overflow shows up here
+      if (check_only) {
+        local_nonfinite += !isfinite(static_cast<acc_t>(rounded));
+      } else {
+        *w_elem = rounded;
+      }
     }
   }
   if (local_nonfinite) atomicAdd(nonfinite, local_nonfinite);
@@ -104,7 +118,7 @@ at::Tensor merge_or_count(const at::Tensor& weight, const at::Tensor& lora_A, co
   const AdapterView sub = sub_A.has_value() ? view_of(*sub_A, *sub_B) : AdapterView{};
   const dim3 threads(kTile, kTile / kRowsPerThread);
   const dim3 blocks(static_cast<unsigned>((in + kTile - 1) / kTile),
-                    static_cast<unsigned>((out + kTile - 1) / kTile));
+                    static_cast<unsigned>(std::min<int64_t>((out + kTile - 1) / kTile, 65535)));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "merge_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import HALF_AND_FLOAT32, Implementation, compiled_extension, implementation, register
+from ..backends import HALF, HALF_AND_FLOAT32, Implementation, compiled_extension, implementation, register
 from .definition import Backward, define_op
 
 OP = "lora_linear"
@@ -60,8 +60,11 @@ class CompiledBackend:
 register(Implementation(OP, "reference", "lora_kernels.ops.lora_linear:ReferenceBackend"))
 register(Implementation(OP, "cpu", "lora_kernels.ops.lora_linear:CompiledBackend", devices=("cpu",)))
 register(Implementation(OP, "cuda", "lora_kernels.ops.lora_linear:CompiledBackend", devices=("cuda",)))
+# Triton's dots are float32 at most. auto sends float32 to cuBLAS (the cuda backend): Triton's fp32
+# tiles spill (255 registers, up to 11 KB of local memory per thread in benchmarks/gpu_compile_check.py)
+# and its full-precision fp32 dots do not use tensor cores; a forced triton still runs float32.
 register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear", devices=("cuda",),
-                        dtypes=HALF_AND_FLOAT32))  # Triton's dots are float32 at most
+                        dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF))
 
 
 def _dropout(dropout_p: float, seed: Optional[Tensor]) -> tuple[float, int]:

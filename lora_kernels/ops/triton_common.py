@@ -4,6 +4,9 @@ interpreter work-arounds. Kernels import from here, never from each other.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -55,8 +58,63 @@ def cast(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
     return x.to(dtype)
 
 
+# Ranks are processed in chunks of at most this many: a rank-wide tile (the shrink's d, the
+# epilogue's U) then stays within shared memory whatever r is (r = 256 in bf16 needed 240 KB
+# in one chunk, over sm_90's 227 KB).
+RANK_CHUNK = 64
+
+
+# Shared memory per block when the device cannot be asked: sm_80's 163 KB (sm_90 has 227 KB).
+SM80_SHARED_MEMORY_BYTES = 166912
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on `device` (opt-in maximum)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return getattr(props, "shared_memory_per_block_optin", SM80_SHARED_MEMORY_BYTES)
+    return SM80_SHARED_MEMORY_BYTES
+
+
+def shared_memory_estimate(config: triton.Config, element_bytes: int, block_r_: int, shrink_in_loop: bool) -> int:
+    """An upper bound of the fused GEMM's shared memory: its pipelined x and W0 tiles (and d's, when
+    decoding) or, if larger, the epilogue's L and U tiles in float32 (that loop is not pipelined and
+    reuses the space). Checked against the compiler's figures for every config in
+    benchmarks/gpu_compile_check.py."""
+    kw = config.kwargs
+    per_stage = kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]
+    if shrink_in_loop:
+        per_stage += kw["BLOCK_K"] * block_r_
+    epilogue = (kw["BLOCK_M"] + kw["BLOCK_N"]) * block_r_ * 4
+    return max(config.num_stages * per_stage * element_bytes, epilogue)
+
+
+def fitting_configs(configs_, named_args, **kwargs) -> list[triton.Config]:
+    """The autotuner's configs whose shared memory fits the device (early_config_prune): the fp32 tiles
+    are twice the 16-bit ones, and a config over the limit would fail at launch."""
+    x = named_args["x_ptr"]
+    limit = shared_memory_limit(x.device)
+
+    def estimate(config):
+        return shared_memory_estimate(config, x.element_size(), kwargs["BLOCK_R"], kwargs["SHRINK_IN_LOOP"])
+
+    fit = [c for c in configs_ if estimate(c) <= limit]
+    if fit:
+        return fit
+    # none fits: the smallest, with two stages (the compile check makes sure this does not happen)
+    smallest = min(configs_, key=estimate)
+    return [triton.Config(smallest.kwargs, num_warps=smallest.num_warps, num_stages=2)]
+
+
 def block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    """The rank tile: r rounded up to a power of two, at least 16 (tl.dot's minimum), at most RANK_CHUNK."""
+    return min(RANK_CHUNK, max(16, triton.next_power_of_2(r)))
+
+
+def on_device(t: torch.Tensor):
+    """Launch on t's GPU (not whichever is current): a context for the launches of one op call."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def precision(dtype: torch.dtype) -> str:

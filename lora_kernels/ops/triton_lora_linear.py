@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import block_r, cast, configs, dot, dropout_args, interpreted, keep_mask, precision, soft_bf16
+from .triton_common import (RANK_CHUNK, block_r, cast, configs, dot, dropout_args, fitting_configs, interpreted,
+                            keep_mask, on_device, precision, soft_bf16)
 
 # Up to this many rows the forward is one launch (shrink fused into the GEMM's K
 # loop): the repeated shrink costs M·in·r per column block, noise next to W0's
@@ -67,18 +68,20 @@ def _shrink_kernel(
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[M, R] = drop?(x)[M, K] @ d[K, R]; each program owns BLOCK_M rows, loops over K."""
+    """out[M, R] = drop?(x)[M, K] @ d[K, R]; each program owns BLOCK_M rows and BLOCK_R ranks
+    (large ranks are split over programs, so the d tile fits in shared memory), and loops over K."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ranks = tl.arange(0, BLOCK_R)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+        x = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & (ks[None, :] < K),
+                    other=0.0)
         if DROPOUT:
             x = x * keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
-        d = tl.load(d_ptr + ks[:, None] * stride_dk + ranks[None, :] * stride_dr,
+        d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                     mask=(ks[:, None] < K) & (ranks[None, :] < R), other=0.0)
         acc = dot(x, d, acc, PRECISION, SOFT_BF16)
     # The 1/(1-p) of dropout is applied once here rather than to every element of x.
@@ -130,38 +133,43 @@ def _fused_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_cols + ks[:, None].to(tl.int64) * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = dot(x, w, acc, PRECISION, SOFT_BF16)
         if SHRINK_IN_LOOP:
             if DROPOUT_SHRINK:
                 x = x * keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
-            d = tl.load(d_ptr + ks[:, None] * stride_dk + ranks[None, :] * stride_dr,
+            d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                         mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
             l_acc = dot(x, d, l_acc, PRECISION, SOFT_BF16)
 
-    # Stage 2: L, the [BLOCK_M, r] left factor of the LoRA term.
-    l_ptrs = l_ptr + rows.to(tl.int64)[:, None] * stride_lm + ranks[None, :] * stride_lr
-    l_mask = row_ok[:, None] & rank_ok[None, :]
+    # Stage 2+3: the LoRA term L U in float32, L [BLOCK_M, R] being xa (in x's dtype) or gb (float32, for
+    # dx; U is then widened to match), times s only after the product, so s·L is never rounded to a 16-bit
+    # type (reference.py's order). With SHRINK_IN_LOOP, L is the accumulator of the K loop (the launcher
+    # keeps R <= BLOCK_R there) and the first column block writes it out as xa; otherwise L is read in
+    # rank chunks of BLOCK_R, so that large ranks do not need large tiles.
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SHRINK_IN_LOOP:
-        # Rank lanes beyond R hold 0·x, NaN where x is ±Inf: zero them, or the
-        # zero-padded rows of U would turn them into NaN across the whole row of y.
+        # Rank lanes beyond R hold 0·x, NaN where x is ±Inf: zero them, or the zero-padded
+        # rows of U would turn them into NaN across the whole row of y.
         l_acc = tl.where(rank_ok[None, :], l_acc * inv_keep, 0.0)
         lora_left = cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16)
         if pid_n == 0:  # xa is saved for the backward; one column block writes it
-            tl.store(l_ptrs, lora_left, mask=l_mask)
+            l_ptrs = l_ptr + rows.to(tl.int64)[:, None] * stride_lm + ranks[None, :] * stride_lr
+            tl.store(l_ptrs, lora_left, mask=row_ok[:, None] & rank_ok[None, :])
+        u = tl.load(u_ptr + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
+                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        lora = dot(lora_left, u.to(lora_left.dtype), lora, PRECISION, SOFT_BF16)
     else:
-        lora_left = tl.load(l_ptrs, mask=l_mask, other=0.0)
-
-    # Stage 3: epilogue. L U in float32 (L as stored: xa in x's dtype, or gb in
-    # float32 for dx, then U is widened to match), times s only after the product,
-    # so s·L is never rounded to a 16-bit type (reference.py's order); the LoRA term
-    # (masked by dropout for dx) and bias join the base accumulator; y is rounded
-    # and stored once.
-    u = tl.load(u_ptr + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
-                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    lora = dot(lora_left, u.to(lora_left.dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                PRECISION, SOFT_BF16) * scaling
+        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: the tiles stay single
+            chunk = r0 + ranks
+            chunk_ok = chunk < R
+            lora_left = tl.load(l_ptr + rows.to(tl.int64)[:, None] * stride_lm + chunk[None, :] * stride_lr,
+                                mask=row_ok[:, None] & chunk_ok[None, :], other=0.0)
+            u = tl.load(u_ptr + chunk[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
+                        mask=chunk_ok[:, None] & col_ok[None, :], other=0.0)
+            lora = dot(lora_left, u.to(lora_left.dtype), lora, PRECISION, SOFT_BF16)
+    lora = lora * scaling
     if DROPOUT_EPILOGUE:
         lora = tl.where(keep_mask(seed, rows, cols, N, threshold), lora * inv_keep, 0.0)
     acc += lora
@@ -172,9 +180,14 @@ def _fused_gemm_kernel(
 
 
 # Keyed on M's power-of-two bucket, not M: training batches of varying length
-# would otherwise pay a full autotuning run (seconds) for every new M.
-_fused_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"])(_fused_gemm_kernel)
-_fused_gemm_decode = triton.autotune(configs=_DECODE_CONFIGS, key=["N", "K", "R"])(_fused_gemm_kernel)
+# would otherwise pay a full autotuning run (seconds) for every new M. The flags
+# that change a config's shared memory or registers (bias, dropout, the rank tile)
+# are part of the key, so a config tuned without dropout is never reused with it.
+_KEY = ["N", "K", "R", "HAS_BIAS", "DROPOUT_SHRINK", "DROPOUT_EPILOGUE", "BLOCK_R"]
+_PRUNE = {"early_config_prune": fitting_configs}
+_fused_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET"] + _KEY, prune_configs_by=_PRUNE)(
+    _fused_gemm_kernel)
+_fused_gemm_decode = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_fused_gemm_kernel)
 
 
 @triton.jit
@@ -189,7 +202,7 @@ def _weight_grad_kernel(
     """part[s, R, N] = g[rows of slice s, R]ᵀ @ drop?(x)[rows of slice s, N], float32."""
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ranks = tl.arange(0, BLOCK_R)
+    ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # large ranks: one chunk per program
     col_ok, rank_ok = cols < N, ranks < R
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
@@ -204,7 +217,7 @@ def _weight_grad_kernel(
         if DROPOUT:
             x = x * keep_mask(seed, rows, cols, N, threshold).to(x.dtype)
         acc = dot(tl.trans(g), x.to(g.dtype), acc, PRECISION, SOFT_BF16)  # g may be float32 (gb)
-    part = part_ptr + pid_s.to(tl.int64) * R * N + ranks[:, None] * N + cols[None, :]
+    part = part_ptr + pid_s.to(tl.int64) * R * N + ranks.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(part, acc, mask=rank_ok[:, None] & col_ok[None, :])
 
 
@@ -212,75 +225,96 @@ def _weight_grad_kernel(
 # Launchers
 
 
+# Each kernel's launch is split in two: `<kernel>_launch_args` assembles the arguments and the
+# constexpr flags exactly as a launch passes them, and the launcher runs the kernel with them.
+# benchmarks/gpu_compile_check.py compiles the kernels for a GPU from the same functions, so it
+# checks the specialisations that really launch.
+
+
+def shrink_launch_args(x, d, out, p: float, seed: int):
+    """(kernel, grid, args, flags) of out = drop?(x) @ d for x [M, K], d [K, R] (any strides)."""
+    M, K = x.shape
+    R = d.shape[1]
+    threshold, inv_keep = dropout_args(p)
+    block_m = 16 if interpreted() or M <= 16 else 64
+    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r(R)))
+    args = (x, d, out, M, K, R, x.stride(0), x.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
+            seed, threshold, inv_keep)
+    flags = dict(DROPOUT=p > 0.0, PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype),
+                 BLOCK_M=block_m, BLOCK_K=32 if interpreted() else 128, BLOCK_R=block_r(R))
+    return _shrink_kernel, grid, args, flags
+
+
 def _shrink(x: torch.Tensor, d: torch.Tensor, p: float, seed: int, out_dtype: torch.dtype | None = None
             ) -> torch.Tensor:
     """drop?(x) @ d for x [M, K], d [K, R] (any strides), in out_dtype (default x's dtype)."""
-    M, K = x.shape
-    R = d.shape[1]
-    out = torch.empty(M, R, device=x.device, dtype=out_dtype or x.dtype)
-    if M == 0:
+    out = torch.empty(x.shape[0], d.shape[1], device=x.device, dtype=out_dtype or x.dtype)
+    if x.shape[0] == 0:
         return out
-    threshold, inv_keep = dropout_args(p)
-    block_m = 16 if interpreted() or M <= 16 else 64
-    _shrink_kernel[(triton.cdiv(M, block_m),)](
-        x, d, out, M, K, R,
-        x.stride(0), x.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
-        seed, threshold, inv_keep,
-        DROPOUT=p > 0.0, PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype),
-        BLOCK_M=block_m, BLOCK_K=32 if interpreted() else 128, BLOCK_R=block_r(R),
-    )
+    kernel, grid, args, flags = shrink_launch_args(x, d, out, p, seed)
+    kernel[grid](*args, **flags)
     return out
 
 
-def _fused_gemm_launch(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shrink_in_loop, dropout_epilogue):
-    """y = x @ w_kn + bias + scaling · left @ u_rn (see _fused_gemm_kernel); w_kn, u_rn, d_kr are views."""
+def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shrink_in_loop, dropout_epilogue):
+    """(autotuned kernel, grid, args, flags) of y = x @ w_kn + bias + scaling · left @ u_rn
+    (see _fused_gemm_kernel); w_kn, u_rn, d_kr are views."""
     M, K = x.shape
     N = w_kn.shape[1]
     R = u_rn.shape[0]
     threshold, inv_keep = dropout_args(p)
-    kernel = _fused_gemm_decode if shrink_in_loop else _fused_gemm
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     d_strides = (d_kr.stride(0), d_kr.stride(1)) if d_kr is not None else (0, 0)
-    kernel[grid](
-        x, w_kn, bias if bias is not None else y, left, u_rn, d_kr if d_kr is not None else left, y,
-        M, N, K, R, triton.next_power_of_2(M),
-        x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
-        left.stride(0), left.stride(1), u_rn.stride(0), u_rn.stride(1), *d_strides, y.stride(0), y.stride(1),
-        scaling, seed, threshold, inv_keep,
-        HAS_BIAS=bias is not None, SHRINK_IN_LOOP=shrink_in_loop,
-        DROPOUT_SHRINK=shrink_in_loop and p > 0.0, DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
-        PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype), BLOCK_R=block_r(R),
-    )
+    args = (x, w_kn, bias if bias is not None else y, left, u_rn, d_kr if d_kr is not None else left, y,
+            M, N, K, R, triton.next_power_of_2(M),
+            x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
+            left.stride(0), left.stride(1), u_rn.stride(0), u_rn.stride(1), *d_strides, y.stride(0), y.stride(1),
+            scaling, seed, threshold, inv_keep)
+    flags = dict(HAS_BIAS=bias is not None, SHRINK_IN_LOOP=shrink_in_loop,
+                 DROPOUT_SHRINK=shrink_in_loop and p > 0.0, DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
+                 PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype), BLOCK_R=block_r(R))
+    return (_fused_gemm_decode if shrink_in_loop else _fused_gemm), grid, args, flags
+
+
+def _fused_gemm_launch(*launch, **options):
+    kernel, grid, args, flags = fused_gemm_launch_args(*launch, **options)
+    kernel[grid](*args, **flags)
+
+
+def weight_grad_launch_args(g, x, part, rows_per_split: int, p: float, seed: int):
+    """(kernel, grid, args, flags) of part[s] = g[slice s]ᵀ @ drop?(x)[slice s] for g [M, R], x [M, N]."""
+    M, R = g.shape
+    N = x.shape[1]
+    block_m, block_n = (16, 32) if interpreted() else (64, 128)
+    threshold, _ = dropout_args(p)
+    grid = (triton.cdiv(N, block_n), part.shape[0], triton.cdiv(R, block_r(R)))
+    args = (g, x, part, M, N, R, rows_per_split, g.stride(0), g.stride(1), x.stride(0), x.stride(1), seed, threshold)
+    flags = dict(DROPOUT=p > 0.0, PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype),
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r(R))
+    return _weight_grad_kernel, grid, args, flags
 
 
 def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """gᵀ @ drop?(x) in float32 for g [M, R], x [M, N]: returns [R, N]."""
     M, R = g.shape
     N = x.shape[1]
+    if M == 0:
+        return torch.zeros(R, N, device=x.device, dtype=torch.float32)
     block_m, block_n = (16, 32) if interpreted() else (64, 128)
-    n_blocks = triton.cdiv(N, block_n)
-    if interpreted() or M == 0:
+    if interpreted():
         splits = 1
     else:
         # Enough M slices for ~4 programs per SM; each slice a whole number of row blocks.
         target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-        splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, n_blocks)))
-    if M == 0:
-        return torch.zeros(R, N, device=x.device, dtype=torch.float32)
+        splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, triton.cdiv(N, block_n))))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = max(1, triton.cdiv(M, rows_per_split))
     part = torch.empty(splits, R, N, device=x.device, dtype=torch.float32)
-    threshold, _ = dropout_args(p)
-    _weight_grad_kernel[(n_blocks, splits)](
-        g, x, part, M, N, R, rows_per_split,
-        g.stride(0), g.stride(1), x.stride(0), x.stride(1),
-        seed, threshold,
-        DROPOUT=p > 0.0, PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r(R),
-    )
+    kernel, grid, args, flags = weight_grad_launch_args(g, x, part, rows_per_split, p, seed)
+    kernel[grid](*args, **flags)
     return part.sum(0)
 
 
@@ -291,6 +325,11 @@ def _check_dtype(x: torch.Tensor) -> None:
 
 def forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int):
     """(y [M, out], xa [M, r]) for x [M, in]: y = x W0ᵀ + b + s·xa Bᵀ, xa = drop(x) Aᵀ."""
+    with on_device(x):
+        return _forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int):
     _check_dtype(x)
     M = x.shape[0]
     N, R = weight.shape[0], lora_A.shape[0]
@@ -298,7 +337,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int
     xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
     if M == 0:
         return y, xa
-    if M <= DECODE_MAX_M:
+    if M <= DECODE_MAX_M and R <= RANK_CHUNK:  # the shrink's accumulator holds every rank
         _fused_gemm_launch(x, weight.t(), bias, xa, lora_B.t(), lora_A.t(), y, scaling, p, seed,
                            shrink_in_loop=True, dropout_epilogue=False)
     else:
@@ -310,6 +349,11 @@ def forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int
 
 def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, p: float, seed: int, need_dx: bool):
     """(dx [M, in] or [0], dA [r, in], dB [out, r]) for a frozen weight."""
+    with on_device(x):
+        return _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed, need_dx)
+
+
+def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, p: float, seed: int, need_dx: bool):
     _check_dtype(x)
     _, inv_keep = dropout_args(p)
     gb = _shrink(grad_y, lora_B, 0.0, 0, torch.float32)  # dy B   [M, r], float32 (reference.py's order)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import cast, interpreted, soft_bf16
+from .triton_common import cast, interpreted, on_device, soft_bf16
 
 
 @triton.jit
@@ -64,25 +64,35 @@ def _merge_kernel(
         tl.store(w_ptrs, rounded, mask=mask)
 
 
-def merge_(weight, lora_A, lora_B, scaling: float, sub_A, sub_B, sub_scaling: float, check_only: bool) -> int:
-    """Launch the merge over weight [out, in]; returns the non-finite count when check_only, else 0."""
+def merge_launch_args(weight, lora_A, lora_B, scaling: float, sub_A, sub_B, sub_scaling: float, check_only: bool,
+                      nonfinite):
+    """(kernel, grid, args, flags) of the merge over weight [out, in] (also what the GPU compile check compiles)."""
     out_features, in_features = weight.shape
-    if weight.numel() == 0:
-        return 0
-    nonfinite = torch.zeros(1, dtype=torch.int32, device=weight.device)
     block_o, block_i = (16, 32) if interpreted() else (32, 128)
     has_sub = sub_A is not None
     sub_A_, sub_B_ = (sub_A, sub_B) if has_sub else (lora_A, lora_B)
     grid = (triton.cdiv(out_features, block_o), triton.cdiv(in_features, block_i))
-    _merge_kernel[grid](
-        weight, lora_A, lora_B, sub_A_, sub_B_, nonfinite,
-        out_features, in_features, lora_A.shape[0], sub_A_.shape[0],
-        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        sub_A_.stride(0), sub_A_.stride(1), sub_B_.stride(0), sub_B_.stride(1),
-        scaling, sub_scaling if has_sub else 0.0,
-        HAS_SUB=has_sub, CHECK_ONLY=check_only,
-        ACC_DTYPE=tl.float64 if weight.dtype == torch.float64 else tl.float32,
-        SOFT_BF16=soft_bf16(weight.dtype),
-        BLOCK_O=block_o, BLOCK_I=block_i,
-    )
+    args = (weight, lora_A, lora_B, sub_A_, sub_B_, nonfinite,
+            out_features, in_features, lora_A.shape[0], sub_A_.shape[0],
+            weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
+            lora_B.stride(1), sub_A_.stride(0), sub_A_.stride(1), sub_B_.stride(0), sub_B_.stride(1),
+            scaling, sub_scaling if has_sub else 0.0)
+    flags = dict(HAS_SUB=has_sub, CHECK_ONLY=check_only,
+                 ACC_DTYPE=tl.float64 if weight.dtype == torch.float64 else tl.float32,
+                 SOFT_BF16=soft_bf16(weight.dtype), BLOCK_O=block_o, BLOCK_I=block_i,
+                 # No FMA contraction: s·d − s'·d' must be the exact negation of s'·d' − s·d, so that
+                 # switching adapters back and forth does not drift (an FMA rounds one product, not the other).
+                 enable_fp_fusion=False)
+    return _merge_kernel, grid, args, flags
+
+
+def merge_(weight, lora_A, lora_B, scaling: float, sub_A, sub_B, sub_scaling: float, check_only: bool) -> int:
+    """Launch the merge over weight [out, in]; returns the non-finite count when check_only, else 0."""
+    if weight.numel() == 0:
+        return 0
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=weight.device)
+    kernel, grid, args, flags = merge_launch_args(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling,
+                                                  check_only, nonfinite)
+    with on_device(weight):
+        kernel[grid](*args, **flags)
     return int(nonfinite.item()) if check_only else 0

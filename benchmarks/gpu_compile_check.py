@@ -1,0 +1,194 @@
+"""Compile every Triton kernel for a GPU, without one, and check what only a GPU would show.
+
+    python -m benchmarks.gpu_compile_check [--arch 90,80] [--dtypes bfloat16,float16,float32] [--out DIR]
+
+Triton compiles for a stand-in target (sm_90: H100/H200; sm_80: A100) on this CPU-only machine;
+the wheel's bundled cuobjdump reads registers and local memory from the cubin. For every kernel ×
+autotune config the autotuner can pick (after its shared-memory pruning) × dtype × flag variant
+(bias, dropout, rank tile 16/64, which covers r = 16 … 512 since larger ranks run in chunks of 64):
+
+- shared memory must fit the architecture (sm_90: 232,448 B; sm_80: 166,912 B), and the pruner's
+  estimate must not be below what the compiler allocates;
+- 16-bit configs must not spill to local memory (float32 ones are reported: auto sends float32 to cuBLAS);
+- the merge kernel's PTX must hold no FMA (fma.rn): a contracted s·d − s'·d' would make switching
+  adapters back and forth drift.
+
+Prints one line per compile (and its time), writes gpu_compile_check.json, exits 1 on any violation.
+Runs in CI (`.ci/run`); about 2–4 minutes on 2 cores with an empty Triton cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED_LIMIT = {90: 232448, 80: 166912}
+
+
+class StandInDriver:
+    """Enough of Triton's driver for compiling: the target, device 0, stream 0."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack and local memory (bytes per thread) of the cubin's kernel, from cuobjdump."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = {}
+    for key in ("REG", "STACK", "LOCAL"):
+        match = re.search(rf"\b{key}:(\d+)", text)
+        usage[key.lower()] = int(match.group(1)) if match else None
+    return usage
+
+
+def variants(dtypes, arch: int):
+    """(name, jit function, configs or [None], args, flags, dtype, rank tile, shrink_in_loop) of every launch
+    the launchers make, built by the launchers' own *_launch_args from tensors shaped as in a real call
+    (CPU tensors: only their dtypes, strides and alignment matter to the compiler)."""
+    import torch
+
+    from lora_kernels.ops import triton_lora_linear as lin
+    from lora_kernels.ops import triton_merge as mer
+    from lora_kernels.ops import triton_common
+    from lora_kernels.ops.triton_common import fitting_configs
+
+    # the pruner asks the device for its limit; here the device is the stand-in target
+    triton_common.shared_memory_limit = lambda device: SHARED_LIMIT[arch]
+    M, N, K = 4096, 4096, 4096
+    for dtype in dtypes:
+        e = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
+        for r in (16, 64):  # the rank tiles: r <= 16, and every r above 32 (chunks of 64)
+            weight, bias, lora_A, lora_B = e(N, K), e(N), e(r, K), e(N, r)
+            for p in (0.0, 0.1):
+                x, xa, grad_y = e(M, K), e(M, r), e(M, N)
+                gb = e(M, r, dt=torch.float32)
+                launches = [
+                    ("gemm y" + (" nobias" if p else ""), lin.fused_gemm_launch_args(
+                        x, weight.t(), None if p else bias, xa, lora_B.t(), None, e(M, N), 2.0, p, 7,
+                        shrink_in_loop=False, dropout_epilogue=False)),
+                    (f"gemm dx p={p}", lin.fused_gemm_launch_args(
+                        grad_y, weight, None, gb, lora_A, None, e(M, K), 2.0, p, 7,
+                        shrink_in_loop=False, dropout_epilogue=True)),
+                    (f"decode p={p}", lin.fused_gemm_launch_args(
+                        e(16, K), weight.t(), bias, e(16, r), lora_B.t(), lora_A.t(), e(16, N), 2.0, p, 7,
+                        shrink_in_loop=True, dropout_epilogue=False)),
+                    (f"shrink xa p={p}", lin.shrink_launch_args(x, lora_A.t(), xa, p, 7)),
+                    (f"weight grad dA p={p}", lin.weight_grad_launch_args(
+                        gb, x, e(4, r, K, dt=torch.float32), 1024, p, 7)),
+                ]
+                if p == 0.0:
+                    launches += [
+                        ("shrink gb", lin.shrink_launch_args(grad_y, lora_B, gb, 0.0, 0)),
+                        ("weight grad dB", lin.weight_grad_launch_args(xa, grad_y, e(4, r, N, dt=torch.float32),
+                                                                       1024, 0.0, 0)),
+                    ]
+                for name, (kernel, _, args, flags) in launches:
+                    if hasattr(kernel, "configs"):  # autotuned: every config its pruner keeps on this arch
+                        kept = fitting_configs(kernel.configs, {"x_ptr": args[0]}, **flags)
+                        yield name, kernel.fn, kept, args, flags, dtype, flags["BLOCK_R"], flags["SHRINK_IN_LOOP"]
+                    else:
+                        yield name, kernel, [None], args, flags, dtype, flags["BLOCK_R"], None
+        w = e(N, K)
+        A, B = e(16, K), e(N, 16)
+        for sub in (False, True):
+            for check_only in (False, True):
+                kernel, _, args, flags = mer.merge_launch_args(w, A, B, 2.0, A if sub else None, B if sub else None,
+                                                               0.5, check_only, torch.zeros(1, dtype=torch.int32))
+                yield (f"merge{' switch' if sub else ''}{' check' if check_only else ''}", kernel, [None], args,
+                       flags, dtype, 16, None)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="90,80", help="compute capabilities to compile for (default 90,80)")
+    parser.add_argument("--dtypes", default="bfloat16,float16,float32")
+    parser.add_argument("--out", type=Path, default=None, help="folder for gpu_compile_check.json")
+    parser.add_argument("--only", default=None, help="only kernels whose name contains this text (e.g. merge)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("gpu_compile_check: TRITON_INTERPRET=1 is set; compiling needs it off", file=sys.stderr)
+        return 2
+    import torch
+    from triton.runtime import driver
+
+    from lora_kernels.ops.triton_common import shared_memory_estimate
+
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    rows, problems = [], []
+    start = time.time()
+    for arch in (int(a) for a in args.arch.split(",")):
+        driver.set_active(StandInDriver(arch))
+        for name, kernel, configs, kargs, flags, dtype, block_r, shrink_in_loop in variants(dtypes, arch):
+            if args.only and args.only not in name:
+                continue
+            for config in configs:
+                options = dict(flags)
+                if config is not None:
+                    options.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                t0 = time.time()
+                compiled = kernel.warmup(*kargs, grid=(1,), **options)
+                seconds = time.time() - t0
+                usage = resource_usage(compiled.asm["cubin"])
+                row = dict(arch=arch, kernel=name, dtype=str(dtype)[6:], block_r=block_r,
+                           config=None if config is None else str(config), shared=compiled.metadata.shared,
+                           compile_s=round(seconds, 2), **usage)
+                sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+                why = []
+                if row["shared"] > SHARED_LIMIT[arch]:
+                    why.append(f"shared memory {row['shared']} B > {SHARED_LIMIT[arch]} B")
+                if config is not None:
+                    estimate = shared_memory_estimate(config, torch.empty((), dtype=dtype).element_size(), block_r,
+                                                      shrink_in_loop)
+                    row["shared_estimate"] = estimate
+                    if estimate < row["shared"]:
+                        why.append(f"pruning estimate {estimate} B below the compiler's {row['shared']} B")
+                if sixteen_bit and (row["local"] or 0) > 0:
+                    why.append(f"spills {row['local']} B of local memory per thread")
+                if name.startswith("merge") and "fma.rn" in compiled.asm["ptx"]:
+                    why.append("FMA contraction in the merge kernel")
+                row["problems"] = why
+                rows.append(row)
+                problems += [f"sm_{arch} {name} {row['dtype']} r-tile {block_r} {row['config']}: {w}" for w in why]
+                print(f"sm_{arch} {name:<18} {row['dtype']:<8} r{block_r:<3} shared {row['shared']:>6} "
+                      f"regs {row['reg']} local {row['local']} {seconds:5.1f}s "
+                      f"{row['config'] or ''} {'FAIL: ' + '; '.join(why) if why else ''}", flush=True)
+        for name, kernel, configs, *_ in variants(dtypes[:1], arch):
+            if not configs:
+                problems.append(f"sm_{arch} {name}: the pruner keeps no config")
+    summary = dict(compiles=len(rows), seconds=round(time.time() - start, 1), problems=problems)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_compile_check.json").write_text(json.dumps(dict(summary=summary, rows=rows), indent=1))
+    print(f"\ngpu_compile_check: {len(rows)} compiles in {summary['seconds']} s; "
+          f"{len(problems)} problem(s)" + "".join(f"\n  {p}" for p in problems))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
