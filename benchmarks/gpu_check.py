@@ -1,20 +1,20 @@
-"""The prepared GPU check: validate every GPU kernel against reference.py, then time them.
+"""The prepared GPU check: validate every GPU kernel against reference.py, then time them, inside a deadline.
 
-    bash benchmarks/gpu_check.sh              # on the GPU machine: build, validate, time (< 8 min)
-    python -m benchmarks.gpu_check --dry-run  # anywhere: same code path on CPU through TRITON_INTERPRET=1
+    bash benchmarks/gpu_check.sh                            # on the GPU machine: build, validate, time
+    bash benchmarks/gpu_check.sh --deadline 300             # a shorter lease
+    python -m benchmarks.gpu_check --dry-run                # anywhere: same code path on CPU (TRITON_INTERPRET=1)
 
-Validation: each GPU backend (triton, cuda), float16/bfloat16/float32, odd
-shapes, with and without dropout and bias: y, xa, dx, dA, dB against the float64
-reference with the same dropout seed, within twice plain PyTorch's error in the
-same dtype (the tests' rule); merge/unmerge/switch, safe merge and 50-cycle drift
-(12 in --dry-run).
-Fresh random inputs per case; the allocator is filled with NaN before each run
-so an output element a kernel forgets to write cannot pass.
-
-Timing: forward and forward+backward (frozen W0), M in {1, 16, 2048, 8192},
-(in, out) in {(4096, 4096), (4096, 14336), (14336, 4096)}, r in {16, 64}, bf16:
-ours vs F.linear (the floor) vs the reference formula vs PEFT, triton.testing.do_bench.
-Writes gpu_check.json (and the suite's results files) to --out ($OUT when set).
+Sections in priority order, each skipped once --deadline (default 480 s) has passed: a Triton smoke
+validation (one shape, every dtype, dropout and bias on/off), the headline timings (bf16, r = 16,
+4096², M in {1, 16, 2048, 8192}, forward and train: ours vs F.linear vs the reference formula vs PEFT,
+ours[cuda] next to ours), the full validation of each GPU backend (odd shapes, r up to 256; y, xa, dx,
+dA, dB against the float64 reference with the same dropout seed, within the tests' rule; merge,
+unmerge, switch, safe merge, drift), then the remaining timing grid and the merges.
+Every check and timed case is appended to $OUT/progress.jsonl as it finishes, and gpu_check.json /
+results.md are rewritten after each section: a run cut short still returns what it measured.
+LORA_KERNELS_AUTOTUNE=first limits each autotuned kernel to its first config (no tuning runs).
+Fresh random inputs per case; the allocator is filled with NaN before each run so an output element a
+kernel forgets to write cannot pass.
 """
 
 from __future__ import annotations
@@ -133,85 +133,145 @@ def validate_merge(backend: str, device: str, shapes, cycles: int, log) -> list[
     return rows
 
 
+class Progress:
+    """Everything measured so far, on disk as it happens: one JSON line per check or timed case in
+    progress.jsonl, and gpu_check.json / results.md rewritten after every section, so a run cut at
+    any point (the lease's deadline, a crash) still returns all it measured."""
+
+    def __init__(self, out: Path, deadline_s: float):
+        self.out, self.deadline = out, time.time() + deadline_s
+        self.started = time.time()
+        self.checks: list[dict] = []
+        self.results: list = []
+        self.log_lines: list[str] = []
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (out / "progress.jsonl").open("a")
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def log(self, line: str) -> None:
+        print(line, flush=True)
+        self.log_lines.append(line)
+        self.record(dict(kind="log", line=line))
+
+    def record(self, row: dict) -> None:
+        self.jsonl.write(json.dumps(dict(row, t=round(time.time() - self.started, 1))) + "\n")
+        self.jsonl.flush()
+
+    def add_checks(self, rows: list[dict]) -> None:
+        self.checks += rows
+        for row in rows:
+            self.record(dict(kind="check", **row))
+
+    def add_result(self, result) -> None:
+        from dataclasses import asdict
+
+        self.results.append(result)
+        self.record(dict(kind="timing", **asdict(result)))
+
+    def write_summary(self, device: str, section: str) -> None:
+        from .harness import machine_info, write_results
+        from .tables import markdown_report
+
+        info = machine_info(device)
+        n_ok = sum(c["ok"] for c in self.checks)
+        if self.results:
+            write_results(self.results, info, self.out, markdown_report(self.results, info))
+        summary = dict(last_section=section, checks_passed=n_ok, checks=len(self.checks),
+                       seconds=round(time.time() - self.started, 1))
+        (self.out / "gpu_check.json").write_text(json.dumps(
+            {"machine": info, "summary": summary, "checks": self.checks, "log": self.log_lines}, indent=1))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results/gpu_check")))
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per case")
+    parser.add_argument("--deadline", type=float, default=480.0,
+                        help="seconds after which no new section or case starts (default 480: one 10-minute call "
+                             "with room for the build and the copy back)")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     import lora_kernels  # noqa: F401  (after TRITON_INTERPRET is set)
     from .cases import LinearCase, linear_cases, merge_cases
     from .runners import run_linear, run_merge
-    from .tables import markdown_report
 
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --dry-run", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_lines: list[str] = []
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        log_lines.append(line)
-
-    started = time.time()
+    progress = Progress(args.out, args.deadline)
+    log = progress.log
     backends = [b for b in ("triton", "cuda") if b in lora_kernels.available_backends()]
     if args.dry_run:
         backends = ["triton"]
     log(f"backends under test: {backends}; torch {torch.__version__}; device "
-        f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}")
+        f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}; deadline {args.deadline:.0f} s")
+    smoke = [(37, 100, 33, 16)]
     shapes = ([(1, 33, 70, 1), (7, 70, 100, 3), (37, 100, 33, 16)] if args.dry_run else
               [(1, 33, 70, 1), (7, 70, 100, 3), (37, 100, 33, 16), (1000, 129, 257, 64), (16, 4096, 4096, 16),
-               (2048, 4096, 1000, 16), (2049, 1000, 4096, 64)])
+               (2048, 4096, 1000, 16), (2049, 1000, 4096, 64), (64, 256, 256, 256)])
     merge_shapes = [(33, 70, 3), (40, 50, 16)] if args.dry_run else [(33, 70, 3), (100, 129, 64), (257, 1000, 16)]
     cycles = 12 if args.dry_run else 50
-    checks = []
-    for backend in backends:
-        for section in (lambda: validate_linear(backend, device, shapes, log),
-                        lambda: validate_merge(backend, device, merge_shapes, cycles, log)):
-            try:
-                checks += section()
-            except Exception:  # noqa: BLE001 - report and carry on to the other checks
-                log(f"ERROR in validation of {backend}:\n{traceback.format_exc()}")
-                checks.append(dict(op="error", backend=backend, ok=False, detail=traceback.format_exc()))
-    n_ok = sum(c["ok"] for c in checks)
-    log(f"validation: {n_ok}/{len(checks)} checks passed ({time.time() - started:.0f} s)")
 
-    results = []
+    def section(name: str, run) -> None:
+        """One section, skipped once the deadline has passed; the summary is rewritten after it."""
+        if progress.left() <= 0:
+            log(f"skipped {name}: past the deadline")
+            return
+        t0 = time.time()
+        try:
+            run()
+        except Exception:  # noqa: BLE001 - report and carry on to the other sections
+            log(f"ERROR in {name}:\n{traceback.format_exc()}")
+            progress.add_checks([dict(op="error", section=name, ok=False, detail=traceback.format_exc())])
+        log(f"section {name}: {time.time() - t0:.0f} s ({progress.left():.0f} s left)")
+        progress.write_summary(device, name)
+
+    def time_cases(cases, wanted):
+        for case in cases:
+            if progress.left() <= 0:
+                log(f"timing stopped at the deadline before {case.label}")
+                return
+            progress.add_result(run_linear(case, device, wanted, args.budget))
+
+    # Priority order: what a short lease must not miss comes first.
+    for backend in backends:
+        section(f"smoke validation {backend}",
+                lambda b=backend: progress.add_checks(validate_linear(b, device, smoke, log)))
     if not args.skip_timing:
         if args.dry_run:
-            cases = [LinearCase(M, 64, 96, 16, torch.float32, t, 0.0) for M in (1, 37) for t in (False, True)]
+            headline = [LinearCase(M, 64, 96, 16, torch.float32, t, 0.0) for M in (1, 37) for t in (False, True)]
             wanted = ["base", "reference", "ours"]
         else:
-            cases = [c for c in linear_cases("cuda", full=False)]
-            wanted = ["base", "reference", "peft", "ours"]
-        for i, case in enumerate(cases):
-            try:
-                results.append(run_linear(case, device, wanted, args.budget))
-            except Exception:  # noqa: BLE001
-                log(f"ERROR timing {case.label}:\n{traceback.format_exc()}")
-            if i % 8 == 7:
-                log(f"timed {i + 1}/{len(cases)} cases ({time.time() - started:.0f} s)")
-        if not args.dry_run:
+            headline = [LinearCase(M, 4096, 4096, 16, torch.bfloat16, t, 0.0) for M in (1, 16, 2048, 8192)
+                        for t in (False, True)]
+            wanted = ["base", "reference", "peft", "ours", "ours[cuda]"]
+        section("headline timings", lambda: time_cases(headline, wanted))
+    for backend in backends:
+        section(f"validation {backend}",
+                lambda b=backend: progress.add_checks(validate_linear(b, device, shapes, log)))
+        section(f"merge validation {backend}",
+                lambda b=backend: progress.add_checks(validate_merge(b, device, merge_shapes, cycles, log)))
+    if not args.skip_timing and not args.dry_run:
+        rest = [c for c in linear_cases("cuda", full=False) if c not in headline]
+        section("remaining timings", lambda: time_cases(rest, ["base", "reference", "peft", "ours"]))
+
+        def merges():
             for shape in merge_cases("cuda", full=False):
-                try:
-                    results.append(run_merge(shape, device, ["gemm", "ours", "ours-safe", "peft"], args.budget))
-                except Exception:  # noqa: BLE001
-                    log(f"ERROR timing merge {shape}:\n{traceback.format_exc()}")
+                if progress.left() > 0:
+                    progress.add_result(run_merge(shape, device, ["gemm", "ours", "ours-safe", "peft"], args.budget))
+        section("merge timings", merges)
 
-    from .harness import machine_info, write_results
-
-    info = machine_info(device)
-    report = markdown_report(results, info)
-    write_results(results, info, args.out, report)
-    (args.out / "gpu_check.json").write_text(json.dumps({"machine": info, "checks": checks, "log": log_lines}, indent=1))
-    print(report)
-    print(f"validation: {n_ok}/{len(checks)} checks passed; total {time.time() - started:.0f} s; wrote {args.out}")
-    return 0 if n_ok == len(checks) else 1
+    n_ok = sum(c["ok"] for c in progress.checks)
+    progress.write_summary(device, "done")
+    log(f"validation: {n_ok}/{len(progress.checks)} checks passed; total {time.time() - progress.started:.0f} s; "
+        f"wrote {args.out}")
+    return 0 if n_ok == len(progress.checks) else 1
 
 
 if __name__ == "__main__":

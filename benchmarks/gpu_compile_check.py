@@ -142,8 +142,14 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     rows, problems = [], []
     start = time.time()
+    from lora_kernels.ops import triton_lora_linear, triton_merge
+
+    kernels = (triton_lora_linear._shrink_kernel, triton_lora_linear._fused_gemm_kernel,
+               triton_lora_linear._weight_grad_kernel, triton_merge._merge_kernel)
     for arch in (int(a) for a in args.arch.split(",")):
         driver.set_active(StandInDriver(arch))
+        for kernel in kernels:  # a JITFunction keeps its target per device: forget the previous arch's
+            kernel.device_caches.clear()
         for name, kernel, configs, kargs, flags, dtype, block_r, shrink_in_loop in variants(dtypes, arch):
             if args.only and args.only not in name:
                 continue

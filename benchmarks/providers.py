@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -89,12 +90,8 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
 
         providers.append(Provider("reference", step(reference), default_prepare,
                                   [*base.parameters(), ref_A, ref_B]))
-    if "peft" in wanted and have("peft"):
-        from peft.tuners.lora import Linear as PeftLinear
-        from peft.tuners.lora import LoraConfig
-
-        config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=["base"])
-        peft_layer = PeftLinear(base, "default", config=config, r=r, lora_alpha=lora_alpha, lora_dropout=dropout)
+    peft_layer = peft_linear(base, r, lora_alpha, dropout) if "peft" in wanted else None
+    if peft_layer is not None:
         peft_layer.train(train)
         lora_params(peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight)
         providers.append(Provider("peft", step(peft_layer), default_prepare, list(peft_layer.parameters())))
@@ -123,6 +120,32 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
     return providers
 
 
+def peft_linear(base: nn.Linear, r: int, lora_alpha: float, dropout: float = 0.0):
+    """A PEFT LoRA layer around `base`, or None (with a note) when peft is missing or its constructor
+    does not take these arguments: PEFT's Linear gained a required `config` in 0.14-era releases, and
+    a provider that cannot be built must not cost the case its other providers."""
+    if not have("peft"):
+        return None
+    from peft.tuners.lora import Linear as PeftLinear
+    from peft.tuners.lora import LoraConfig
+
+    attempts = (
+        lambda: PeftLinear(base, "default", config=LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout,
+                                                              target_modules=["base"]),
+                           r=r, lora_alpha=lora_alpha, lora_dropout=dropout),
+        lambda: PeftLinear(base, "default", r=r, lora_alpha=lora_alpha, lora_dropout=dropout),
+    )
+    errors = []
+    for attempt in attempts:
+        try:
+            return attempt()
+        except TypeError as error:
+            errors.append(str(error))
+    print(f"peft provider skipped: its LoRA Linear took none of the known signatures ({'; '.join(errors)})",
+          file=sys.stderr)
+    return None
+
+
 def _chain(*hooks):
     def run() -> None:
         for hook in hooks:
@@ -149,13 +172,9 @@ def merge_providers(d_out, d_in, r, dtype, device, wanted) -> list[Provider]:
             layer.lora_B.copy_(lora_B)
         providers.append(Provider(name, lambda layer=layer, safe=safe: layer.merge(safe=safe),
                                   _chain(_with_backend(None), layer.unmerge)))
-    if "peft" in wanted and have("peft"):
-        from peft.tuners.lora import Linear as PeftLinear
-        from peft.tuners.lora import LoraConfig
-
-        base = nn.Linear(d_in, d_out, **factory).requires_grad_(False)
-        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["base"])
-        peft_layer = PeftLinear(base, "default", config=config, r=r, lora_alpha=2 * r)
+    peft_layer = peft_linear(nn.Linear(d_in, d_out, **factory).requires_grad_(False), r, 2 * r) \
+        if "peft" in wanted else None
+    if peft_layer is not None:
         with torch.no_grad():
             peft_layer.lora_A["default"].weight.copy_(lora_A)
             peft_layer.lora_B["default"].weight.copy_(lora_B)

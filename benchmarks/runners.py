@@ -64,15 +64,11 @@ def run_drift(device: str, cycles=(1, 10, 100, 1000)) -> CaseResult:
             if cycle in cycles:
                 drift[name][cycle] = (weight.float() - weight0.float()).abs().max().item()
     record = merge_(weight0.clone(), lora_A, lora_B, scaling, exact=True)
-    if have("peft"):
-        from peft.tuners.lora import Linear as PeftLinear
-        from peft.tuners.lora import LoraConfig
-
-        base = torch.nn.Linear(d, d, bias=False, device=device, dtype=dtype).requires_grad_(False)
-        base.weight.copy_(weight0)
-        layer = PeftLinear(base, "default", config=LoraConfig(r=r, lora_alpha=2 * r, target_modules=["x"]), r=r,
-                           lora_alpha=2 * r)
+    base = torch.nn.Linear(d, d, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    layer = prov.peft_linear(base, r, 2 * r)
+    if layer is not None:
         with torch.no_grad():
+            base.weight.copy_(weight0)
             layer.lora_A["default"].weight.copy_(lora_A)
             layer.lora_B["default"].weight.copy_(lora_B)
         drift["peft"] = {}

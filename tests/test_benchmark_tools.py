@@ -1,17 +1,19 @@
-"""The benchmark's measuring tools measure what they claim (CPU, Linux)."""
+"""The benchmark's tools do what they claim: the peak-RSS probe (CPU, Linux), the GPU check's deadline."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.peak_rss import peak_rss_growth_mb
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc")
+LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc")
 
 
+@LINUX_ONLY
 def test_peak_rss_sees_the_gemm_temporary_and_not_the_in_place_merge():
     """One B @ A of a 2048 x 2048 float32 weight allocates and fills 16 MB; the in-place merge allocates nothing.
 
@@ -20,3 +22,21 @@ def test_peak_rss_sees_the_gemm_temporary_and_not_the_in_place_merge():
     (growth,) = peak_rss_growth_mb([("merge", (2048, 2048, 16, torch.float32))], ["gemm", "ours"])
     assert 15 <= growth["gemm"] <= 22, growth
     assert growth["ours"] <= 4, growth
+
+
+def test_gpu_check_stops_at_its_deadline_and_leaves_valid_partial_results(tmp_path):
+    """A dry run with a 1-second deadline: the first section runs, the rest are skipped, and what was
+    measured is on disk as valid JSON (progress.jsonl line by line, and the summary)."""
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--deadline", "1",
+                             "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert "skipped validation triton: past the deadline" in result.stdout, result.stdout + result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if r["kind"] == "check"]
+    assert checks and all(r["ok"] for r in checks), checks[:3]
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())["summary"]
+    assert summary["checks"] == len(checks) and summary["last_section"] == "done"

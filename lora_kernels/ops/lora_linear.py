@@ -60,9 +60,9 @@ class CompiledBackend:
 register(Implementation(OP, "reference", "lora_kernels.ops.lora_linear:ReferenceBackend"))
 register(Implementation(OP, "cpu", "lora_kernels.ops.lora_linear:CompiledBackend", devices=("cpu",)))
 register(Implementation(OP, "cuda", "lora_kernels.ops.lora_linear:CompiledBackend", devices=("cuda",)))
-# Triton's dots are float32 at most. auto sends float32 to cuBLAS (the cuda backend): Triton's fp32
-# tiles spill (255 registers, up to 11 KB of local memory per thread in benchmarks/gpu_compile_check.py)
-# and its full-precision fp32 dots do not use tensor cores; a forced triton still runs float32.
+# Triton's dots are float32 at most. auto sends float32 to cuBLAS (the cuda backend): Triton's fp32 GEMM
+# configs sit at the 255-register cap (benchmarks/gpu_compile_check.py, sm_90) and its full-precision fp32
+# dots cannot use tensor cores, where cuBLAS's SGEMM is the tuned baseline; a forced triton still runs float32.
 register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear", devices=("cuda",),
                         dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -16,9 +17,14 @@ from ..reference import dropout_threshold  # the mask rule is defined once, by t
 
 
 def configs(full: list[tuple[dict, int, int]], small: dict) -> list[triton.Config]:
-    """triton.Configs from (tile sizes, num_warps, num_stages); `small` alone under the interpreter."""
+    """triton.Configs from (tile sizes, num_warps, num_stages); `small` alone under the interpreter.
+
+    LORA_KERNELS_AUTOTUNE=first (read at import) keeps only the first config of each list: no
+    autotuning runs, for validation passes that must fit a short GPU lease."""
     if interpreted():  # the interpreter is slow: one small config, no tuning
         return [triton.Config(small, num_warps=4, num_stages=1)]
+    if os.environ.get("LORA_KERNELS_AUTOTUNE") == "first":
+        full = full[:1]
     return [triton.Config(tiles, num_warps=warps, num_stages=stages) for tiles, warps, stages in full]
 
 
