@@ -219,8 +219,10 @@ def have(module: str) -> bool:
 def machine_slug(info: dict) -> str:
     if info["device"] == "cuda":
         kind = info["gpu"].replace("NVIDIA ", "").replace(" ", "-")
-    else:
-        kind = f"cpu-{info['cpu_cores']}core"
+    else:  # CPU results depend on the vendor's microarchitecture and the vector ISA: both go in the name
+        vendor = next((v for v in ("intel", "amd", "arm") if v in info["cpu"].lower()), "cpu")
+        isa = (info.get("cpu_isa") or "").lower().replace("-", "")
+        kind = "-".join(part for part in (f"cpu-{info['cpu_cores']}core", vendor, isa) if part)
     return f"{kind}-{info['date']}"
 
 
