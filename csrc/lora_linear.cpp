@@ -41,6 +41,15 @@ struct DeviceParts {
   int64_t block_rows(int64_t width) const {
     return std::max<int64_t>(16, block_bytes / std::max<int64_t>(1, width * 4));
   }
+
+  // Rows row0 .. row0+rows-1 of x's dropout mask: 1/(1-p) where kept, 0 where dropped. float32, whose
+  // 1/(1-p) is exact enough for 16- and 32-bit x; for float64 x the value is re-made in float64
+  // (a float32 1/(1-p) is off by ~1e-8, far above float64's rounding).
+  at::Tensor mask_rows(const at::Tensor& x, int64_t row0, int64_t rows, double p, int64_t seed) const {
+    const at::Tensor mask = dropout_mask(row0, rows, x.size(1), p, seed, x.options());
+    if (x.scalar_type() != at::kDouble) return mask;
+    return mask.ne(0).to(at::kDouble).mul_(1.0 / (1.0 - p));
+  }
 };
 
 constexpr DeviceParts kCpu{&dropout_mask_cpu, int64_t{256} << 10};
@@ -111,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, cons
     const int64_t block = device.block_rows(x.size(1));
     for (int64_t m0 = 0; m0 < M; m0 += block) {
       const int64_t rows = std::min(block, M - m0);
-      const at::Tensor mask = device.dropout_mask(m0, rows, x.size(1), dropout_p, seed, x.options());
+      const at::Tensor mask = device.mask_rows(x, m0, rows, dropout_p, seed);
       at::Tensor xa_rows = xa.narrow(0, m0, rows);
       at::mm_out(xa_rows, x.narrow(0, m0, rows).mul(mask).to(x.scalar_type()), lora_A.t());
     }
@@ -168,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     at::Tensor x_rows = x.narrow(0, m0, rows);
     at::Tensor mask;
     if (dropout_p != 0.0) {
-      mask = device.dropout_mask(m0, rows, x.size(1), dropout_p, seed, x.options());
+      mask = device.mask_rows(x, m0, rows, dropout_p, seed);
       x_rows = x_rows.mul(mask);  // float32 for 16-bit x (type promotion with the float32 mask)
     }
     dA.addmm_(gb_rows.t().to(dA.scalar_type()), x_rows.to(dA.scalar_type()));
