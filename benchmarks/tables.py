@@ -67,7 +67,7 @@ def busy_machine_note(results: list[CaseResult], info: dict) -> str | None:
     return f"**Note**: the machine was busy during this run ({'; '.join(reasons)}): ratios may be off by more than usual."
 
 
-# How the two LoRA-linear tables of a report begin (report.py leaves them out of the README for long sweeps).
+# How the two LoRA-linear tables of a report begin (readme_results.py leaves them out of the README for long sweeps).
 LINEAR_TIME_HEADING = "Median time per call"
 LINEAR_MEMORY_HEADING = "Memory per call"
 
