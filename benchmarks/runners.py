@@ -9,7 +9,7 @@ import torch
 
 from . import providers as prov
 from .cases import LinearCase
-from .harness import CaseResult, have, memory_profile, time_providers
+from .harness import CaseResult, memory_profile, time_providers
 from .peak_rss import peak_rss_growth_mb
 
 

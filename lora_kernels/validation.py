@@ -66,17 +66,18 @@ def check_not_learnable_scaling(scaling) -> None:
                          "scaling would silently stay constant); pass a float or a tensor with requires_grad=False")
 
 
-def dtensor_class():
-    """torch.distributed.tensor.DTensor once something imported it (no DTensor exists before), else None."""
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+def is_dtensor(t) -> bool:
+    """Whether t is a torch.distributed.tensor.DTensor (none can exist before that module is imported,
+    so the usual answer costs one dictionary lookup)."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def check_not_distributed_tensor(**tensors) -> None:
     """A DTensor (tensor parallelism, or FSDP2's sharded parameters outside its forward) holds only a shard:
     running the kernels on its local piece would be silently wrong."""
-    dtensor = dtensor_class()
     for name, t in tensors.items():
-        if dtensor is not None and isinstance(t, dtensor):
+        if is_dtensor(t):
             raise TypeError(f"{name} is a DTensor (placements {tuple(t.placements)}): lora_kernels runs on whole, "
                             "local tensors; tensor-parallel (DTensor) weights are not supported. FSDP2 "
                             "(fully_shard) and DDP are: they hand the layer ordinary tensors in forward")
@@ -128,7 +129,7 @@ def plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> boo
              or isinstance(scaling, Tensor) and torch.compiler.is_compiling() and not scaling.requires_grad)
         and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0
         and autocast_dtype(x.device.type) is None
-        and (dtensor_class() is None or not any(isinstance(t, dtensor_class()) for t in (x, weight, bias, lora_A, lora_B)))
+        and not (is_dtensor(x) or is_dtensor(weight) or is_dtensor(lora_A) or is_dtensor(lora_B) or is_dtensor(bias))
     )
 
 

@@ -140,8 +140,7 @@ def _differentiable_gradients(ctx, grad_y):
     grads = [None] * 4
     if wrt:
         p, seed_value = _dropout(ctx.dropout_p, seed)
-        y, _ = reference.lora_linear(x, weight, None, lora_A, lora_B, float(ctx.scaling), p,
-                                     seed_value if seed is not None else None)
+        y, _ = reference.lora_linear(x, weight, None, lora_A, lora_B, float(ctx.scaling), p, seed_value)
         found = torch.autograd.grad(y, [t for _, t in wrt], grad_y, create_graph=True)
         for (i, _), g in zip(wrt, found):
             grads[i] = g

@@ -284,11 +284,16 @@ def _fused_gemm_launch(*launch, **options):
     kernel[grid](*args, **flags)
 
 
+def _weight_grad_tiles() -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the weight-gradient kernel; the M slices are whole multiples of BLOCK_M."""
+    return (16, 32) if interpreted() else (64, 128)
+
+
 def weight_grad_launch_args(g, x, part, rows_per_split: int, p: float, seed: int):
     """(kernel, grid, args, flags) of part[s] = g[slice s]ᵀ @ drop?(x)[slice s] for g [M, R], x [M, N]."""
     M, R = g.shape
     N = x.shape[1]
-    block_m, block_n = (16, 32) if interpreted() else (64, 128)
+    block_m, block_n = _weight_grad_tiles()
     threshold, _ = dropout_args(p)
     grid = (triton.cdiv(N, block_n), part.shape[0], triton.cdiv(R, block_r(R)))
     args = (g, x, part, M, N, R, rows_per_split, g.stride(0), g.stride(1), x.stride(0), x.stride(1), seed, threshold)
@@ -303,7 +308,7 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch
     N = x.shape[1]
     if M == 0:
         return torch.zeros(R, N, device=x.device, dtype=torch.float32)
-    block_m, block_n = (16, 32) if interpreted() else (64, 128)
+    block_m, block_n = _weight_grad_tiles()
     if interpreted():
         splits = 1
     else:
