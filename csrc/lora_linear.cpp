@@ -20,6 +20,11 @@
 // gradient underflow) a float16 intermediate. bfloat16, which has float32's range,
 // rounds gb = s·dy B once to bfloat16 (after scaling) and keeps its fast 16-bit GEMMs:
 // widening it too cost +50% of a bf16 train step on an AMX CPU (benchmarks/NOTES.md).
+//
+// Mixed precision (float32 lora_A/lora_B on a float16/bfloat16 x, PEFT's default):
+// the LoRA branch is computed from x widened to float32 a row block at a time, xa
+// is float32, s · xa Bᵀ is added to the 16-bit y block by block (one rounding), and
+// dA, dB come back in float32. The base GEMMs stay 16-bit.
 #include "lora_kernels.h"
 
 #include <algorithm>
@@ -69,11 +74,17 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scaling) {
   return at::addmm(at::zeros({a.size(0), b.size(1)}, a.options()), a, b, /*beta=*/0, /*alpha=*/scaling);
 }
 
-void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  LK_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(),
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name = "x") {
+  LK_CHECK(t.scalar_type() == x.scalar_type(), name, " must have ", x_name, "'s dtype ", x.scalar_type(),
            ", got ", t.scalar_type());
-  LK_CHECK(t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ",
+  LK_CHECK(t.device() == x.device(), name, " must be on ", x_name, "'s device ", x.device(), ", got ",
            t.device());
+}
+
+// float32 adapters on a 16-bit x (see the top of this file)
+bool is_mixed(const at::Tensor& x, const at::Tensor& lora_A) {
+  return lora_A.scalar_type() == at::kFloat &&
+         (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
 }
 
 void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
@@ -88,8 +99,13 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
                lora_B.size(1) == lora_A.size(0),
            "lora_B must be [", weight.size(0), ", ", lora_A.size(0), "], got ", lora_B.sizes());
   check_same(weight, "weight", x);
-  check_same(lora_A, "lora_A", x);
-  check_same(lora_B, "lora_B", x);
+  if (is_mixed(x, lora_A)) {
+    check_same(lora_B, "lora_B", lora_A, "lora_A");
+    LK_CHECK(lora_A.device() == x.device(), "lora_A must be on x's device ", x.device(), ", got ", lora_A.device());
+  } else {
+    check_same(lora_A, "lora_A", x);
+    check_same(lora_B, "lora_B", x);
+  }
   if (bias.has_value()) {
     LK_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [",
              weight.size(0), "], got ", bias->sizes());
@@ -105,8 +121,9 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, cons
                                                  double scaling, double dropout_p, int64_t seed) {
   check_forward_args(x, weight, bias, lora_A, lora_B, dropout_p);
   const int64_t M = x.size(0), r = lora_A.size(0);
+  const bool mixed = is_mixed(x, lora_A);
   at::Tensor y = at::empty({M, weight.size(0)}, x.options());
-  at::Tensor xa = at::empty({M, r}, x.options());
+  at::Tensor xa = at::empty({M, r}, lora_A.options());
   if (M == 0) return {y, xa};
 
   if (bias.has_value()) {
@@ -114,17 +131,21 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, cons
   } else {
     at::mm_out(y, x, weight.t());
   }
-  if (dropout_p == 0.0) {
+  if (dropout_p == 0.0 && !mixed) {
     at::mm_out(xa, x, lora_A.t());
   } else {
-    const int64_t block = device.block_rows(x.size(1));
+    // Row blocks: the dropout mask and, when mixed, x widened to float32 exist a block at a time.
+    const int64_t block = device.block_rows(mixed ? std::max(x.size(1), y.size(1)) : x.size(1));
     for (int64_t m0 = 0; m0 < M; m0 += block) {
       const int64_t rows = std::min(block, M - m0);
-      const at::Tensor mask = device.mask_rows(x, m0, rows, dropout_p, seed);
+      at::Tensor x_rows = x.narrow(0, m0, rows);
+      if (dropout_p != 0.0) x_rows = x_rows.mul(device.mask_rows(x, m0, rows, dropout_p, seed));
       at::Tensor xa_rows = xa.narrow(0, m0, rows);
-      at::mm_out(xa_rows, x.narrow(0, m0, rows).mul(mask).to(x.scalar_type()), lora_A.t());
+      at::mm_out(xa_rows, x_rows.to(lora_A.scalar_type()), lora_A.t());
+      if (mixed) y.narrow(0, m0, rows).add_(scaled_mm(xa_rows, lora_B.t(), scaling));  // one rounding into y
     }
   }
+  if (mixed) return {y, xa};
   if (scaling != 0.0) {
     // alpha = s is applied to the float32 accumulator (BLAS / cuBLAS), before y is rounded.
     y.addmm_(xa, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
@@ -144,12 +165,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   LK_CHECK(xa.dim() == 2 && xa.size(0) == x.size(0) && xa.size(1) == lora_A.size(0),
            "xa must be [", x.size(0), ", ", lora_A.size(0), "], got ", xa.sizes());
   check_same(grad_y, "grad_y", x);
-  check_same(xa, "xa", x);
+  check_same(xa, "xa", lora_A, "lora_A");
   const int64_t M = x.size(0);
   // float16 keeps gb, dB and dx's LoRA term in float32 (s·dy B easily leaves its range);
   // bfloat16 has float32's range, so gb = s·dy B is rounded once to bfloat16 by the
   // GEMM itself (alpha = s), like any bf16 operand, and the fast 16-bit GEMMs stay.
-  const bool widen = x.scalar_type() == at::kHalf;
+  // float32 adapters (mixed) take the float32 path for every LoRA product.
+  const bool widen = x.scalar_type() == at::kHalf || is_mixed(x, lora_A);
   const auto acc = widen ? at::kFloat : x.scalar_type();
   at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::empty({0}, x.options());
 
@@ -193,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     }
   }
   if (widen) dB.mul_(scaling);
-  return {dx, dA.to(x.scalar_type()), dB.to(x.scalar_type())};
+  return {dx, dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type())};
 }
 
 }  // namespace

@@ -35,6 +35,9 @@ _PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "referenc
 FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 HALF_AND_FLOAT32 = frozenset((torch.float16, torch.bfloat16, torch.float32))
 HALF = frozenset((torch.float16, torch.bfloat16))
+# (tensors' dtype, adapters' dtype) pairs of a mixed-precision call: float32 adapters on a 16-bit base,
+# PEFT's default for float16/bfloat16 models
+FLOAT32_ADAPTERS_ON_HALF = frozenset(((torch.float16, torch.float32), (torch.bfloat16, torch.float32)))
 ANY_DEVICE = None
 
 
@@ -54,14 +57,18 @@ class Implementation:
     devices: tuple[str, ...] | None = ANY_DEVICE
     dtypes: frozenset = FLOAT_DTYPES
     auto_dtypes: frozenset | None = None  # the dtypes `auto` picks it for (None: all of `dtypes`)
+    mixed: frozenset = frozenset()  # (dtype, adapter dtype) pairs it serves besides one dtype for all
 
-    def chosen_by_auto(self, device_type: str, dtype: torch.dtype | None) -> bool:
-        return self.serves(device_type, dtype) and (self.auto_dtypes is None or dtype in self.auto_dtypes)
+    def chosen_by_auto(self, device_type: str, dtype: torch.dtype | None, adapter_dtype=None) -> bool:
+        return (self.serves(device_type, dtype, adapter_dtype)
+                and (self.auto_dtypes is None or dtype in self.auto_dtypes))
 
-    def serves(self, device_type: str, dtype: torch.dtype | None) -> bool:
+    def serves(self, device_type: str, dtype: torch.dtype | None, adapter_dtype: torch.dtype | None = None) -> bool:
         devices = self.devices
         if devices is not None and self.backend == "triton" and triton_interpreted():
             devices = devices + ("cpu",)
+        if adapter_dtype is not None and adapter_dtype != dtype and (dtype, adapter_dtype) not in self.mixed:
+            return False
         return (devices is None or device_type in devices) and (dtype is None or dtype in self.dtypes)
 
     def load(self):
@@ -142,22 +149,31 @@ def requested_backend() -> str:
 _selected: dict[tuple, tuple[str, object]] = {}
 
 
-def implementation(op: str, device: torch.device, dtype: torch.dtype | None = None) -> object:
-    """The loaded implementation of `op` for tensors of `dtype` on `device` (memoised: the hot path)."""
-    return select(op, device, dtype)[1]
+def implementation(op: str, device: torch.device, dtype: torch.dtype | None = None,
+                   adapter_dtype: torch.dtype | None = None) -> object:
+    """The loaded implementation of `op` for tensors of `dtype` on `device` (memoised: the hot path);
+    adapter_dtype: the LoRA weights' dtype when it may differ from the other tensors'."""
+    return select(op, device, dtype, adapter_dtype)[1]
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, object]:
-    """(backend name, loaded implementation) of `op` for `device` and `dtype`."""
-    key = (op, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), device.type, dtype)
+def select(op: str, device: torch.device, dtype: torch.dtype | None = None,
+           adapter_dtype: torch.dtype | None = None) -> tuple[str, object]:
+    """(backend name, loaded implementation) of `op` for `device`, `dtype` and `adapter_dtype`."""
+    if adapter_dtype == dtype:
+        adapter_dtype = None
+    key = (op, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), device.type, dtype, adapter_dtype)
     chosen = _selected.get(key)
     if chosen is None:
-        impl = _choose(op, device.type, dtype)
+        impl = _choose(op, device.type, dtype, adapter_dtype)
         chosen = _selected[key] = (impl.backend, impl.load())
     return chosen
 
 
-def _choose(op: str, device_type: str, dtype: torch.dtype | None) -> Implementation:
+def _describe(dtype, adapter_dtype) -> str:
+    return f"{dtype} tensors" if adapter_dtype is None else f"{dtype} tensors with {adapter_dtype} adapters"
+
+
+def _choose(op: str, device_type: str, dtype: torch.dtype | None, adapter_dtype=None) -> Implementation:
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation of op {op!r} is registered; registered ops: {registered_ops()}")
@@ -165,9 +181,10 @@ def _choose(op: str, device_type: str, dtype: torch.dtype | None) -> Implementat
     if name == "auto":
         for candidate in _PREFERENCE.get(device_type, ("reference",)):
             impl = impls.get(candidate)
-            if impl is not None and impl.chosen_by_auto(device_type, dtype) and _backend_problem(candidate) is None:
+            if (impl is not None and impl.chosen_by_auto(device_type, dtype, adapter_dtype)
+                    and _backend_problem(candidate) is None):
                 return impl
-        raise RuntimeError(f"no backend implements {op} for {dtype} tensors on {device_type}")
+        raise RuntimeError(f"no backend implements {op} for {_describe(dtype, adapter_dtype)} on {device_type}")
     problem = _backend_problem(name)
     if problem is not None:
         raise RuntimeError(f"{ENV_VAR}={name} cannot be used: {problem}")
@@ -175,8 +192,10 @@ def _choose(op: str, device_type: str, dtype: torch.dtype | None) -> Implementat
     if impl is None:
         raise RuntimeError(f"{ENV_VAR}={name} cannot be used: the {name} backend has no implementation of {op} "
                            f"(it is implemented by: {', '.join(impls)})")
-    if not impl.serves(device_type, dtype):
+    if not impl.serves(device_type, dtype, adapter_dtype):
         devices = "any device" if impl.devices is None else ", ".join(impl.devices)
+        mixed = "".join(f", {str(a)[6:]} adapters on {str(d)[6:]}" for d, a in sorted(impl.mixed, key=str))
         raise RuntimeError(f"{ENV_VAR}={name} cannot be used: its {op} runs {devices} tensors of "
-                           f"{', '.join(sorted(str(d)[6:] for d in impl.dtypes))}; got {dtype} tensors on {device_type}")
+                           f"{', '.join(sorted(str(d)[6:] for d in impl.dtypes))} (one dtype for all{mixed}); "
+                           f"got {_describe(dtype, adapter_dtype)} on {device_type}")
     return impl

@@ -133,7 +133,8 @@ def switch_(
     """
     scaling = validation.check_merge_args(weight, lora_A, lora_B, scaling)
     validation.check_adapter(weight, new_A, new_B, "new_A", "new_B")
-    validation.check_same_dtype_device("weight", weight, new_A=new_A, new_B=new_B)
+    validation.check_same_device("weight", weight, new_A=new_A, new_B=new_B)
+    validation.check_adapter_dtype(weight, new_A, new_B, "weight", "new_A", "new_B")
     new_scaling = validation.check_scaling("new_scaling", new_scaling)
     new_A, new_B, lora_A, lora_B = (validation.unaliased(t, weight) for t in (new_A, new_B, lora_A, lora_B))
     merge_op(weight, new_A, new_B, new_scaling, lora_A, lora_B, scaling, safe)

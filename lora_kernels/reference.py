@@ -112,13 +112,18 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=No
     x [M, in], weight [out, in], bias [out] or None, lora_A [r, in], lora_B [out, r].
     Dropout is applied when dropout_p > 0 and a seed is given. Returns (y [M, out], xa [M, r]).
 
-    Order of rounding (the spec every backend follows): xa is rounded to x's dtype
-    (it is an output); s · xa Bᵀ is computed in accumulation_dtype and added to the
-    base x W0ᵀ + b before the final rounding, so a large scaling cannot overflow a
-    float16 intermediate.
+    Order of rounding (the spec every backend follows): xa is rounded to the
+    adapter's dtype (it is an output); s · xa Bᵀ is computed in accumulation_dtype
+    and added to the base x W0ᵀ + b (rounded to x's dtype by its GEMM) before the
+    final rounding, so a large scaling cannot overflow a float16 intermediate.
+
+    Mixed precision: lora_A and lora_B may be float32 when x, weight and bias are
+    float16/bfloat16 (PEFT's default for 16-bit models). The LoRA branch is then
+    computed from x widened to float32 (exact) and the float32 A and B: xa is
+    float32, and the gradients of A and B come back in float32.
     """
     acc = accumulation_dtype(x.dtype)
-    xa = _dropped(x, dropout_p, seed) @ lora_A.t()
+    xa = _dropped(x.to(lora_A.dtype), dropout_p, seed) @ lora_A.t()
     y = x @ weight.t()
     if bias is not None:
         y = y + bias
@@ -135,15 +140,16 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout
         dB = s · dyᵀ xa
 
     gb and every LoRA product are kept in accumulation_dtype (float32 for 16-bit
-    inputs) and each gradient is rounded once at the end.
+    inputs) and each gradient is rounded once at the end: dx to x's dtype, dA and
+    dB to the adapter's (float32 for float32 adapters on a 16-bit x).
     """
     dtype = x.dtype
     acc = accumulation_dtype(dtype)
     grad_y_acc = grad_y.to(acc)
     gb = grad_y_acc @ lora_B.to(acc)
     dx = ((grad_y @ weight).to(acc) + _dropped(scaling * (gb @ lora_A.to(acc)), dropout_p, seed)).to(dtype)
-    d_lora_A = (scaling * (gb.t() @ _dropped(x.to(acc), dropout_p, seed))).to(dtype)
-    d_lora_B = (scaling * (grad_y_acc.t() @ xa.to(acc))).to(dtype)
+    d_lora_A = (scaling * (gb.t() @ _dropped(x.to(acc), dropout_p, seed))).to(lora_A.dtype)
+    d_lora_B = (scaling * (grad_y_acc.t() @ xa.to(acc))).to(lora_B.dtype)
     return dx, d_lora_A, d_lora_B
 
 

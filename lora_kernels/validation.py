@@ -166,9 +166,21 @@ def check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         x, weight, lora_A, lora_B = (t.to(cast_to) if t.dtype != torch.float64 else t for t in (x, weight, lora_A, lora_B))
         if bias is not None and bias.dtype != torch.float64:
             bias = bias.to(cast_to)
-    check_same_dtype("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-
+    check_same_dtype("x", x, weight=weight, bias=bias)
+    check_adapter_dtype(x, lora_A, lora_B)
     return x, weight, bias, lora_A, lora_B
+
+
+def check_adapter_dtype(x: Tensor, lora_A: Tensor, lora_B: Tensor, x_name: str = "x",
+                        a_name: str = "lora_A", b_name: str = "lora_B") -> None:
+    """lora_A and lora_B have x's dtype, or are both float32 on a float16/bfloat16 x (mixed precision)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and lora_A.dtype == torch.float32:
+        check_same_dtype(a_name, lora_A, **{b_name: lora_B})
+        return
+    if lora_A.dtype != x.dtype:
+        also = f" (or float32, for both {a_name} and {b_name})" if x.dtype in (torch.float16, torch.bfloat16) else ""
+        raise TypeError(f"{a_name} must have {x_name}'s dtype {x.dtype}{also}, got {lora_A.dtype}")
+    check_same_dtype(x_name, x, **{b_name: lora_B})
 
 
 def check_no_shared_elements(name: str, t: Tensor) -> None:
@@ -191,7 +203,8 @@ def check_merge_args(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling) ->
         raise RuntimeError("weight is an inference tensor (created under torch.inference_mode()): like torch's own "
                            "in-place ops, merge_/unmerge_/switch_ update it only inside torch.inference_mode()")
     check_adapter(weight, lora_A, lora_B)
-    check_same_dtype_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
+    check_same_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
+    check_adapter_dtype(weight, lora_A, lora_B, "weight")
     check_not_distributed_tensor(weight=weight, lora_A=lora_A, lora_B=lora_B)
     return check_scaling("scaling", scaling)
 

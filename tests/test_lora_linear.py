@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_kernels import lora_linear, reference
+from lora_kernels import lora_linear, reference, testing
 from lora_kernels.functional import draw_seed
 
 from conftest import DEVICE, DTYPES, assert_matches_reference, compiled_backends, make_lora_inputs
@@ -260,3 +260,65 @@ def test_float64_is_float64_accurate(backend, dropout_p, use_backend):
     y_ref, grads_ref = _run(_reference, inputs, dropout_p, training=True)
     for name, ours, ref in zip(("y", "dx", "dA", "dB", "dbias"), (y, *grads), (y_ref, *grads_ref)):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+# -- float32 adapters on a 16-bit base (PEFT's default for float16/bfloat16 models) ---------------------
+
+def _mixed_backends():
+    return [b for b in ["reference"] + compiled_backends() if b != "triton"]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [((37,), 70, 33, 16), ((4, 9), 33, 70, 3), ((1,), 33, 70, 1), ((0,), 33, 70, 3)],
+                         ids=str)
+@pytest.mark.parametrize("backend", _mixed_backends())
+def test_float32_adapters_on_half_base_match_the_reference(backend, shape, dtype, dropout_p, use_backend):
+    """Outputs in the base dtype, float32 gradients for A and B, each within the rule against a float64 oracle."""
+    use_backend(backend)
+    lead, in_f, out_f, r = shape
+    inputs = make_lora_inputs(lead, in_f, out_f, r, dtype)
+    inputs["lora_A"], inputs["lora_B"] = (make_lora_inputs(lead, in_f, out_f, r, torch.float32, seed=5)[k]
+                                          for k in ("lora_A", "lora_B"))
+    y, grads = _run(_ours, inputs, dropout_p, True)
+    assert y.dtype == dtype and grads[1].dtype == grads[2].dtype == torch.float32 and grads[0].dtype == dtype
+    _check_against_reference(inputs, dropout_p)
+
+
+@pytest.mark.parametrize("backend", _mixed_backends())
+def test_float32_adapters_keep_their_precision(backend, use_backend):
+    """The LoRA branch is computed from the float32 A and B, not from copies rounded to bfloat16:
+    with W0 = 0 and no bias, y is the LoRA term rounded once to bfloat16 (half an ulp), where
+    bfloat16 copies of A and B would be off by several ulp."""
+    use_backend(backend)
+    inputs = make_lora_inputs((64,), 48, 40, 8, torch.bfloat16, bias=False)
+    x, weight = inputs["x"], torch.zeros_like(inputs["weight"])
+    g = torch.Generator().manual_seed(3)
+    lora_A = (torch.randn(8, 48, dtype=torch.float64, generator=g) / 7).float()
+    lora_B = (torch.randn(40, 8, dtype=torch.float64, generator=g) / 3).float()
+    exact = 1.7 * (x.double() @ lora_A.double().t()) @ lora_B.double().t()
+    magnitude = 1.7 * (x.double().abs() @ lora_A.double().abs().t()) @ lora_B.double().abs().t()
+    y = lora_linear(x, weight, None, lora_A, lora_B, 1.7)
+    # half an ulp of bfloat16, plus float32's own rounding of the sums (cancellation included)
+    bound = 0.5 * testing.ulp(exact, torch.bfloat16) + 1e-5 * magnitude
+    assert ((y.double() - exact).abs() <= bound).all()
+    y_rounded = lora_linear(x, weight, None, lora_A.bfloat16(), lora_B.bfloat16(), 1.7)
+    assert ((y_rounded.double() - exact).abs() > bound).sum() > 10  # what the test would catch
+
+
+def test_triton_refuses_float32_adapters_by_name(use_backend):
+    if "triton" not in compiled_backends():
+        pytest.skip("triton not available")
+    use_backend("triton")
+    inputs = make_lora_inputs((3,), 16, 8, 2, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="float32 adapters"):
+        lora_linear(inputs["x"], inputs["weight"], None, inputs["lora_A"].float(), inputs["lora_B"].float(), 1.0)
+
+
+def test_mixed_adapter_dtypes_are_refused_by_name():
+    inputs = make_lora_inputs((3,), 16, 8, 2, torch.bfloat16)
+    with pytest.raises(TypeError, match="lora_B must have lora_A's dtype"):
+        lora_linear(inputs["x"], inputs["weight"], None, inputs["lora_A"].float(), inputs["lora_B"], 1.0)
+    with pytest.raises(TypeError, match=r"lora_A must have x's dtype torch.float32, got torch.float64"):
+        lora_linear(inputs["x"].float(), inputs["weight"].float(), None, inputs["lora_A"].double(),
+                    inputs["lora_B"].double(), 1.0)

@@ -244,3 +244,26 @@ def test_adapters_that_alias_the_weight_are_read_before_it_is_written(backend, u
     switch_(weight, weight[4:6], B, 0.5, A, weight[:, :2], 2.0)
     expected = reference.merge(reference.merge(weight0, A, weight0[:, :2], 2.0), weight0[4:6], B, -0.5)
     torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_float32_adapter_merges_into_half_weight_with_one_rounding(dtype):
+    """float32 adapters on a 16-bit weight (PEFT's default): each merged element is W0 + s·BA from the
+    float32 A and B, rounded once (auto runs this on the reference backend, in float64 blocks)."""
+    weight, lora_A, lora_B = make_adapter(70, 33, 5, torch.float32, seed=4)
+    weight = weight.to(dtype)
+    original = weight.clone()
+    expected = (original.double() + 1.5 * lora_B.double() @ lora_A.double()).to(dtype)
+    merge_(weight, lora_A, lora_B, 1.5, safe=True)
+    assert torch.equal(weight, expected)
+    record = merge_(original.clone(), lora_A, lora_B, 1.5, exact=True)
+    unmerge_(weight, lora_A, lora_B, 1.5)
+    assert (weight.double() - original.double()).abs().le(two_ulp_bound(dtype, original, expected)).all()
+    merge_(weight.copy_(original), lora_A, lora_B, 1.5)
+    unmerge_(weight, lora_A, lora_B, 1.5, record=record)
+    assert torch.equal(weight, original)
+    new_A, new_B = lora_A[:3].clone(), lora_B[:, :3] * 2
+    merge_(weight, lora_A, lora_B, 1.5)
+    switch_(weight, lora_A, lora_B, 1.5, new_A, new_B, 0.5)
+    switched = original.double() + 0.5 * new_B.double() @ new_A.double()
+    assert (weight.double() - switched).abs().le(two_ulp_bound(dtype, original, expected, weight)).all()

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import HALF, HALF_AND_FLOAT32, Implementation, compiled_extension, implementation, register
+from ..backends import (FLOAT32_ADAPTERS_ON_HALF, HALF, HALF_AND_FLOAT32, Implementation, compiled_extension,
+                        implementation, register)
 from .definition import Backward, define_op
 
 OP = "lora_linear"
@@ -57,9 +58,14 @@ class CompiledBackend:
         return torch.ops.lora_kernels.fused_backward(*args)
 
 
-register(Implementation(OP, "reference", "lora_kernels.ops.lora_linear:ReferenceBackend"))
-register(Implementation(OP, "cpu", "lora_kernels.ops.lora_linear:CompiledBackend", devices=("cpu",)))
-register(Implementation(OP, "cuda", "lora_kernels.ops.lora_linear:CompiledBackend", devices=("cuda",)))
+# float32 adapters on a 16-bit base (reference.lora_linear's "mixed precision") run on the reference and the
+# C++ backends; auto sends them there on CUDA too, since the Triton kernels take one dtype for all operands.
+register(Implementation(OP, "reference", "lora_kernels.ops.lora_linear:ReferenceBackend",
+                        mixed=FLOAT32_ADAPTERS_ON_HALF))
+register(Implementation(OP, "cpu", "lora_kernels.ops.lora_linear:CompiledBackend", devices=("cpu",),
+                        mixed=FLOAT32_ADAPTERS_ON_HALF))
+register(Implementation(OP, "cuda", "lora_kernels.ops.lora_linear:CompiledBackend", devices=("cuda",),
+                        mixed=FLOAT32_ADAPTERS_ON_HALF))
 # Triton's dots are float32 at most. auto sends float32 to cuBLAS (the cuda backend): Triton's fp32 GEMM
 # configs sit at the 255-register cap (benchmarks/gpu_compile_check.py, sm_90) and its full-precision fp32
 # dots cannot use tensor cores, where cuBLAS's SGEMM is the tuned baseline; a forced triton still runs float32.
@@ -76,12 +82,12 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
             dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(y, xa) on the backend selected for x's device and dtype (the op's forward entry point)."""
     p, seed_value = _dropout(dropout_p, seed)
-    return implementation(OP, x.device, x.dtype).forward(x, weight, bias, lora_A, lora_B, float(scaling), p,
-                                                         seed_value)
+    return implementation(OP, x.device, x.dtype, lora_A.dtype).forward(x, weight, bias, lora_A, lora_B,
+                                                                       float(scaling), p, seed_value)
 
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+    return x.new_empty(x.shape[0], weight.shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[0])
 
 
 def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
@@ -89,8 +95,8 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
              ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx or an empty tensor, dA, dB) on the backend selected for x's device and dtype."""
     p, seed_value = _dropout(dropout_p, seed)
-    return implementation(OP, x.device, x.dtype).backward(grad_y, x, weight, lora_A, lora_B, xa, float(scaling), p,
-                                                          seed_value, need_dx)
+    return implementation(OP, x.device, x.dtype, lora_A.dtype).backward(grad_y, x, weight, lora_A, lora_B, xa,
+                                                                        float(scaling), p, seed_value, need_dx)
 
 
 def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx):

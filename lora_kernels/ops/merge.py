@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backends import Implementation, compiled_extension, implementation, register
+from ..backends import FLOAT32_ADAPTERS_ON_HALF, Implementation, compiled_extension, implementation, register
 from .definition import define_op
 
 OP = "merge"
@@ -41,15 +41,21 @@ def compiled_merge_(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling, 
     return 0
 
 
-register(Implementation(OP, "reference", "lora_kernels.reference:merge_"))
+# float32 adapters on a 16-bit weight: the reference (float64 blocks, one rounding), on any device
+register(Implementation(OP, "reference", "lora_kernels.reference:merge_", mixed=FLOAT32_ADAPTERS_ON_HALF))
 register(Implementation(OP, "cpu", "lora_kernels.ops.merge:compiled_merge_", devices=("cpu",)))
 register(Implementation(OP, "cuda", "lora_kernels.ops.merge:compiled_merge_", devices=("cuda",)))
 register(Implementation(OP, "triton", "lora_kernels.ops.triton_merge:merge_", devices=("cuda",)))
 
 
+def _implementation(weight: Tensor, lora_A: Tensor, sub_A: Optional[Tensor]):
+    adapter_dtype = lora_A.dtype if sub_A is None or sub_A.dtype == weight.dtype else sub_A.dtype
+    return implementation(OP, weight.device, weight.dtype, adapter_dtype)
+
+
 def raise_if_not_finite(weight, lora_A, lora_B, scaling, sub_A=None, sub_B=None, sub_scaling=0.0) -> None:
     """The check of safe=True: computes every merged value once, writes nothing."""
-    merge = implementation(OP, weight.device, weight.dtype)
+    merge = _implementation(weight, lora_A, sub_A)
     nonfinite = merge(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling, True)
     if nonfinite:
         raise RuntimeError(
@@ -62,7 +68,7 @@ def _merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, sub_A
            sub_B: Optional[Tensor], sub_scaling: float, safe: bool) -> None:
     if safe:
         raise_if_not_finite(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling)
-    implementation(OP, weight.device, weight.dtype)(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling, False)
+    _implementation(weight, lora_A, sub_A)(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling, False)
 
 
 def _merge_fake(weight, lora_A, lora_B, scaling, sub_A, sub_B, sub_scaling, safe):
