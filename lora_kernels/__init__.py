@@ -2,8 +2,10 @@
 
     y = x W0ᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ
 
-Public API: LoRALinear, LoRAConfig, lora_linear, merge_/unmerge_/switch_, inject_lora,
-mark_only_lora_as_trainable, lora_state_dict, available_backends.
+Public API: LoRALinear, LoRAConfig, lora_linear, merge_/unmerge_/switch_, available_backends;
+model level: inject_lora, mark_only_lora_as_trainable, lora_state_dict, lora_layers, merge_adapter,
+unmerge_adapter, merge_and_unload, unload, disable_adapter, print_trainable_parameters;
+PEFT's adapter format and PeftModels: lora_kernels.peft.
 The pure-PyTorch specification of every op is lora_kernels.reference.
 """
 
@@ -12,7 +14,8 @@ from .backends import available_backends, compiled_extension
 from .config import LoRAConfig
 from .functional import MergeRecord, lora_linear, merge_, switch_, unmerge_
 from .modules import LoRALinear
-from .model_setup import inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from .model_setup import (disable_adapter, inject_lora, lora_layers, lora_state_dict, mark_only_lora_as_trainable,
+                          merge_adapter, merge_and_unload, print_trainable_parameters, unload, unmerge_adapter)
 
 __version__ = "0.1.0"
 
@@ -23,11 +26,18 @@ __all__ = [
     "LoRALinear",
     "MergeRecord",
     "available_backends",
+    "disable_adapter",
     "inject_lora",
+    "lora_layers",
     "lora_linear",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_",
+    "merge_adapter",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "unload",
+    "unmerge_adapter",
     "reference",
     "switch_",
     "unmerge_",

@@ -1,18 +1,41 @@
-"""Model-level helpers: put LoRA into a model, train only LoRA, save only LoRA."""
+"""Model-level helpers: put LoRA into a model, train only LoRA, save only LoRA, merge or remove it.
+
+    inject_lora(model, targets, r=8, ...)       LoRALinear in place of every matching nn.Linear / Conv1D
+    merge_adapter / unmerge_adapter(model)      every LoRA layer, in place
+    merge_and_unload / unload(model)            back to the base layers (merged or not)
+    with disable_adapter(model): ...            the base model alone
+    print_trainable_parameters(model)
+"""
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Iterable
+from typing import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .modules import LoRALinear
+from .modules import LoRALinear, is_conv1d
 
-__all__ = ["inject_lora", "mark_only_lora_as_trainable", "lora_state_dict"]
+__all__ = [
+    "inject_lora",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "lora_layers",
+    "merge_adapter",
+    "unmerge_adapter",
+    "merge_and_unload",
+    "unload",
+    "disable_adapter",
+    "print_trainable_parameters",
+]
 
 _BIAS_MODES = ("none", "all", "lora_only")
+ALL_LINEAR = "all-linear"
+# where inject_lora remembers modules_to_save on the model (lora_state_dict saves them)
+_MODULES_TO_SAVE = "_lora_kernels_modules_to_save"
 
 
 def _matches(name: str, target_modules: str | Iterable[str]) -> bool:
@@ -23,28 +46,74 @@ def _matches(name: str, target_modules: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def inject_lora(model: nn.Module, target_modules: str | Iterable[str], config: LoRAConfig | None = None,
-                **options) -> nn.Module:
-    """Replace every nn.Linear whose name matches target_modules by a LoRALinear sharing its weights.
+def is_linear(module: nn.Module) -> bool:
+    """A layer LoRALinear can wrap: nn.Linear or transformers' Conv1D (not a LoRALinear already)."""
+    return (isinstance(module, nn.Linear) or is_conv1d(module)) and not isinstance(module, LoRALinear)
 
-    config, or LoRAConfig's options as keywords (r, lora_alpha, lora_dropout, use_rslora, ...).
+
+def target_names(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
+    """Names of the layers target_modules selects. "all-linear": every nn.Linear / Conv1D but the
+    output head (model.get_output_embeddings(), as PEFT does)."""
+    if target_modules == ALL_LINEAR:
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        return [name for name, m in model.named_modules() if is_linear(m) and m is not head]
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    return [name for name, m in model.named_modules() if is_linear(m) and _matches(name, target_modules)]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child_name, new)
+
+
+def inject_lora(model: nn.Module, target_modules: str | Iterable[str], config: LoRAConfig | None = None, *,
+                modules_to_save: Iterable[str] | None = None, freeze_base: bool = True,
+                adapter_dtype: torch.dtype | None = None, **options) -> nn.Module:
+    """Replace every nn.Linear (or transformers Conv1D) that target_modules names by a LoRALinear sharing its weights.
+
+    target_modules: a list (exact names or name suffixes), a regex string, or "all-linear"
+    (every linear layer but the output head). config, or LoRAConfig's options as keywords
+    (r, lora_alpha, lora_dropout, use_rslora, ...); Conv1D layers get fan_in_fan_out itself.
+    freeze_base: freeze everything but the LoRA parameters (and modules_to_save), as PEFT does.
+    modules_to_save: modules (names or suffixes: a classification head, say) that are trained
+    fully and saved with the adapter by lora_state_dict. adapter_dtype: lora_A / lora_B dtype
+    (default: the base weight's; float32 on a 16-bit model is PEFT's default).
     Returns the model (changed in place). Raises ValueError if nothing matched.
     """
     config = LoRAConfig.of(config, options)
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and _matches(name, target_modules)
-    ]
-    if not targets:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear in the model")
-    for name, module in targets:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, LoRALinear.from_linear(module, config))
+    keep = []
+    if modules_to_save:
+        keep = [name for name, _ in model.named_modules() if name and _matches(name, list(modules_to_save))]
+        if not keep:
+            raise ValueError(f"modules_to_save={list(modules_to_save)!r} matched no module of the model")
+    # a module to save is trained whole, so it is not wrapped (nor is anything inside it)
+    names = [n for n in target_names(model, target_modules) if not any(n == k or n.startswith(k + ".") for k in keep)]
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear or Conv1D in the model")
+    inject_layers(model, {name: config for name in names}, adapter_dtype)
+    if keep:
+        setattr(model, _MODULES_TO_SAVE, tuple(sorted(set(modules_to_save_of(model)) | set(keep))))
+    if freeze_base:
+        mark_only_lora_as_trainable(model)
     return model
+
+
+def inject_layers(model: nn.Module, configs: dict[str, LoRAConfig], adapter_dtype=None) -> None:
+    """LoRALinear(config) in place of each named linear layer (per-layer configs: PEFT's rank_pattern)."""
+    for name, config in configs.items():
+        replace_module(model, name, LoRALinear.from_linear(model.get_submodule(name), config,
+                                                           adapter_dtype=adapter_dtype))
+
+
+def modules_to_save_of(model: nn.Module) -> tuple[str, ...]:
+    """The names inject_lora(..., modules_to_save=...) recorded on the model."""
+    return getattr(model, _MODULES_TO_SAVE, ())
+
+
+def _saved_by_modules_to_save(model: nn.Module) -> set[str]:
+    return {f"{name}.{key}" for name in modules_to_save_of(model) for key in model.get_submodule(name).state_dict()}
 
 
 def _check_bias(bias: str) -> None:
@@ -53,10 +122,13 @@ def _check_bias(bias: str) -> None:
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
-    """Freeze everything but lora_A / lora_B (and biases: all of them, or those of LoRA layers)."""
+    """Freeze everything but lora_A / lora_B, modules_to_save (and biases: all of them, or those of
+    LoRA layers)."""
     _check_bias(bias)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
+    for name in modules_to_save_of(model):
+        model.get_submodule(name).requires_grad_(True)
     if bias == "all":
         for name, param in model.named_parameters():
             if name.endswith("bias"):
@@ -69,15 +141,77 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
-    """The LoRA part of model.state_dict() (loralib's keys and rule)."""
+    """The LoRA part of model.state_dict() (loralib's keys and rule), plus modules_to_save."""
     _check_bias(bias)
     state = model.state_dict()
-    if bias == "none":
-        return {k: v for k, v in state.items() if "lora_" in k}
+    keep = {k for k in state if "lora_" in k} | _saved_by_modules_to_save(model)
     if bias == "all":
-        return {k: v for k, v in state.items() if "lora_" in k or k.endswith("bias")}
-    keep = {k for k in state if "lora_" in k}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear) and module.bias is not None:
-            keep.add(f"{name}.bias" if name else "bias")
+        keep |= {k for k in state if k.endswith("bias")}
+    elif bias == "lora_only":
+        for name, module in lora_layers(model):
+            if module.bias is not None:
+                keep.add(f"{name}.bias" if name else "bias")
     return {k: v for k, v in state.items() if k in keep}
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(name, layer) of every LoRALinear in the model."""
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def merge_adapter(model: nn.Module, safe: bool = False) -> nn.Module:
+    """Merge every LoRA layer's adapter into its weight (forward is then the base model's cost).
+    safe=True: a layer whose merge would make a weight non-finite raises before that layer is written
+    (layers merged before it stay merged)."""
+    for _, layer in lora_layers(model):
+        layer.merge(safe=safe)
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Take every merged adapter out of its weight again."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer and put its base layer (nn.Linear / Conv1D, holding the merged weight) back."""
+    for name, layer in list(lora_layers(model)):
+        replace_module(model, name, layer.merge_and_unload())
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove LoRA: every LoRA layer gives back its base layer with the adapter taken out."""
+    for name, layer in list(lora_layers(model)):
+        replace_module(model, name, layer.unload())
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Within the block the model computes without its adapters (merged ones are unmerged and merged
+    again on exit)."""
+    layers = [layer for _, layer in lora_layers(model) if not layer.adapter_disabled]
+    remerge = [layer for layer in layers if layer.merged]
+    for layer in remerge:
+        layer.unmerge()
+    for layer in layers:
+        layer.adapter_disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.adapter_disabled = False
+        for layer in remerge:
+            layer.merge()
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Print and return (trainable parameters, all parameters), each shared parameter counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
+    return trainable, total

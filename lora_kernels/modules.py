@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,13 @@ class LoRALinear(nn.Module):
     Merging: ``merge()`` folds scaling · B A into the weight in place (forward
     becomes the plain base GEMM), ``unmerge()`` takes it out again. With
     ``merge_weights=True`` the layer does this itself as loralib does: merged in
-    eval(), unmerged in train().
+    eval(), unmerged in train(). ``state_dict()`` always holds the unmerged W0,
+    and loading into a merged layer re-merges the loaded adapter, so a state dict
+    never carries the adapter twice.
+
+    adapter_dtype: the dtype of lora_A and lora_B (default: the weight's); float32
+    on a float16/bfloat16 weight is PEFT's default and computes the LoRA branch
+    from float32 adapters (see lora_kernels.reference.lora_linear).
     """
 
     def __init__(
@@ -43,6 +51,7 @@ class LoRALinear(nn.Module):
         merge_weights: bool = False,
         device=None,
         dtype=None,
+        adapter_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         config = LoRAConfig(r, lora_alpha, lora_dropout, use_rslora, fan_in_fan_out, merge_weights)
@@ -53,11 +62,11 @@ class LoRALinear(nn.Module):
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         bias_param = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self._setup(in_features, out_features, weight, bias_param, config)
+        self._setup(in_features, out_features, weight, bias_param, config, adapter_dtype)
         self._reset_base_parameters()
         self.reset_lora_parameters()
 
-    def _setup(self, in_features, out_features, weight, bias, config: LoRAConfig) -> None:
+    def _setup(self, in_features, out_features, weight, bias, config: LoRAConfig, adapter_dtype=None) -> None:
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha, self.lora_dropout = config.r, config.lora_alpha, float(config.lora_dropout)
         self.fan_in_fan_out, self.use_rslora = config.fan_in_fan_out, config.use_rslora
@@ -65,10 +74,15 @@ class LoRALinear(nn.Module):
         self.scaling = config.scaling
         self.weight = weight
         self.bias = bias
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, config.r, **factory))
         self.merged = False
+        self.adapter_disabled = False
+        self.base_layer_type = nn.Linear  # what merge_and_unload() / unload() give back
+        self._register_state_dict_hook(_unmerged_weight_in_state_dict)
+        self._register_load_state_dict_pre_hook(_take_adapter_out_before_load, with_module=True)
+        self.register_load_state_dict_post_hook(_merge_again_after_load)
 
     @property
     def config(self) -> LoRAConfig:
@@ -77,23 +91,30 @@ class LoRALinear(nn.Module):
                           self.merge_weights)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, config: LoRAConfig | None = None, **options) -> "LoRALinear":
+    def from_linear(cls, linear: nn.Module, config: LoRAConfig | None = None, *,
+                    adapter_dtype: torch.dtype | None = None, **options) -> "LoRALinear":
         """Wrap an existing linear layer, sharing (not copying) its weight and bias.
 
         config, or LoRAConfig's options as keywords (r, lora_alpha, lora_dropout,
         use_rslora, fan_in_fan_out, merge_weights). The weight is frozen
-        (requires_grad=False). With fan_in_fan_out the layer's weight is read as
-        [in, out] (GPT-2 Conv1D).
+        (requires_grad=False). A transformers Conv1D (GPT-2), whose weight is
+        [in, out], is read with fan_in_fan_out=True whatever the option says, and
+        an nn.Linear with fan_in_fan_out=False: the option only matters for other
+        modules. merge_and_unload() gives back the wrapped module's class.
         """
         config = LoRAConfig.of(config, options)
         weight = getattr(linear, "weight", None)
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
             raise TypeError(f"linear must have a 2-D weight Parameter, got {type(linear).__name__}")
+        if is_conv1d(linear) or isinstance(linear, nn.Linear):
+            config = config.replace(fan_in_fan_out=is_conv1d(linear))
         in_features, out_features = weight.shape if config.fan_in_fan_out else weight.shape[::-1]
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         weight.requires_grad_(False)
-        layer._setup(in_features, out_features, weight, getattr(linear, "bias", None), config)
+        layer._setup(in_features, out_features, weight, getattr(linear, "bias", None), config, adapter_dtype)
+        if is_conv1d(linear):
+            layer.base_layer_type = type(linear)
         layer.reset_lora_parameters()
         return layer
 
@@ -130,7 +151,7 @@ class LoRALinear(nn.Module):
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
+        if self.merged or self.adapter_disabled:
             return F.linear(x, self.base_weight(), self.bias)
         scaling = self._scaling_tensor if torch.compiler.is_compiling() else self._scaling
         return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, scaling,
@@ -153,7 +174,12 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def switch_adapter(self, lora_A: Tensor, lora_B: Tensor, lora_alpha: float | None = None,
                        safe: bool = False) -> None:
-        """Load another adapter (its rank may differ); if merged, swap it in the weight in one pass."""
+        """Load another adapter (its rank may differ); if merged, swap it in the weight in one pass.
+
+        Same rank: the values are copied into the existing lora_A / lora_B Parameters, so
+        an optimizer built before keeps training them. Another rank: they are replaced by
+        new Parameters (a UserWarning says so: optimizers must be rebuilt).
+        """
         lora_alpha = self.lora_alpha if lora_alpha is None else lora_alpha
         r = lora_A.shape[0] if lora_A.dim() == 2 else 0
         if r < 1:
@@ -165,14 +191,37 @@ class LoRALinear(nn.Module):
             switch_(self.base_weight(), self.lora_A, self.lora_B, self.scaling, new_A, new_B, scaling, safe=safe)
         else:
             check_adapter(self.base_weight(), new_A, new_B)
-        self.lora_A = nn.Parameter(new_A.clone(), requires_grad=self.lora_A.requires_grad)
-        self.lora_B = nn.Parameter(new_B.clone(), requires_grad=self.lora_B.requires_grad)
+        if new_A.shape == self.lora_A.shape:
+            self.lora_A.copy_(new_A)
+            self.lora_B.copy_(new_B)
+        else:
+            warnings.warn(f"switch_adapter: the rank changed ({self.r} -> {r}), so lora_A and lora_B are new "
+                          "Parameters; an optimizer built before still holds the old ones", stacklevel=2)
+            self.lora_A = nn.Parameter(new_A.clone(), requires_grad=self.lora_A.requires_grad)
+            self.lora_B = nn.Parameter(new_B.clone(), requires_grad=self.lora_B.requires_grad)
         self.r, self.lora_alpha, self.scaling = r, lora_alpha, scaling
 
-    def merge_and_unload(self) -> nn.Linear:
-        """A plain nn.Linear holding W0 + scaling · B A: this layer's weight, merged in place and
-        shared (copied only when fan_in_fan_out, to turn [in, out] into [out, in])."""
+    def merge_and_unload(self) -> nn.Module:
+        """The base layer holding W0 + scaling · B A: this layer's weight, merged in place and shared.
+
+        An nn.Linear (the weight copied only for fan_in_fan_out on a non-Conv1D layer,
+        to turn [in, out] into [out, in]), or the transformers Conv1D it wrapped.
+        """
         self.merge()
+        return self._base_layer()
+
+    def unload(self) -> nn.Module:
+        """The base layer with the adapter taken out (unmerged first if merged): W0 as it was wrapped."""
+        self.unmerge()
+        return self._base_layer()
+
+    def _base_layer(self) -> nn.Module:
+        if self.base_layer_type is not nn.Linear:  # transformers' Conv1D: [in, out] weight, kept as is
+            layer = self.base_layer_type.__new__(self.base_layer_type)
+            nn.Module.__init__(layer)
+            layer.nf, layer.nx = self.out_features, self.in_features
+            layer.weight, layer.bias = self.weight, self.bias
+            return layer
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(self.base_weight().contiguous(), requires_grad=False) \
             if self.fan_in_fan_out else self.weight
@@ -192,7 +241,42 @@ class LoRALinear(nn.Module):
         text = (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
                 f"bias={self.bias is not None}")
-        for flag in ("fan_in_fan_out", "use_rslora", "merge_weights", "merged"):
+        for flag in ("fan_in_fan_out", "use_rslora", "merge_weights", "merged", "adapter_disabled"):
             if getattr(self, flag):
                 text += f", {flag}=True"
         return text
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether module is transformers' Conv1D (GPT-2 & co.: a linear layer with an [in, out] weight).
+    Checked without importing transformers: no Conv1D can exist before it is imported."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+# A merged layer's state dict holds W0, not W0 + s·BA: a state dict must mean the same thing whatever the layer's
+# state when it was taken, or loading it into a fresh model and calling eval() (merge_weights) would merge twice.
+
+def _unmerged_weight_in_state_dict(module: LoRALinear, state: dict, prefix: str, local_metadata) -> None:
+    key = prefix + "weight"
+    if module.merged and key in state:
+        weight = state[key].detach().clone()
+        unmerge_(weight.t() if module.fan_in_fan_out else weight, module.lora_A, module.lora_B, module.scaling)
+        state[key] = weight
+
+
+def _take_adapter_out_before_load(module: LoRALinear, state: dict, prefix: str, *args) -> None:
+    """Loading into a merged layer: take the adapter out first (or let the loaded W0 replace the merged
+    weight), then _merge_again_after_load merges whatever adapter was loaded."""
+    module._merge_after_load = False
+    if module.merged and any(prefix + name in state for name in ("weight", "lora_A", "lora_B")):
+        if prefix + "weight" in state:
+            module.merged = False
+        else:
+            module.unmerge()
+        module._merge_after_load = True
+
+
+def _merge_again_after_load(module: LoRALinear, incompatible_keys) -> None:
+    if module.__dict__.pop("_merge_after_load", False):
+        module.merge()

@@ -213,7 +213,8 @@ def test_module_switch_adapter_when_merged():
     nn.init.normal_(layer.lora_B)
     layer.merge()
     new_A, new_B = torch.randn(5, 16, device=DEVICE), torch.randn(8, 5, device=DEVICE)
-    layer.switch_adapter(new_A, new_B, lora_alpha=10)
+    with pytest.warns(UserWarning, match="rank changed"):
+        layer.switch_adapter(new_A, new_B, lora_alpha=10)
     assert layer.r == 5 and layer.scaling == 2.0
     x = torch.randn(3, 16, device=DEVICE)
     layer.unmerge()
