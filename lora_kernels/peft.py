@@ -1,0 +1,356 @@
+"""Hugging Face PEFT interop: PEFT's adapter format, and PeftModels computing through the fused op.
+
+    report = patch_peft_model(peft_model)          PEFT LoRA layers run lora_kernels' fused op
+    unpatch_peft_model(peft_model)                 PEFT's own forward again
+    load_peft_adapter(model, "dir")                a PEFT adapter directory into a plain torch/transformers model
+    save_peft_adapter(model, "dir")                what PeftModel.from_pretrained (and vLLM) read
+
+peft is imported only by patch_peft_model; the adapter files need safetensors. PEFT's format:
+adapter_config.json (LoraConfig's fields) and adapter_model.safetensors with keys
+``base_model.model.<module>.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r] (plus whole
+tensors of modules_to_save, and biases when bias != "none").
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LoRAConfig
+from .functional import lora_linear
+from .model_setup import _MODULES_TO_SAVE, inject_layers, lora_layers, mark_only_lora_as_trainable, target_names
+from .modules import LoRALinear, is_conv1d
+
+__all__ = ["patch_peft_model", "unpatch_peft_model", "PatchReport", "load_peft_adapter", "save_peft_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# PEFT's default names of the repeated block list, for layers_to_transform without layers_pattern
+COMMON_LAYERS_PATTERN = ("layers", "h", "block", "blocks", "layer")
+# LoraConfig fields that change what the adapter computes and that load_peft_adapter cannot honour, with the
+# value that is fine
+_UNSUPPORTED = {
+    "use_dora": False, "lora_bias": False, "layer_replication": None, "use_qalora": False,
+    "target_parameters": None, "alora_invocation_tokens": None, "trainable_token_indices": None,
+    "megatron_config": None,
+}
+
+
+# -- patching a PeftModel ----------------------------------------------------------------------------------
+
+@dataclass
+class PatchReport:
+    """What patch_peft_model did: the layers now on the fused op, and those left on PEFT's path, with why."""
+
+    patched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.patched)} PEFT LoRA layer(s) on lora_kernels' fused op, {len(self.skipped)} left on "
+                 "PEFT's path"]
+        lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _unsupported_reason(layer) -> str | None:
+    """Why a PEFT LoRA layer cannot compute through the fused op (None: it can)."""
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    if type(layer) is not PeftLoraLinear:
+        return f"{type(layer).__module__}.{type(layer).__name__} (only plain Linear/Conv1D LoRA layers are fused)"
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear and not is_conv1d(base):
+        return f"base layer {type(base).__name__} (quantized or custom layers stay on PEFT's path)"
+    if getattr(layer, "lora_variant", None):
+        return f"LoRA variant(s) {sorted(layer.lora_variant)} (DoRA & co.)"
+    if any(getattr(layer, "use_dora", {}).values()):
+        return "DoRA"
+    if any(getattr(layer, "lora_bias", {}).values()):
+        return "lora_bias=True"
+    return None
+
+
+def _fused_peft_forward(self, x, *args, **kwargs):
+    """A PEFT LoRA Linear's forward through lora_kernels.lora_linear (installed by patch_peft_model).
+
+    Anything else than one active vanilla adapter on an unmerged layer and a plain call (extra
+    arguments, adapter_names=, a disabled or merged adapter, several active adapters, x of
+    another dtype than the weight) runs PEFT's own forward, which handles it.
+    """
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+            or active[0] in getattr(self, "lora_variant", {}) or getattr(self, "lora_bias", {}).get(active[0])):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    base = self.get_base_layer()
+    weight = base.weight.t() if self.fan_in_fan_out else base.weight
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return type(self).forward(self, x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    return lora_linear(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                       self.scaling[name], p, dropout.training)
+
+
+def patch_peft_model(model: nn.Module) -> PatchReport:
+    """Make every PEFT LoRA layer that wraps an nn.Linear or a transformers Conv1D compute through the fused op.
+
+    The active adapter, its scaling (rsLoRA included), lora_dropout, fan_in_fan_out, the bias, the
+    merged state, disable_adapter() and float32 adapters on a 16-bit base are honoured; what the
+    fused op cannot serve (DoRA and other variants, lora_bias, quantized bases, Embedding/Conv layers)
+    stays on PEFT's path and is listed in the report. The model keeps training, merging, saving
+    (save_pretrained) and compiling as before: only the layers' forward changes, no parameter or key.
+    """
+    report = PatchReport()
+    from peft.tuners.lora.layer import LoraLayer
+
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        reason = _unsupported_reason(module)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        module.forward = types.MethodType(_fused_peft_forward, module)
+        report.patched.append(name)
+    return report
+
+
+def unpatch_peft_model(model: nn.Module) -> int:
+    """Give every patched layer PEFT's forward back; returns how many were patched."""
+    count = 0
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, types.MethodType) and forward.__func__ is _fused_peft_forward:
+            del module.forward
+            count += 1
+    return count
+
+
+# -- PEFT's adapter format ---------------------------------------------------------------------------------
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as error:
+        raise ImportError("PEFT adapter files need the safetensors package (pip install safetensors)") from error
+    return safetensors.torch
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
+            return value
+    return default
+
+
+def _layer_index(name: str, layers_pattern) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or COMMON_LAYERS_PATTERN)
+    for pattern in patterns:
+        found = re.match(rf".*\.{pattern}\.(\d+)\.", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _read_config(path: str) -> dict:
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path!r} is not a PEFT adapter directory: no {CONFIG_NAME}")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{config_path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    for key, fine in _UNSUPPORTED.items():
+        value = config.get(key, fine)
+        if value not in (fine, [], {}):
+            raise ValueError(f"{config_path}: {key}={value!r} is not supported by lora_kernels (only plain LoRA)")
+    if config.get("exclude_modules"):
+        raise ValueError(f"{config_path}: exclude_modules={config['exclude_modules']!r} is not supported")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise ValueError(f"{config_path}: bias must be 'none', 'all' or 'lora_only', got {config.get('bias')!r}")
+    return config
+
+
+def _model_key(key: str) -> str:
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+_LORA_KEY = re.compile(r"^(?P<module>.*)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                      is_trainable: bool = False) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into a plain torch or transformers model, in place.
+
+    LoRALinear layers are injected where the adapter's config says (target_modules, "all-linear"
+    included, layers_to_transform/layers_pattern), with its r, lora_alpha, rank_pattern, alpha_pattern,
+    use_rslora and lora_dropout; layers that are LoRALinear already get the adapter switched in.
+    modules_to_save and saved biases are loaded into the model. Adapters stored in float32 for a
+    16-bit model stay float32 (PEFT's default), others take the base weight's dtype. Every tensor
+    of the file must land, and every injected layer must get its A and B: anything else is an error
+    naming the keys. is_trainable=False (PEFT's default) leaves every parameter frozen; True trains
+    the adapter and modules_to_save. adapter_name labels the adapter (one adapter per layer).
+    """
+    path = os.fspath(path)
+    config = _read_config(path)
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{path!r} has no {WEIGHTS_NAME} (only safetensors adapters are read)")
+    tensors = {_model_key(k): v for k, v in _safetensors().load_file(weights_path).items()}
+
+    adapters: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    others = {}
+    for key, value in tensors.items():
+        found = _LORA_KEY.match(key)
+        if found:
+            adapters[found["module"]][found["which"]] = value
+        else:
+            others[key] = value
+
+    targets = config.get("target_modules") or []
+    names = set(target_names(model, targets)) | {n for n, _ in lora_layers(model) if n in adapters}
+    layers_to_transform = config.get("layers_to_transform")
+    if layers_to_transform is not None:
+        wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+        names = {n for n in names if _layer_index(n, config.get("layers_pattern")) in wanted}
+    missing = sorted(n for n in names if set(adapters.get(n, {})) != {"A", "B"})
+    unexpected = sorted(set(adapters) - names)
+    if missing or unexpected:
+        raise ValueError(f"{path}: the adapter does not fit the model: layers its config targets without lora_A/"
+                         f"lora_B in the file: {missing[:5]}{' ...' if len(missing) > 5 else ''}; LoRA tensors of "
+                         f"layers the model lacks or the config does not target: {unexpected[:5]}")
+
+    base_config = LoRAConfig(r=int(config.get("r", 8)), lora_alpha=config.get("lora_alpha", 8),
+                             lora_dropout=float(config.get("lora_dropout", 0.0)),
+                             use_rslora=bool(config.get("use_rslora", False)))
+    new_layers = {}
+    for name in sorted(names):
+        lora_A, lora_B = adapters[name]["A"], adapters[name]["B"]
+        r = _pattern_value(config.get("rank_pattern") or {}, name, base_config.r)
+        if lora_A.shape[0] != r or lora_B.shape[-1] != r:
+            raise ValueError(f"{path}: {name}: the config gives r={r}, the file holds lora_A "
+                             f"{tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, base_config.lora_alpha)
+        layer_config = base_config.replace(r=r, lora_alpha=alpha)
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            _check_adapter_name(module, adapter_name)
+            module.switch_adapter(lora_A, lora_B, lora_alpha=alpha)
+            module.lora_dropout, module.use_rslora = layer_config.lora_dropout, layer_config.use_rslora
+            module.scaling = layer_config.scaling
+        else:
+            new_layers[name] = layer_config
+    weight_dtypes = {name: model.get_submodule(name).weight.dtype for name in new_layers}
+    for name, layer_config in new_layers.items():
+        stored = adapters[name]["A"].dtype
+        half_base = weight_dtypes[name] in (torch.float16, torch.bfloat16)
+        inject_layers(model, {name: layer_config},
+                      adapter_dtype=torch.float32 if stored == torch.float32 and half_base else None)
+        layer = model.get_submodule(name)
+        with torch.no_grad():
+            layer.lora_A.copy_(adapters[name]["A"])
+            layer.lora_B.copy_(adapters[name]["B"])
+        layer.adapter_name = adapter_name
+
+    saved_modules = [m for m in (config.get("modules_to_save") or [])]
+    state = model.state_dict(keep_vars=True)
+    for key, value in others.items():
+        if key not in state:
+            raise ValueError(f"{path}: tensor {PREFIX + key!r} has no place in the model (no parameter {key!r})")
+        with torch.no_grad():
+            state[key].copy_(value)
+    if saved_modules:
+        kept = sorted({name for name, _ in model.named_modules()
+                       if name and any(name == m or name.endswith("." + m) for m in saved_modules)})
+        setattr(model, _MODULES_TO_SAVE, tuple(kept))
+    if is_trainable:
+        mark_only_lora_as_trainable(model)
+    else:
+        model.requires_grad_(False)
+    return model
+
+
+def _check_adapter_name(layer: LoRALinear, adapter_name: str) -> None:
+    current = getattr(layer, "adapter_name", "default")
+    if current != adapter_name:
+        raise ValueError(f"the layer holds adapter {current!r}; lora_kernels keeps one adapter per layer, so "
+                         f"adapter {adapter_name!r} would replace it (load it with adapter_name={current!r})")
+
+
+def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
+                      base_model_name_or_path: str | None = None) -> None:
+    """Write the model's LoRA adapter as PEFT does (adapter_config.json + adapter_model.safetensors).
+
+    PeftModel.from_pretrained(base_model, path) then computes what this model computes. Layers whose
+    rank or alpha differ from the most common ones are written as rank_pattern / alpha_pattern;
+    modules_to_save are written whole; biases are written (bias="lora_only"/"all") when they are trained.
+    adapter_name, when given, must be the layers' adapter (see load_peft_adapter).
+    """
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA layers (lora_kernels.LoRALinear) to save")
+    for layer in layers.values():
+        if adapter_name is not None:
+            _check_adapter_name(layer, adapter_name)
+    for option in ("lora_dropout", "use_rslora"):
+        values = {getattr(layer, option) for layer in layers.values()}
+        if len(values) > 1:
+            raise ValueError(f"PEFT's format has one {option} per adapter; the layers use {sorted(values)}")
+    first = next(iter(layers.values()))
+    r = collections.Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
+    alpha = collections.Counter(layer.lora_alpha for layer in layers.values()).most_common(1)[0][0]
+
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+    lora_biases = any(layer.bias is not None and layer.bias.requires_grad for layer in layers.values())
+    other_biases = any(p.requires_grad for n, p in model.named_parameters()
+                       if n.endswith("bias") and n.rpartition(".")[0] not in layers)
+    bias = "all" if other_biases else "lora_only" if lora_biases else "none"
+    if bias != "none":
+        for n, p in model.named_parameters():
+            if n.endswith("bias") and (bias == "all" or n.rpartition(".")[0] in layers):
+                tensors[PREFIX + n] = p.detach()
+    saved_modules = list(getattr(model, _MODULES_TO_SAVE, ()))
+    for module_name in saved_modules:
+        for key, value in model.get_submodule(module_name).state_dict().items():
+            tensors[f"{PREFIX}{module_name}.{key}"] = value.detach()
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": first.lora_dropout,
+        "use_rslora": first.use_rslora,
+        "target_modules": sorted(layers),
+        "bias": bias,
+        "fan_in_fan_out": all(layer.fan_in_fan_out for layer in layers.values()),
+        "modules_to_save": saved_modules or None,
+        "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != r},
+        "alpha_pattern": {name: layer.lora_alpha for name, layer in layers.items() if layer.lora_alpha != alpha},
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_dora": False,
+    }
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    contiguous = {k: v.contiguous().clone() for k, v in tensors.items()}  # no shared or strided storage
+    _safetensors().save_file(contiguous, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})

@@ -1,0 +1,218 @@
+"""PEFT and transformers interop, as a PEFT user would use it: tiny Llama, GPT-2 and BERT built from configs
+(no network). patch_peft_model, load_peft_adapter and save_peft_adapter against PEFT itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from lora_kernels.peft import load_peft_adapter, patch_peft_model, save_peft_adapter, unpatch_peft_model
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+
+def _llama(dtype=torch.float32):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def _gpt2():
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _bert():
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=48, num_labels=3, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _randomize_lora(model, seed=0):
+    """Non-zero lora_B (and a perturbed lora_A) everywhere: a trained adapter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.2)
+    return model
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("make,targets", [(_llama, LLAMA_TARGETS), (_gpt2, ["c_attn", "c_proj", "c_fc"])],
+                         ids=["llama", "gpt2"])
+def test_patched_peft_model_gives_peft_outputs_and_gradients(make, targets):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=make is _gpt2)
+    model = _randomize_lora(peft.get_peft_model(make(), config))
+    expected = _logits(model)
+    model.train()
+    model(IDS).logits.square().mean().backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    report = patch_peft_model(model)
+    assert len(report.patched) == 2 * len(targets) + (make is _gpt2) * 2 and not report.skipped
+    model.eval()
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(IDS).logits.square().mean().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    model.eval()
+    base = make()
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits(model), _logits(base), rtol=1e-5, atol=1e-5)
+    model.merge_adapter()
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-4, atol=1e-4)
+    model.unmerge_adapter()
+    assert unpatch_peft_model(model) == len(report.patched)
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_patched_layers_really_run_the_fused_op(monkeypatch):
+    model = _randomize_lora(peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"])))
+    patch_peft_model(model)
+    calls = []
+    original = lk.peft.lora_linear
+    monkeypatch.setattr(lk.peft, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    _logits(model)
+    assert len(calls) == 2  # one per q_proj
+
+
+def test_float32_adapters_on_a_bfloat16_model():
+    """PEFT keeps adapters in float32 on a 16-bit model (autocast_adapter_dtype): the patched layers compute
+    the LoRA branch from them in float32, as PEFT does, and train them in float32."""
+    model = peft.get_peft_model(_llama(torch.bfloat16), peft.LoraConfig(r=4, target_modules=LLAMA_TARGETS))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    _randomize_lora(model)
+    expected = _logits(model).float()
+    patch_peft_model(model)
+    ours = _logits(model).float()
+    assert (ours - expected).abs().max() <= 0.02 * expected.abs().max()
+    model.train()
+    model(IDS).logits.float().square().mean().backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+
+
+def test_unsupported_layers_stay_on_peft_and_are_reported():
+    model = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    report = patch_peft_model(model)
+    assert not report.patched and len(report.skipped) == 2
+    assert all("DoRA" in why or "variant" in why for why in report.skipped.values())
+    assert "left on PEFT's path" in str(report)
+
+
+def test_patched_model_saves_and_compiles_fullgraph(tmp_path):
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    model = _randomize_lora(peft.get_peft_model(mlp, peft.LoraConfig(r=4, target_modules=["0", "2"])))
+    x = torch.randn(5, 16)
+    expected = model(x)
+    patch_peft_model(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    fresh = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    base_weights = {k.replace(".base_layer", ""): v for k, v in model.base_model.model.state_dict().items()
+                    if "lora_" not in k}
+    fresh.load_state_dict(base_weights)
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path)
+    torch.testing.assert_close(reloaded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _peft_adapter(tmp_path, make, config):
+    model = _randomize_lora(peft.get_peft_model(make(), config))
+    if config.modules_to_save:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "modules_to_save" in name:
+                    p.add_(1.0)
+    model.save_pretrained(tmp_path)
+    return _logits(model)
+
+
+@pytest.mark.parametrize("case", ["llama-patterns-rslora", "gpt2", "bert-classifier", "llama-layers"])
+def test_load_peft_adapter_into_a_plain_model(tmp_path, case):
+    if case == "llama-patterns-rslora":
+        make, config = _llama, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True,
+                                                rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3})
+    elif case == "gpt2":
+        make, config = _gpt2, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"],
+                                               fan_in_fan_out=True)
+    elif case == "bert-classifier":
+        make, config = _bert, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                               modules_to_save=["classifier"])
+    else:
+        make, config = _llama, peft.LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[1])
+    expected = _peft_adapter(tmp_path, make, config)
+    model = load_peft_adapter(make(), tmp_path)
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in model.parameters())
+    if case == "llama-layers":
+        assert not isinstance(model.model.layers[0].self_attn.q_proj, lk.LoRALinear)
+        assert isinstance(model.model.layers[1].self_attn.q_proj, lk.LoRALinear)
+    if case == "bert-classifier":
+        trainable = load_peft_adapter(make(), tmp_path, is_trainable=True)
+        assert trainable.classifier.weight.requires_grad and "classifier.weight" in lk.lora_state_dict(trainable)
+
+
+def test_save_peft_adapter_loads_in_peft(tmp_path):
+    model = lk.inject_lora(_llama(), LLAMA_TARGETS, r=4, lora_alpha=8)
+    layer = model.model.layers[0].self_attn.v_proj
+    layer.switch_adapter(torch.randn(2, 32) * 0.1, torch.randn(32, 2) * 0.1, lora_alpha=5)  # rank 2, alpha 5
+    _randomize_lora(model)
+    expected = _logits(model)
+    save_peft_adapter(model, tmp_path, base_model_name_or_path="tiny-llama")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"model.layers.0.self_attn.v_proj": 2}
+    assert config["alpha_pattern"] == {"model.layers.0.self_attn.v_proj": 5}
+    loaded = peft.PeftModel.from_pretrained(_llama(), tmp_path)
+    torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
+    # and back into a plain model
+    torch.testing.assert_close(_logits(load_peft_adapter(_llama(), tmp_path)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_save_gpt2_and_bert_with_modules_to_save(tmp_path):
+    gpt2 = _randomize_lora(lk.inject_lora(_gpt2(), ["c_attn", "c_proj"], r=4))
+    save_peft_adapter(gpt2, tmp_path / "gpt2")
+    torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(_gpt2(), tmp_path / "gpt2")), _logits(gpt2),
+                               rtol=1e-5, atol=1e-5)
+    bert = _randomize_lora(lk.inject_lora(_bert(), ["query", "value"], r=4, modules_to_save=["classifier"]))
+    with torch.no_grad():
+        bert.classifier.weight.add_(1.0)
+    save_peft_adapter(bert, tmp_path / "bert")
+    torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(_bert(), tmp_path / "bert")), _logits(bert),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bad_adapters_are_refused_by_name(tmp_path):
+    _peft_adapter(tmp_path / "dora", _llama, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="use_dora"):
+        load_peft_adapter(_llama(), tmp_path / "dora")
+    _peft_adapter(tmp_path / "gpt2", _gpt2, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_peft_adapter(_llama(), tmp_path / "gpt2")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_peft_adapter(_llama(), tmp_path)
