@@ -196,7 +196,7 @@ class LoRALinear(nn.Module):
             self.lora_B.copy_(new_B)
         else:
             warnings.warn(f"switch_adapter: the rank changed ({self.r} -> {r}), so lora_A and lora_B are new "
-                          "Parameters; an optimizer built before still holds the old ones", stacklevel=2)
+                          "Parameters; an optimizer built before still holds the old ones", stacklevel=3)
             self.lora_A = nn.Parameter(new_A.clone(), requires_grad=self.lora_A.requires_grad)
             self.lora_B = nn.Parameter(new_B.clone(), requires_grad=self.lora_B.requires_grad)
         self.r, self.lora_alpha, self.scaling = r, lora_alpha, scaling

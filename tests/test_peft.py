@@ -181,7 +181,8 @@ def test_load_peft_adapter_into_a_plain_model(tmp_path, case):
 def test_save_peft_adapter_loads_in_peft(tmp_path):
     model = lk.inject_lora(_llama(), LLAMA_TARGETS, r=4, lora_alpha=8)
     layer = model.model.layers[0].self_attn.v_proj
-    layer.switch_adapter(torch.randn(2, 32) * 0.1, torch.randn(32, 2) * 0.1, lora_alpha=5)  # rank 2, alpha 5
+    with pytest.warns(UserWarning, match="rank changed"):
+        layer.switch_adapter(torch.randn(2, 32) * 0.1, torch.randn(32, 2) * 0.1, lora_alpha=5)  # rank 2, alpha 5
     _randomize_lora(model)
     expected = _logits(model)
     save_peft_adapter(model, tmp_path, base_model_name_or_path="tiny-llama")
