@@ -5,6 +5,8 @@
 //   op                       CPU                       CUDA
 //   fused_forward            fused_forward_cpu         fused_forward_cuda      lora_linear.cpp
 //   fused_backward           fused_backward_cpu        fused_backward_cuda     lora_linear.cpp
+//   multi_forward            multi_forward_cpu         multi_forward_cuda      lora_linear_multi.cpp
+//   multi_backward           multi_backward_cpu        multi_backward_cuda     lora_linear_multi.cpp
 //   merge_kernel_            merge_cpu_                merge_cuda_             cpu/merge.cpp, cuda/merge.cu
 //   merge_nonfinite_count    merge_nonfinite_count_cpu merge_nonfinite_count_cuda
 //
@@ -31,6 +33,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx);
 
+// ---- many adapters in one batch (lora_linear_multi.cpp): lora_A [n, r_max, in], lora_B [n, out, r_max],
+// scalings [n], adapter_ids [M] in [-1, n), ranks [n] in [1, r_max] (or none: all r_max)
+std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                     const OptionalTensor& bias, const at::Tensor& lora_A,
+                                                     const at::Tensor& lora_B, const at::Tensor& scalings,
+                                                     const at::Tensor& adapter_ids, const OptionalTensor& ranks,
+                                                     double dropout_p, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
+    const OptionalTensor& ranks, double dropout_p, int64_t seed, bool need_dx);
+
 // ---- dropout masks: rows row0 .. row0+rows-1 of the [M, cols] mask (philox.h) as float32
 // on the device of `options`: 1/(1-p) where kept, 0 where dropped.
 at::Tensor dropout_mask_cpu(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
@@ -50,6 +64,15 @@ at::Tensor merge_nonfinite_count_cpu(const at::Tensor& weight, const at::Tensor&
                                   double sub_scaling);
 
 #ifdef LORA_KERNELS_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                      const OptionalTensor& bias, const at::Tensor& lora_A,
+                                                      const at::Tensor& lora_B, const at::Tensor& scalings,
+                                                      const at::Tensor& adapter_ids, const OptionalTensor& ranks,
+                                                      double dropout_p, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
+    const OptionalTensor& ranks, double dropout_p, int64_t seed, bool need_dx);
 std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                       const OptionalTensor& bias, const at::Tensor& lora_A,
                                                       const at::Tensor& lora_B, double scaling, double dropout_p,

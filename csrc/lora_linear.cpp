@@ -25,67 +25,13 @@
 // the LoRA branch is computed from x widened to float32 a row block at a time, xa
 // is float32, s · xa Bᵀ is added to the 16-bit y block by block (one rounding), and
 // dA, dB come back in float32. The base GEMMs stay 16-bit.
-#include "lora_kernels.h"
+#include "fused_common.h"
 
 #include <algorithm>
 
 namespace lora_kernels {
+namespace fused {
 namespace {
-
-// What differs between the CPU and CUDA versions of the op: the dropout mask
-// generator, and the size of the row blocks that the blocked paths work on
-// (~256 KB of float32 on CPU, so that a block stays in L2 between its uses; ~64 MB
-// on CUDA, enough to keep cuBLAS busy; either way small next to the [M, in] copy
-// of x they avoid).
-struct DeviceParts {
-  at::Tensor (*dropout_mask)(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
-                             at::TensorOptions options);
-  int64_t block_bytes;
-
-  // Rows per block when the widest row involved has `width` elements.
-  int64_t block_rows(int64_t width) const {
-    return std::max<int64_t>(16, block_bytes / std::max<int64_t>(1, width * 4));
-  }
-
-  // Rows row0 .. row0+rows-1 of x's dropout mask: 1/(1-p) where kept, 0 where dropped. float32, whose
-  // 1/(1-p) is exact enough for 16- and 32-bit x; for float64 x the value is re-made in float64
-  // (a float32 1/(1-p) is off by ~1e-8, far above float64's rounding).
-  at::Tensor mask_rows(const at::Tensor& x, int64_t row0, int64_t rows, double p, int64_t seed) const {
-    const at::Tensor mask = dropout_mask(row0, rows, x.size(1), p, seed, x.options());
-    if (x.scalar_type() != at::kDouble) return mask;
-    return mask.ne(0).to(at::kDouble).mul_(1.0 / (1.0 - p));
-  }
-};
-
-constexpr DeviceParts kCpu{&dropout_mask_cpu, int64_t{256} << 10};
-#ifdef LORA_KERNELS_WITH_CUDA
-constexpr DeviceParts kCuda{&dropout_mask_cuda, int64_t{64} << 20};
-#endif
-
-// s · (a b) with the scaling applied to the GEMM's accumulator (alpha), so a 16-bit
-// result is rounded once, after scaling. BLAS skips the product when alpha = 0, which
-// would hide NaN/Inf in a or b: then the product is formed (in float32 for 16-bit
-// inputs, so that it cannot overflow) and multiplied by 0 explicitly.
-at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scaling) {
-  if (scaling == 0.0) {
-    const auto wide = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    return at::mm(a.to(wide), b.to(wide)).mul_(scaling).to(a.scalar_type());
-  }
-  return at::addmm(at::zeros({a.size(0), b.size(1)}, a.options()), a, b, /*beta=*/0, /*alpha=*/scaling);
-}
-
-void check_same(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name = "x") {
-  LK_CHECK(t.scalar_type() == x.scalar_type(), name, " must have ", x_name, "'s dtype ", x.scalar_type(),
-           ", got ", t.scalar_type());
-  LK_CHECK(t.device() == x.device(), name, " must be on ", x_name, "'s device ", x.device(), ", got ",
-           t.device());
-}
-
-// float32 adapters on a 16-bit x (see the top of this file)
-bool is_mixed(const at::Tensor& x, const at::Tensor& lora_A) {
-  return lora_A.scalar_type() == at::kFloat &&
-         (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
-}
 
 void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
                         const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
@@ -114,6 +60,7 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
   LK_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
 }
 
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, const at::Tensor& x,
                                                  const at::Tensor& weight, const OptionalTensor& bias,
@@ -218,19 +165,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   return {dx, dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type())};
 }
 
-}  // namespace
+}  // namespace fused
 
 std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                      const OptionalTensor& bias, const at::Tensor& lora_A,
                                                      const at::Tensor& lora_B, double scaling, double dropout_p,
                                                      int64_t seed) {
-  return fused_forward(kCpu, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
+  return fused::fused_forward(fused::kCpu, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx) {
-  return fused_backward(kCpu, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx);
+  return fused::fused_backward(fused::kCpu, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx);
 }
 
 #ifdef LORA_KERNELS_WITH_CUDA
@@ -238,13 +185,13 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const
                                                       const OptionalTensor& bias, const at::Tensor& lora_A,
                                                       const at::Tensor& lora_B, double scaling, double dropout_p,
                                                       int64_t seed) {
-  return fused_forward(kCuda, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
+  return fused::fused_forward(fused::kCuda, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx) {
-  return fused_backward(kCuda, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx);
+  return fused::fused_backward(fused::kCuda, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx);
 }
 #endif
 

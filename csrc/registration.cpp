@@ -14,6 +14,11 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.def("fused_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
         "Tensor xa, float scaling, float dropout_p, int seed, bool need_dx) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("multi_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor scalings, "
+        "Tensor adapter_ids, Tensor? ranks, float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("multi_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
+        "Tensor scalings, Tensor adapter_ids, Tensor? ranks, float dropout_p, int seed, bool need_dx) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("merge_kernel_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, "
         "Tensor? sub_A, Tensor? sub_B, float sub_scaling) -> ()");
   m.def("merge_nonfinite_count(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, "
@@ -23,6 +28,8 @@ TORCH_LIBRARY(lora_kernels, m) {
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("fused_forward", &lora_kernels::fused_forward_cpu);
   m.impl("fused_backward", &lora_kernels::fused_backward_cpu);
+  m.impl("multi_forward", &lora_kernels::multi_forward_cpu);
+  m.impl("multi_backward", &lora_kernels::multi_backward_cpu);
   m.impl("merge_kernel_", &lora_kernels::merge_cpu_);
   m.impl("merge_nonfinite_count", &lora_kernels::merge_nonfinite_count_cpu);
 }
@@ -31,6 +38,8 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   m.impl("fused_forward", &lora_kernels::fused_forward_cuda);
   m.impl("fused_backward", &lora_kernels::fused_backward_cuda);
+  m.impl("multi_forward", &lora_kernels::multi_forward_cuda);
+  m.impl("multi_backward", &lora_kernels::multi_backward_cuda);
   m.impl("merge_kernel_", &lora_kernels::merge_cuda_);
   m.impl("merge_nonfinite_count", &lora_kernels::merge_nonfinite_count_cuda);
 }

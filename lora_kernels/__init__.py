@@ -12,7 +12,7 @@ The pure-PyTorch specification of every op is lora_kernels.reference.
 from . import reference
 from .backends import available_backends, compiled_extension
 from .config import LoRAConfig
-from .functional import MergeRecord, lora_linear, merge_, switch_, unmerge_
+from .functional import MergeRecord, lora_linear, lora_linear_multi, merge_, switch_, unmerge_
 from .modules import LoRALinear
 from .model_setup import (disable_adapter, inject_lora, lora_layers, lora_state_dict, mark_only_lora_as_trainable,
                           merge_adapter, merge_and_unload, print_trainable_parameters, unload, unmerge_adapter)
@@ -30,6 +30,7 @@ __all__ = [
     "inject_lora",
     "lora_layers",
     "lora_linear",
+    "lora_linear_multi",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_",

@@ -1,6 +1,8 @@
 """Functional API: argument checks (validation.py), then the ops (ops/), which pick a backend.
 
     lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False)
+    lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks=None, dropout_p=0.0,
+                      training=False)
     merge_(weight, lora_A, lora_B, scaling, safe=False, exact=False)
     unmerge_(weight, lora_A, lora_B, scaling, record=None)
     switch_(weight, lora_A, lora_B, scaling, new_A, new_B, new_scaling, safe=False)
@@ -17,9 +19,10 @@ from torch import Tensor
 from . import validation
 from .merge_record import MergeRecord, merge_exact_
 from .ops.lora_linear import lora_linear_op
+from .ops.lora_linear_multi import lora_linear_multi_op
 from .ops.merge import merge_op
 
-__all__ = ["lora_linear", "merge_", "unmerge_", "switch_", "MergeRecord"]
+__all__ = ["lora_linear", "lora_linear_multi", "merge_", "unmerge_", "switch_", "MergeRecord"]
 
 
 def draw_seed() -> Tensor:
@@ -63,6 +66,38 @@ def lora_linear(
     # Not y.view(...): a view as the layer's output would let an in-place op on it slip
     # past autograd hooks on the output (FSDP2's pre-backward hook). nn.Linear does the same.
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], out_features))
+
+
+def lora_linear_multi(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scalings,
+    adapter_ids: Tensor,
+    ranks: Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Many adapters in one batch: row m gets adapter adapter_ids[m]'s LoRA term (none for -1).
+
+    x [..., in], weight [out, in], bias [out] or None, lora_A [n, r_max, in], lora_B [n, out, r_max],
+    scalings [n] (a tensor, so that new alphas do not recompile under torch.compile; a list of
+    numbers is accepted), adapter_ids: an integer tensor with one id per row of x (x.shape[:-1]) or,
+    for x [batch, seq, in], one per sequence ([batch]); ranks [n] (adapter a uses only its first
+    ranks[a] ranks: no padded flops) or None. Returns [..., out]. Differentiable in x, lora_A, lora_B,
+    bias (and weight); adapters with no rows get zero gradients. Dropout as lora_linear (same mask
+    for the same seed). reference.lora_linear_multi is the spec.
+    """
+    x, weight, bias, lora_A, lora_B, scalings, ids, ranks = validation.check_multi_args(
+        x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p)
+    seed = draw_seed() if training and dropout_p > 0.0 else None
+    x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+    y, _ = lora_linear_multi_op(x2d, weight, bias, lora_A, lora_B, scalings, ids, ranks, float(dropout_p), seed)
+    if x.dim() == 2:
+        return y
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
 
 @torch.no_grad()

@@ -29,6 +29,8 @@ __all__ = [
     "accumulation_dtype",
     "lora_linear",
     "lora_linear_backward",
+    "lora_linear_multi",
+    "lora_linear_multi_backward",
     "merge_",
     "merge",
 ]
@@ -151,6 +153,74 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout
     d_lora_A = (scaling * (gb.t() @ _dropped(x.to(acc), dropout_p, seed))).to(lora_A.dtype)
     d_lora_B = (scaling * (grad_y_acc.t() @ xa.to(acc))).to(lora_B.dtype)
     return dx, d_lora_A, d_lora_B
+
+
+def _adapter_rows(adapter_ids: torch.Tensor, n: int):
+    """(adapter, row indices) for every adapter that has rows in the batch (ids of -1: no adapter)."""
+    for a in range(n):
+        rows = (adapter_ids == a).nonzero().flatten()
+        if rows.numel():
+            yield a, rows
+
+
+def _ranks(lora_A: torch.Tensor, ranks) -> list[int]:
+    n, r_max = lora_A.shape[:2]
+    return [r_max] * n if ranks is None else [int(r) for r in ranks.tolist()]
+
+
+def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks=None, dropout_p=0.0, seed=None):
+    """Many adapters in one batch: row m uses adapter a = adapter_ids[m] (none when -1).
+
+        y[m]  = x[m] W0ᵀ + b + s_a · (drop(x)[m] A_a[:r_a]ᵀ) B_a[:, :r_a]ᵀ
+        xa[m] = drop(x)[m] A_a[:r_a]ᵀ in its first r_a columns, zeros after (and for rows of -1)
+
+    x [M, in], weight [out, in], bias [out] or None, lora_A [n, r_max, in], lora_B [n, out, r_max],
+    scalings [n] (s_a), adapter_ids [M] integers in [-1, n), ranks [n] integers in [1, r_max] or None
+    (all r_max): adapter a reads only A_a's first r_a rows and B_a's first r_a columns. The dropout
+    mask is lora_linear's (element m·in + k of x, from the same seed). Rounding as lora_linear.
+    Returns (y [M, out], xa [M, r_max]).
+    """
+    acc = accumulation_dtype(x.dtype)
+    n, r_max = lora_A.shape[:2]
+    rank_of = _ranks(lora_A, ranks)
+    dropped = _dropped(x.to(lora_A.dtype), dropout_p, seed)
+    xa = torch.zeros(x.shape[0], r_max, dtype=lora_A.dtype, device=x.device)
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    y = y.to(acc)
+    for a, rows in _adapter_rows(adapter_ids, n):
+        r = rank_of[a]
+        xa_rows = dropped[rows] @ lora_A[a, :r].t()
+        xa[rows, :r] = xa_rows
+        y[rows] = y[rows] + float(scalings[a]) * (xa_rows.to(acc) @ lora_B[a, :, :r].to(acc).t())
+    return y.to(x.dtype), xa
+
+
+def lora_linear_multi_backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks=None,
+                               dropout_p=0.0, seed=None):
+    """Gradients of lora_linear_multi for a frozen weight: (dx [M, in], dA [n, r_max, in], dB [n, out, r_max]).
+
+    Per adapter a over its rows (lora_linear_backward's formulas): dA_a[:r_a] = s_a · gbᵀ drop(x),
+    dB_a[:, :r_a] = s_a · dyᵀ xa, dx = dy W0 + s_a · (gb A_a) ⊙ mask / (1 - p) with gb = dy B_a.
+    Adapters without rows, and the ranks past r_a, get zero gradients.
+    """
+    acc = accumulation_dtype(x.dtype)
+    n, r_max = lora_A.shape[:2]
+    rank_of = _ranks(lora_A, ranks)
+    dropped = _dropped(x.to(acc), dropout_p, seed)
+    d_lora_A = torch.zeros(lora_A.shape, dtype=acc, device=x.device)
+    d_lora_B = torch.zeros(lora_B.shape, dtype=acc, device=x.device)
+    lora_dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    grad_y_acc = grad_y.to(acc)
+    for a, rows in _adapter_rows(adapter_ids, n):
+        r, s = rank_of[a], float(scalings[a])
+        gb = grad_y_acc[rows] @ lora_B[a, :, :r].to(acc)
+        d_lora_A[a, :r] = s * (gb.t() @ dropped[rows])
+        d_lora_B[a, :, :r] = s * (grad_y_acc[rows].t() @ xa[rows, :r].to(acc))
+        lora_dx[rows] = s * (gb @ lora_A[a, :r].to(acc))
+    dx = ((grad_y @ weight).to(acc) + _dropped(lora_dx, dropout_p, seed)).to(x.dtype)
+    return dx, d_lora_A.to(lora_A.dtype), d_lora_B.to(lora_B.dtype)
 
 
 def merge_(weight, lora_A, lora_B, scaling, sub_A=None, sub_B=None, sub_scaling=0.0, check_only=False) -> int:

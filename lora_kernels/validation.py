@@ -224,3 +224,75 @@ def unaliased(t: Tensor | None, weight: Tensor) -> Tensor | None:
         return t
     (t0, t1), (w0, w1) = byte_span(t), byte_span(weight)
     return t.clone() if t0 < w1 and w0 < t1 else t
+
+
+def check_multi_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p):
+    """Every check of lora_linear_multi (shapes, dtypes, devices; the id and rank values are checked by the
+    kernels); returns (x, weight, bias, lora_A, lora_B, scalings, adapter_ids [M] int64, ranks), autocast
+    applied."""
+    check_float_tensor("x", x)
+    check_float_tensor("weight", weight, 2)
+    if bias is not None:
+        check_float_tensor("bias", bias, 1)
+    check_float_tensor("lora_A", lora_A, 3)
+    check_float_tensor("lora_B", lora_B, 3)
+    if x.dim() < 1:
+        raise ValueError("x must be [..., in_features], got a 0-d tensor")
+    out_features, in_features = weight.shape
+    n, r_max = lora_A.shape[:2]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must be [..., in_features={in_features}], got {tuple(x.shape)}")
+    if n < 1 or r_max < 1 or lora_A.shape[2] != in_features:
+        raise ValueError(f"lora_A must be [n >= 1, r_max >= 1, in_features={in_features}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (n, out_features, r_max):
+        raise ValueError(f"lora_B must be [n={n}, out_features={out_features}, r_max={r_max}], got {tuple(lora_B.shape)}")
+    if bias is not None and bias.shape[0] != out_features:
+        raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
+    check_same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    check_not_distributed_tensor(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+
+    if not isinstance(scalings, Tensor):
+        if not isinstance(scalings, (list, tuple)):
+            raise TypeError(f"scalings must be a tensor [n={n}] or a list of n numbers, got {type(scalings).__name__}")
+        scalings = torch.tensor([check_scaling("scalings", s) for s in scalings], dtype=torch.float64)
+    if not scalings.is_floating_point() or tuple(scalings.shape) != (n,):
+        raise ValueError(f"scalings must be a float tensor [n={n}], got {tuple(scalings.shape)} {scalings.dtype}")
+    if scalings.requires_grad:
+        raise ValueError("scalings must not require grad: lora_linear_multi computes no gradient for it")
+    if scalings.device.type != "cpu" and scalings.device != x.device:
+        raise ValueError(f"scalings must be on the CPU or on x's device {x.device}, got {scalings.device}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(scalings).all()):
+        raise ValueError(f"scalings must be finite, got {scalings.tolist()}")
+
+    if not isinstance(adapter_ids, Tensor) or adapter_ids.is_floating_point() or adapter_ids.dtype == torch.bool:
+        raise TypeError(f"adapter_ids must be an integer tensor, got {getattr(adapter_ids, 'dtype', type(adapter_ids))}")
+    rows = tuple(x.shape[:-1])
+    if tuple(adapter_ids.shape) == rows:
+        pass
+    elif x.dim() >= 3 and tuple(adapter_ids.shape) == rows[:1]:  # one adapter per sequence
+        adapter_ids = adapter_ids.view(-1, *([1] * (len(rows) - 1))).expand(rows)
+    else:
+        raise ValueError(f"adapter_ids must be one id per row of x, shape {list(rows)}"
+                         + (f" (or one per sequence, [{rows[0]}])" if x.dim() >= 3 else "")
+                         + f", got {list(adapter_ids.shape)}")
+    if adapter_ids.device != x.device:
+        raise ValueError(f"adapter_ids must be on x's device {x.device}, got {adapter_ids.device}")
+    adapter_ids = adapter_ids.reshape(-1).to(torch.int64)
+
+    if ranks is not None:
+        if not isinstance(ranks, Tensor):
+            ranks = torch.tensor(list(ranks), dtype=torch.int64)
+        if ranks.is_floating_point() or ranks.dtype == torch.bool or tuple(ranks.shape) != (n,):
+            raise ValueError(f"ranks must be an integer tensor [n={n}], got {tuple(ranks.shape)} {ranks.dtype}")
+        ranks = ranks.to(torch.int64)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+    cast_to = autocast_dtype(x.device.type)
+    if cast_to is not None:
+        x, weight, lora_A, lora_B = (t.to(cast_to) if t.dtype != torch.float64 else t for t in (x, weight, lora_A, lora_B))
+        if bias is not None and bias.dtype != torch.float64:
+            bias = bias.to(cast_to)
+    check_same_dtype("x", x, weight=weight, bias=bias)
+    check_adapter_dtype(x, lora_A, lora_B)
+    return x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks

@@ -1,0 +1,80 @@
+// What the fused LoRA ops (lora_linear.cpp, lora_linear_multi.cpp) share: the per-device
+// parts (dropout mask generator, row-block size), the scaled GEMM, the argument checks
+// and the single-adapter op itself, which the multi-adapter op runs for a batch on one adapter.
+#pragma once
+
+#include "lora_kernels.h"
+
+#include <algorithm>
+#include <tuple>
+
+namespace lora_kernels {
+namespace fused {
+
+// What differs between the CPU and CUDA versions of the op: the dropout mask
+// generator, and the size of the row blocks that the blocked paths work on
+// (~256 KB of float32 on CPU, so that a block stays in L2 between its uses; ~64 MB
+// on CUDA, enough to keep cuBLAS busy; either way small next to the [M, in] copy
+// of x they avoid).
+struct DeviceParts {
+  at::Tensor (*dropout_mask)(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
+                             at::TensorOptions options);
+  int64_t block_bytes;
+
+  // Rows per block when the widest row involved has `width` elements.
+  int64_t block_rows(int64_t width) const {
+    return std::max<int64_t>(16, block_bytes / std::max<int64_t>(1, width * 4));
+  }
+
+  // Rows row0 .. row0+rows-1 of x's dropout mask: 1/(1-p) where kept, 0 where dropped. float32, whose
+  // 1/(1-p) is exact enough for 16- and 32-bit x; for float64 x the value is re-made in float64
+  // (a float32 1/(1-p) is off by ~1e-8, far above float64's rounding).
+  at::Tensor mask_rows(const at::Tensor& x, int64_t row0, int64_t rows, double p, int64_t seed) const {
+    const at::Tensor mask = dropout_mask(row0, rows, x.size(1), p, seed, x.options());
+    if (x.scalar_type() != at::kDouble) return mask;
+    return mask.ne(0).to(at::kDouble).mul_(1.0 / (1.0 - p));
+  }
+};
+
+inline constexpr DeviceParts kCpu{&dropout_mask_cpu, int64_t{256} << 10};
+#ifdef LORA_KERNELS_WITH_CUDA
+inline constexpr DeviceParts kCuda{&dropout_mask_cuda, int64_t{64} << 20};
+#endif
+
+// s · (a b) with the scaling applied to the GEMM's accumulator (alpha), so a 16-bit
+// result is rounded once, after scaling. BLAS skips the product when alpha = 0, which
+// would hide NaN/Inf in a or b: then the product is formed (in float32 for 16-bit
+// inputs, so that it cannot overflow) and multiplied by 0 explicitly.
+inline at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scaling) {
+  if (scaling == 0.0) {
+    const auto wide = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    return at::mm(a.to(wide), b.to(wide)).mul_(scaling).to(a.scalar_type());
+  }
+  return at::addmm(at::zeros({a.size(0), b.size(1)}, a.options()), a, b, /*beta=*/0, /*alpha=*/scaling);
+}
+
+inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name = "x") {
+  LK_CHECK(t.scalar_type() == x.scalar_type(), name, " must have ", x_name, "'s dtype ", x.scalar_type(),
+           ", got ", t.scalar_type());
+  LK_CHECK(t.device() == x.device(), name, " must be on ", x_name, "'s device ", x.device(), ", got ",
+           t.device());
+}
+
+// float32 adapters on a 16-bit x (mixed precision: see the top of lora_linear.cpp)
+inline bool is_mixed(const at::Tensor& x, const at::Tensor& lora_A) {
+  return lora_A.scalar_type() == at::kFloat &&
+         (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, const at::Tensor& x,
+                                                 const at::Tensor& weight, const OptionalTensor& bias,
+                                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                 double scaling, double dropout_p, int64_t seed);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
+    const DeviceParts& device, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
+    double dropout_p, int64_t seed, bool need_dx);
+
+}  // namespace fused
+}  // namespace lora_kernels

@@ -1,0 +1,279 @@
+// Many adapters in one batch (segmented LoRA), forward and backward:
+//
+//   row m uses adapter a = ids[m] (none when -1), of rank r_a <= r_max and scaling s_a:
+//   forward   y   = bias + x W0ᵀ                       one GEMM over the whole batch
+//             xa  = drop(x)_a A_a[:r_a]ᵀ                per adapter, over its rows
+//             y_a += s_a · xa_a B_a[:, :r_a]ᵀ
+//   backward  gb_a = dy_a B_a;  dA_a = s_a gb_aᵀ drop(x)_a;  dB_a = s_a dy_aᵀ xa_a
+//             dx  = dy W0 + s_a (gb_a A_a) ⊙ mask/(1-p)
+//
+// The rows are grouped by adapter on the host (a counting sort of the ids: one copy
+// of the ids to the host, a synchronisation on CUDA), x is copied once in that order
+// (dropped, when dropout is on, with lora_linear's mask regenerated in row blocks), and
+// each adapter's rows are then one contiguous block: its A and B are read once, by two
+// r-wide GEMMs. Adapters of rank r_a < r_max read and compute only their first r_a ranks.
+// A batch on a single adapter runs lora_linear's kernel itself (no copy at all).
+// Rounding follows reference.lora_linear_multi, which follows lora_linear.
+#include "fused_common.h"
+
+#include <vector>
+
+namespace lora_kernels {
+namespace {
+
+using fused::DeviceParts;
+
+// The batch's rows grouped by adapter. Adapter a (-1 .. n-1) owns sorted positions
+// [begin(a), begin(a) + count(a)); order[pos] is the row at a sorted position and
+// position[row] the inverse (both int64 on the batch's device).
+struct Grouping {
+  std::vector<int64_t> offsets;  // n + 2 entries: segment of adapter a is [offsets[a + 1], offsets[a + 2])
+  std::vector<int64_t> ranks;
+  std::vector<double> scalings;
+  at::Tensor order, position;
+
+  int64_t begin(int64_t a) const { return offsets[a + 1]; }
+  int64_t count(int64_t a) const { return offsets[a + 2] - offsets[a + 1]; }
+  int64_t adapters() const { return static_cast<int64_t>(ranks.size()); }
+};
+
+void check_multi_args(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias,
+                      const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scalings,
+                      const at::Tensor& ids, const OptionalTensor& ranks, double dropout_p) {
+  LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
+  LK_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "weight must be [out, ", x.size(1), "], got ",
+           weight.sizes());
+  LK_CHECK(lora_A.dim() == 3 && lora_A.size(0) >= 1 && lora_A.size(1) >= 1 && lora_A.size(2) == x.size(1),
+           "lora_A must be [n, r_max, ", x.size(1), "], got ", lora_A.sizes());
+  const int64_t n = lora_A.size(0), r_max = lora_A.size(1);
+  LK_CHECK(lora_B.dim() == 3 && lora_B.size(0) == n && lora_B.size(1) == weight.size(0) && lora_B.size(2) == r_max,
+           "lora_B must be [", n, ", ", weight.size(0), ", ", r_max, "], got ", lora_B.sizes());
+  fused::check_same(weight, "weight", x);
+  if (fused::is_mixed(x, lora_A)) {
+    fused::check_same(lora_B, "lora_B", lora_A, "lora_A");
+  } else {
+    fused::check_same(lora_A, "lora_A", x);
+    fused::check_same(lora_B, "lora_B", x);
+  }
+  LK_CHECK(lora_A.device() == x.device(), "lora_A must be on x's device ", x.device());
+  if (bias.has_value()) {
+    LK_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [", weight.size(0), "], got ",
+             bias->sizes());
+    fused::check_same(*bias, "bias", x);
+  }
+  LK_CHECK(scalings.dim() == 1 && scalings.size(0) == n && scalings.is_floating_point(),
+           "scalings must be a float tensor [", n, "], got ", scalings.sizes(), " ", scalings.scalar_type());
+  LK_CHECK(ids.dim() == 1 && ids.size(0) == x.size(0) && !ids.is_floating_point() && ids.device() == x.device(),
+           "adapter_ids must be an integer tensor [", x.size(0), "] on x's device, got ", ids.sizes(), " ",
+           ids.scalar_type(), " on ", ids.device());
+  if (ranks.has_value()) {
+    LK_CHECK(ranks->dim() == 1 && ranks->size(0) == n && !ranks->is_floating_point(),
+             "ranks must be an integer tensor [", n, "], got ", ranks->sizes());
+  }
+  LK_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+}
+
+Grouping group_rows(const at::Tensor& ids, const at::Tensor& scalings, const OptionalTensor& ranks, int64_t n,
+                    int64_t r_max) {
+  const at::Tensor host_ids = ids.to(at::kCPU, at::kLong).contiguous();
+  const int64_t M = host_ids.size(0);
+  const int64_t* id = host_ids.data_ptr<int64_t>();
+  Grouping g;
+  g.offsets.assign(n + 2, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    LK_CHECK(id[m] >= -1 && id[m] < n, "adapter_ids must be in [-1, ", n, "), got ", id[m], " at row ", m);
+    ++g.offsets[id[m] + 2];
+  }
+  for (int64_t a = 1; a < n + 2; ++a) g.offsets[a] += g.offsets[a - 1];
+  at::Tensor order = at::empty({M}, at::kLong), position = at::empty({M}, at::kLong);
+  int64_t* order_p = order.data_ptr<int64_t>();
+  int64_t* position_p = position.data_ptr<int64_t>();
+  std::vector<int64_t> next(g.offsets.begin(), g.offsets.end() - 1);  // next free position of adapter a at a + 1
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t pos = next[id[m] + 1]++;
+    order_p[pos] = m;
+    position_p[m] = pos;
+  }
+  g.order = order.to(ids.device());
+  g.position = position.to(ids.device());
+  const at::Tensor host_scalings = scalings.to(at::kCPU, at::kDouble).contiguous();
+  g.scalings.assign(host_scalings.data_ptr<double>(), host_scalings.data_ptr<double>() + n);
+  if (ranks.has_value()) {
+    const at::Tensor host_ranks = ranks->to(at::kCPU, at::kLong).contiguous();
+    g.ranks.assign(host_ranks.data_ptr<int64_t>(), host_ranks.data_ptr<int64_t>() + n);
+    for (int64_t a = 0; a < n; ++a) {
+      LK_CHECK(g.ranks[a] >= 1 && g.ranks[a] <= r_max, "ranks must be in [1, r_max=", r_max, "], got ",
+               g.ranks[a], " for adapter ", a);
+    }
+  } else {
+    g.ranks.assign(n, r_max);
+  }
+  return g;
+}
+
+// The adapter that has every row of the batch, or -1.
+int64_t sole_adapter(const Grouping& g, int64_t M) {
+  for (int64_t a = 0; a < g.adapters(); ++a) {
+    if (g.count(a) == M) return a;
+  }
+  return -1;
+}
+
+// x's rows in grouped order, dropped when dropout is on, in `dtype`: the one [M, in] copy.
+at::Tensor grouped_x(const DeviceParts& device, const at::Tensor& x, const Grouping& g, double p, int64_t seed,
+                     at::ScalarType dtype) {
+  if (p == 0.0) return x.index_select(0, g.order).to(dtype);
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
+  const int64_t M = x.size(0), block = device.block_rows(x.size(1));
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    const int64_t rows = std::min(block, M - m0);
+    const at::Tensor dropped = x.narrow(0, m0, rows).mul(device.mask_rows(x, m0, rows, p, seed)).to(dtype);
+    out.index_copy_(0, g.position.narrow(0, m0, rows), dropped);
+  }
+  return out;
+}
+
+// rows of t += addend (addend in a wider dtype): the sum is rounded once into t's dtype.
+void add_rows_(at::Tensor& t, const at::Tensor& rows, const at::Tensor& addend) {
+  t.index_copy_(0, rows, t.index_select(0, rows).to(addend.scalar_type()).add_(addend).to(t.scalar_type()));
+}
+
+at::ScalarType accumulation(const at::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  return dtype == at::kHalf || dtype == at::kBFloat16 ? at::kFloat : dtype;
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_forward(const DeviceParts& device, const at::Tensor& x,
+                                                 const at::Tensor& weight, const OptionalTensor& bias,
+                                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                 const at::Tensor& scalings, const at::Tensor& ids,
+                                                 const OptionalTensor& ranks, double dropout_p, int64_t seed) {
+  check_multi_args(x, weight, bias, lora_A, lora_B, scalings, ids, ranks, dropout_p);
+  const int64_t M = x.size(0), n = lora_A.size(0), r_max = lora_A.size(1);
+  const Grouping g = group_rows(ids, scalings, ranks, n, r_max);
+  const int64_t sole = sole_adapter(g, M);
+  if (sole >= 0 && M > 0) {
+    const int64_t r = g.ranks[sole];
+    auto [y, xa] = fused::fused_forward(device, x, weight, bias, lora_A[sole].narrow(0, 0, r),
+                                        lora_B[sole].narrow(1, 0, r), g.scalings[sole], dropout_p, seed);
+    if (r == r_max) return {y, xa};
+    at::Tensor padded = at::zeros({M, r_max}, lora_A.options());
+    padded.narrow(1, 0, r).copy_(xa);
+    return {y, padded};
+  }
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  at::Tensor xa = at::zeros({M, r_max}, lora_A.options());
+  if (g.count(-1) == M) return {y, xa};
+  const auto acc = accumulation(x);
+  const at::Tensor xs = grouped_x(device, x, g, dropout_p, seed, lora_A.scalar_type());
+  for (int64_t a = 0; a < n; ++a) {
+    const int64_t count = g.count(a), r = g.ranks[a];
+    if (count == 0) continue;
+    const at::Tensor rows = g.order.narrow(0, g.begin(a), count);
+    const at::Tensor xa_a = at::mm(xs.narrow(0, g.begin(a), count), lora_A[a].narrow(0, 0, r).t());
+    xa.narrow(1, 0, r).index_copy_(0, rows, xa_a);
+    add_rows_(y, rows, fused::scaled_mm(xa_a.to(acc), lora_B[a].narrow(1, 0, r).t().to(acc), g.scalings[a]));
+  }
+  return {y, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward(
+    const DeviceParts& device, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings,
+    const at::Tensor& ids, const OptionalTensor& ranks, double dropout_p, int64_t seed, bool need_dx) {
+  check_multi_args(x, weight, c10::nullopt, lora_A, lora_B, scalings, ids, ranks, dropout_p);
+  const int64_t M = x.size(0), n = lora_A.size(0), r_max = lora_A.size(1);
+  LK_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == weight.size(0), "grad_y must be [", M,
+           ", ", weight.size(0), "], got ", grad_y.sizes());
+  LK_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == r_max, "xa must be [", M, ", ", r_max, "], got ",
+           xa.sizes());
+  fused::check_same(grad_y, "grad_y", x);
+  fused::check_same(xa, "xa", lora_A, "lora_A");
+  const Grouping g = group_rows(ids, scalings, ranks, n, r_max);
+  const int64_t sole = sole_adapter(g, M);
+  if (sole >= 0 && M > 0) {
+    const int64_t r = g.ranks[sole];
+    auto [dx, dA_a, dB_a] = fused::fused_backward(device, grad_y, x, weight, lora_A[sole].narrow(0, 0, r),
+                                                  lora_B[sole].narrow(1, 0, r), xa.narrow(1, 0, r),
+                                                  g.scalings[sole], dropout_p, seed, need_dx);
+    at::Tensor dA = at::zeros_like(lora_A), dB = at::zeros_like(lora_B);
+    dA[sole].narrow(0, 0, r).copy_(dA_a);
+    dB[sole].narrow(1, 0, r).copy_(dB_a);
+    return {dx, dA, dB};
+  }
+  const auto acc = accumulation(x);
+  at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::empty({0}, x.options());
+  at::Tensor dA = at::zeros(lora_A.sizes(), lora_A.options().dtype(acc));
+  at::Tensor dB = at::zeros(lora_B.sizes(), lora_B.options().dtype(acc));
+  if (g.count(-1) == M) return {dx, dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type())};
+  const at::Tensor xs = grouped_x(device, x, g, dropout_p, seed, acc);
+  // With dropout, dx's LoRA term is gathered in grouped order and masked by row blocks at the end.
+  at::Tensor dx_lora = need_dx && dropout_p != 0.0 ? at::zeros({M, x.size(1)}, x.options().dtype(acc)) : at::Tensor();
+  for (int64_t a = 0; a < n; ++a) {
+    const int64_t count = g.count(a), r = g.ranks[a];
+    if (count == 0) continue;
+    const double s = g.scalings[a];
+    const at::Tensor rows = g.order.narrow(0, g.begin(a), count);
+    const at::Tensor dy = grad_y.index_select(0, rows).to(acc);
+    const at::Tensor A_a = lora_A[a].narrow(0, 0, r).to(acc);
+    const at::Tensor gb = fused::scaled_mm(dy, lora_B[a].narrow(1, 0, r).to(acc), s);  // s · dy B
+    dA[a].narrow(0, 0, r).copy_(at::mm(gb.t(), xs.narrow(0, g.begin(a), count)));
+    dB[a].narrow(1, 0, r).copy_(fused::scaled_mm(dy.t(), xa.index_select(0, rows).narrow(1, 0, r).to(acc), s));
+    if (!need_dx) continue;
+    if (dx_lora.defined()) {
+      dx_lora.narrow(0, g.begin(a), count).copy_(at::mm(gb, A_a));
+    } else {
+      add_rows_(dx, rows, at::mm(gb, A_a));
+    }
+  }
+  if (dx_lora.defined()) {
+    const int64_t block = device.block_rows(x.size(1));
+    for (int64_t m0 = 0; m0 < M; m0 += block) {
+      const int64_t rows = std::min(block, M - m0);
+      const at::Tensor lora = dx_lora.index_select(0, g.position.narrow(0, m0, rows))
+                                  .mul_(device.mask_rows(x, m0, rows, dropout_p, seed));
+      at::Tensor dx_rows = dx.narrow(0, m0, rows);
+      dx_rows.copy_(dx_rows.to(acc).add_(lora));  // one rounding into dx's dtype
+    }
+  }
+  return {dx, dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type())};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                     const OptionalTensor& bias, const at::Tensor& lora_A,
+                                                     const at::Tensor& lora_B, const at::Tensor& scalings,
+                                                     const at::Tensor& adapter_ids, const OptionalTensor& ranks,
+                                                     double dropout_p, int64_t seed) {
+  return multi_forward(fused::kCpu, x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
+    const OptionalTensor& ranks, double dropout_p, int64_t seed, bool need_dx) {
+  return multi_backward(fused::kCpu, grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropout_p,
+                        seed, need_dx);
+}
+
+#ifdef LORA_KERNELS_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                      const OptionalTensor& bias, const at::Tensor& lora_A,
+                                                      const at::Tensor& lora_B, const at::Tensor& scalings,
+                                                      const at::Tensor& adapter_ids, const OptionalTensor& ranks,
+                                                      double dropout_p, int64_t seed) {
+  return multi_forward(fused::kCuda, x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p,
+                       seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
+    const OptionalTensor& ranks, double dropout_p, int64_t seed, bool need_dx) {
+  return multi_backward(fused::kCuda, grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks,
+                        dropout_p, seed, need_dx);
+}
+#endif
+
+}  // namespace lora_kernels

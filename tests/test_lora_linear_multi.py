@@ -1,0 +1,248 @@
+"""lora_linear_multi: many adapters in one batch, every backend against reference.py and an independent
+per-row float64 oracle; outputs and gradients, odd batches (unsorted ids, -1 rows, adapters with no rows,
+mixed ranks, 3-D x), all dtypes, dropout, opcheck, torch.compile without recompiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import lora_linear, lora_linear_multi, reference
+from lora_kernels.functional import draw_seed
+from lora_kernels.ops.lora_linear_multi import lora_linear_multi_op
+
+from conftest import DEVICE, DTYPES, assert_matches_reference, compiled_backends
+
+BACKENDS = ["reference"] + [b for b in compiled_backends() if b in lk.available_backends("lora_linear_multi")]
+
+
+def _inputs(M, in_f, out_f, n, r_max, dtype, seed=0, adapter_dtype=None, lead=None):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dt)
+
+    adapter_dtype = adapter_dtype or dtype
+    return dict(
+        x=rand(*(lead or (M,)), in_f),
+        weight=rand(out_f, in_f, scale=in_f**-0.5),
+        bias=rand(out_f),
+        lora_A=rand(n, r_max, in_f, scale=in_f**-0.5, dt=adapter_dtype),
+        lora_B=rand(n, out_f, r_max, scale=r_max**-0.5, dt=adapter_dtype),
+        scalings=torch.linspace(0.5, 2.0, n, dtype=torch.float64),
+    )
+
+
+# (name, M, n, adapter_ids maker, ranks)
+def _ids(kind, M, n):
+    g = torch.Generator().manual_seed(7)
+    if kind == "every-row-its-own":
+        return torch.arange(M) % n
+    if kind == "all-same":
+        return torch.full((M,), n - 1)
+    if kind == "unsorted-with-base-rows":
+        return torch.randint(-1, n, (M,), generator=g)
+    if kind == "some-adapters-unused":
+        return torch.randint(0, 2, (M,), generator=g) * (n - 1)  # only 0 and n-1
+    raise ValueError(kind)
+
+
+CASES = [
+    ("every-row-its-own", 13, 13, 70, 33, 4, None),
+    ("all-same", 37, 3, 33, 70, 16, None),
+    ("all-same", 20, 3, 33, 40, 8, [3, 8, 5]),  # one adapter below r_max: the single-adapter path with a rank
+    ("unsorted-with-base-rows", 50, 5, 33, 70, 8, [1, 8, 3, 8, 5]),
+    ("some-adapters-unused", 40, 6, 70, 33, 6, None),
+    ("unsorted-with-base-rows", 0, 3, 33, 70, 4, None),
+]
+
+
+def _run(fn, inputs, ids, ranks, dropout_p, training=True):
+    leaves = {k: (v.detach().clone().requires_grad_(k not in ("scalings",)) if v is not None else None)
+              for k, v in inputs.items()}
+    torch.manual_seed(1234)
+    y = fn(leaves, ids, ranks, dropout_p, training)
+    g = torch.Generator().manual_seed(1)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
+    wrt = [leaves[k] for k in ("x", "lora_A", "lora_B", "bias")]
+    grads = torch.autograd.grad(y, wrt, grad_y) if y.numel() else [torch.zeros_like(t) for t in wrt]
+    return y, grads
+
+
+def _ours(t, ids, ranks, p, training):
+    return lora_linear_multi(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["scalings"], ids, ranks,
+                             p, training)
+
+
+def _reference(t, ids, ranks, p, training):
+    torch.manual_seed(1234)
+    seed = int(draw_seed()) if training and p > 0 else None
+    x2d = t["x"].reshape(-1, t["x"].shape[-1])
+    ids2d = (ids if ids.shape == t["x"].shape[:-1] else ids[:, None].expand(t["x"].shape[:-1])).reshape(-1)
+    ranks_t = torch.tensor(ranks) if ranks is not None else None
+    y, _ = reference.lora_linear_multi(x2d, t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["scalings"],
+                                       ids2d.to(x2d.device), ranks_t, p, seed)
+    return y.view(*t["x"].shape[:-1], t["weight"].shape[0])
+
+
+def _check(inputs, ids, ranks, p):
+    ranks_t = torch.tensor(ranks) if ranks is not None else None
+    y, grads = _run(_ours, inputs, ids.to(DEVICE), ranks_t, p)
+    exact = {k: v.double() if v is not None else None for k, v in inputs.items()}
+    y_exact, grads_exact = _run(_reference, exact, ids, ranks, p)
+    y_plain, grads_plain = _run(_reference, inputs, ids, ranks, p)
+    assert_matches_reference(y, y_exact, y_plain, "y")
+    for name, ours, e, plain in zip(("dx", "dA", "dB", "dbias"), grads, grads_exact, grads_plain):
+        assert_matches_reference(ours, e, plain, name)
+    return grads
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-M{c[1]}-n{c[2]}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, case, dtype, dropout_p, use_backend):
+    use_backend(backend)
+    kind, M, n, in_f, out_f, r_max, ranks = case
+    inputs = _inputs(M, in_f, out_f, n, r_max, dtype)
+    grads = _check(inputs, _ids(kind, M, n), ranks, dropout_p)
+    if ranks is not None:  # ranks past r_a get no gradient: nothing is computed there
+        for a, r in enumerate(ranks):
+            assert not grads[1][a, r:].any() and not grads[2][a, :, r:].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_d_x_with_one_adapter_per_sequence_and_float32_adapters_on_bfloat16(backend, use_backend):
+    use_backend(backend)
+    inputs = _inputs(None, 33, 40, 3, 4, torch.bfloat16, lead=(4, 5), adapter_dtype=torch.float32)
+    grads = _check(inputs, torch.tensor([2, -1, 0, 2]), None, 0.25)
+    assert grads[1].dtype == torch.float32 and not grads[1][1].any()  # adapter 1 has no rows
+
+
+def _textbook(t, ids, scalings, ranks):
+    """An independent oracle: each row's own formula, one row at a time, in float64."""
+    rows = []
+    for m in range(t["x"].shape[0]):
+        x = t["x"][m].double()
+        y = t["weight"].double() @ x + t["bias"].double()
+        a = int(ids[m])
+        if a >= 0:
+            r = ranks[a]
+            y = y + float(scalings[a]) * (t["lora_B"][a, :, :r].double() @ (t["lora_A"][a, :r].double() @ x))
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_batches_against_the_per_row_formula(backend, use_backend):
+    use_backend(backend)
+    g = torch.Generator().manual_seed(11)
+    for trial in range(6):
+        n = int(torch.randint(1, 7, (), generator=g))
+        r_max = int(torch.randint(1, 20, (), generator=g))
+        M = int(torch.randint(1, 60, (), generator=g))
+        inputs = _inputs(M, 17 + trial, 23 - trial, n, r_max, torch.float64, seed=trial)
+        ids = torch.randint(-1, n, (M,), generator=g)
+        ranks = torch.randint(1, r_max + 1, (n,), generator=g).tolist()
+        y = _ours(inputs, ids.to(DEVICE), torch.tensor(ranks), 0.0, False)
+        torch.testing.assert_close(y, _textbook(inputs, ids, inputs["scalings"], ranks), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_adapter_equals_lora_linear_bit_for_bit(backend, dropout_p, use_backend):
+    use_backend(backend)
+    inputs = _inputs(37, 33, 70, 1, 8, torch.float32)
+    ids = torch.zeros(37, dtype=torch.int64)
+    y_multi, g_multi = _run(_ours, inputs, ids, None, dropout_p)
+
+    def single(t, ids, ranks, p, training):
+        return lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"][0], t["lora_B"][0],
+                           float(t["scalings"][0]), p, training)
+
+    y_single, g_single = _run(single, inputs, ids, None, dropout_p)
+    assert torch.equal(y_multi, y_single)
+    assert torch.equal(g_multi[0], g_single[0]) and torch.equal(g_multi[3], g_single[3])
+    assert torch.equal(g_multi[1], g_single[1]) and torch.equal(g_multi[2], g_single[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_of_a_mixed_batch_are_the_sum_of_per_adapter_batches(backend, use_backend):
+    use_backend(backend)
+    inputs = _inputs(30, 33, 20, 4, 6, torch.float64)
+    ids = torch.randint(-1, 4, (30,), generator=torch.Generator().manual_seed(3))
+    _, mixed = _run(_ours, inputs, ids, None, 0.0)
+    total = [torch.zeros_like(g) for g in mixed[1:3]]
+    for a in range(4):
+        rows = (ids == a).nonzero().flatten()
+        if not rows.numel():
+            continue
+        sub = dict(inputs, x=inputs["x"][rows])
+        # the same upstream gradient rows as the mixed batch's
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in sub.items() if k in ("lora_A", "lora_B")}
+        y = lora_linear_multi(sub["x"], sub["weight"], sub["bias"], leaves["lora_A"], leaves["lora_B"],
+                              sub["scalings"], torch.full((len(rows),), a), None)
+        grad_y = torch.randn((30, 20), generator=torch.Generator().manual_seed(1), dtype=torch.float64)[rows]
+        dA, dB = torch.autograd.grad(y, [leaves["lora_A"], leaves["lora_B"]], grad_y)
+        total[0] += dA
+        total[1] += dB
+    torch.testing.assert_close(mixed[1], total[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mixed[2], total[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, use_backend):
+    use_backend(backend)
+    inputs = _inputs(9, 12, 10, 3, 4, torch.float64)
+    for t in ("x", "lora_A", "lora_B"):
+        inputs[t].requires_grad_(True)
+    ids = torch.tensor([2, 0, -1, 2, 1, 0, 0, -1, 2])
+    args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], inputs["scalings"],
+            ids, torch.tensor([4, 2, 3]), 0.2, torch.tensor(5, dtype=torch.int64))
+    torch.library.opcheck(lora_linear_multi_op.custom_op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_without_recompiles(backend, use_backend):
+    """New adapter values, scalings and ids between calls reuse the compiled graph."""
+    use_backend(backend)
+    inputs = _inputs(12, 16, 8, 4, 4, torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager", dynamic=False)
+    def step(x, weight, bias, lora_A, lora_B, scalings, ids):
+        return lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, ids).sum()
+
+    lora_A = inputs["lora_A"].clone().requires_grad_(True)
+    ids = torch.tensor([0, 1, 2, 3] * 3)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for trial in range(3):
+            with torch.no_grad():
+                lora_A.add_(0.1)
+                inputs["scalings"].mul_(1.5)
+            ids = ids.roll(1) if trial != 2 else torch.full((12,), -1)
+            out = step(inputs["x"], inputs["weight"], inputs["bias"], lora_A, inputs["lora_B"], inputs["scalings"],
+                       ids)
+            out.backward()
+            expected = _reference(dict(inputs, lora_A=lora_A.detach()), ids, None, 0.0, False).sum()
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_ids_and_ranks_are_refused_by_name(backend, use_backend):
+    use_backend(backend)
+    t = _inputs(5, 12, 10, 3, 4, torch.float32)
+    args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["scalings"])
+    with pytest.raises((ValueError, RuntimeError), match="adapter_ids"):
+        lora_linear_multi(*args, torch.tensor([0, 1, 3, 0, 0]))
+    with pytest.raises((ValueError, RuntimeError), match="ranks"):
+        lora_linear_multi(*args, torch.zeros(5, dtype=torch.int64), torch.tensor([1, 5, 2]))
+    with pytest.raises(ValueError, match="adapter_ids must be one id per row"):
+        lora_linear_multi(*args, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="adapter_ids must be an integer tensor"):
+        lora_linear_multi(*args, torch.zeros(5))
+    with pytest.raises(ValueError, match="scalings must be a float tensor"):
+        lora_linear_multi(*args[:5], torch.ones(2), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="lora_B must be"):
+        lora_linear_multi(*args[:4], t["lora_B"][:2], t["scalings"], torch.zeros(5, dtype=torch.int64))
