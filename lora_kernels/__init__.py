@@ -5,6 +5,8 @@
 Public API: LoRALinear, LoRAConfig, lora_linear, merge_/unmerge_/switch_, available_backends;
 model level: inject_lora, mark_only_lora_as_trainable, lora_state_dict, lora_layers, merge_adapter,
 unmerge_adapter, merge_and_unload, unload, disable_adapter, print_trainable_parameters;
+many adapters per layer, one per row of a batch: MultiLoRALinear, lora_linear_multi, inject_multi_lora,
+add_adapter, remove_adapter, set_adapter, adapter_batch;
 PEFT's adapter format and PeftModels: lora_kernels.peft.
 The pure-PyTorch specification of every op is lora_kernels.reference.
 """
@@ -14,6 +16,7 @@ from .backends import available_backends, compiled_extension
 from .config import LoRAConfig
 from .functional import MergeRecord, lora_linear, lora_linear_multi, merge_, switch_, unmerge_
 from .modules import LoRALinear
+from .multi import MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora, remove_adapter, set_adapter
 from .model_setup import (disable_adapter, inject_lora, lora_layers, lora_state_dict, mark_only_lora_as_trainable,
                           merge_adapter, merge_and_unload, print_trainable_parameters, unload, unmerge_adapter)
 
@@ -24,10 +27,14 @@ compiled_extension()  # registers torch.ops.lora_kernels.* kernels when _C was b
 __all__ = [
     "LoRAConfig",
     "LoRALinear",
+    "MultiLoRALinear",
     "MergeRecord",
+    "adapter_batch",
+    "add_adapter",
     "available_backends",
     "disable_adapter",
     "inject_lora",
+    "inject_multi_lora",
     "lora_layers",
     "lora_linear",
     "lora_linear_multi",
@@ -40,6 +47,8 @@ __all__ = [
     "unload",
     "unmerge_adapter",
     "reference",
+    "remove_adapter",
+    "set_adapter",
     "switch_",
     "unmerge_",
 ]

@@ -1,0 +1,147 @@
+"""MultiLoRALinear and its model-level helpers: named adapters in preallocated slots, per-row and
+per-sequence adapter names, training, merge of one adapter, state dicts, torch.compile without recompiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from lora_kernels import MultiLoRALinear
+
+from conftest import DEVICE
+
+
+def _layer(seed=0):
+    torch.manual_seed(seed)
+    layer = MultiLoRALinear(24, 16, capacity=4, r_max=8, device=DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    for name, r, alpha in (("a", 8, 16), ("b", 3, 6), ("c", 5, 5)):
+        layer.add_adapter(name, r, alpha, lora_A=torch.randn(r, 24, generator=g).to(DEVICE) * 0.2,
+                          lora_B=torch.randn(16, r, generator=g).to(DEVICE) * 0.2)
+    return layer
+
+
+def _expected(layer, x, names):
+    """Each row through its own adapter with lora_linear (the single-adapter op)."""
+    rows = []
+    for m, name in enumerate(names):
+        if name is None:
+            rows.append(nn.functional.linear(x[m:m + 1], layer.weight, layer.bias))
+            continue
+        A, B, s = layer._adapter_tensors(name)
+        rows.append(lk.lora_linear(x[m:m + 1], layer.weight, layer.bias, A, B, s))
+    return torch.cat(rows)
+
+
+def test_rows_on_named_adapters_match_single_adapter_layers():
+    layer = _layer()
+    x = torch.randn(7, 24, device=DEVICE)
+    names = ["b", None, "a", "c", "b", "a", None]
+    torch.testing.assert_close(layer(x, adapter_names=names), _expected(layer, x, names), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), _expected(layer, x, ["a"] * 7), rtol=1e-5, atol=1e-5)  # the active one
+    layer.set_adapter("c")
+    torch.testing.assert_close(layer(x), _expected(layer, x, ["c"] * 7), rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(3, 5, 24, device=DEVICE)
+    per_sequence = layer(x3, adapter_names=["a", None, "b"])
+    for i, name in enumerate(["a", None, "b"]):
+        torch.testing.assert_close(per_sequence[i], _expected(layer, x3[i], [name] * 5), rtol=1e-5, atol=1e-5)
+
+
+def test_training_reaches_only_the_adapters_in_the_batch():
+    layer = _layer()
+    x = torch.randn(6, 24, device=DEVICE)
+    layer(x, adapter_names=["a", "a", None, "c", "c", "a"]).square().sum().backward()
+    slot = layer.slots
+    assert layer.lora_A.grad[slot["a"]].abs().sum() > 0 and layer.lora_B.grad[slot["c"], :, :5].abs().sum() > 0
+    assert not layer.lora_A.grad[slot["b"]].any()  # not in the batch
+    assert not layer.lora_B.grad[slot["c"], :, 5:].any()  # past its rank
+
+
+def test_remove_add_set_and_errors():
+    layer = _layer()
+    slot_b = layer.slots["b"]
+    layer.remove_adapter("b")
+    assert not layer.lora_A[slot_b].any() and "b" not in layer.slots
+    assert layer.add_adapter("d", 2) == slot_b  # the freed slot is reused
+    layer.add_adapter("e", 1)
+    with pytest.raises(ValueError, match="slots are in use"):
+        layer.add_adapter("f", 1)
+    with pytest.raises(ValueError, match="r_max"):
+        layer.remove_adapter("e") or layer.add_adapter("f", 9)
+    with pytest.raises(KeyError, match="no adapter named 'zzz'"):
+        layer(torch.randn(2, 24, device=DEVICE), adapter_names=["a", "zzz"])
+    with pytest.raises(ValueError, match="exists already"):
+        layer.add_adapter("a", 2)
+
+
+def test_merge_one_adapter_for_a_batch_that_uses_it_alone():
+    layer = _layer()
+    x = torch.randn(5, 24, device=DEVICE)
+    expected = _expected(layer, x, ["b"] * 5)
+    layer.merge("b")
+    assert layer.active_adapter == "b"
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer(x, adapter_names=["a"] * 5)
+    layer.unmerge()
+    torch.testing.assert_close(layer(x, adapter_names=["a", "b", "c", None, "b"]),
+                               _expected(layer, x, ["a", "b", "c", None, "b"]), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip_keeps_names_and_slots():
+    layer = _layer(seed=1)
+    fresh = MultiLoRALinear(24, 16, capacity=4, r_max=8, device=DEVICE)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.slots == layer.slots and fresh.active_adapter == "a"
+    x = torch.randn(4, 24, device=DEVICE)
+    names = ["c", "b", None, "a"]
+    torch.testing.assert_close(fresh(x, adapter_names=names), layer(x, adapter_names=names))
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(24, 32)
+        self.down = nn.Linear(32, 16)
+
+    def forward(self, x, **kwargs):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_model_level_helpers_and_compile_without_recompiles():
+    torch.manual_seed(0)
+    model = lk.inject_multi_lora(_Model().to(DEVICE), ["up", "down"], capacity=4, r_max=8)
+    assert not model.up.weight.requires_grad and model.up.lora_A.requires_grad
+    lk.add_adapter(model, "x", r=4, lora_alpha=8)
+    lk.add_adapter(model, "y", r=8, lora_alpha=8)
+    for layer in (model.up, model.down):
+        nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(3, 5, 24, device=DEVICE)
+    with lk.adapter_batch(model, ["y", None, "x"]):
+        mixed = model(x)
+    lk.set_adapter(model, "y")
+    torch.testing.assert_close(mixed[0], model(x[0]), rtol=1e-5, atol=1e-5)
+    lk.set_adapter(model, None)
+    base = model(x[1])
+    torch.testing.assert_close(mixed[1], base, rtol=1e-5, atol=1e-5)
+
+    ids = model.up.adapter_ids(["y", None, "x"])
+
+    def step(x, ids):
+        h = torch.relu(model.up(x, adapter_ids=ids))
+        return model.down(h, adapter_ids=ids)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=False)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first = compiled(x, ids)
+        torch.testing.assert_close(first, mixed, rtol=1e-5, atol=1e-5)
+        lk.remove_adapter(model, "x")
+        lk.add_adapter(model, "z", r=2, lora_alpha=4)  # new values in a slot: no recompile
+        nn.init.normal_(model.up.lora_B, std=0.1)
+        second = compiled(x, model.up.adapter_ids(["z", "y", None]))
+        second.sum().backward()
+    with lk.adapter_batch(model, ["z", "y", None]):
+        torch.testing.assert_close(second, model(x), rtol=1e-5, atol=1e-5)
