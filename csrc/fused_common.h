@@ -53,6 +53,15 @@ inline at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double sca
   return at::addmm(at::zeros({a.size(0), b.size(1)}, a.options()), a, b, /*beta=*/0, /*alpha=*/scaling);
 }
 
+// out = s · (a b), written into out (a view of a larger buffer, say) without a temporary.
+inline void scaled_mm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double scaling) {
+  if (scaling == 0.0) {
+    out.copy_(scaled_mm(a, b, scaling));  // see scaled_mm: alpha = 0 would hide NaN/Inf
+  } else {
+    at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/scaling);
+  }
+}
+
 inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name = "x") {
   LK_CHECK(t.scalar_type() == x.scalar_type(), name, " must have ", x_name, "'s dtype ", x.scalar_type(),
            ", got ", t.scalar_type());
@@ -65,6 +74,21 @@ inline bool is_mixed(const at::Tensor& x, const at::Tensor& lora_A) {
   return lora_A.scalar_type() == at::kFloat &&
          (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
 }
+
+// lora_linear in parts, so that the multi-adapter op can run the LoRA part per adapter on views of its
+// batch: base_forward is bias + x W0ᵀ; add_lora_forward writes xa = drop(x) Aᵀ and adds s · xa Bᵀ to y
+// (y and xa may be views); lora_backward returns (dA, dB) and adds dx's LoRA term to dx (when defined).
+// row0 is the first row of x within the batch, so that the dropout mask is the batch's.
+at::Tensor base_forward(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias);
+
+void add_lora_forward(const DeviceParts& device, const at::Tensor& x, at::Tensor y, at::Tensor xa,
+                      const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
+                      int64_t seed, int64_t row0);
+
+std::tuple<at::Tensor, at::Tensor> lora_backward(const DeviceParts& device, const at::Tensor& grad_y,
+                                                 const at::Tensor& x, const at::Tensor& lora_A,
+                                                 const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
+                                                 double dropout_p, int64_t seed, int64_t row0, at::Tensor dx);
 
 std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, const at::Tensor& x,
                                                  const at::Tensor& weight, const OptionalTensor& bias,

@@ -62,22 +62,23 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, const at::Tensor& x,
-                                                 const at::Tensor& weight, const OptionalTensor& bias,
-                                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                 double scaling, double dropout_p, int64_t seed) {
-  check_forward_args(x, weight, bias, lora_A, lora_B, dropout_p);
-  const int64_t M = x.size(0), r = lora_A.size(0);
-  const bool mixed = is_mixed(x, lora_A);
-  at::Tensor y = at::empty({M, weight.size(0)}, x.options());
-  at::Tensor xa = at::empty({M, r}, lora_A.options());
-  if (M == 0) return {y, xa};
-
+at::Tensor base_forward(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias) {
+  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+  if (x.size(0) == 0) return y;
   if (bias.has_value()) {
     at::addmm_out(y, *bias, x, weight.t());
   } else {
     at::mm_out(y, x, weight.t());
   }
+  return y;
+}
+
+void add_lora_forward(const DeviceParts& device, const at::Tensor& x, at::Tensor y, at::Tensor xa,
+                      const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
+                      int64_t seed, int64_t row0) {
+  const int64_t M = x.size(0);
+  if (M == 0) return;
+  const bool mixed = is_mixed(x, lora_A);
   if (dropout_p == 0.0 && !mixed) {
     at::mm_out(xa, x, lora_A.t());
   } else {
@@ -86,48 +87,51 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, cons
     for (int64_t m0 = 0; m0 < M; m0 += block) {
       const int64_t rows = std::min(block, M - m0);
       at::Tensor x_rows = x.narrow(0, m0, rows);
-      if (dropout_p != 0.0) x_rows = x_rows.mul(device.mask_rows(x, m0, rows, dropout_p, seed));
+      if (dropout_p != 0.0) x_rows = x_rows.mul(device.mask_rows(x, row0 + m0, rows, dropout_p, seed));
       at::Tensor xa_rows = xa.narrow(0, m0, rows);
       at::mm_out(xa_rows, x_rows.to(lora_A.scalar_type()), lora_A.t());
       if (mixed) y.narrow(0, m0, rows).add_(scaled_mm(xa_rows, lora_B.t(), scaling));  // one rounding into y
     }
   }
-  if (mixed) return {y, xa};
+  if (mixed) return;
   if (scaling != 0.0) {
     // alpha = s is applied to the float32 accumulator (BLAS / cuBLAS), before y is rounded.
     y.addmm_(xa, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
   } else {
     y.add_(scaled_mm(xa, lora_B.t(), 0.0));  // alpha = 0 would let BLAS skip NaN/Inf (see scaled_mm)
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, const at::Tensor& x,
+                                                 const at::Tensor& weight, const OptionalTensor& bias,
+                                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                 double scaling, double dropout_p, int64_t seed) {
+  check_forward_args(x, weight, bias, lora_A, lora_B, dropout_p);
+  at::Tensor y = base_forward(x, weight, bias);
+  at::Tensor xa = at::empty({x.size(0), lora_A.size(0)}, lora_A.options());
+  add_lora_forward(device, x, y, xa, lora_A, lora_B, scaling, dropout_p, seed, 0);
   return {y, xa};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
-    const DeviceParts& device, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
-    double dropout_p, int64_t seed, bool need_dx) {
-  check_forward_args(x, weight, c10::nullopt, lora_A, lora_B, dropout_p);
-  LK_CHECK(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == weight.size(0),
-           "grad_y must be [", x.size(0), ", ", weight.size(0), "], got ", grad_y.sizes());
-  LK_CHECK(xa.dim() == 2 && xa.size(0) == x.size(0) && xa.size(1) == lora_A.size(0),
-           "xa must be [", x.size(0), ", ", lora_A.size(0), "], got ", xa.sizes());
-  check_same(grad_y, "grad_y", x);
-  check_same(xa, "xa", lora_A, "lora_A");
+std::tuple<at::Tensor, at::Tensor> lora_backward(const DeviceParts& device, const at::Tensor& grad_y,
+                                                 const at::Tensor& x, const at::Tensor& lora_A,
+                                                 const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
+                                                 double dropout_p, int64_t seed, int64_t row0, at::Tensor dx) {
   const int64_t M = x.size(0);
+  const bool need_dx = dx.defined();
   // float16 keeps gb, dB and dx's LoRA term in float32 (s·dy B easily leaves its range);
   // bfloat16 has float32's range, so gb = s·dy B is rounded once to bfloat16 by the
   // GEMM itself (alpha = s), like any bf16 operand, and the fast 16-bit GEMMs stay.
   // float32 adapters (mixed) take the float32 path for every LoRA product.
   const bool widen = x.scalar_type() == at::kHalf || is_mixed(x, lora_A);
   const auto acc = widen ? at::kFloat : x.scalar_type();
-  at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::empty({0}, x.options());
 
   if (dropout_p == 0.0 && !widen) {
     at::Tensor dB = scaled_mm(grad_y.t(), xa, scaling);          // [out, r]
     at::Tensor gb_scaled = scaled_mm(grad_y, lora_B, scaling);  // s · dy B   [M, r]
     at::Tensor dA = at::mm(gb_scaled.t(), x);
     if (need_dx && M > 0) dx.addmm_(gb_scaled, lora_A);
-    return {dx, dA, dB};
+    return {dA, dB};
   }
 
   // Row blocks: each block's dropout mask is regenerated once and serves dA (masked
@@ -146,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     at::Tensor x_rows = x.narrow(0, m0, rows);
     at::Tensor mask;
     if (dropout_p != 0.0) {
-      mask = device.mask_rows(x, m0, rows, dropout_p, seed);
+      mask = device.mask_rows(x, row0 + m0, rows, dropout_p, seed);
       x_rows = x_rows.mul(mask);  // float32 for 16-bit x (type promotion with the float32 mask)
     }
     dA.addmm_(gb_rows.t().to(dA.scalar_type()), x_rows.to(dA.scalar_type()));
@@ -162,7 +166,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     }
   }
   if (widen) dB.mul_(scaling);
-  return {dx, dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type())};
+  return {dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
+    const DeviceParts& device, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
+    double dropout_p, int64_t seed, bool need_dx) {
+  check_forward_args(x, weight, c10::nullopt, lora_A, lora_B, dropout_p);
+  LK_CHECK(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == weight.size(0),
+           "grad_y must be [", x.size(0), ", ", weight.size(0), "], got ", grad_y.sizes());
+  LK_CHECK(xa.dim() == 2 && xa.size(0) == x.size(0) && xa.size(1) == lora_A.size(0),
+           "xa must be [", x.size(0), ", ", lora_A.size(0), "], got ", xa.sizes());
+  check_same(grad_y, "grad_y", x);
+  check_same(xa, "xa", lora_A, "lora_A");
+  at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::Tensor();
+  auto [dA, dB] = lora_backward(device, grad_y, x, lora_A, lora_B, xa, scaling, dropout_p, seed, 0, dx);
+  return {need_dx ? dx : at::empty({0}, x.options()), dA, dB};
 }
 
 }  // namespace fused

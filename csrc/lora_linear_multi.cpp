@@ -7,14 +7,20 @@
 //   backward  gb_a = dy_a B_a;  dA_a = s_a gb_aᵀ drop(x)_a;  dB_a = s_a dy_aᵀ xa_a
 //             dx  = dy W0 + s_a (gb_a A_a) ⊙ mask/(1-p)
 //
-// The rows are grouped by adapter on the host (a counting sort of the ids: one copy
-// of the ids to the host, a synchronisation on CUDA), x is copied once in that order
-// (dropped, when dropout is on, with lora_linear's mask regenerated in row blocks), and
-// each adapter's rows are then one contiguous block: its A and B are read once, by two
-// r-wide GEMMs. Adapters of rank r_a < r_max read and compute only their first r_a ranks.
-// A batch on a single adapter runs lora_linear's kernel itself (no copy at all).
+// The rows are grouped by adapter on the host (a counting sort of the ids: one copy of the
+// ids to the host, a synchronisation on CUDA). Each adapter's A and B are then read once, by
+// r-wide GEMMs over its rows, and an adapter of rank r_a < r_max computes only its r_a ranks.
+// Two layouts:
+// - grouped batch (each adapter's rows are one range of rows, in any order of adapters: what
+//   a server that batches by adapter sends): lora_linear's own LoRA code runs on views of each
+//   range, no copy at all; a batch on one adapter is exactly lora_linear (bit for bit);
+// - scattered rows: x is copied once in grouped order (dropped, when dropout is on, with
+//   lora_linear's mask regenerated in row blocks), the LoRA terms are formed in that order
+//   and added to y with one scatter.
 // Rounding follows reference.lora_linear_multi, which follows lora_linear.
 #include "fused_common.h"
+
+#include <c10/util/accumulate.h>
 
 #include <vector>
 
@@ -28,6 +34,8 @@ using fused::DeviceParts;
 // position[row] the inverse (both int64 on the batch's device).
 struct Grouping {
   std::vector<int64_t> offsets;  // n + 2 entries: segment of adapter a is [offsets[a + 1], offsets[a + 2])
+  std::vector<int64_t> first_row;  // per adapter: its first row in the batch
+  bool grouped = true;             // every adapter's rows are one range of the batch's rows
   std::vector<int64_t> ranks;
   std::vector<double> scalings;
   at::Tensor order, position;
@@ -89,10 +97,16 @@ Grouping group_rows(const at::Tensor& ids, const at::Tensor& scalings, const Opt
   int64_t* order_p = order.data_ptr<int64_t>();
   int64_t* position_p = position.data_ptr<int64_t>();
   std::vector<int64_t> next(g.offsets.begin(), g.offsets.end() - 1);  // next free position of adapter a at a + 1
+  g.first_row.assign(n, -1);
   for (int64_t m = 0; m < M; ++m) {
     const int64_t pos = next[id[m] + 1]++;
     order_p[pos] = m;
     position_p[m] = pos;
+    if (id[m] < 0) continue;
+    int64_t& first = g.first_row[id[m]];
+    if (first < 0) first = m;
+    // a row of adapter a belongs to its range iff it comes count-so-far rows after the first
+    if (m - first != pos - g.offsets[id[m] + 1]) g.grouped = false;
   }
   g.order = order.to(ids.device());
   g.position = position.to(ids.device());
@@ -111,19 +125,31 @@ Grouping group_rows(const at::Tensor& ids, const at::Tensor& scalings, const Opt
   return g;
 }
 
-// The adapter that has every row of the batch, or -1.
-int64_t sole_adapter(const Grouping& g, int64_t M) {
-  for (int64_t a = 0; a < g.adapters(); ++a) {
-    if (g.count(a) == M) return a;
+// The scattered path's [M, in] / [M, out] temporaries. On the CPU they are kept between calls (one
+// set per thread, grown as needed): a fresh multi-megabyte allocation costs more in page faults than
+// the copy it holds (8 MB: 2.3 ms for index_select into a new tensor, 0.3 ms into a reused one,
+// benchmarks/NOTES.md). CUDA's caching allocator already reuses memory.
+enum WorkspaceSlot { kGroupedX, kGroupedTerm, kGroupedGradY, kSlots };
+
+at::Tensor workspace(WorkspaceSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (options.device().type() != at::kCPU) return at::empty(sizes, options);
+  static thread_local at::Tensor buffers[kSlots];
+  at::Tensor& buffer = buffers[slot];
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (!buffer.defined() || buffer.scalar_type() != options.dtype().toScalarType() || buffer.numel() < numel) {
+    buffer = at::empty({numel}, options);
   }
-  return -1;
+  return buffer.narrow(0, 0, numel).view(sizes);
 }
 
 // x's rows in grouped order, dropped when dropout is on, in `dtype`: the one [M, in] copy.
 at::Tensor grouped_x(const DeviceParts& device, const at::Tensor& x, const Grouping& g, double p, int64_t seed,
                      at::ScalarType dtype) {
-  if (p == 0.0) return x.index_select(0, g.order).to(dtype);
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
+  at::Tensor out = workspace(kGroupedX, x.sizes(), x.options().dtype(dtype));
+  if (p == 0.0) {
+    if (dtype == x.scalar_type()) return at::index_select_out(out, x, 0, g.order);
+    return out.copy_(x.index_select(0, g.order));
+  }
   const int64_t M = x.size(0), block = device.block_rows(x.size(1));
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
@@ -133,9 +159,14 @@ at::Tensor grouped_x(const DeviceParts& device, const at::Tensor& x, const Group
   return out;
 }
 
-// rows of t += addend (addend in a wider dtype): the sum is rounded once into t's dtype.
-void add_rows_(at::Tensor& t, const at::Tensor& rows, const at::Tensor& addend) {
-  t.index_copy_(0, rows, t.index_select(0, rows).to(addend.scalar_type()).add_(addend).to(t.scalar_type()));
+// t += term, where term [M, cols] holds t's rows in grouped order (in t's dtype or wider): the
+// sum is rounded once into t's dtype.
+void add_grouped_(at::Tensor& t, const Grouping& g, const at::Tensor& term) {
+  if (term.scalar_type() == t.scalar_type()) {
+    t.index_add_(0, g.order, term);
+  } else {
+    t.copy_(t.to(term.scalar_type()).add_(term.index_select(0, g.position)));
+  }
 }
 
 at::ScalarType accumulation(const at::Tensor& x) {
@@ -151,29 +182,34 @@ std::tuple<at::Tensor, at::Tensor> multi_forward(const DeviceParts& device, cons
   check_multi_args(x, weight, bias, lora_A, lora_B, scalings, ids, ranks, dropout_p);
   const int64_t M = x.size(0), n = lora_A.size(0), r_max = lora_A.size(1);
   const Grouping g = group_rows(ids, scalings, ranks, n, r_max);
-  const int64_t sole = sole_adapter(g, M);
-  if (sole >= 0 && M > 0) {
-    const int64_t r = g.ranks[sole];
-    auto [y, xa] = fused::fused_forward(device, x, weight, bias, lora_A[sole].narrow(0, 0, r),
-                                        lora_B[sole].narrow(1, 0, r), g.scalings[sole], dropout_p, seed);
-    if (r == r_max) return {y, xa};
-    at::Tensor padded = at::zeros({M, r_max}, lora_A.options());
-    padded.narrow(1, 0, r).copy_(xa);
-    return {y, padded};
-  }
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  at::Tensor y = fused::base_forward(x, weight, bias);
   at::Tensor xa = at::zeros({M, r_max}, lora_A.options());
   if (g.count(-1) == M) return {y, xa};
+  if (g.grouped) {
+    for (int64_t a = 0; a < n; ++a) {
+      const int64_t count = g.count(a), r = g.ranks[a], row0 = g.first_row[a];
+      if (count == 0) continue;
+      fused::add_lora_forward(device, x.narrow(0, row0, count), y.narrow(0, row0, count),
+                              xa.narrow(0, row0, count).narrow(1, 0, r), lora_A[a].narrow(0, 0, r),
+                              lora_B[a].narrow(1, 0, r), g.scalings[a], dropout_p, seed, row0);
+    }
+    return {y, xa};
+  }
+  // Scattered rows: the LoRA terms in grouped order (one [M, out] buffer in the accumulation
+  // dtype), then added to y's rows with one rounding.
   const auto acc = accumulation(x);
   const at::Tensor xs = grouped_x(device, x, g, dropout_p, seed, lora_A.scalar_type());
+  at::Tensor lora = workspace(kGroupedTerm, {M, y.size(1)}, y.options().dtype(acc));
+  lora.narrow(0, 0, g.count(-1)).zero_();
   for (int64_t a = 0; a < n; ++a) {
     const int64_t count = g.count(a), r = g.ranks[a];
     if (count == 0) continue;
-    const at::Tensor rows = g.order.narrow(0, g.begin(a), count);
     const at::Tensor xa_a = at::mm(xs.narrow(0, g.begin(a), count), lora_A[a].narrow(0, 0, r).t());
-    xa.narrow(1, 0, r).index_copy_(0, rows, xa_a);
-    add_rows_(y, rows, fused::scaled_mm(xa_a.to(acc), lora_B[a].narrow(1, 0, r).t().to(acc), g.scalings[a]));
+    xa.narrow(1, 0, r).index_copy_(0, g.order.narrow(0, g.begin(a), count), xa_a);
+    fused::scaled_mm_out(lora.narrow(0, g.begin(a), count), xa_a.to(acc), lora_B[a].narrow(1, 0, r).t().to(acc),
+                         g.scalings[a]);
   }
+  add_grouped_(y, g, lora);
   return {y, xa};
 }
 
@@ -190,43 +226,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward(
   fused::check_same(grad_y, "grad_y", x);
   fused::check_same(xa, "xa", lora_A, "lora_A");
   const Grouping g = group_rows(ids, scalings, ranks, n, r_max);
-  const int64_t sole = sole_adapter(g, M);
-  if (sole >= 0 && M > 0) {
-    const int64_t r = g.ranks[sole];
-    auto [dx, dA_a, dB_a] = fused::fused_backward(device, grad_y, x, weight, lora_A[sole].narrow(0, 0, r),
-                                                  lora_B[sole].narrow(1, 0, r), xa.narrow(1, 0, r),
-                                                  g.scalings[sole], dropout_p, seed, need_dx);
+  if (g.grouped) {
+    at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::Tensor();
     at::Tensor dA = at::zeros_like(lora_A), dB = at::zeros_like(lora_B);
-    dA[sole].narrow(0, 0, r).copy_(dA_a);
-    dB[sole].narrow(1, 0, r).copy_(dB_a);
-    return {dx, dA, dB};
+    for (int64_t a = 0; a < n; ++a) {
+      const int64_t count = g.count(a), r = g.ranks[a], row0 = g.first_row[a];
+      if (count == 0) continue;
+      auto [dA_a, dB_a] = fused::lora_backward(device, grad_y.narrow(0, row0, count), x.narrow(0, row0, count),
+                                               lora_A[a].narrow(0, 0, r), lora_B[a].narrow(1, 0, r),
+                                               xa.narrow(0, row0, count).narrow(1, 0, r), g.scalings[a], dropout_p,
+                                               seed, row0, need_dx ? dx.narrow(0, row0, count) : at::Tensor());
+      dA[a].narrow(0, 0, r).copy_(dA_a);
+      dB[a].narrow(1, 0, r).copy_(dB_a);
+    }
+    return {need_dx ? dx : at::empty({0}, x.options()), dA, dB};
   }
+  // Scattered rows: x (dropped) and dy in grouped order, each adapter's gradients from views of them,
+  // dx's LoRA term formed in grouped order and added (masked, with dropout) at the end.
   const auto acc = accumulation(x);
   at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::empty({0}, x.options());
   at::Tensor dA = at::zeros(lora_A.sizes(), lora_A.options().dtype(acc));
   at::Tensor dB = at::zeros(lora_B.sizes(), lora_B.options().dtype(acc));
   if (g.count(-1) == M) return {dx, dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type())};
   const at::Tensor xs = grouped_x(device, x, g, dropout_p, seed, acc);
-  // With dropout, dx's LoRA term is gathered in grouped order and masked by row blocks at the end.
-  at::Tensor dx_lora = need_dx && dropout_p != 0.0 ? at::zeros({M, x.size(1)}, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor dys = workspace(kGroupedGradY, grad_y.sizes(), grad_y.options());
+  at::index_select_out(dys, grad_y, 0, g.order);
+  const at::Tensor xas = xa.index_select(0, g.order);
+  at::Tensor dx_lora;
+  if (need_dx) {
+    dx_lora = workspace(kGroupedTerm, x.sizes(), x.options().dtype(acc));
+    dx_lora.narrow(0, 0, g.count(-1)).zero_();
+  }
   for (int64_t a = 0; a < n; ++a) {
     const int64_t count = g.count(a), r = g.ranks[a];
     if (count == 0) continue;
     const double s = g.scalings[a];
-    const at::Tensor rows = g.order.narrow(0, g.begin(a), count);
-    const at::Tensor dy = grad_y.index_select(0, rows).to(acc);
-    const at::Tensor A_a = lora_A[a].narrow(0, 0, r).to(acc);
-    const at::Tensor gb = fused::scaled_mm(dy, lora_B[a].narrow(1, 0, r).to(acc), s);  // s · dy B
-    dA[a].narrow(0, 0, r).copy_(at::mm(gb.t(), xs.narrow(0, g.begin(a), count)));
-    dB[a].narrow(1, 0, r).copy_(fused::scaled_mm(dy.t(), xa.index_select(0, rows).narrow(1, 0, r).to(acc), s));
+    const at::Tensor dy = dys.narrow(0, g.begin(a), count).to(acc);
+    const at::Tensor gb = fused::scaled_mm(dy, lora_B[a].narrow(1, 0, r).to(acc), s);  // s · dy B   [count, r]
+    at::Tensor dA_a = dA[a].narrow(0, 0, r);
+    at::mm_out(dA_a, gb.t(), xs.narrow(0, g.begin(a), count));
+    fused::scaled_mm_out(dB[a].narrow(1, 0, r), dy.t(), xas.narrow(0, g.begin(a), count).narrow(1, 0, r).to(acc), s);
     if (!need_dx) continue;
-    if (dx_lora.defined()) {
-      dx_lora.narrow(0, g.begin(a), count).copy_(at::mm(gb, A_a));
-    } else {
-      add_rows_(dx, rows, at::mm(gb, A_a));
-    }
+    at::Tensor dx_lora_a = dx_lora.narrow(0, g.begin(a), count);
+    at::mm_out(dx_lora_a, gb, lora_A[a].narrow(0, 0, r).to(acc));
   }
-  if (dx_lora.defined()) {
+  if (need_dx && dropout_p == 0.0) {
+    add_grouped_(dx, g, dx_lora);
+  } else if (need_dx) {
     const int64_t block = device.block_rows(x.size(1));
     for (int64_t m0 = 0; m0 < M; m0 += block) {
       const int64_t rows = std::min(block, M - m0);

@@ -43,6 +43,12 @@ def _ids(kind, M, n):
         return torch.full((M,), n - 1)
     if kind == "unsorted-with-base-rows":
         return torch.randint(-1, n, (M,), generator=g)
+    if kind == "grouped-blocks":  # each adapter's rows one range, adapters in no particular order, -1 between
+        sizes = torch.randint(1, 2 * M // n + 1, (n,), generator=g)
+        blocks = [torch.full((int(k),), a) for a, k in zip(torch.randperm(n, generator=g).tolist(), sizes)]
+        blocks.insert(1, torch.full((3,), -1))
+        ids = torch.cat(blocks)
+        return torch.cat([ids, torch.full((max(0, M - len(ids)),), -1)])[:M]
     if kind == "some-adapters-unused":
         return torch.randint(0, 2, (M,), generator=g) * (n - 1)  # only 0 and n-1
     raise ValueError(kind)
@@ -54,6 +60,7 @@ CASES = [
     ("all-same", 20, 3, 33, 40, 8, [3, 8, 5]),  # one adapter below r_max: the single-adapter path with a rank
     ("unsorted-with-base-rows", 50, 5, 33, 70, 8, [1, 8, 3, 8, 5]),
     ("some-adapters-unused", 40, 6, 70, 33, 6, None),
+    ("grouped-blocks", 45, 5, 33, 70, 8, [2, 8, 5, 1, 8]),
     ("unsorted-with-base-rows", 0, 3, 33, 70, 4, None),
 ]
 
