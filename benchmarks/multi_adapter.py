@@ -13,7 +13,7 @@ Providers, timed interleaved in one run (medians):
     peft      PEFT's mixed-batch forward (LoraLayer(x, adapter_names=...)): inference only
     loop      the base GEMM, then a Python loop over the adapters in plain PyTorch ops on each adapter's
               rows (what training needs without a multi-adapter op; PEFT cannot train a mixed batch)
-Also: the peak-memory growth of one training step with dropout 0.1, ours vs the loop (CPU: fresh process).
+Also: what one training step with lora_dropout 0.1 saves for backward (beyond parameters), ours vs the loop.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 
 import lora_kernels as lk
 
-from .harness import Provider, have, machine_info, rotation, time_providers
+from .harness import Provider, have, machine_info, memory_profile, rotation, time_providers
 
 
 def _adapters(n, d_in, d_out, r, dtype, device):
@@ -96,11 +96,12 @@ def providers(M, d_in, d_out, n, r, dtype, device, train, grouped, dropout=0.0):
                  for a, rows in rows_of if rows.numel()]
         return y.index_add(0, torch.cat([rows for _, rows in rows_of if rows.numel()]), torch.cat(parts))
 
-    out = [Provider("base", run(lambda x: F.linear(x, weight, bias)), zero),
-           Provider("one", run(multi(one)), zero),
-           Provider("ours", run(multi(ids)), zero)]
+    params = [weight, bias, lora_A, lora_B]
+    out = [Provider("base", run(lambda x: F.linear(x, weight, bias)), zero, params),
+           Provider("one", run(multi(one)), zero, params),
+           Provider("ours", run(multi(ids)), zero, params)]
     if train:
-        out.append(Provider("loop", run(loop), zero))
+        out.append(Provider("loop", run(loop), zero, params))
     elif have("peft"):
         names = [f"a{i}" for i in range(n)]
         layer = _peft_layer(weight, lora_A.detach(), lora_B.detach(), names)
@@ -141,9 +142,15 @@ def main(argv=None) -> None:
         print(f"| {label} | {cell('base')} | {cell('one')} | {cell('ours')} | {cell('peft')} | {cell('loop')} | "
               f"{med['ours'] / med['one']:.3f} | {med['ours'] / med['base']:.3f} |")
         rows.append({"case": label, "median_ms": med})
+    saved = {}
+    for p in providers(2048, 1024, 1024, 32, 16, dtype, args.device, True, False, dropout=0.1):
+        if p.name in ("ours", "loop"):
+            saved[p.name] = memory_profile(p, args.device)["saved_for_backward_mb"]
+    print(f"\nM=2048 1024->1024 n=32 scattered, lora_dropout 0.1: saved for backward {saved['ours']:.1f} MB (ours) vs "
+          f"{saved['loop']:.1f} MB (loop over adapters)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "rows": rows}, f, indent=2)
+            json.dump({"machine": info, "rows": rows, "saved_for_backward_mb_dropout_0.1": saved}, f, indent=2)
 
 
 if __name__ == "__main__":
