@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import FLOAT32_ADAPTERS_ON_HALF, Implementation, compiled_extension, implementation, register
+from ..backends import (FLOAT32_ADAPTERS_ON_HALF, HALF, HALF_AND_FLOAT32, Implementation, compiled_extension,
+                        implementation, register)
 from .definition import Backward, define_op
 from .lora_linear import _dropout
 
@@ -75,6 +76,10 @@ register(Implementation(OP, "cpu", "lora_kernels.ops.lora_linear_multi:CompiledB
                         mixed=FLOAT32_ADAPTERS_ON_HALF))
 register(Implementation(OP, "cuda", "lora_kernels.ops.lora_linear_multi:CompiledBackend", devices=("cuda",),
                         mixed=FLOAT32_ADAPTERS_ON_HALF))
+# As for lora_linear: auto takes Triton for 16-bit batches and cuBLAS (the cuda backend) for float32 and for
+# float32 adapters on a 16-bit base; the Triton launchers group the rows on the GPU, with no host sync.
+register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear_multi", devices=("cuda",),
+                        dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF))
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scalings: Tensor,

@@ -1,0 +1,301 @@
+"""Triton kernels of lora_linear_multi (many adapters in one batch), forward and backward.
+
+The rows are grouped by adapter on the GPU, without a host synchronisation: `_group` sorts the ids,
+counts each adapter's rows and cuts every adapter's rows into tiles of BLOCK_M rows, so that a tile
+belongs to one adapter (SGMV-style; at decode, a tile is one row: BGMV). The grid has a fixed upper
+bound of tiles, cdiv(M, BLOCK_M) + n; tiles past the last exit at once. Three kernels serve every product:
+
+  _segment_shrink_kernel   L[m, :r_a] = drop?(X[m]) D_a (· s_a)     xa = drop(x) A_aᵀ; gb = s_a · dy B_a
+  _segment_expand_kernel   O[m] += (s_a ·) L[m, :r_a] U_a (⊙ mask)   y += s_a · xa B_aᵀ; dx += (gb A_a) ⊙ mask
+  _segment_weight_grad_kernel  G_a = (s_a ·) P_aᵀ drop?(Q_a)          dA_a = gbᵀ drop(x); dB_aᵀ = s_a · xaᵀ dy
+
+The base GEMMs (x W0ᵀ + b, dy W0) are cuBLAS's (torch), run once over the whole batch. D_a, U_a and
+the outputs are addressed through strides, so A, B and their transposes need no copies. An adapter of
+rank r_a < r_max loads, computes and writes only its r_a ranks (the rest of xa and of its gradients
+stay zero). Dropout masks are lora_linear's (keep_mask with the row's index in the batch). Under
+TRITON_INTERPRET=1 the same kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import block_r, cast, dot, dropout_args, interpreted, keep_mask, on_device, precision, soft_bf16
+
+
+def _tile_rows() -> int:
+    return 16 if interpreted() else 64
+
+
+def _block_k() -> int:
+    return 32 if interpreted() else 64
+
+
+@triton.jit
+def _tile(order_ptr, tile_adapter_ptr, tile_start_ptr, tile_count_ptr, n_adapters, BLOCK_M: tl.constexpr):
+    """(adapter, rows of the batch, row mask) of this program's tile; adapter >= n_adapters: no tile."""
+    t = tl.program_id(0)
+    adapter = tl.load(tile_adapter_ptr + t)
+    start = tl.load(tile_start_ptr + t)
+    count = tl.load(tile_count_ptr + t)
+    slots = tl.arange(0, BLOCK_M)
+    row_ok = (slots < count) & (adapter < n_adapters)
+    rows = tl.load(order_ptr + start + slots, mask=row_ok, other=0)
+    return adapter, rows.to(tl.int64), row_ok
+
+
+@triton.jit
+def _segment_shrink_kernel(
+    x_ptr, d_ptr, out_ptr, order_ptr, tile_adapter_ptr, tile_start_ptr, tile_count_ptr, ranks_ptr, scalings_ptr,
+    K, n_adapters,
+    stride_xm, stride_xk, stride_da, stride_dk, stride_dr, stride_om, stride_or,
+    seed, threshold, inv_keep,
+    SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[m, j] = drop?(x)[m, :] @ d[a, :, j] (· s_a) for the rows m of this tile's adapter a, ranks j < r_a."""
+    adapter, rows, row_ok = _tile(order_ptr, tile_adapter_ptr, tile_start_ptr, tile_count_ptr, n_adapters, BLOCK_M)
+    if adapter >= n_adapters:
+        return
+    rank = tl.load(ranks_ptr + adapter)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if tl.program_id(1) * BLOCK_R >= rank:
+        return
+    rank_ok = ranks < rank
+    d_adapter = d_ptr + adapter.to(tl.int64) * stride_da
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks.to(tl.int64)[None, :] * stride_xk,
+                    mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+        if DROPOUT:
+            x = x * keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
+        d = tl.load(d_adapter + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
+                    mask=(ks[:, None] < K) & rank_ok[None, :], other=0.0)
+        acc = dot(x, d.to(x.dtype), acc, PRECISION, SOFT_BF16)
+    acc = acc * inv_keep
+    if SCALE:
+        acc = acc * tl.load(scalings_ptr + adapter)
+    out = out_ptr + rows[:, None] * stride_om + ranks[None, :] * stride_or
+    tl.store(out, cast(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit
+def _segment_expand_kernel(
+    l_ptr, u_ptr, out_ptr, order_ptr, tile_adapter_ptr, tile_start_ptr, tile_count_ptr, ranks_ptr, scalings_ptr,
+    N, n_adapters,
+    stride_lm, stride_lr, stride_ua, stride_ur, stride_un, stride_om, stride_on,
+    seed, threshold, inv_keep,
+    SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[m, n] += (s_a ·) l[m, :r_a] @ u[a, :r_a, n] (⊙ mask / (1-p)) for the rows m of this tile's adapter a;
+    the sum is formed in float32 and rounded once into out. Each row of out belongs to one tile: no races."""
+    adapter, rows, row_ok = _tile(order_ptr, tile_adapter_ptr, tile_start_ptr, tile_count_ptr, n_adapters, BLOCK_M)
+    if adapter >= n_adapters:
+        return
+    rank = tl.load(ranks_ptr + adapter)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    u_adapter = u_ptr + adapter.to(tl.int64) * stride_ua
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < rank
+        left = tl.load(l_ptr + rows[:, None] * stride_lm + ranks[None, :] * stride_lr,
+                       mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        u = tl.load(u_adapter + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
+                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        lora = dot(left, u.to(left.dtype), lora, PRECISION, SOFT_BF16)
+    if SCALE:
+        lora = lora * tl.load(scalings_ptr + adapter)
+    if DROPOUT:
+        lora = tl.where(keep_mask(seed, rows, cols, N, threshold), lora * inv_keep, 0.0)
+    out = out_ptr + rows[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on
+    ok = row_ok[:, None] & col_ok[None, :]
+    total = tl.load(out, mask=ok, other=0.0).to(tl.float32) + lora
+    tl.store(out, cast(total, out_ptr.dtype.element_ty, SOFT_BF16), mask=ok)
+
+
+@triton.jit
+def _segment_weight_grad_kernel(
+    p_ptr, q_ptr, out_ptr, order_ptr, seg_start_ptr, seg_count_ptr, ranks_ptr, scalings_ptr,
+    N,
+    stride_pm, stride_pr, stride_qm, stride_qn, stride_oa, stride_or, stride_on,
+    seed, threshold, inv_keep,
+    SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[a, j, n] = (s_a ·) Σ over adapter a's rows m of p[m, j] · drop?(q)[m, n], j < r_a, in float32."""
+    adapter = tl.program_id(0)
+    rank = tl.load(ranks_ptr + adapter)
+    ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if tl.program_id(2) * BLOCK_R >= rank:
+        return
+    rank_ok = ranks < rank
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    start = tl.load(seg_start_ptr + adapter)
+    count = tl.load(seg_count_ptr + adapter)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, count, BLOCK_M):
+        slots = m0 + tl.arange(0, BLOCK_M)
+        row_ok = slots < count
+        rows = tl.load(order_ptr + start + slots, mask=row_ok, other=0).to(tl.int64)
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + ranks[None, :] * stride_pr,
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + rows[:, None] * stride_qm + cols.to(tl.int64)[None, :] * stride_qn,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if DROPOUT:
+            q = q * keep_mask(seed, rows, cols, N, threshold).to(q.dtype)
+        acc = dot(tl.trans(p), q.to(p.dtype), acc, PRECISION, SOFT_BF16)
+    acc = acc * inv_keep
+    if SCALE:
+        acc = acc * tl.load(scalings_ptr + adapter)
+    out = out_ptr + adapter.to(tl.int64) * stride_oa + ranks[:, None] * stride_or + cols.to(tl.int64)[None, :] * stride_on
+    tl.store(out, acc, mask=rank_ok[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------
+# Grouping and launchers
+
+
+class Groups:
+    """The batch's rows grouped by adapter, on the batch's device (no host synchronisation).
+
+    order [M]: rows sorted by adapter (-1 first); seg_start / seg_count [n]: each adapter's range in
+    order; tile_adapter / tile_start / tile_count [max_tiles]: each tile's adapter (n: no tile), its
+    first position in order and its number of rows (at most block_m).
+    """
+
+    def __init__(self, adapter_ids: torch.Tensor, n: int, block_m: int):
+        M = adapter_ids.shape[0]
+        device = adapter_ids.device
+        self.order = torch.argsort(adapter_ids, stable=True)
+        counts = torch.zeros(n + 1, dtype=torch.int64, device=device)
+        counts.scatter_add_(0, adapter_ids + 1, torch.ones_like(adapter_ids))
+        starts = torch.cumsum(counts, 0) - counts
+        self.seg_start, self.seg_count = starts[1:].contiguous(), counts[1:].contiguous()
+        tiles = (self.seg_count + block_m - 1) // block_m
+        tiles_end = torch.cumsum(tiles, 0)
+        self.max_tiles = triton.cdiv(M, block_m) + n
+        t = torch.arange(self.max_tiles, device=device)
+        adapter = torch.searchsorted(tiles_end, t, right=True)  # n for tiles past the last
+        a = adapter.clamp(max=n - 1)
+        first_tile = tiles_end[a] - tiles[a]
+        self.tile_adapter = adapter
+        self.tile_start = self.seg_start[a] + (t - first_tile) * block_m
+        self.tile_count = (self.seg_start[a] + self.seg_count[a] - self.tile_start).clamp(0, block_m)
+
+
+def _common(x):
+    return dict(PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype))
+
+
+def shrink_launch_args(x, d, d_strides, out, groups, ranks, scalings, scale: bool, p: float, seed: int, r_max: int):
+    """(kernel, grid, args, flags) of out[m, :r_a] = drop?(x[m]) d_a (· s_a); d_strides: (adapter, k, rank)."""
+    threshold, inv_keep = dropout_args(p)
+    br = block_r(r_max)
+    grid = (groups.max_tiles, triton.cdiv(r_max, br))
+    args = (x, d, out, groups.order, groups.tile_adapter, groups.tile_start, groups.tile_count, ranks, scalings,
+            x.shape[1], ranks.shape[0], x.stride(0), x.stride(1), *d_strides, out.stride(0), out.stride(1),
+            seed, threshold, inv_keep)
+    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(x), BLOCK_M=_tile_rows(), BLOCK_K=_block_k(), BLOCK_R=br)
+    return _segment_shrink_kernel, grid, args, flags
+
+
+def expand_launch_args(left, u, u_strides, out, groups, ranks, scalings, scale: bool, p: float, seed: int,
+                       r_max: int):
+    """(kernel, grid, args, flags) of out[m] += (s_a ·) left[m, :r_a] u_a (⊙ mask); u_strides: (adapter, rank, n)."""
+    threshold, inv_keep = dropout_args(p)
+    N = out.shape[1]
+    block_n = 32 if interpreted() else 128
+    grid = (groups.max_tiles, triton.cdiv(N, block_n))
+    args = (left, u, out, groups.order, groups.tile_adapter, groups.tile_start, groups.tile_count, ranks, scalings,
+            N, ranks.shape[0], left.stride(0), left.stride(1), *u_strides, out.stride(0), out.stride(1),
+            seed, threshold, inv_keep)
+    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(out), BLOCK_M=_tile_rows(), BLOCK_N=block_n,
+                 BLOCK_R=block_r(r_max))
+    return _segment_expand_kernel, grid, args, flags
+
+
+def weight_grad_launch_args(p_, q, out, out_strides, groups, ranks, scalings, scale: bool, p: float, seed: int,
+                            r_max: int):
+    """(kernel, grid, args, flags) of out[a, j, n] = (s_a ·) Σ_rows p_[m, j] drop?(q)[m, n]."""
+    threshold, inv_keep = dropout_args(p)
+    N = q.shape[1]
+    block_m, block_n = (16, 32) if interpreted() else (64, 128)
+    br = block_r(r_max)
+    grid = (ranks.shape[0], triton.cdiv(N, block_n), triton.cdiv(r_max, br))
+    args = (p_, q, out, groups.order, groups.seg_start, groups.seg_count, ranks, scalings, N,
+            p_.stride(0), p_.stride(1), q.stride(0), q.stride(1), *out_strides, seed, threshold, inv_keep)
+    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(q), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=br)
+    return _segment_weight_grad_kernel, grid, args, flags
+
+
+def _launch(launch_args):
+    kernel, grid, args, flags = launch_args
+    kernel[grid](*args, **flags)
+
+
+def _check_dtypes(x, lora_A):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or lora_A.dtype != x.dtype:
+        raise TypeError(f"the triton backend runs float16, bfloat16 and float32 with adapters of x's dtype, got "
+                        f"x {x.dtype} and adapters {lora_A.dtype}")
+
+
+def _prepare(x, lora_A, scalings, adapter_ids, ranks):
+    n, r_max = lora_A.shape[:2]
+    ids = adapter_ids.to(x.device, torch.int64)
+    ranks = (torch.full((n,), r_max, dtype=torch.int64, device=x.device) if ranks is None
+             else ranks.to(x.device, torch.int64))
+    # Checked on the device, asynchronously: reading the values on the host would synchronise.
+    torch._assert_async(((ids >= -1) & (ids < n)).all(), f"lora_kernels: adapter_ids must be in [-1, {n})")
+    torch._assert_async(((ranks >= 1) & (ranks <= r_max)).all(), f"lora_kernels: ranks must be in [1, r_max={r_max}]")
+    return Groups(ids, n, _tile_rows()), ranks, scalings.to(x.device, torch.float32)
+
+
+def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, p: float, seed: int):
+    """(y [M, out], xa [M, r_max]) for x [M, in] (see reference.lora_linear_multi)."""
+    _check_dtypes(x, lora_A)
+    with on_device(x):
+        y = torch.nn.functional.linear(x, weight, bias).contiguous()
+        r_max = lora_A.shape[1]
+        xa = torch.zeros(x.shape[0], r_max, device=x.device, dtype=lora_A.dtype)
+        if x.shape[0] == 0:
+            return y, xa
+        groups, ranks, scalings = _prepare(x, lora_A, scalings, adapter_ids, ranks)
+        a_strides = (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))  # d[a, k, j] = A[a, j, k]
+        _launch(shrink_launch_args(x, lora_A, a_strides, xa, groups, ranks, scalings, False, p, seed, r_max))
+        b_strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))  # u[a, j, n] = B[a, n, j]
+        _launch(expand_launch_args(xa, lora_B, b_strides, y, groups, ranks, scalings, True, 0.0, 0, r_max))
+        return y, xa
+
+
+def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, p: float, seed: int,
+             need_dx: bool):
+    """(dx [M, in] or [0], dA [n, r_max, in], dB [n, out, r_max]) for a frozen weight."""
+    _check_dtypes(x, lora_A)
+    with on_device(x):
+        n, r_max = lora_A.shape[:2]
+        d_lora_A = torch.zeros(lora_A.shape, device=x.device, dtype=torch.float32)
+        d_lora_B = torch.zeros(lora_B.shape, device=x.device, dtype=torch.float32)
+        dx = grad_y @ weight if need_dx else x.new_empty(0)
+        if x.shape[0] == 0:
+            return dx, d_lora_A.to(lora_A.dtype), d_lora_B.to(lora_B.dtype)
+        groups, ranks, scalings = _prepare(x, lora_A, scalings, adapter_ids, ranks)
+        gb = torch.zeros(x.shape[0], r_max, device=x.device, dtype=torch.float32)  # s_a · dy B_a, float32
+        b_strides = (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2))  # d[a, n, j] = B[a, n, j]
+        _launch(shrink_launch_args(grad_y, lora_B, b_strides, gb, groups, ranks, scalings, True, 0.0, 0, r_max))
+        _launch(weight_grad_launch_args(gb, x, d_lora_A, d_lora_A.stride(), groups, ranks, scalings, False, p, seed,
+                                        r_max))
+        db_strides = (d_lora_B.stride(0), d_lora_B.stride(2), d_lora_B.stride(1))  # out[a, j, n] = dB[a, n, j]
+        _launch(weight_grad_launch_args(xa, grad_y, d_lora_B, db_strides, groups, ranks, scalings, True, 0.0, 0,
+                                        r_max))
+        if need_dx:
+            dx = dx.contiguous()
+            _launch(expand_launch_args(gb, lora_A, lora_A.stride(), dx, groups, ranks, scalings, False, p, seed,
+                                       r_max))
+        return dx, d_lora_A.to(lora_A.dtype), d_lora_B.to(lora_B.dtype)
