@@ -74,6 +74,7 @@ def variants(dtypes, arch: int):
     import torch
 
     from lora_kernels.ops import triton_lora_linear as lin
+    from lora_kernels.ops import triton_lora_linear_multi as multi
     from lora_kernels.ops import triton_merge as mer
     from lora_kernels.ops import triton_common
     from lora_kernels.ops.triton_common import fitting_configs
@@ -114,6 +115,7 @@ def variants(dtypes, arch: int):
                         yield name, kernel.fn, kept, args, flags, dtype, flags["BLOCK_R"], flags["SHRINK_IN_LOOP"]
                     else:
                         yield name, kernel, [None], args, flags, dtype, flags["BLOCK_R"], None
+        yield from _multi_variants(multi, e, dtype, M, N, K)
         w = e(N, K)
         A, B = e(16, K), e(N, 16)
         for sub in (False, True):
@@ -122,6 +124,38 @@ def variants(dtypes, arch: int):
                                                                0.5, check_only, torch.zeros(1, dtype=torch.int32))
                 yield (f"merge{' switch' if sub else ''}{' check' if check_only else ''}", kernel, [None], args,
                        flags, dtype, 16, None)
+
+
+def _multi_variants(multi, e, dtype, M, N, K, n=32):
+    """lora_linear_multi's Triton launches (forward and backward, with and without dropout, both rank tiles),
+    from its launchers' *_launch_args; the grouping is computed on CPU ids (only its dtypes matter here)."""
+    import torch
+
+    groups = multi.Groups(torch.randint(-1, n, (M,)), n, multi._tile_rows())
+    scalings, x, grad_y = torch.ones(n), e(M, K), e(M, N)
+    for r in (16, 64):
+        ranks = torch.full((n,), r)
+        lora_A, lora_B, xa = e(n, r, K), e(n, N, r), e(M, r)
+        gb = e(M, r, dt=torch.float32)
+        a_t = (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))
+        b_t = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
+        d_A, d_B = e(n, r, K, dt=torch.float32), e(n, N, r, dt=torch.float32)
+        launches = [("multi expand y", multi.expand_launch_args(xa, lora_B, b_t, e(M, N), groups, ranks, scalings,
+                                                                 True, 0.0, 0, r)),
+                    ("multi shrink gb", multi.shrink_launch_args(grad_y, lora_B, lora_B.stride(), gb, groups, ranks,
+                                                                 scalings, True, 0.0, 0, r)),
+                    ("multi weight grad dB", multi.weight_grad_launch_args(
+                        xa, grad_y, d_B, (d_B.stride(0), d_B.stride(2), d_B.stride(1)), groups, ranks, scalings,
+                        True, 0.0, 0, r))]
+        for p in (0.0, 0.1):
+            launches += [(f"multi shrink xa p={p}", multi.shrink_launch_args(x, lora_A, a_t, xa, groups, ranks,
+                                                                             scalings, False, p, 7, r)),
+                         (f"multi weight grad dA p={p}", multi.weight_grad_launch_args(
+                             gb, x, d_A, d_A.stride(), groups, ranks, scalings, False, p, 7, r)),
+                         (f"multi expand dx p={p}", multi.expand_launch_args(gb, lora_A, lora_A.stride(), e(M, K),
+                                                                             groups, ranks, scalings, False, p, 7, r))]
+        for name, (kernel, _, args, flags) in launches:
+            yield name, kernel, [None], args, flags, dtype, flags["BLOCK_R"], None
 
 
 def main(argv=None) -> int:
@@ -142,10 +176,12 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     rows, problems = [], []
     start = time.time()
-    from lora_kernels.ops import triton_lora_linear, triton_merge
+    from lora_kernels.ops import triton_lora_linear, triton_lora_linear_multi, triton_merge
 
     kernels = (triton_lora_linear._shrink_kernel, triton_lora_linear._fused_gemm_kernel,
-               triton_lora_linear._weight_grad_kernel, triton_merge._merge_kernel)
+               triton_lora_linear._weight_grad_kernel, triton_merge._merge_kernel,
+               triton_lora_linear_multi._segment_shrink_kernel, triton_lora_linear_multi._segment_expand_kernel,
+               triton_lora_linear_multi._segment_weight_grad_kernel)
     for arch in (int(a) for a in args.arch.split(",")):
         driver.set_active(StandInDriver(arch))
         for kernel in kernels:  # a JITFunction keeps its target per device: forget the previous arch's
