@@ -9,7 +9,9 @@ validation (one shape, every dtype, dropout and bias on/off), the headline timin
 4096², M in {1, 16, 2048, 8192}, forward and train: ours vs F.linear vs the reference formula vs PEFT,
 ours[cuda] next to ours), the full validation of each GPU backend (odd shapes, r up to 256; y, xa, dx,
 dA, dB against the float64 reference with the same dropout seed, within the tests' rule; merge,
-unmerge, switch, safe merge, drift), then the remaining timing grid and the merges.
+unmerge, switch, safe merge, drift), lora_linear_multi's validation (random ids with -1 rows, mixed
+ranks, dropout; every output and gradient) and its timings (benchmarks/multi_adapter.py's cases), then
+the remaining timing grid and the merges.
 Every check and timed case is appended to $OUT/progress.jsonl as it finishes, and gpu_check.json /
 results.md are rewritten after each section: a run cut short still returns what it measured.
 LORA_KERNELS_AUTOTUNE=first limits each autotuned kernel to its first config (no tuning runs).
@@ -133,6 +135,77 @@ def validate_merge(backend: str, device: str, shapes, cycles: int, log) -> list[
     return rows
 
 
+def validate_multi(backend: str, device: str, shapes, log) -> list[dict]:
+    """lora_linear_multi on `backend`: y, xa, dx, dA, dB against the float64 reference, random ids with -1 rows,
+    mixed ranks, dropout on and off (float32 adapters on bfloat16 too, on the cuda backend)."""
+    from lora_kernels import reference
+    from lora_kernels.ops import lora_linear_multi as ops
+
+    rows = []
+    os.environ["LORA_KERNELS_BACKEND"] = backend
+    dtypes = [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]
+    if backend == "cuda":
+        dtypes.append((torch.bfloat16, torch.float32))
+    for dtype, adapter_dtype in dtypes:
+        for (M, d_in, d_out, n, r_max) in shapes:
+            for p in (0.0, 0.3):
+                g = torch.Generator().manual_seed(M * 7 + n)
+                rand = lambda *shape, scale=1.0, dt=dtype: (torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+                                                            * scale).to(device, dt)
+                x, w, bias = rand(M, d_in), rand(d_out, d_in, scale=d_in**-0.5), rand(d_out)
+                A = rand(n, r_max, d_in, scale=d_in**-0.5, dt=adapter_dtype)
+                B = rand(n, d_out, r_max, scale=r_max**-0.5, dt=adapter_dtype)
+                grad_y = rand(M, d_out)
+                scalings = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+                ids = torch.randint(-1, n, (M,), generator=g).to(device)
+                ranks = torch.randint(1, r_max + 1, (n,), generator=g).to(device)
+                seed = torch.tensor(4321 + M) if p else None
+                _poison_allocator(device)
+                y, xa = ops.forward(x, w, bias, A, B, scalings, ids, ranks, p, seed)
+                _poison_allocator(device)
+                dx, dA, dB = ops.backward(grad_y, x, w, A, B, xa, scalings, ids, ranks, p, seed, True)
+                sv = int(seed) if seed is not None else None
+                d = lambda t: t.double()  # noqa: E731
+                ey, exa = reference.lora_linear_multi(d(x), d(w), d(bias), d(A), d(B), scalings, ids, ranks, p, sv)
+                edx, edA, edB = reference.lora_linear_multi_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, scalings,
+                                                                     ids, ranks, p, sv)
+                py, pxa = reference.lora_linear_multi(x, w, bias, A, B, scalings, ids, ranks, p, sv)
+                pdx, pdA, pdB = reference.lora_linear_multi_backward(grad_y, x, w, A, B, pxa, scalings, ids, ranks,
+                                                                     p, sv)
+                for name, ours, exact, plain in (("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx),
+                                                 ("dA", dA, edA, pdA), ("dB", dB, edB, pdB)):
+                    ok, why = _error_ok(ours, exact, plain)
+                    rows.append(dict(op="lora_linear_multi", backend=backend, dtype=str(dtype)[6:],
+                                     adapter_dtype=str(adapter_dtype)[6:], shape=[M, d_in, d_out, n, r_max],
+                                     dropout=p, output=name, ok=ok, detail=why))
+                    if not ok:
+                        log(f"FAIL multi {backend} {dtype}/{adapter_dtype} M={M} {d_in}->{d_out} n={n} r_max={r_max} "
+                            f"p={p} {name}: {why}")
+    os.environ.pop("LORA_KERNELS_BACKEND", None)
+    return rows
+
+
+def time_multi(device: str, reps: int, progress) -> None:
+    """benchmarks/multi_adapter.py's cases (bfloat16 on CUDA), each recorded as it finishes."""
+    from .harness import CaseResult, time_providers
+    from .multi_adapter import CASES, providers
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    cases = [(64, 64, 64, 4, t, g) for t, g in ((False, False), (True, True))] if device == "cpu" else CASES
+    for M, d_in, d_out, n, train, grouped in cases:
+        if progress.left() <= 0:
+            progress.log("multi-adapter timing stopped at the deadline")
+            return
+        timings = time_providers(providers(M, d_in, d_out, n, 16, dtype, device, train, grouped), device, reps)
+        label = f"M={M} {d_in}->{d_out} n={n} {'grouped' if grouped else 'scattered'} {'train' if train else 'forward'}"
+        result = CaseResult("lora_linear_multi", label, dict(M=M, d_in=d_in, d_out=d_out, n=n, train=train,
+                                                             grouped=grouped, dtype=str(dtype)[6:]), timings)
+        progress.add_result(result)
+        med = {k: t.median_ms for k, t in timings.items()}
+        progress.log(f"multi {label}: " + ", ".join(f"{k} {v:.3g} ms" for k, v in med.items())
+                     + f"; ours/one {med['ours'] / med['one']:.3f}, ours/base {med['ours'] / med['base']:.3f}")
+
+
 class Progress:
     """Everything measured so far, on disk as it happens: one JSON line per check or timed case in
     progress.jsonl, and gpu_check.json / results.md rewritten after every section, so a run cut at
@@ -216,6 +289,9 @@ def main(argv=None) -> int:
               [(1, 33, 70, 1), (7, 70, 100, 3), (37, 100, 33, 16), (1000, 129, 257, 64), (16, 4096, 4096, 16),
                (2048, 4096, 1000, 16), (2049, 1000, 4096, 64), (64, 256, 256, 256)])
     merge_shapes = [(33, 70, 3), (40, 50, 16)] if args.dry_run else [(33, 70, 3), (100, 129, 64), (257, 1000, 16)]
+    # (M, in, out, adapters, r_max)
+    multi_shapes = [(37, 40, 33, 3, 16)] if args.dry_run else [(1, 33, 70, 2, 4), (37, 100, 33, 5, 16),
+                                                                (2048, 1024, 1024, 32, 16), (32, 4096, 4096, 32, 64)]
     cycles = 12 if args.dry_run else 50
 
     def section(name: str, run) -> None:
@@ -257,6 +333,12 @@ def main(argv=None) -> int:
                 lambda b=backend: progress.add_checks(validate_linear(b, device, shapes, log)))
         section(f"merge validation {backend}",
                 lambda b=backend: progress.add_checks(validate_merge(b, device, merge_shapes, cycles, log)))
+    multi_backends = [b for b in backends if b in lora_kernels.available_backends("lora_linear_multi")]
+    for backend in multi_backends:
+        section(f"multi-adapter validation {backend}",
+                lambda b=backend: progress.add_checks(validate_multi(b, device, multi_shapes, log)))
+    if not args.skip_timing:
+        section("multi-adapter timings", lambda: time_multi(device, 3 if args.dry_run else 10, progress))
     if not args.skip_timing and not args.dry_run:
         rest = [c for c in linear_cases("cuda", full=False) if c not in headline]
         section("remaining timings", lambda: time_cases(rest, ["base", "reference", "peft", "ours"]))
