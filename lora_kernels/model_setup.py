@@ -191,12 +191,15 @@ def unload(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
-    """Within the block the model computes without its adapters (merged ones are unmerged and merged
-    again on exit)."""
-    layers = [layer for _, layer in lora_layers(model) if not layer.adapter_disabled]
-    remerge = [layer for layer in layers if layer.merged]
-    for layer in remerge:
-        layer.unmerge()
+    """Within the block the model computes without its adapters (LoRALinear and MultiLoRALinear layers;
+    merged adapters are unmerged, and merged again on exit)."""
+    layers = [m for m in model.modules() if hasattr(m, "adapter_disabled") and not m.adapter_disabled]
+    remerge = []
+    for layer in layers:
+        merged = layer.merged if isinstance(layer, LoRALinear) else layer.merged_adapter
+        if merged:
+            remerge.append((layer, merged))
+            layer.unmerge()
     for layer in layers:
         layer.adapter_disabled = True
     try:
@@ -204,8 +207,8 @@ def disable_adapter(model: nn.Module):
     finally:
         for layer in layers:
             layer.adapter_disabled = False
-        for layer in remerge:
-            layer.merge()
+        for layer, merged in remerge:
+            layer.merge() if isinstance(layer, LoRALinear) else layer.merge(merged)
 
 
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,6 +1,8 @@
 """Hugging Face PEFT interop: PEFT's adapter format, and PeftModels computing through the fused op.
 
     report = patch_peft_model(peft_model)          PEFT LoRA layers run lora_kernels' fused op
+    peft_model(x, adapter_names=[...])             mixed batches on lora_linear_multi (inference, as PEFT)
+    with adapter_batch(peft_model, [...]): ...     ... and in training, which PEFT refuses
     unpatch_peft_model(peft_model)                 PEFT's own forward again
     load_peft_adapter(model, "dir")                a PEFT adapter directory into a plain torch/transformers model
     save_peft_adapter(model, "dir")                what PeftModel.from_pretrained (and vLLM) read
@@ -14,6 +16,7 @@ tensors of modules_to_save, and biases when bias != "none").
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -21,14 +24,19 @@ import types
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import LoRAConfig
-from .functional import lora_linear
+from .functional import lora_linear, lora_linear_multi
 from .model_setup import _MODULES_TO_SAVE, inject_layers, lora_layers, mark_only_lora_as_trainable, target_names
 from .modules import LoRALinear, is_conv1d
+from .multi import MultiLoRALinear, multi_lora_layers
 
-__all__ = ["patch_peft_model", "unpatch_peft_model", "PatchReport", "load_peft_adapter", "save_peft_adapter"]
+__all__ = ["patch_peft_model", "unpatch_peft_model", "PatchReport", "adapter_batch", "load_peft_adapter",
+           "save_peft_adapter"]
+
+BASE_ONLY = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -78,33 +86,98 @@ def _unsupported_reason(layer) -> str | None:
     return None
 
 
+def _is_plain(layer, name: str) -> bool:
+    """Whether the layer's adapter `name` is vanilla LoRA (no variant such as DoRA, no lora_bias)."""
+    return (name in layer.lora_A and name not in getattr(layer, "lora_variant", {})
+            and not getattr(layer, "lora_bias", {}).get(name))
+
+
+def _dropout_p(layer, name: str) -> float:
+    dropout = layer.lora_dropout[name]
+    return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
+
 def _fused_peft_forward(self, x, *args, **kwargs):
     """A PEFT LoRA Linear's forward through lora_kernels.lora_linear (installed by patch_peft_model).
 
-    Anything else than one active vanilla adapter on an unmerged layer and a plain call (extra
-    arguments, adapter_names=, a disabled or merged adapter, several active adapters, x of
-    another dtype than the weight) runs PEFT's own forward, which handles it.
+    One active vanilla adapter on an unmerged layer: lora_linear. A mixed batch (PEFT's adapter_names=,
+    or adapter_batch()): lora_linear_multi. Anything else (extra arguments, a disabled or merged
+    adapter, several active adapters, variants, x of another dtype than the weight) runs PEFT's own
+    forward, which handles it.
     """
-    active = [name for name in self.active_adapters if name in self.lora_A]
-    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-            or active[0] in getattr(self, "lora_variant", {}) or getattr(self, "lora_bias", {}).get(active[0])):
-        return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
+    names = kwargs.get("adapter_names", None) if set(kwargs) <= {"adapter_names"} else None
+    if names is None and not kwargs:
+        names = self.__dict__.get("_lora_kernels_batch_names")
     base = self.get_base_layer()
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    plain_call = (not args and not self.disable_adapters and not self.merged
+                  and (x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type)))
+    if plain_call and names is not None:
+        y = _fused_mixed_batch(self, x, weight, base.bias, names)
+        if y is not None:
+            return y
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if not plain_call or kwargs or len(active) != 1 or not _is_plain(self, active[0]):
         return type(self).forward(self, x, *args, **kwargs)
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    name = active[0]
     return lora_linear(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                       self.scaling[name], p, dropout.training)
+                       self.scaling[name], _dropout_p(self, name), self.lora_dropout[name].training)
+
+
+def _fused_mixed_batch(layer, x, weight, bias, names):
+    """PEFT's mixed batch (one adapter name per sample; "__base__": none) through lora_linear_multi, or None
+    when PEFT's own path must serve it (a variant, unequal dropouts, names that do not match the batch).
+
+    The adapters in the batch are stacked (padded to the largest rank) at every call: n·r·(in + out)
+    elements, small next to the layer; the stack is differentiable, so each adapter gets its gradient."""
+    if not isinstance(names, (list, tuple)) or x.dim() < 2 or len(names) != x.shape[0]:
+        return None
+    used = [n for n in dict.fromkeys(names) if n != BASE_ONLY and n in layer.lora_A]
+    if not used or not all(_is_plain(layer, n) for n in used):
+        return None if used else F.linear(x, weight, bias)
+    dropouts = {_dropout_p(layer, n) for n in used}
+    if len(dropouts) > 1:
+        return None
+    ranks = [layer.lora_A[n].weight.shape[0] for n in used]
+    r_max = max(ranks)
+    lora_A = torch.stack([F.pad(layer.lora_A[n].weight, (0, 0, 0, r_max - r)) for n, r in zip(used, ranks)])
+    lora_B = torch.stack([F.pad(layer.lora_B[n].weight, (0, r_max - r)) for n, r in zip(used, ranks)])
+    slot = {n: i for i, n in enumerate(used)}
+    ids = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int64, device=x.device)
+    scalings = torch.tensor([float(layer.scaling[n]) for n in used], dtype=torch.float64)
+    training = layer.lora_dropout[used[0]].training
+    return lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, ids, torch.tensor(ranks), dropouts.pop(),
+                             training)
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, adapter_names):
+    """Within the block, every patched PEFT LoRA layer serves sample i of the batch on adapter_names[i]
+    ("__base__": the base model): PEFT's mixed batches, in training too (PEFT's own adapter_names=
+    refuses training). The model must have been patched by patch_peft_model."""
+    layers = [m for m in model.modules() if _is_patched(m)]
+    if not layers:
+        raise ValueError("no patched PEFT LoRA layer in the model: call patch_peft_model(model) first")
+    for layer in layers:
+        layer._lora_kernels_batch_names = list(adapter_names)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_lora_kernels_batch_names", None)
+
+
+def _is_patched(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, types.MethodType) and forward.__func__ is _fused_peft_forward
 
 
 def patch_peft_model(model: nn.Module) -> PatchReport:
     """Make every PEFT LoRA layer that wraps an nn.Linear or a transformers Conv1D compute through the fused op.
 
     The active adapter, its scaling (rsLoRA included), lora_dropout, fan_in_fan_out, the bias, the
-    merged state, disable_adapter() and float32 adapters on a 16-bit base are honoured; what the
+    merged state, disable_adapter() and float32 adapters on a 16-bit base are honoured; mixed batches
+    (adapter_names=, and adapter_batch() for training) run lora_linear_multi; what the
     fused op cannot serve (DoRA and other variants, lora_bias, quantized bases, Embedding/Conv layers)
     stays on PEFT's path and is listed in the report. The model keeps training, merging, saving
     (save_pretrained) and compiling as before: only the layers' forward changes, no parameter or key.
@@ -128,8 +201,7 @@ def unpatch_peft_model(model: nn.Module) -> int:
     """Give every patched layer PEFT's forward back; returns how many were patched."""
     count = 0
     for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, types.MethodType) and forward.__func__ is _fused_peft_forward:
+        if _is_patched(module):
             del module.forward
             count += 1
     return count
@@ -199,7 +271,9 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     16-bit model stay float32 (PEFT's default), others take the base weight's dtype. Every tensor
     of the file must land, and every injected layer must get its A and B: anything else is an error
     naming the keys. is_trainable=False (PEFT's default) leaves every parameter frozen; True trains
-    the adapter and modules_to_save. adapter_name labels the adapter (one adapter per layer).
+    the adapter and modules_to_save. adapter_name labels the adapter: LoRALinear holds one (loading
+    another name into it is an error), a MultiLoRALinear at a targeted layer takes it as a new named
+    adapter, in the same slot in every layer (its own lora_dropout stays).
     """
     path = os.fspath(path)
     config = _read_config(path)
@@ -218,7 +292,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
             others[key] = value
 
     targets = config.get("target_modules") or []
-    names = set(target_names(model, targets)) | {n for n, _ in lora_layers(model) if n in adapters}
+    names = (set(target_names(model, targets)) | {n for n, _ in lora_layers(model) if n in adapters}
+             | {n for n, _ in multi_lora_layers(model) if n in adapters})
     layers_to_transform = config.get("layers_to_transform")
     if layers_to_transform is not None:
         wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
@@ -233,7 +308,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     base_config = LoRAConfig(r=int(config.get("r", 8)), lora_alpha=config.get("lora_alpha", 8),
                              lora_dropout=float(config.get("lora_dropout", 0.0)),
                              use_rslora=bool(config.get("use_rslora", False)))
-    new_layers = {}
+    new_layers, multi_adds = {}, {}
     for name in sorted(names):
         lora_A, lora_B = adapters[name]["A"], adapters[name]["B"]
         r = _pattern_value(config.get("rank_pattern") or {}, name, base_config.r)
@@ -243,13 +318,27 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, base_config.lora_alpha)
         layer_config = base_config.replace(r=r, lora_alpha=alpha)
         module = model.get_submodule(name)
-        if isinstance(module, LoRALinear):
+        if isinstance(module, MultiLoRALinear):
+            if adapter_name in module.slots or r > module.r_max:
+                raise ValueError(f"{path}: {name} (MultiLoRALinear) cannot take adapter {adapter_name!r} of rank {r}: "
+                                 f"{'the name is taken' if adapter_name in module.slots else f'r_max={module.r_max}'}")
+            multi_adds[name] = (module, r, alpha, layer_config.use_rslora)
+        elif isinstance(module, LoRALinear):
             _check_adapter_name(module, adapter_name)
             module.switch_adapter(lora_A, lora_B, lora_alpha=alpha)
             module.lora_dropout, module.use_rslora = layer_config.lora_dropout, layer_config.use_rslora
             module.scaling = layer_config.scaling
         else:
             new_layers[name] = layer_config
+    if multi_adds:  # one slot for the adapter in every MultiLoRALinear, as lora_kernels.add_adapter does
+        modules = [m for m, *_ in multi_adds.values()]
+        used = set().union(*(set(m.slots.values()) for m in modules))
+        free = [s for s in range(min(m.capacity for m in modules)) if s not in used]
+        if not free:
+            raise ValueError(f"{path}: no adapter slot is free in every MultiLoRALinear (capacity reached)")
+        for name, (module, r, alpha, use_rslora) in multi_adds.items():
+            module.add_adapter(adapter_name, r, alpha, use_rslora, lora_A=adapters[name]["A"].to(module.lora_A.dtype),
+                               lora_B=adapters[name]["B"].to(module.lora_B.dtype), slot=free[0])
     weight_dtypes = {name: model.get_submodule(name).weight.dtype for name in new_layers}
     for name, layer_config in new_layers.items():
         stored = adapters[name]["A"].dtype
@@ -287,6 +376,44 @@ def _check_adapter_name(layer: LoRALinear, adapter_name: str) -> None:
                          f"adapter {adapter_name!r} would replace it (load it with adapter_name={current!r})")
 
 
+@dataclass
+class _AdapterEntry:
+    """One layer's adapter as PEFT's format describes it."""
+
+    layer: nn.Module
+    r: int
+    alpha: float
+    use_rslora: bool
+    dropout: float
+    fan_in_fan_out: bool
+    lora_A: torch.Tensor  # [r, in]
+    lora_B: torch.Tensor  # [out, r]
+
+
+def _adapter_entries(model: nn.Module, adapter_name: str | None) -> dict[str, _AdapterEntry]:
+    """The adapter to save, per layer: every LoRALinear's, and adapter `adapter_name` of every MultiLoRALinear."""
+    entries = {}
+    for name, layer in lora_layers(model):
+        if adapter_name is not None:
+            _check_adapter_name(layer, adapter_name)
+        entries[name] = _AdapterEntry(layer, layer.r, layer.lora_alpha, layer.use_rslora, layer.lora_dropout,
+                                      layer.fan_in_fan_out, layer.lora_A, layer.lora_B)
+    for name, layer in multi_lora_layers(model):
+        if adapter_name is None:
+            raise ValueError("the model has MultiLoRALinear layers: name the adapter to save (adapter_name=...)")
+        if adapter_name not in layer.slots:
+            continue
+        slot = layer.slots[adapter_name]
+        r = int(layer.ranks[slot])
+        alpha, use_rslora = layer.alphas[adapter_name]
+        entries[name] = _AdapterEntry(layer, r, alpha, use_rslora, layer.lora_dropout, False,
+                                      layer.lora_A[slot, :r], layer.lora_B[slot, :, :r])
+    if not entries:
+        raise ValueError("the model has no LoRA layers to save (LoRALinear, or MultiLoRALinear holding "
+                         f"adapter {adapter_name!r})")
+    return entries
+
+
 def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
                       base_model_name_or_path: str | None = None) -> None:
     """Write the model's LoRA adapter as PEFT does (adapter_config.json + adapter_model.safetensors).
@@ -294,26 +421,23 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     PeftModel.from_pretrained(base_model, path) then computes what this model computes. Layers whose
     rank or alpha differ from the most common ones are written as rank_pattern / alpha_pattern;
     modules_to_save are written whole; biases are written (bias="lora_only"/"all") when they are trained.
-    adapter_name, when given, must be the layers' adapter (see load_peft_adapter).
+    adapter_name: with LoRALinear layers, when given, must be their adapter (see load_peft_adapter);
+    with MultiLoRALinear layers, the named adapter to write.
     """
-    layers = dict(lora_layers(model))
-    if not layers:
-        raise ValueError("the model has no LoRA layers (lora_kernels.LoRALinear) to save")
-    for layer in layers.values():
-        if adapter_name is not None:
-            _check_adapter_name(layer, adapter_name)
-    for option in ("lora_dropout", "use_rslora"):
-        values = {getattr(layer, option) for layer in layers.values()}
+    entries = _adapter_entries(model, adapter_name)
+    layers = {name: entry.layer for name, entry in entries.items()}
+    for option in ("dropout", "use_rslora"):
+        values = {getattr(entry, option) for entry in entries.values()}
         if len(values) > 1:
             raise ValueError(f"PEFT's format has one {option} per adapter; the layers use {sorted(values)}")
-    first = next(iter(layers.values()))
-    r = collections.Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
-    alpha = collections.Counter(layer.lora_alpha for layer in layers.values()).most_common(1)[0][0]
+    first = next(iter(entries.values()))
+    r = collections.Counter(e.r for e in entries.values()).most_common(1)[0][0]
+    alpha = collections.Counter(e.alpha for e in entries.values()).most_common(1)[0][0]
 
     tensors = {}
-    for name, layer in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+    for name, entry in entries.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = entry.lora_A.detach()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = entry.lora_B.detach()
     lora_biases = any(layer.bias is not None and layer.bias.requires_grad for layer in layers.values())
     other_biases = any(p.requires_grad for n, p in model.named_parameters()
                        if n.endswith("bias") and n.rpartition(".")[0] not in layers)
@@ -335,14 +459,14 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
         "inference_mode": True,
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": first.lora_dropout,
+        "lora_dropout": first.dropout,
         "use_rslora": first.use_rslora,
         "target_modules": sorted(layers),
         "bias": bias,
-        "fan_in_fan_out": all(layer.fan_in_fan_out for layer in layers.values()),
+        "fan_in_fan_out": all(e.fan_in_fan_out for e in entries.values()),
         "modules_to_save": saved_modules or None,
-        "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != r},
-        "alpha_pattern": {name: layer.lora_alpha for name, layer in layers.items() if layer.lora_alpha != alpha},
+        "rank_pattern": {name: e.r for name, e in entries.items() if e.r != r},
+        "alpha_pattern": {name: e.alpha for name, e in entries.items() if e.alpha != alpha},
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,

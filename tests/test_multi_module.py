@@ -145,3 +145,16 @@ def test_model_level_helpers_and_compile_without_recompiles():
         second.sum().backward()
     with lk.adapter_batch(model, ["z", "y", None]):
         torch.testing.assert_close(second, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_disable_adapter_covers_multi_lora_layers():
+    layer = _layer()
+    x = torch.randn(4, 24, device=DEVICE)
+    base = nn.functional.linear(x, layer.weight, layer.bias)
+    holder = nn.Sequential(layer)
+    layer.merge("b")
+    with lk.disable_adapter(holder):
+        torch.testing.assert_close(holder(x), base, rtol=1e-5, atol=1e-5)
+        assert layer.merged_adapter is None
+    assert layer.merged_adapter == "b"
+    torch.testing.assert_close(holder(x), _expected(layer, x, ["b"] * 4), rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels.peft import load_peft_adapter, patch_peft_model, save_peft_adapter, unpatch_peft_model
+from lora_kernels.peft import adapter_batch, load_peft_adapter, patch_peft_model, save_peft_adapter, unpatch_peft_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -230,3 +230,81 @@ def test_finetune_example_runs_and_peft_loads_its_adapter(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "logits difference" in done.stdout  # the script asserts the difference is < 1e-4
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def _three_adapters(make=_llama):
+    """A PEFT model with three adapters of different ranks and alphas, all trained (random B)."""
+    model = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("c", peft.LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"]))
+    return _randomize_lora(model)
+
+
+NAMES = ["b", "__base__", "default", "c", "b"]
+BATCH = torch.randint(0, 64, (5, 7), generator=torch.Generator().manual_seed(2))
+
+
+def test_mixed_batch_inference_runs_the_multi_adapter_op(monkeypatch):
+    model = _three_adapters().eval()
+    with torch.no_grad():
+        expected = model(BATCH, adapter_names=NAMES).logits  # PEFT's own mixed-batch forward
+    patch_peft_model(model)
+    calls = []
+    original = lk.peft.lora_linear_multi
+    monkeypatch.setattr(lk.peft, "lora_linear_multi", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        ours = model(BATCH, adapter_names=NAMES).logits
+    assert len(calls) == 4  # q_proj and v_proj of both layers
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_training_gives_each_adapter_its_gradient():
+    """PEFT refuses adapter_names= in training; adapter_batch() trains a mixed batch, and every adapter's
+    gradient equals the one PEFT computes for that adapter's samples alone."""
+    model = _three_adapters()
+    patch_peft_model(model)
+    model.train()
+    for n, p in model.named_parameters():  # PEFT trains only the active adapter; here all three train
+        p.requires_grad_("lora_" in n)
+    with adapter_batch(model, NAMES):
+        model(BATCH).logits.square().mean().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    reference_model = _three_adapters().train()  # same weights (same seeds), PEFT's own path
+    total = {}
+    for name in ("default", "b", "c"):
+        reference_model.set_adapter(name)
+        rows = [i for i, n in enumerate(NAMES) if n == name]
+        reference_model.zero_grad()
+        full = reference_model(BATCH).logits
+        # the same loss as the mixed batch's, restricted to this adapter's samples
+        (full[rows].square().sum() / full.numel()).backward()
+        total.update({n: p.grad.clone() for n, p in reference_model.named_parameters()
+                      if p.grad is not None and f".{name}." in n})
+    assert set(ours) == set(total)
+    for n in total:
+        torch.testing.assert_close(ours[n], total[n], rtol=1e-4, atol=1e-7, msg=n)
+    with pytest.raises(ValueError, match="patch_peft_model"):
+        with adapter_batch(_three_adapters(), NAMES):
+            pass
+
+
+def test_named_peft_adapters_into_multi_lora_layers_and_back(tmp_path):
+    """Two PEFT adapters loaded by name into MultiLoRALinear layers serve a mixed batch as PEFT does, and a
+    named adapter saved from them loads in PEFT with the same outputs."""
+    peft_model = _three_adapters().eval()
+    for name in ("default", "b"):
+        peft_model.save_pretrained(tmp_path / "all", selected_adapters=[name])
+    with torch.no_grad():
+        expected = peft_model(BATCH[:3], adapter_names=["b", "__base__", "default"]).logits
+    model = lk.inject_multi_lora(_llama(), ["q_proj", "v_proj"], capacity=4, r_max=8).eval()
+    load_peft_adapter(model, tmp_path / "all", adapter_name="default")
+    load_peft_adapter(model, tmp_path / "all" / "b", adapter_name="b")
+    with torch.no_grad(), lk.adapter_batch(model, ["b", None, "default"]):
+        torch.testing.assert_close(model(BATCH[:3]).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="taken"):
+        load_peft_adapter(model, tmp_path / "all", adapter_name="b")
+    save_peft_adapter(model, tmp_path / "b_again", adapter_name="b")
+    reloaded = peft.PeftModel.from_pretrained(_llama(), tmp_path / "b_again").eval()
+    lk.set_adapter(model, "b")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(BATCH).logits, model(BATCH).logits, rtol=1e-5, atol=1e-5)
