@@ -111,11 +111,13 @@ def variants(dtypes, arch: int):
                     ]
                 for name, (kernel, _, args, flags) in launches:
                     if hasattr(kernel, "configs"):  # autotuned: every config its pruner keeps on this arch
-                        kept = fitting_configs(kernel.configs, {"x_ptr": args[0]}, **flags)
+                        kept = fitting_configs(kernel.configs, {"x_ptr": args[0], "d_ptr": args[5]}, **flags)
                         yield name, kernel.fn, kept, args, flags, dtype, flags["BLOCK_R"], flags["SHRINK_IN_LOOP"]
                     else:
                         yield name, kernel, [None], args, flags, dtype, flags["BLOCK_R"], None
         yield from _multi_variants(multi, e, dtype, M, N, K)
+        if dtype in (torch.float16, torch.bfloat16):
+            yield from _mixed_variants(lin, multi, e, dtype, M, N, K)
         w = e(N, K)
         A, B = e(16, K), e(N, 16)
         for sub in (False, True):
@@ -124,6 +126,48 @@ def variants(dtypes, arch: int):
                                                                0.5, check_only, torch.zeros(1, dtype=torch.int32))
                 yield (f"merge{' switch' if sub else ''}{' check' if check_only else ''}", kernel, [None], args,
                        flags, dtype, 16, None)
+
+
+def _mixed_variants(lin, multi, e, dtype, M, N, K, r=16, n=32):
+    """float32 adapters on a 16-bit x (PEFT's default): the launches whose operands change dtype, for both ops."""
+    import torch
+
+    f32 = lambda *shape: e(*shape, dt=torch.float32)  # noqa: E731
+    weight, bias, lora_A, lora_B = e(N, K), e(N), f32(r, K), f32(N, r)
+    x, xa, grad_y, gb = e(M, K), f32(M, r), e(M, N), f32(M, r)
+    launches = [("mixed gemm y", lin.fused_gemm_launch_args(x, weight.t(), bias, xa, lora_B.t(), None, e(M, N), 2.0,
+                                                             0.0, 7, shrink_in_loop=False, dropout_epilogue=False)),
+                ("mixed decode", lin.fused_gemm_launch_args(e(16, K), weight.t(), bias, f32(16, r), lora_B.t(),
+                                                             lora_A.t(), e(16, N), 2.0, 0.1, 7, shrink_in_loop=True,
+                                                             dropout_epilogue=False)),
+                ("mixed gemm dx p=0.1", lin.fused_gemm_launch_args(grad_y, weight, None, gb, lora_A, None, e(M, K),
+                                                                    2.0, 0.1, 7, shrink_in_loop=False,
+                                                                    dropout_epilogue=True)),
+                ("mixed shrink xa", lin.shrink_launch_args(x, lora_A.t(), xa, 0.1, 7)),
+                ("mixed shrink gb", lin.shrink_launch_args(grad_y, lora_B, gb, 0.0, 0)),
+                ("mixed weight grad dA", lin.weight_grad_launch_args(gb, x, f32(4, r, K), 1024, 0.1, 7,
+                                                                     torch.float32)),
+                ("mixed weight grad dB", lin.weight_grad_launch_args(xa, grad_y, f32(4, r, N), 1024, 0.0, 0,
+                                                                     torch.float32))]
+    groups = multi.Groups(torch.randint(-1, n, (M,)), n, multi._tile_rows())
+    ranks, scalings = torch.full((n,), r), torch.ones(n)
+    stacked_A, stacked_B = f32(n, r, K), f32(n, N, r)
+    a_t = (stacked_A.stride(0), stacked_A.stride(2), stacked_A.stride(1))
+    b_t = (stacked_B.stride(0), stacked_B.stride(2), stacked_B.stride(1))
+    launches += [("mixed multi shrink xa", multi.shrink_launch_args(x, stacked_A, a_t, xa, groups, ranks, scalings,
+                                                                    False, 0.1, 7, r)),
+                 ("mixed multi expand y", multi.expand_launch_args(xa, stacked_B, b_t, e(M, N), groups, ranks,
+                                                                   scalings, True, 0.0, 0, r)),
+                 ("mixed multi weight grad dA", multi.weight_grad_launch_args(
+                     gb, x, f32(n, r, K), (r * K, K, 1), groups, ranks, scalings, False, 0.1, 7, r, torch.float32))]
+    for name, (kernel, _, args, flags) in launches:
+        if hasattr(kernel, "configs"):
+            from lora_kernels.ops.triton_common import fitting_configs
+
+            kept = fitting_configs(kernel.configs, {"x_ptr": args[0], "d_ptr": args[5]}, **flags)
+            yield name, kernel.fn, kept, args, flags, dtype, flags["BLOCK_R"], flags["SHRINK_IN_LOOP"]
+        else:
+            yield name, kernel, [None], args, flags, dtype, flags["BLOCK_R"], None
 
 
 def _multi_variants(multi, e, dtype, M, N, K, n=32):
@@ -205,8 +249,9 @@ def main(argv=None) -> int:
                 if row["shared"] > SHARED_LIMIT[arch]:
                     why.append(f"shared memory {row['shared']} B > {SHARED_LIMIT[arch]} B")
                 if config is not None:
+                    # the fused GEMM's arguments: (x, w, bias, left, u, d, y, ...); d holds the adapters' dtype
                     estimate = shared_memory_estimate(config, torch.empty((), dtype=dtype).element_size(), block_r,
-                                                      shrink_in_loop)
+                                                      shrink_in_loop, kargs[5].element_size())
                     row["shared_estimate"] = estimate
                     if estimate < row["shared"]:
                         why.append(f"pruning estimate {estimate} B below the compiler's {row['shared']} B")

@@ -67,14 +67,16 @@ def test_autotune_pruning_keeps_configs_that_fit():
     x16, x32 = torch.empty(8, 8, dtype=torch.bfloat16), torch.empty(8, 8)
     flags = dict(BLOCK_R=64, SHRINK_IN_LOOP=False)
     assert shared_memory_estimate(configs[0], 2, 64, False) == 3 * (128 * 64 + 64 * 256) * 2
+    # decoding with float32 adapters on a bf16 x: the shrink's d tile is counted at 4 bytes per element
+    assert shared_memory_estimate(configs[0], 2, 64, True, 4) == 3 * ((128 * 64 + 64 * 256) * 2 + 64 * 64 * 4)
     # sm_80's limit (the CPU default): the big bf16 tile fits, its fp32 twin does not
-    assert fitting_configs(configs, {"x_ptr": x16}, **flags) == configs
-    assert fitting_configs(configs, {"x_ptr": x32}, **flags) == configs[1:]
+    assert fitting_configs(configs, {"x_ptr": x16, "d_ptr": x16}, **flags) == configs
+    assert fitting_configs(configs, {"x_ptr": x32, "d_ptr": x32}, **flags) == configs[1:]
     # nothing fits: the smallest config with two stages, never an empty list
     original = triton_common.shared_memory_limit
     try:
         triton_common.shared_memory_limit = lambda device: 1024
-        (fallback,) = fitting_configs(configs, {"x_ptr": x32}, **flags)
+        (fallback,) = fitting_configs(configs, {"x_ptr": x32, "d_ptr": x32}, **flags)
         assert fallback.kwargs["BLOCK_N"] == 64 and fallback.num_stages == 2
     finally:
         triton_common.shared_memory_limit = original

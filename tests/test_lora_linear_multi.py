@@ -15,7 +15,7 @@ from lora_kernels.ops.lora_linear_multi import lora_linear_multi_op
 from conftest import DEVICE, DTYPES, assert_matches_reference, compiled_backends
 
 BACKENDS = ["reference"] + [b for b in compiled_backends() if b in lk.available_backends("lora_linear_multi")]
-# Triton has no float64 and no float32 adapters on a 16-bit base (auto routes those to the cpu/cuda backends)
+# Triton has no float64
 FLOAT64_BACKENDS = [b for b in BACKENDS if b != "triton"]
 
 
@@ -125,8 +125,6 @@ def test_matches_reference(backend, case, dtype, dropout_p, use_backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_three_d_x_with_one_adapter_per_sequence(backend, adapter_dtype, use_backend):
     """x [batch, seq, in] with one id per sequence, on bfloat16, with bfloat16 or float32 adapters."""
-    if backend == "triton" and adapter_dtype == torch.float32:
-        pytest.skip("float32 adapters on a 16-bit base run on the cpu/cuda backends")
     use_backend(backend)
     inputs = _inputs(None, 33, 40, 3, 4, torch.bfloat16, lead=(4, 5), adapter_dtype=adapter_dtype)
     grads = _check(inputs, torch.tensor([2, -1, 0, 2]), None, 0.25)

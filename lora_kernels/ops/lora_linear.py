@@ -58,8 +58,7 @@ class CompiledBackend:
         return torch.ops.lora_kernels.fused_backward(*args)
 
 
-# float32 adapters on a 16-bit base (reference.lora_linear's "mixed precision") run on the reference and the
-# C++ backends; auto sends them there on CUDA too, since the Triton kernels take one dtype for all operands.
+# float32 adapters on a 16-bit base (reference.lora_linear's "mixed precision") run on every backend.
 register(Implementation(OP, "reference", "lora_kernels.ops.lora_linear:ReferenceBackend",
                         mixed=FLOAT32_ADAPTERS_ON_HALF))
 register(Implementation(OP, "cpu", "lora_kernels.ops.lora_linear:CompiledBackend", devices=("cpu",),
@@ -70,7 +69,7 @@ register(Implementation(OP, "cuda", "lora_kernels.ops.lora_linear:CompiledBacken
 # configs sit at the 255-register cap (benchmarks/gpu_compile_check.py, sm_90) and its full-precision fp32
 # dots cannot use tensor cores, where cuBLAS's SGEMM is the tuned baseline; a forced triton still runs float32.
 register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear", devices=("cuda",),
-                        dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF))
+                        dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF, mixed=FLOAT32_ADAPTERS_ON_HALF))
 
 
 def _dropout(dropout_p: float, seed: Optional[Tensor]) -> tuple[float, int]:

@@ -76,10 +76,10 @@ register(Implementation(OP, "cpu", "lora_kernels.ops.lora_linear_multi:CompiledB
                         mixed=FLOAT32_ADAPTERS_ON_HALF))
 register(Implementation(OP, "cuda", "lora_kernels.ops.lora_linear_multi:CompiledBackend", devices=("cuda",),
                         mixed=FLOAT32_ADAPTERS_ON_HALF))
-# As for lora_linear: auto takes Triton for 16-bit batches and cuBLAS (the cuda backend) for float32 and for
-# float32 adapters on a 16-bit base; the Triton launchers group the rows on the GPU, with no host sync.
+# As for lora_linear: auto takes Triton for 16-bit batches (float32 adapters included) and cuBLAS (the cuda
+# backend) for float32; the Triton launchers group the rows on the GPU, with no host sync.
 register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear_multi", devices=("cuda",),
-                        dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF))
+                        dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF, mixed=FLOAT32_ADAPTERS_ON_HALF))
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scalings: Tensor,

@@ -57,7 +57,7 @@ def dot(a, b, acc, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr):
 @triton.jit
 def cast(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
     """x rounded to nearest-even into dtype."""
-    if SOFT_BF16:
+    if SOFT_BF16 and dtype == tl.bfloat16:  # only a bfloat16 result needs the soft rounding
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
@@ -83,17 +83,18 @@ def shared_memory_limit(device: torch.device) -> int:
     return SM80_SHARED_MEMORY_BYTES
 
 
-def shared_memory_estimate(config: triton.Config, element_bytes: int, block_r_: int, shrink_in_loop: bool) -> int:
+def shared_memory_estimate(config: triton.Config, element_bytes: int, block_r_: int, shrink_in_loop: bool,
+                           adapter_bytes: int | None = None) -> int:
     """An upper bound of the fused GEMM's shared memory: its pipelined x and W0 tiles (and d's, when
-    decoding) or, if larger, the epilogue's L and U tiles in float32 (that loop is not pipelined and
-    reuses the space). Checked against the compiler's figures for every config in
-    benchmarks/gpu_compile_check.py."""
+    decoding, in the adapters' dtype: float32 adapters on a 16-bit x take twice the bytes) or, if larger,
+    the epilogue's L and U tiles in float32 (that loop is not pipelined and reuses the space). Checked
+    against the compiler's figures for every config in benchmarks/gpu_compile_check.py."""
     kw = config.kwargs
-    per_stage = kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]
+    per_stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * element_bytes
     if shrink_in_loop:
-        per_stage += kw["BLOCK_K"] * block_r_
+        per_stage += kw["BLOCK_K"] * block_r_ * (adapter_bytes or element_bytes)
     epilogue = (kw["BLOCK_M"] + kw["BLOCK_N"]) * block_r_ * 4
-    return max(config.num_stages * per_stage * element_bytes, epilogue)
+    return max(config.num_stages * per_stage, epilogue)
 
 
 def fitting_configs(configs_, named_args, **kwargs) -> list[triton.Config]:
@@ -103,7 +104,8 @@ def fitting_configs(configs_, named_args, **kwargs) -> list[triton.Config]:
     limit = shared_memory_limit(x.device)
 
     def estimate(config):
-        return shared_memory_estimate(config, x.element_size(), kwargs["BLOCK_R"], kwargs["SHRINK_IN_LOOP"])
+        return shared_memory_estimate(config, x.element_size(), kwargs["BLOCK_R"], kwargs["SHRINK_IN_LOOP"],
+                                      named_args["d_ptr"].element_size())
 
     fit = [c for c in configs_ if estimate(c) <= limit]
     if fit:

@@ -83,7 +83,7 @@ def _shrink_kernel(
             x = x * keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
         d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                     mask=(ks[:, None] < K) & (ranks[None, :] < R), other=0.0)
-        acc = dot(x, d, acc, PRECISION, SOFT_BF16)
+        acc = dot(x.to(d.dtype), d, acc, PRECISION, SOFT_BF16)  # float32 d (adapters): x widened, exactly
     # The 1/(1-p) of dropout is applied once here rather than to every element of x.
     acc = acc * inv_keep
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + ranks[None, :] * stride_or
@@ -98,7 +98,8 @@ def _fused_gemm_kernel(
     stride_lm, stride_lr, stride_ur, stride_un, stride_dk, stride_dr, stride_ym, stride_yn,
     scaling, seed, threshold, inv_keep,
     HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, DROPOUT_SHRINK: tl.constexpr,
-    DROPOUT_EPILOGUE: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_R: tl.constexpr,
+    DROPOUT_EPILOGUE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ w[K, N] + bias + scaling · (L[M, R] @ u[R, N]) (⊙ mask / (1-p)).
@@ -141,7 +142,7 @@ def _fused_gemm_kernel(
                 x = x * keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
             d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                         mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-            l_acc = dot(x, d, l_acc, PRECISION, SOFT_BF16)
+            l_acc = dot(x.to(d.dtype), d, l_acc, LORA_PRECISION, SOFT_BF16)
 
     # Stage 2+3: the LoRA term L U in float32, L [BLOCK_M, R] being xa (in x's dtype) or gb (float32, for
     # dx; U is then widened to match), times s only after the product, so s·L is never rounded to a 16-bit
@@ -159,7 +160,7 @@ def _fused_gemm_kernel(
             tl.store(l_ptrs, lora_left, mask=row_ok[:, None] & rank_ok[None, :])
         u = tl.load(u_ptr + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
                     mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        lora = dot(lora_left, u.to(lora_left.dtype), lora, PRECISION, SOFT_BF16)
+        lora = dot(lora_left, u.to(lora_left.dtype), lora, LORA_PRECISION, SOFT_BF16)
     else:
         for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: the tiles stay single
             chunk = r0 + ranks
@@ -168,7 +169,7 @@ def _fused_gemm_kernel(
                                 mask=row_ok[:, None] & chunk_ok[None, :], other=0.0)
             u = tl.load(u_ptr + chunk[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
                         mask=chunk_ok[:, None] & col_ok[None, :], other=0.0)
-            lora = dot(lora_left, u.to(lora_left.dtype), lora, PRECISION, SOFT_BF16)
+            lora = dot(lora_left, u.to(lora_left.dtype), lora, LORA_PRECISION, SOFT_BF16)
     lora = lora * scaling
     if DROPOUT_EPILOGUE:
         lora = tl.where(keep_mask(seed, rows, cols, N, threshold), lora * inv_keep, 0.0)
@@ -240,7 +241,7 @@ def shrink_launch_args(x, d, out, p: float, seed: int):
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r(R)))
     args = (x, d, out, M, K, R, x.stride(0), x.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
             seed, threshold, inv_keep)
-    flags = dict(DROPOUT=p > 0.0, PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype),
+    flags = dict(DROPOUT=p > 0.0, PRECISION=precision(d.dtype), SOFT_BF16=soft_bf16(x.dtype),
                  BLOCK_M=block_m, BLOCK_K=32 if interpreted() else 128, BLOCK_R=block_r(R))
     return _shrink_kernel, grid, args, flags
 
@@ -275,7 +276,8 @@ def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed,
             scaling, seed, threshold, inv_keep)
     flags = dict(HAS_BIAS=bias is not None, SHRINK_IN_LOOP=shrink_in_loop,
                  DROPOUT_SHRINK=shrink_in_loop and p > 0.0, DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
-                 PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype), BLOCK_R=block_r(R))
+                 PRECISION=precision(x.dtype), LORA_PRECISION=precision(u_rn.dtype), SOFT_BF16=soft_bf16(x.dtype),
+                 BLOCK_R=block_r(R))
     return (_fused_gemm_decode if shrink_in_loop else _fused_gemm), grid, args, flags
 
 
@@ -289,20 +291,21 @@ def _weight_grad_tiles() -> tuple[int, int]:
     return (16, 32) if interpreted() else (64, 128)
 
 
-def weight_grad_launch_args(g, x, part, rows_per_split: int, p: float, seed: int):
-    """(kernel, grid, args, flags) of part[s] = g[slice s]ᵀ @ drop?(x)[slice s] for g [M, R], x [M, N]."""
+def weight_grad_launch_args(g, x, part, rows_per_split: int, p: float, seed: int, adapter_dtype=None):
+    """(kernel, grid, args, flags) of part[s] = g[slice s]ᵀ @ drop?(x)[slice s] for g [M, R], x [M, N];
+    the dots' precision is the adapters' (default: x's dtype)."""
     M, R = g.shape
     N = x.shape[1]
     block_m, block_n = _weight_grad_tiles()
     threshold, _ = dropout_args(p)
     grid = (triton.cdiv(N, block_n), part.shape[0], triton.cdiv(R, block_r(R)))
     args = (g, x, part, M, N, R, rows_per_split, g.stride(0), g.stride(1), x.stride(0), x.stride(1), seed, threshold)
-    flags = dict(DROPOUT=p > 0.0, PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype),
+    flags = dict(DROPOUT=p > 0.0, PRECISION=precision(adapter_dtype or x.dtype), SOFT_BF16=soft_bf16(x.dtype),
                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r(R))
     return _weight_grad_kernel, grid, args, flags
 
 
-def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, adapter_dtype: torch.dtype) -> torch.Tensor:
     """gᵀ @ drop?(x) in float32 for g [M, R], x [M, N]: returns [R, N]."""
     M, R = g.shape
     N = x.shape[1]
@@ -318,7 +321,7 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = max(1, triton.cdiv(M, rows_per_split))
     part = torch.empty(splits, R, N, device=x.device, dtype=torch.float32)
-    kernel, grid, args, flags = weight_grad_launch_args(g, x, part, rows_per_split, p, seed)
+    kernel, grid, args, flags = weight_grad_launch_args(g, x, part, rows_per_split, p, seed, adapter_dtype)
     kernel[grid](*args, **flags)
     return part.sum(0)
 
@@ -326,6 +329,8 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch
 def _check_dtype(x: torch.Tensor) -> None:
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the triton backend supports float16, bfloat16 and float32, got {x.dtype}")
+# float32 adapters on a 16-bit x (reference.lora_linear's mixed precision): every LoRA product takes the
+# adapters' dtype and precision (x's tiles are widened in registers, exactly); the base GEMM stays 16-bit.
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int):
@@ -339,14 +344,14 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: in
     M = x.shape[0]
     N, R = weight.shape[0], lora_A.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    xa = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    xa = torch.empty(M, R, device=x.device, dtype=lora_A.dtype)
     if M == 0:
         return y, xa
     if M <= DECODE_MAX_M and R <= RANK_CHUNK:  # the shrink's accumulator holds every rank
         _fused_gemm_launch(x, weight.t(), bias, xa, lora_B.t(), lora_A.t(), y, scaling, p, seed,
                            shrink_in_loop=True, dropout_epilogue=False)
     else:
-        xa = _shrink(x, lora_A.t(), p, seed)
+        xa = _shrink(x, lora_A.t(), p, seed, lora_A.dtype)
         _fused_gemm_launch(x, weight.t(), bias, xa, lora_B.t(), None, y, scaling, p, seed,
                            shrink_in_loop=False, dropout_epilogue=False)
     return y, xa
@@ -362,8 +367,8 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, p: float, s
     _check_dtype(x)
     _, inv_keep = dropout_args(p)
     gb = _shrink(grad_y, lora_B, 0.0, 0, torch.float32)  # dy B   [M, r], float32 (reference.py's order)
-    d_lora_A = (_weight_grad(gb, x, p, seed) * (scaling * inv_keep)).to(x.dtype)
-    d_lora_B = (_weight_grad(xa, grad_y, 0.0, 0) * scaling).t().contiguous().to(x.dtype)
+    d_lora_A = (_weight_grad(gb, x, p, seed, lora_A.dtype) * (scaling * inv_keep)).to(lora_A.dtype)
+    d_lora_B = (_weight_grad(xa, grad_y, 0.0, 0, lora_A.dtype) * scaling).t().contiguous().to(lora_B.dtype)
     if not need_dx:
         return x.new_empty(0), d_lora_A, d_lora_B
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -74,7 +74,7 @@ def _segment_shrink_kernel(
             x = x * keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
         d = tl.load(d_adapter + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                     mask=(ks[:, None] < K) & rank_ok[None, :], other=0.0)
-        acc = dot(x, d.to(x.dtype), acc, PRECISION, SOFT_BF16)
+        acc = dot(x.to(d.dtype), d, acc, PRECISION, SOFT_BF16)  # float32 adapters: x widened, exactly
     acc = acc * inv_keep
     if SCALE:
         acc = acc * tl.load(scalings_ptr + adapter)
@@ -190,8 +190,9 @@ class Groups:
         self.tile_count = (self.seg_start[a] + self.seg_count[a] - self.tile_start).clamp(0, block_m)
 
 
-def _common(x):
-    return dict(PRECISION=precision(x.dtype), SOFT_BF16=soft_bf16(x.dtype))
+def _common(x, adapter_dtype):
+    """The dots run at the adapters' precision (float32 adapters on a 16-bit x: full float32)."""
+    return dict(PRECISION=precision(adapter_dtype), SOFT_BF16=soft_bf16(x.dtype))
 
 
 def shrink_launch_args(x, d, d_strides, out, groups, ranks, scalings, scale: bool, p: float, seed: int, r_max: int):
@@ -202,7 +203,8 @@ def shrink_launch_args(x, d, d_strides, out, groups, ranks, scalings, scale: boo
     args = (x, d, out, groups.order, groups.tile_adapter, groups.tile_start, groups.tile_count, ranks, scalings,
             x.shape[1], ranks.shape[0], x.stride(0), x.stride(1), *d_strides, out.stride(0), out.stride(1),
             seed, threshold, inv_keep)
-    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(x), BLOCK_M=_tile_rows(), BLOCK_K=_block_k(), BLOCK_R=br)
+    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(x, d.dtype), BLOCK_M=_tile_rows(), BLOCK_K=_block_k(),
+                 BLOCK_R=br)
     return _segment_shrink_kernel, grid, args, flags
 
 
@@ -216,14 +218,15 @@ def expand_launch_args(left, u, u_strides, out, groups, ranks, scalings, scale: 
     args = (left, u, out, groups.order, groups.tile_adapter, groups.tile_start, groups.tile_count, ranks, scalings,
             N, ranks.shape[0], left.stride(0), left.stride(1), *u_strides, out.stride(0), out.stride(1),
             seed, threshold, inv_keep)
-    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(out), BLOCK_M=_tile_rows(), BLOCK_N=block_n,
+    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(out, u.dtype), BLOCK_M=_tile_rows(), BLOCK_N=block_n,
                  BLOCK_R=block_r(r_max))
     return _segment_expand_kernel, grid, args, flags
 
 
 def weight_grad_launch_args(p_, q, out, out_strides, groups, ranks, scalings, scale: bool, p: float, seed: int,
-                            r_max: int):
-    """(kernel, grid, args, flags) of out[a, j, n] = (s_a ·) Σ_rows p_[m, j] drop?(q)[m, n]."""
+                            r_max: int, adapter_dtype=None):
+    """(kernel, grid, args, flags) of out[a, j, n] = (s_a ·) Σ_rows p_[m, j] drop?(q)[m, n]; the dots at the
+    adapters' precision (default: q's dtype)."""
     threshold, inv_keep = dropout_args(p)
     N = q.shape[1]
     block_m, block_n = (16, 32) if interpreted() else (64, 128)
@@ -231,7 +234,8 @@ def weight_grad_launch_args(p_, q, out, out_strides, groups, ranks, scalings, sc
     grid = (ranks.shape[0], triton.cdiv(N, block_n), triton.cdiv(r_max, br))
     args = (p_, q, out, groups.order, groups.seg_start, groups.seg_count, ranks, scalings, N,
             p_.stride(0), p_.stride(1), q.stride(0), q.stride(1), *out_strides, seed, threshold, inv_keep)
-    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(q), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=br)
+    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(q, adapter_dtype or q.dtype), BLOCK_M=block_m,
+                 BLOCK_N=block_n, BLOCK_R=br)
     return _segment_weight_grad_kernel, grid, args, flags
 
 
@@ -241,9 +245,9 @@ def _launch(launch_args):
 
 
 def _check_dtypes(x, lora_A):
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or lora_A.dtype != x.dtype:
-        raise TypeError(f"the triton backend runs float16, bfloat16 and float32 with adapters of x's dtype, got "
-                        f"x {x.dtype} and adapters {lora_A.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"the triton backend runs float16, bfloat16 and float32, with adapters of x's dtype or "
+                        f"float32, got x {x.dtype} and adapters {lora_A.dtype}")
 
 
 def _prepare(x, lora_A, scalings, adapter_ids, ranks):
@@ -290,10 +294,10 @@ def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks
         b_strides = (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2))  # d[a, n, j] = B[a, n, j]
         _launch(shrink_launch_args(grad_y, lora_B, b_strides, gb, groups, ranks, scalings, True, 0.0, 0, r_max))
         _launch(weight_grad_launch_args(gb, x, d_lora_A, d_lora_A.stride(), groups, ranks, scalings, False, p, seed,
-                                        r_max))
+                                        r_max, lora_A.dtype))
         db_strides = (d_lora_B.stride(0), d_lora_B.stride(2), d_lora_B.stride(1))  # out[a, j, n] = dB[a, n, j]
         _launch(weight_grad_launch_args(xa, grad_y, d_lora_B, db_strides, groups, ranks, scalings, True, 0.0, 0,
-                                        r_max))
+                                        r_max, lora_A.dtype))
         if need_dx:
             dx = dx.contiguous()
             _launch(expand_launch_args(gb, lora_A, lora_A.stride(), dx, groups, ranks, scalings, False, p, seed,
