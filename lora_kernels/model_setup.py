@@ -216,5 +216,6 @@ def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     params = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
+    share = 100 * trainable / max(total, 1)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
     return trainable, total

@@ -231,7 +231,8 @@ class MultiLoRALinear(nn.Module):
         adapters = ", ".join(f"{n}: slot {s} r={int(self.ranks[s])}" for n, s in self.slots.items())
         return (f"in_features={self.in_features}, out_features={self.out_features}, capacity={self.capacity}, "
                 f"r_max={self.r_max}, lora_dropout={self.lora_dropout}, adapters={{{adapters}}}, "
-                f"active={self.active_adapter!r}" + (f", merged={self.merged_adapter!r}" if self.merged_adapter else ""))
+                f"active={self.active_adapter!r}"
+                + (f", merged={self.merged_adapter!r}" if self.merged_adapter else ""))
 
 
 # -- model level ----------------------------------------------------------------------------------------------

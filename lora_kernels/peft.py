@@ -308,56 +308,59 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     base_config = LoRAConfig(r=int(config.get("r", 8)), lora_alpha=config.get("lora_alpha", 8),
                              lora_dropout=float(config.get("lora_dropout", 0.0)),
                              use_rslora=bool(config.get("use_rslora", False)))
-    new_layers, multi_adds = {}, {}
+    # Every check first, so that an adapter that does not fit leaves the model as it was.
+    state = model.state_dict(keep_vars=True)
+    for key, value in others.items():
+        if key not in state or state[key].shape != value.shape:
+            place = f"no parameter {key!r}" if key not in state else f"its shape is {tuple(state[key].shape)}"
+            raise ValueError(f"{path}: tensor {PREFIX + key!r} {tuple(value.shape)} has no place in the model "
+                             f"({place})")
+    plans = {}
     for name in sorted(names):
+        module = model.get_submodule(name)
         lora_A, lora_B = adapters[name]["A"], adapters[name]["B"]
         r = _pattern_value(config.get("rank_pattern") or {}, name, base_config.r)
-        if lora_A.shape[0] != r or lora_B.shape[-1] != r:
-            raise ValueError(f"{path}: {name}: the config gives r={r}, the file holds lora_A "
-                             f"{tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}")
+        in_features, out_features = _in_out_features(module)
+        if tuple(lora_A.shape) != (r, in_features) or tuple(lora_B.shape) != (out_features, r):
+            raise ValueError(f"{path}: {name}: expected lora_A [{r}, {in_features}] and lora_B [{out_features}, {r}] "
+                             f"(r from the config), the file holds {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, base_config.lora_alpha)
-        layer_config = base_config.replace(r=r, lora_alpha=alpha)
-        module = model.get_submodule(name)
-        if isinstance(module, MultiLoRALinear):
-            if adapter_name in module.slots or r > module.r_max:
-                raise ValueError(f"{path}: {name} (MultiLoRALinear) cannot take adapter {adapter_name!r} of rank {r}: "
-                                 f"{'the name is taken' if adapter_name in module.slots else f'r_max={module.r_max}'}")
-            multi_adds[name] = (module, r, alpha, layer_config.use_rslora)
-        elif isinstance(module, LoRALinear):
+        if isinstance(module, MultiLoRALinear) and (adapter_name in module.slots or r > module.r_max):
+            raise ValueError(f"{path}: {name} (MultiLoRALinear) cannot take adapter {adapter_name!r} of rank {r}: "
+                             f"{'the name is taken' if adapter_name in module.slots else f'r_max={module.r_max}'}")
+        if isinstance(module, LoRALinear):
             _check_adapter_name(module, adapter_name)
-            module.switch_adapter(lora_A, lora_B, lora_alpha=alpha)
-            module.lora_dropout, module.use_rslora = layer_config.lora_dropout, layer_config.use_rslora
-            module.scaling = layer_config.scaling
-        else:
-            new_layers[name] = layer_config
-    if multi_adds:  # one slot for the adapter in every MultiLoRALinear, as lora_kernels.add_adapter does
-        modules = [m for m, *_ in multi_adds.values()]
+        plans[name] = (module, base_config.replace(r=r, lora_alpha=alpha))
+    multi = {name: plan for name, plan in plans.items() if isinstance(plan[0], MultiLoRALinear)}
+    if multi:  # one slot for the adapter in every MultiLoRALinear, as lora_kernels.add_adapter does
+        modules = [module for module, _ in multi.values()]
         used = set().union(*(set(m.slots.values()) for m in modules))
         free = [s for s in range(min(m.capacity for m in modules)) if s not in used]
         if not free:
             raise ValueError(f"{path}: no adapter slot is free in every MultiLoRALinear (capacity reached)")
-        for name, (module, r, alpha, use_rslora) in multi_adds.items():
-            module.add_adapter(adapter_name, r, alpha, use_rslora, lora_A=adapters[name]["A"].to(module.lora_A.dtype),
-                               lora_B=adapters[name]["B"].to(module.lora_B.dtype), slot=free[0])
-    weight_dtypes = {name: model.get_submodule(name).weight.dtype for name in new_layers}
-    for name, layer_config in new_layers.items():
-        stored = adapters[name]["A"].dtype
-        half_base = weight_dtypes[name] in (torch.float16, torch.bfloat16)
-        inject_layers(model, {name: layer_config},
-                      adapter_dtype=torch.float32 if stored == torch.float32 and half_base else None)
-        layer = model.get_submodule(name)
-        with torch.no_grad():
-            layer.lora_A.copy_(adapters[name]["A"])
-            layer.lora_B.copy_(adapters[name]["B"])
-        layer.adapter_name = adapter_name
 
-    saved_modules = [m for m in (config.get("modules_to_save") or [])]
-    state = model.state_dict(keep_vars=True)
-    for key, value in others.items():
-        if key not in state:
-            raise ValueError(f"{path}: tensor {PREFIX + key!r} has no place in the model (no parameter {key!r})")
-        with torch.no_grad():
+    for name, (module, layer_config) in plans.items():
+        A, B = adapters[name]["A"], adapters[name]["B"]
+        if isinstance(module, MultiLoRALinear):
+            module.add_adapter(adapter_name, layer_config.r, layer_config.lora_alpha, layer_config.use_rslora,
+                               lora_A=A.to(module.lora_A.dtype), lora_B=B.to(module.lora_B.dtype), slot=free[0])
+        elif isinstance(module, LoRALinear):
+            module.switch_adapter(A, B, lora_alpha=layer_config.lora_alpha)
+            module.lora_dropout, module.use_rslora = layer_config.lora_dropout, layer_config.use_rslora
+            module.scaling = layer_config.scaling
+        else:
+            half_base = module.weight.dtype in (torch.float16, torch.bfloat16)
+            inject_layers(model, {name: layer_config},
+                          adapter_dtype=torch.float32 if A.dtype == torch.float32 and half_base else None)
+            layer = model.get_submodule(name)
+            with torch.no_grad():
+                layer.lora_A.copy_(A)
+                layer.lora_B.copy_(B)
+            layer.adapter_name = adapter_name
+    with torch.no_grad():
+        for key, value in others.items():
             state[key].copy_(value)
+    saved_modules = config.get("modules_to_save") or []
     if saved_modules:
         kept = sorted({name for name, _ in model.named_modules()
                        if name and any(name == m or name.endswith("." + m) for m in saved_modules)})
@@ -367,6 +370,14 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     else:
         model.requires_grad_(False)
     return model
+
+
+def _in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a layer an adapter can go into."""
+    if isinstance(module, (LoRALinear, MultiLoRALinear)):
+        return module.in_features, module.out_features
+    weight = module.weight
+    return tuple(weight.shape) if is_conv1d(module) else tuple(weight.shape[::-1])
 
 
 def _check_adapter_name(layer: LoRALinear, adapter_name: str) -> None:

@@ -159,16 +159,20 @@ def check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
 
-    cast_to = autocast_dtype(x.device.type)
-    if cast_to is not None:
-        # As nn.Linear under autocast: compute in the autocast dtype; the casts are
-        # differentiable, so float32 parameters still receive float32 gradients.
-        x, weight, lora_A, lora_B = (t.to(cast_to) if t.dtype != torch.float64 else t for t in (x, weight, lora_A, lora_B))
-        if bias is not None and bias.dtype != torch.float64:
-            bias = bias.to(cast_to)
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     check_same_dtype("x", x, weight=weight, bias=bias)
     check_adapter_dtype(x, lora_A, lora_B)
     return x, weight, bias, lora_A, lora_B
+
+
+def _autocast(x, weight, bias, lora_A, lora_B):
+    """As nn.Linear under autocast: every operand in the autocast dtype (float64 ones excepted); the
+    casts are differentiable, so float32 parameters still receive float32 gradients."""
+    cast_to = autocast_dtype(x.device.type)
+    if cast_to is None:
+        return x, weight, bias, lora_A, lora_B
+    return tuple(t.to(cast_to) if t is not None and t.dtype != torch.float64 else t
+                 for t in (x, weight, bias, lora_A, lora_B))
 
 
 def check_adapter_dtype(x: Tensor, lora_A: Tensor, lora_B: Tensor, x_name: str = "x",
@@ -245,7 +249,8 @@ def check_multi_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ran
     if n < 1 or r_max < 1 or lora_A.shape[2] != in_features:
         raise ValueError(f"lora_A must be [n >= 1, r_max >= 1, in_features={in_features}], got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (n, out_features, r_max):
-        raise ValueError(f"lora_B must be [n={n}, out_features={out_features}, r_max={r_max}], got {tuple(lora_B.shape)}")
+        raise ValueError(f"lora_B must be [n={n}, out_features={out_features}, r_max={r_max}], "
+                         f"got {tuple(lora_B.shape)}")
     if bias is not None and bias.shape[0] != out_features:
         raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
     check_same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
@@ -265,7 +270,8 @@ def check_multi_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ran
         raise ValueError(f"scalings must be finite, got {scalings.tolist()}")
 
     if not isinstance(adapter_ids, Tensor) or adapter_ids.is_floating_point() or adapter_ids.dtype == torch.bool:
-        raise TypeError(f"adapter_ids must be an integer tensor, got {getattr(adapter_ids, 'dtype', type(adapter_ids))}")
+        got = getattr(adapter_ids, "dtype", type(adapter_ids).__name__)
+        raise TypeError(f"adapter_ids must be an integer tensor, got {got}")
     rows = tuple(x.shape[:-1])
     if tuple(adapter_ids.shape) == rows:
         pass
@@ -288,11 +294,7 @@ def check_multi_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ran
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
 
-    cast_to = autocast_dtype(x.device.type)
-    if cast_to is not None:
-        x, weight, lora_A, lora_B = (t.to(cast_to) if t.dtype != torch.float64 else t for t in (x, weight, lora_A, lora_B))
-        if bias is not None and bias.dtype != torch.float64:
-            bias = bias.to(cast_to)
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     check_same_dtype("x", x, weight=weight, bias=bias)
     check_adapter_dtype(x, lora_A, lora_B)
     return x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks

@@ -308,3 +308,19 @@ def test_named_peft_adapters_into_multi_lora_layers_and_back(tmp_path):
     lk.set_adapter(model, "b")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(BATCH).logits, model(BATCH).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_that_does_not_fit_leaves_the_model_as_it_was(tmp_path):
+    _peft_adapter(tmp_path, _llama, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if "layers.1.self_attn.v_proj.lora_A" in k)
+    tensors[key] = tensors[key][:, :16].contiguous()  # the last layer's lora_A too narrow
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = _llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="v_proj: expected lora_A"):
+        load_peft_adapter(model, tmp_path)
+    assert not list(lk.lora_layers(model))  # nothing injected
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -154,7 +154,8 @@ def _segment_weight_grad_kernel(
     acc = acc * inv_keep
     if SCALE:
         acc = acc * tl.load(scalings_ptr + adapter)
-    out = out_ptr + adapter.to(tl.int64) * stride_oa + ranks[:, None] * stride_or + cols.to(tl.int64)[None, :] * stride_on
+    out = (out_ptr + adapter.to(tl.int64) * stride_oa + ranks[:, None] * stride_or
+           + cols.to(tl.int64)[None, :] * stride_on)
     tl.store(out, acc, mask=rank_ok[:, None] & col_ok[None, :])
 
 
