@@ -151,15 +151,16 @@ def _mixed_variants(lin, multi, e, dtype, M, N, K, r=16, n=32):
                                                                      torch.float32))]
     groups = multi.Groups(torch.randint(-1, n, (M,)), n, multi._tile_rows())
     ranks, scalings = torch.full((n,), r), torch.ones(n)
+    dropout = multi._dropout_tensors(torch.full((n,), 0.1, dtype=torch.float64), "cpu")
     stacked_A, stacked_B = f32(n, r, K), f32(n, N, r)
     a_t = (stacked_A.stride(0), stacked_A.stride(2), stacked_A.stride(1))
     b_t = (stacked_B.stride(0), stacked_B.stride(2), stacked_B.stride(1))
     launches += [("mixed multi shrink xa", multi.shrink_launch_args(x, stacked_A, a_t, xa, groups, ranks, scalings,
-                                                                    False, 0.1, 7, r)),
+                                                                    False, dropout, 7, r)),
                  ("mixed multi expand y", multi.expand_launch_args(xa, stacked_B, b_t, e(M, N), groups, ranks,
-                                                                   scalings, True, 0.0, 0, r)),
+                                                                   scalings, True, None, 0, r)),
                  ("mixed multi weight grad dA", multi.weight_grad_launch_args(
-                     gb, x, f32(n, r, K), (r * K, K, 1), groups, ranks, scalings, False, 0.1, 7, r, torch.float32))]
+                     gb, x, f32(n, r, K), (r * K, K, 1), groups, ranks, scalings, False, dropout, 7, r, torch.float32))]
     for name, (kernel, _, args, flags) in launches:
         if hasattr(kernel, "configs"):
             from lora_kernels.ops.triton_common import fitting_configs
@@ -177,6 +178,7 @@ def _multi_variants(multi, e, dtype, M, N, K, n=32):
 
     groups = multi.Groups(torch.randint(-1, n, (M,)), n, multi._tile_rows())
     scalings, x, grad_y = torch.ones(n), e(M, K), e(M, N)
+    dropouts = {0.0: None, 0.1: multi._dropout_tensors(torch.full((n,), 0.1, dtype=torch.float64), "cpu")}
     for r in (16, 64):
         ranks = torch.full((n,), r)
         lora_A, lora_B, xa = e(n, r, K), e(n, N, r), e(M, r)
@@ -185,19 +187,21 @@ def _multi_variants(multi, e, dtype, M, N, K, n=32):
         b_t = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
         d_A, d_B = e(n, r, K, dt=torch.float32), e(n, N, r, dt=torch.float32)
         launches = [("multi expand y", multi.expand_launch_args(xa, lora_B, b_t, e(M, N), groups, ranks, scalings,
-                                                                 True, 0.0, 0, r)),
+                                                                 True, None, 0, r)),
                     ("multi shrink gb", multi.shrink_launch_args(grad_y, lora_B, lora_B.stride(), gb, groups, ranks,
-                                                                 scalings, True, 0.0, 0, r)),
+                                                                 scalings, True, None, 0, r)),
                     ("multi weight grad dB", multi.weight_grad_launch_args(
                         xa, grad_y, d_B, (d_B.stride(0), d_B.stride(2), d_B.stride(1)), groups, ranks, scalings,
-                        True, 0.0, 0, r))]
+                        True, None, 0, r))]
         for p in (0.0, 0.1):
             launches += [(f"multi shrink xa p={p}", multi.shrink_launch_args(x, lora_A, a_t, xa, groups, ranks,
-                                                                             scalings, False, p, 7, r)),
+                                                                             scalings, False, dropouts[p], 7,
+                                                                             r)),
                          (f"multi weight grad dA p={p}", multi.weight_grad_launch_args(
-                             gb, x, d_A, d_A.stride(), groups, ranks, scalings, False, p, 7, r)),
+                             gb, x, d_A, d_A.stride(), groups, ranks, scalings, False, dropouts[p], 7, r)),
                          (f"multi expand dx p={p}", multi.expand_launch_args(gb, lora_A, lora_A.stride(), e(M, K),
-                                                                             groups, ranks, scalings, False, p, 7, r))]
+                                                                             groups, ranks, scalings, False,
+                                                                             dropouts[p], 7, r))]
         for name, (kernel, _, args, flags) in launches:
             yield name, kernel, [None], args, flags, dtype, flags["BLOCK_R"], None
 

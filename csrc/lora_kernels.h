@@ -34,16 +34,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx);
 
 // ---- many adapters in one batch (lora_linear_multi.cpp): lora_A [n, r_max, in], lora_B [n, out, r_max],
-// scalings [n], adapter_ids [M] in [-1, n), ranks [n] in [1, r_max] (or none: all r_max)
+// scalings [n], adapter_ids [M] in [-1, n), ranks [n] in [1, r_max] (or none: all r_max), dropouts [n]
+// (each adapter's dropout probability; a float64 CPU tensor)
 std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                      const OptionalTensor& bias, const at::Tensor& lora_A,
                                                      const at::Tensor& lora_B, const at::Tensor& scalings,
                                                      const at::Tensor& adapter_ids, const OptionalTensor& ranks,
-                                                     double dropout_p, int64_t seed);
+                                                     const at::Tensor& dropouts, int64_t seed);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
-    const OptionalTensor& ranks, double dropout_p, int64_t seed, bool need_dx);
+    const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed, bool need_dx);
 
 // ---- dropout masks: rows row0 .. row0+rows-1 of the [M, cols] mask (philox.h) as float32
 // on the device of `options`: 1/(1-p) where kept, 0 where dropped.
@@ -68,11 +69,11 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(const at::Tensor& x, const
                                                       const OptionalTensor& bias, const at::Tensor& lora_A,
                                                       const at::Tensor& lora_B, const at::Tensor& scalings,
                                                       const at::Tensor& adapter_ids, const OptionalTensor& ranks,
-                                                      double dropout_p, int64_t seed);
+                                                      const at::Tensor& dropouts, int64_t seed);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
-    const OptionalTensor& ranks, double dropout_p, int64_t seed, bool need_dx);
+    const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed, bool need_dx);
 std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                       const OptionalTensor& bias, const at::Tensor& lora_A,
                                                       const at::Tensor& lora_B, double scaling, double dropout_p,

@@ -17,6 +17,8 @@
 // - scattered rows: x is copied once in grouped order (dropped, when dropout is on, with
 //   lora_linear's mask regenerated in row blocks), the LoRA terms are formed in that order
 //   and added to y with one scatter.
+// Each adapter has its own dropout probability (dropouts [n]): row m of adapter a is dropped
+// by lora_linear's rule with p_a, so a batch on one adapter is lora_linear exactly.
 // Rounding follows reference.lora_linear_multi, which follows lora_linear.
 #include "fused_common.h"
 
@@ -38,6 +40,8 @@ struct Grouping {
   bool grouped = true;             // every adapter's rows are one range of the batch's rows
   std::vector<int64_t> ranks;
   std::vector<double> scalings;
+  std::vector<double> dropouts;   // per adapter
+  std::vector<int64_t> host_ids;  // the batch's ids, on the host
   at::Tensor order, position;
 
   int64_t begin(int64_t a) const { return offsets[a + 1]; }
@@ -47,7 +51,7 @@ struct Grouping {
 
 void check_multi_args(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias,
                       const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scalings,
-                      const at::Tensor& ids, const OptionalTensor& ranks, double dropout_p) {
+                      const at::Tensor& ids, const OptionalTensor& ranks, const at::Tensor& dropouts) {
   LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
   LK_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "weight must be [out, ", x.size(1), "], got ",
            weight.sizes());
@@ -78,11 +82,14 @@ void check_multi_args(const at::Tensor& x, const at::Tensor& weight, const Optio
     LK_CHECK(ranks->dim() == 1 && ranks->size(0) == n && !ranks->is_floating_point(),
              "ranks must be an integer tensor [", n, "], got ", ranks->sizes());
   }
-  LK_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  LK_CHECK(dropouts.dim() == 1 && dropouts.size(0) == n && dropouts.is_floating_point() &&
+               dropouts.device().is_cpu(),
+           "dropouts must be a float CPU tensor [", n, "] (one probability per adapter), got ", dropouts.sizes(),
+           " on ", dropouts.device());
 }
 
-Grouping group_rows(const at::Tensor& ids, const at::Tensor& scalings, const OptionalTensor& ranks, int64_t n,
-                    int64_t r_max) {
+Grouping group_rows(const at::Tensor& ids, const at::Tensor& scalings, const OptionalTensor& ranks,
+                    const at::Tensor& dropouts, int64_t n, int64_t r_max) {
   const at::Tensor host_ids = ids.to(at::kCPU, at::kLong).contiguous();
   const int64_t M = host_ids.size(0);
   const int64_t* id = host_ids.data_ptr<int64_t>();
@@ -110,6 +117,13 @@ Grouping group_rows(const at::Tensor& ids, const at::Tensor& scalings, const Opt
   }
   g.order = order.to(ids.device());
   g.position = position.to(ids.device());
+  g.host_ids.assign(id, id + M);
+  const at::Tensor host_dropouts = dropouts.to(at::kDouble).contiguous();
+  g.dropouts.assign(host_dropouts.data_ptr<double>(), host_dropouts.data_ptr<double>() + n);
+  for (int64_t a = 0; a < n; ++a) {
+    LK_CHECK(g.dropouts[a] >= 0.0 && g.dropouts[a] < 1.0, "dropout probabilities must be in [0, 1), got ",
+             g.dropouts[a], " for adapter ", a);
+  }
   const at::Tensor host_scalings = scalings.to(at::kCPU, at::kDouble).contiguous();
   g.scalings.assign(host_scalings.data_ptr<double>(), host_scalings.data_ptr<double>() + n);
   if (ranks.has_value()) {
@@ -142,19 +156,59 @@ at::Tensor workspace(WorkspaceSlot slot, at::IntArrayRef sizes, const at::Tensor
   return buffer.narrow(0, 0, numel).view(sizes);
 }
 
+// The dropout mask of rows m0 .. m0+rows-1 of x, each row with its adapter's probability (rows of -1 and
+// of adapters without dropout: ones), or an undefined tensor when no row of the block is dropped. One
+// generator pass per distinct probability in the block: with one lora_dropout for all adapters, one.
+at::Tensor block_mask(const DeviceParts& device, const at::Tensor& x, const Grouping& g, int64_t m0, int64_t rows,
+                      int64_t seed) {
+  std::vector<double> ps;
+  bool some_kept_whole = false;  // a row whose adapter has no dropout
+  for (int64_t m = m0; m < m0 + rows; ++m) {
+    if (g.host_ids[m] < 0) continue;
+    const double p = g.dropouts[g.host_ids[m]];
+    if (p == 0.0) {
+      some_kept_whole = true;
+    } else if (std::find(ps.begin(), ps.end(), p) == ps.end()) {
+      ps.push_back(p);
+    }
+  }
+  if (ps.empty()) return at::Tensor();
+  if (ps.size() == 1 && !some_kept_whole) return device.mask_rows(x, m0, rows, ps[0], seed);
+  at::Tensor mask;
+  for (const double p : ps) {
+    const at::Tensor mask_p = device.mask_rows(x, m0, rows, p, seed);
+    if (!mask.defined()) mask = at::ones_like(mask_p);
+    std::vector<int64_t> local;
+    for (int64_t m = m0; m < m0 + rows; ++m) {
+      if (g.host_ids[m] >= 0 && g.dropouts[g.host_ids[m]] == p) local.push_back(m - m0);
+    }
+    const at::Tensor index = at::tensor(local, at::kLong).to(x.device());
+    mask.index_copy_(0, index, mask_p.index_select(0, index));
+  }
+  return mask;
+}
+
+bool any_dropout(const Grouping& g) {
+  for (int64_t a = 0; a < g.adapters(); ++a) {
+    if (g.count(a) > 0 && g.dropouts[a] != 0.0) return true;
+  }
+  return false;
+}
+
 // x's rows in grouped order, dropped when dropout is on, in `dtype`: the one [M, in] copy.
-at::Tensor grouped_x(const DeviceParts& device, const at::Tensor& x, const Grouping& g, double p, int64_t seed,
+at::Tensor grouped_x(const DeviceParts& device, const at::Tensor& x, const Grouping& g, int64_t seed,
                      at::ScalarType dtype) {
   at::Tensor out = workspace(kGroupedX, x.sizes(), x.options().dtype(dtype));
-  if (p == 0.0) {
+  if (!any_dropout(g)) {
     if (dtype == x.scalar_type()) return at::index_select_out(out, x, 0, g.order);
     return out.copy_(x.index_select(0, g.order));
   }
   const int64_t M = x.size(0), block = device.block_rows(x.size(1));
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
-    const at::Tensor dropped = x.narrow(0, m0, rows).mul(device.mask_rows(x, m0, rows, p, seed)).to(dtype);
-    out.index_copy_(0, g.position.narrow(0, m0, rows), dropped);
+    const at::Tensor mask = block_mask(device, x, g, m0, rows, seed);
+    at::Tensor x_rows = x.narrow(0, m0, rows);
+    out.index_copy_(0, g.position.narrow(0, m0, rows), (mask.defined() ? x_rows.mul(mask) : x_rows).to(dtype));
   }
   return out;
 }
@@ -178,10 +232,10 @@ std::tuple<at::Tensor, at::Tensor> multi_forward(const DeviceParts& device, cons
                                                  const at::Tensor& weight, const OptionalTensor& bias,
                                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                  const at::Tensor& scalings, const at::Tensor& ids,
-                                                 const OptionalTensor& ranks, double dropout_p, int64_t seed) {
-  check_multi_args(x, weight, bias, lora_A, lora_B, scalings, ids, ranks, dropout_p);
+                                                 const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed) {
+  check_multi_args(x, weight, bias, lora_A, lora_B, scalings, ids, ranks, dropouts);
   const int64_t M = x.size(0), n = lora_A.size(0), r_max = lora_A.size(1);
-  const Grouping g = group_rows(ids, scalings, ranks, n, r_max);
+  const Grouping g = group_rows(ids, scalings, ranks, dropouts, n, r_max);
   at::Tensor y = fused::base_forward(x, weight, bias);
   at::Tensor xa = at::zeros({M, r_max}, lora_A.options());
   if (g.count(-1) == M) return {y, xa};
@@ -191,14 +245,14 @@ std::tuple<at::Tensor, at::Tensor> multi_forward(const DeviceParts& device, cons
       if (count == 0) continue;
       fused::add_lora_forward(device, x.narrow(0, row0, count), y.narrow(0, row0, count),
                               xa.narrow(0, row0, count).narrow(1, 0, r), lora_A[a].narrow(0, 0, r),
-                              lora_B[a].narrow(1, 0, r), g.scalings[a], dropout_p, seed, row0);
+                              lora_B[a].narrow(1, 0, r), g.scalings[a], g.dropouts[a], seed, row0);
     }
     return {y, xa};
   }
   // Scattered rows: the LoRA terms in grouped order (one [M, out] buffer in the accumulation
   // dtype), then added to y's rows with one rounding.
   const auto acc = accumulation(x);
-  const at::Tensor xs = grouped_x(device, x, g, dropout_p, seed, lora_A.scalar_type());
+  const at::Tensor xs = grouped_x(device, x, g, seed, lora_A.scalar_type());
   at::Tensor lora = workspace(kGroupedTerm, {M, y.size(1)}, y.options().dtype(acc));
   lora.narrow(0, 0, g.count(-1)).zero_();
   for (int64_t a = 0; a < n; ++a) {
@@ -216,8 +270,8 @@ std::tuple<at::Tensor, at::Tensor> multi_forward(const DeviceParts& device, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward(
     const DeviceParts& device, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings,
-    const at::Tensor& ids, const OptionalTensor& ranks, double dropout_p, int64_t seed, bool need_dx) {
-  check_multi_args(x, weight, c10::nullopt, lora_A, lora_B, scalings, ids, ranks, dropout_p);
+    const at::Tensor& ids, const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed, bool need_dx) {
+  check_multi_args(x, weight, c10::nullopt, lora_A, lora_B, scalings, ids, ranks, dropouts);
   const int64_t M = x.size(0), n = lora_A.size(0), r_max = lora_A.size(1);
   LK_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == weight.size(0), "grad_y must be [", M,
            ", ", weight.size(0), "], got ", grad_y.sizes());
@@ -225,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward(
            xa.sizes());
   fused::check_same(grad_y, "grad_y", x);
   fused::check_same(xa, "xa", lora_A, "lora_A");
-  const Grouping g = group_rows(ids, scalings, ranks, n, r_max);
+  const Grouping g = group_rows(ids, scalings, ranks, dropouts, n, r_max);
   if (g.grouped) {
     at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::Tensor();
     at::Tensor dA = at::zeros_like(lora_A), dB = at::zeros_like(lora_B);
@@ -234,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward(
       if (count == 0) continue;
       auto [dA_a, dB_a] = fused::lora_backward(device, grad_y.narrow(0, row0, count), x.narrow(0, row0, count),
                                                lora_A[a].narrow(0, 0, r), lora_B[a].narrow(1, 0, r),
-                                               xa.narrow(0, row0, count).narrow(1, 0, r), g.scalings[a], dropout_p,
+                                               xa.narrow(0, row0, count).narrow(1, 0, r), g.scalings[a], g.dropouts[a],
                                                seed, row0, need_dx ? dx.narrow(0, row0, count) : at::Tensor());
       dA[a].narrow(0, 0, r).copy_(dA_a);
       dB[a].narrow(1, 0, r).copy_(dB_a);
@@ -248,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward(
   at::Tensor dA = at::zeros(lora_A.sizes(), lora_A.options().dtype(acc));
   at::Tensor dB = at::zeros(lora_B.sizes(), lora_B.options().dtype(acc));
   if (g.count(-1) == M) return {dx, dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type())};
-  const at::Tensor xs = grouped_x(device, x, g, dropout_p, seed, acc);
+  const at::Tensor xs = grouped_x(device, x, g, seed, acc);
   at::Tensor dys = workspace(kGroupedGradY, grad_y.sizes(), grad_y.options());
   at::index_select_out(dys, grad_y, 0, g.order);
   const at::Tensor xas = xa.index_select(0, g.order);
@@ -270,14 +324,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward(
     at::Tensor dx_lora_a = dx_lora.narrow(0, g.begin(a), count);
     at::mm_out(dx_lora_a, gb, lora_A[a].narrow(0, 0, r).to(acc));
   }
-  if (need_dx && dropout_p == 0.0) {
+  if (need_dx && !any_dropout(g)) {
     add_grouped_(dx, g, dx_lora);
   } else if (need_dx) {
     const int64_t block = device.block_rows(x.size(1));
     for (int64_t m0 = 0; m0 < M; m0 += block) {
       const int64_t rows = std::min(block, M - m0);
-      const at::Tensor lora = dx_lora.index_select(0, g.position.narrow(0, m0, rows))
-                                  .mul_(device.mask_rows(x, m0, rows, dropout_p, seed));
+      at::Tensor lora = dx_lora.index_select(0, g.position.narrow(0, m0, rows));
+      const at::Tensor mask = block_mask(device, x, g, m0, rows, seed);
+      if (mask.defined()) lora.mul_(mask);
       at::Tensor dx_rows = dx.narrow(0, m0, rows);
       dx_rows.copy_(dx_rows.to(acc).add_(lora));  // one rounding into dx's dtype
     }
@@ -291,15 +346,15 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(const at::Tensor& x, const 
                                                      const OptionalTensor& bias, const at::Tensor& lora_A,
                                                      const at::Tensor& lora_B, const at::Tensor& scalings,
                                                      const at::Tensor& adapter_ids, const OptionalTensor& ranks,
-                                                     double dropout_p, int64_t seed) {
-  return multi_forward(fused::kCpu, x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p, seed);
+                                                     const at::Tensor& dropouts, int64_t seed) {
+  return multi_forward(fused::kCpu, x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
-    const OptionalTensor& ranks, double dropout_p, int64_t seed, bool need_dx) {
-  return multi_backward(fused::kCpu, grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropout_p,
+    const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed, bool need_dx) {
+  return multi_backward(fused::kCpu, grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts,
                         seed, need_dx);
 }
 
@@ -308,17 +363,17 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(const at::Tensor& x, const
                                                       const OptionalTensor& bias, const at::Tensor& lora_A,
                                                       const at::Tensor& lora_B, const at::Tensor& scalings,
                                                       const at::Tensor& adapter_ids, const OptionalTensor& ranks,
-                                                      double dropout_p, int64_t seed) {
-  return multi_forward(fused::kCuda, x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p,
+                                                      const at::Tensor& dropouts, int64_t seed) {
+  return multi_forward(fused::kCuda, x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts,
                        seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
-    const OptionalTensor& ranks, double dropout_p, int64_t seed, bool need_dx) {
+    const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed, bool need_dx) {
   return multi_backward(fused::kCuda, grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks,
-                        dropout_p, seed, need_dx);
+                        dropouts, seed, need_dx);
 }
 #endif
 

@@ -15,9 +15,9 @@ TORCH_LIBRARY(lora_kernels, m) {
         "Tensor xa, float scaling, float dropout_p, int seed, bool need_dx) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("multi_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor scalings, "
-        "Tensor adapter_ids, Tensor? ranks, float dropout_p, int seed) -> (Tensor, Tensor)");
+        "Tensor adapter_ids, Tensor? ranks, Tensor dropouts, int seed) -> (Tensor, Tensor)");
   m.def("multi_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
-        "Tensor scalings, Tensor adapter_ids, Tensor? ranks, float dropout_p, int seed, bool need_dx) "
+        "Tensor scalings, Tensor adapter_ids, Tensor? ranks, Tensor dropouts, int seed, bool need_dx) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("merge_kernel_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, "
         "Tensor? sub_A, Tensor? sub_B, float sub_scaling) -> ()");

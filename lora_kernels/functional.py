@@ -77,7 +77,7 @@ def lora_linear_multi(
     scalings,
     adapter_ids: Tensor,
     ranks: Tensor | None = None,
-    dropout_p: float = 0.0,
+    dropout_p: float | Tensor = 0.0,
     training: bool = False,
 ) -> Tensor:
     """Many adapters in one batch: row m gets adapter adapter_ids[m]'s LoRA term (none for -1).
@@ -86,15 +86,22 @@ def lora_linear_multi(
     scalings [n] (a tensor, so that new alphas do not recompile under torch.compile; a list of
     numbers is accepted), adapter_ids: an integer tensor with one id per row of x (x.shape[:-1]) or,
     for x [batch, seq, in], one per sequence ([batch]); ranks [n] (adapter a uses only its first
-    ranks[a] ranks: no padded flops) or None. Returns [..., out]. Differentiable in x, lora_A, lora_B,
-    bias (and weight); adapters with no rows get zero gradients. Dropout as lora_linear (same mask
-    for the same seed). reference.lora_linear_multi is the spec.
+    ranks[a] ranks: no padded flops) or None; dropout_p: one probability, or one per adapter (a float
+    tensor [n]), applied only when training, by lora_linear's rule (a batch on one adapter gets
+    lora_linear's mask for the same seed). Returns [..., out]. Differentiable in x, lora_A, lora_B,
+    bias (and weight); adapters with no rows get zero gradients. reference.lora_linear_multi is the spec.
     """
-    x, weight, bias, lora_A, lora_B, scalings, ids, ranks = validation.check_multi_args(
+    x, weight, bias, lora_A, lora_B, scalings, ids, ranks, dropouts = validation.check_multi_args(
         x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p)
-    seed = draw_seed() if training and dropout_p > 0.0 else None
+    # a seed whenever some adapter drops (under torch.compile, whenever training: reading a tensor's
+    # values would break the graph, and a seed with nothing to drop costs nothing)
+    if isinstance(dropout_p, (int, float)):
+        some_dropout = dropout_p > 0.0
+    else:
+        some_dropout = torch.compiler.is_compiling() or bool(dropouts.any())
+    seed = draw_seed() if training and some_dropout else None
     x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
-    y, _ = lora_linear_multi_op(x2d, weight, bias, lora_A, lora_B, scalings, ids, ranks, float(dropout_p), seed)
+    y, _ = lora_linear_multi_op(x2d, weight, bias, lora_A, lora_B, scalings, ids, ranks, dropouts, seed)
     if x.dim() == 2:
         return y
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))

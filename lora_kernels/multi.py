@@ -44,7 +44,8 @@ class MultiLoRALinear(nn.Module):
     """y[m] = x[m] W0ᵀ + b + s_a · B_a A_a drop(x[m]) with a the adapter of row m (none: the base layer).
 
     Parameters: weight [out, in] (frozen), bias [out], lora_A [capacity, r_max, in], lora_B [capacity,
-    out, r_max]; buffers scalings [capacity] (float64), ranks [capacity] (int64). Adapters are named;
+    out, r_max]; buffers scalings [capacity] (float64), ranks [capacity] (int64). Each adapter has its
+    own rank, alpha, rsLoRA flag and dropout (lora_dropout: the default for new adapters). Adapters are named;
     `set_adapter(name)` picks the one used when a call names none. `merge(name)` folds one adapter
     into the weight for a batch served by that adapter alone.
     """
@@ -82,8 +83,11 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(capacity, self.out_features, r_max, **factory))
         self.register_buffer("scalings", torch.zeros(capacity, dtype=torch.float64))
         self.register_buffer("ranks", torch.ones(capacity, dtype=torch.int64))
+        # each slot's dropout probability: a CPU tensor (not a buffer: .to(device) leaves it here), read by
+        # the kernels on the host, updated in place so that torch.compile sees the same input
+        self.__dict__["dropouts"] = torch.zeros(capacity, dtype=torch.float64)
         self.slots: dict[str, int] = {}  # adapter name -> slot
-        self.alphas: dict[str, tuple[float, bool]] = {}  # name -> (lora_alpha, use_rslora)
+        self.alphas: dict[str, tuple[float, bool, float]] = {}  # name -> (lora_alpha, use_rslora, lora_dropout)
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.adapter_disabled = False
@@ -93,17 +97,20 @@ class MultiLoRALinear(nn.Module):
 
     @torch.no_grad()
     def add_adapter(self, name: str, r: int, lora_alpha: float | None = None, use_rslora: bool = False,
-                    lora_A: Tensor | None = None, lora_B: Tensor | None = None, slot: int | None = None) -> int:
+                    lora_A: Tensor | None = None, lora_B: Tensor | None = None, slot: int | None = None,
+                    lora_dropout: float | None = None) -> int:
         """Put adapter `name` (rank r <= r_max) into a free slot (or `slot`) and return the slot.
 
         Without lora_A [r, in] / lora_B [out, r] it is initialised as LoRALinear does (A kaiming-uniform,
-        B zeros: the base layer's output). The first adapter added becomes the active one.
+        B zeros: the base layer's output). lora_dropout: this adapter's (default: the layer's). The
+        first adapter added becomes the active one.
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty str, got {name!r}")
         if name in self.slots:
             raise ValueError(f"adapter {name!r} exists already (remove_adapter first)")
-        config = LoRAConfig(r=r, lora_alpha=8 if lora_alpha is None else lora_alpha, use_rslora=use_rslora)
+        config = LoRAConfig(r=r, lora_alpha=8 if lora_alpha is None else lora_alpha, use_rslora=use_rslora,
+                            lora_dropout=self.lora_dropout if lora_dropout is None else lora_dropout)
         if r > self.r_max:
             raise ValueError(f"r must be <= r_max={self.r_max}, got {r}")
         used = set(self.slots.values())
@@ -128,8 +135,9 @@ class MultiLoRALinear(nn.Module):
             self.lora_B[slot, :, :r] = lora_B
         self.scalings[slot] = config.scaling
         self.ranks[slot] = r
+        self.dropouts[slot] = config.lora_dropout
         self.slots[name] = slot
-        self.alphas[name] = (config.lora_alpha, use_rslora)
+        self.alphas[name] = (config.lora_alpha, use_rslora, float(config.lora_dropout))
         if self.active_adapter is None:
             self.active_adapter = name
         return slot
@@ -143,6 +151,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.scalings[slot] = 0.0
+        self.dropouts[slot] = 0.0
         del self.slots[name], self.alphas[name]
         if self.active_adapter == name:
             self.active_adapter = None
@@ -191,7 +200,7 @@ class MultiLoRALinear(nn.Module):
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged into the weight: a batch that names "
                                "adapters needs the unmerged weight (unmerge() first)")
         return lora_linear_multi(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scalings, adapter_ids,
-                                 self.ranks, self.lora_dropout, self.training)
+                                 self.ranks, self.dropouts, self.training)
 
     # -- merging ------------------------------------------------------------
 
@@ -224,8 +233,11 @@ class MultiLoRALinear(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         if self.merged_adapter is not None:
             raise RuntimeError("load_state_dict into a layer with a merged adapter: unmerge() first")
-        self.slots, self.alphas = dict(state["slots"]), dict(state["alphas"])
+        self.slots, self.alphas = dict(state["slots"]), {n: tuple(v) for n, v in state["alphas"].items()}
         self.active_adapter = state["active_adapter"]
+        self.dropouts.zero_()
+        for name, slot in self.slots.items():
+            self.dropouts[slot] = self.alphas[name][2]
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: slot {s} r={int(self.ranks[s])}" for n, s in self.slots.items())
@@ -264,7 +276,7 @@ def _layers(model: nn.Module) -> list[MultiLoRALinear]:
 
 
 def add_adapter(model: nn.Module, name: str, r: int, lora_alpha: float | None = None,
-                use_rslora: bool = False) -> int:
+                use_rslora: bool = False, lora_dropout: float | None = None) -> int:
     """Add adapter `name` to every MultiLoRALinear of the model, in the same slot everywhere; returns it."""
     layers = _layers(model)
     used = set().union(*(set(layer.slots.values()) for layer in layers))
@@ -272,7 +284,7 @@ def add_adapter(model: nn.Module, name: str, r: int, lora_alpha: float | None = 
     if not free:
         raise ValueError(f"no slot is free in every layer (capacity={layers[0].capacity})")
     for layer in layers:
-        layer.add_adapter(name, r, lora_alpha, use_rslora, slot=free[0])
+        layer.add_adapter(name, r, lora_alpha, use_rslora, slot=free[0], lora_dropout=lora_dropout)
     return free[0]
 
 

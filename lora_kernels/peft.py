@@ -125,8 +125,9 @@ def _fused_peft_forward(self, x, *args, **kwargs):
 
 
 def _fused_mixed_batch(layer, x, weight, bias, names):
-    """PEFT's mixed batch (one adapter name per sample; "__base__": none) through lora_linear_multi, or None
-    when PEFT's own path must serve it (a variant, unequal dropouts, names that do not match the batch).
+    """PEFT's mixed batch (one adapter name per sample; "__base__": none) through lora_linear_multi (each adapter
+    with its own lora_dropout), or None when PEFT's own path must serve it (a variant, names that do not
+    match the batch).
 
     The adapters in the batch are stacked (padded to the largest rank) at every call: n·r·(in + out)
     elements, small next to the layer; the stack is differentiable, so each adapter gets its gradient."""
@@ -135,9 +136,6 @@ def _fused_mixed_batch(layer, x, weight, bias, names):
     used = [n for n in dict.fromkeys(names) if n != BASE_ONLY and n in layer.lora_A]
     if not used or not all(_is_plain(layer, n) for n in used):
         return None if used else F.linear(x, weight, bias)
-    dropouts = {_dropout_p(layer, n) for n in used}
-    if len(dropouts) > 1:
-        return None
     ranks = [layer.lora_A[n].weight.shape[0] for n in used]
     r_max = max(ranks)
     lora_A = torch.stack([F.pad(layer.lora_A[n].weight, (0, 0, 0, r_max - r)) for n, r in zip(used, ranks)])
@@ -145,9 +143,9 @@ def _fused_mixed_batch(layer, x, weight, bias, names):
     slot = {n: i for i, n in enumerate(used)}
     ids = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int64, device=x.device)
     scalings = torch.tensor([float(layer.scaling[n]) for n in used], dtype=torch.float64)
+    dropouts = torch.tensor([_dropout_p(layer, n) for n in used], dtype=torch.float64)
     training = layer.lora_dropout[used[0]].training
-    return lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, ids, torch.tensor(ranks), dropouts.pop(),
-                             training)
+    return lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, ids, torch.tensor(ranks), dropouts, training)
 
 
 @contextlib.contextmanager
@@ -273,7 +271,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     naming the keys. is_trainable=False (PEFT's default) leaves every parameter frozen; True trains
     the adapter and modules_to_save. adapter_name labels the adapter: LoRALinear holds one (loading
     another name into it is an error), a MultiLoRALinear at a targeted layer takes it as a new named
-    adapter, in the same slot in every layer (its own lora_dropout stays).
+    adapter (with its lora_dropout), in the same slot in every layer.
     """
     path = os.fspath(path)
     config = _read_config(path)
@@ -343,7 +341,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
         A, B = adapters[name]["A"], adapters[name]["B"]
         if isinstance(module, MultiLoRALinear):
             module.add_adapter(adapter_name, layer_config.r, layer_config.lora_alpha, layer_config.use_rslora,
-                               lora_A=A.to(module.lora_A.dtype), lora_B=B.to(module.lora_B.dtype), slot=free[0])
+                               lora_A=A.to(module.lora_A.dtype), lora_B=B.to(module.lora_B.dtype), slot=free[0],
+                               lora_dropout=layer_config.lora_dropout)
         elif isinstance(module, LoRALinear):
             module.switch_adapter(A, B, lora_alpha=layer_config.lora_alpha)
             module.lora_dropout, module.use_rslora = layer_config.lora_dropout, layer_config.use_rslora
@@ -416,8 +415,8 @@ def _adapter_entries(model: nn.Module, adapter_name: str | None) -> dict[str, _A
             continue
         slot = layer.slots[adapter_name]
         r = int(layer.ranks[slot])
-        alpha, use_rslora = layer.alphas[adapter_name]
-        entries[name] = _AdapterEntry(layer, r, alpha, use_rslora, layer.lora_dropout, False,
+        alpha, use_rslora, dropout = layer.alphas[adapter_name]
+        entries[name] = _AdapterEntry(layer, r, alpha, use_rslora, dropout, False,
                                       layer.lora_A[slot, :r], layer.lora_B[slot, :, :r])
     if not entries:
         raise ValueError("the model has no LoRA layers to save (LoRALinear, or MultiLoRALinear holding "

@@ -163,6 +163,22 @@ def _adapter_rows(adapter_ids: torch.Tensor, n: int):
             yield a, rows
 
 
+def _dropped_rows(x_rows: torch.Tensor, rows: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor:
+    """drop(x) for some rows of a batch x [M, in]: x_rows = x[rows], with the batch's mask (element m·in + k)."""
+    if dropout_p == 0.0 or seed is None:
+        return x_rows
+    cols = torch.arange(x_rows.shape[1], dtype=torch.int64, device=x_rows.device)
+    keep = dropout_draws(seed, rows.to(torch.int64)[:, None] * x_rows.shape[1] + cols) >= dropout_threshold(dropout_p)
+    return x_rows * keep.to(x_rows.dtype) / (1.0 - dropout_p)
+
+
+def _adapter_dropouts(dropout_p, n: int) -> list[float]:
+    """Each adapter's dropout probability: one float for all, or a sequence / tensor [n]."""
+    if isinstance(dropout_p, (int, float)):
+        return [float(dropout_p)] * n
+    return [float(p) for p in (dropout_p.tolist() if isinstance(dropout_p, torch.Tensor) else dropout_p)]
+
+
 def _ranks(lora_A: torch.Tensor, ranks) -> list[int]:
     n, r_max = lora_A.shape[:2]
     return [r_max] * n if ranks is None else [int(r) for r in ranks.tolist()]
@@ -176,14 +192,15 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
 
     x [M, in], weight [out, in], bias [out] or None, lora_A [n, r_max, in], lora_B [n, out, r_max],
     scalings [n] (s_a), adapter_ids [M] integers in [-1, n), ranks [n] integers in [1, r_max] or None
-    (all r_max): adapter a reads only A_a's first r_a rows and B_a's first r_a columns. The dropout
-    mask is lora_linear's (element m·in + k of x, from the same seed). Rounding as lora_linear.
-    Returns (y [M, out], xa [M, r_max]).
+    (all r_max): adapter a reads only A_a's first r_a rows and B_a's first r_a columns. dropout_p: one
+    probability, or one per adapter ([n]); row m of adapter a is dropped with p_a by lora_linear's rule
+    (element m·in + k of x, 16-bit draw below round(p_a·2¹⁶), from the same seed). Rounding as
+    lora_linear. Returns (y [M, out], xa [M, r_max]).
     """
     acc = accumulation_dtype(x.dtype)
     n, r_max = lora_A.shape[:2]
     rank_of = _ranks(lora_A, ranks)
-    dropped = _dropped(x.to(lora_A.dtype), dropout_p, seed)
+    p_of = _adapter_dropouts(dropout_p, n)
     xa = torch.zeros(x.shape[0], r_max, dtype=lora_A.dtype, device=x.device)
     y = x @ weight.t()
     if bias is not None:
@@ -191,7 +208,7 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     y = y.to(acc)
     for a, rows in _adapter_rows(adapter_ids, n):
         r = rank_of[a]
-        xa_rows = dropped[rows] @ lora_A[a, :r].t()
+        xa_rows = _dropped_rows(x[rows].to(lora_A.dtype), rows, p_of[a], seed) @ lora_A[a, :r].t()
         xa[rows, :r] = xa_rows
         y[rows] = y[rows] + float(scalings[a]) * (xa_rows.to(acc) @ lora_B[a, :, :r].to(acc).t())
     return y.to(x.dtype), xa
@@ -208,7 +225,7 @@ def lora_linear_multi_backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, 
     acc = accumulation_dtype(x.dtype)
     n, r_max = lora_A.shape[:2]
     rank_of = _ranks(lora_A, ranks)
-    dropped = _dropped(x.to(acc), dropout_p, seed)
+    p_of = _adapter_dropouts(dropout_p, n)
     d_lora_A = torch.zeros(lora_A.shape, dtype=acc, device=x.device)
     d_lora_B = torch.zeros(lora_B.shape, dtype=acc, device=x.device)
     lora_dx = torch.zeros(x.shape, dtype=acc, device=x.device)
@@ -216,10 +233,10 @@ def lora_linear_multi_backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, 
     for a, rows in _adapter_rows(adapter_ids, n):
         r, s = rank_of[a], float(scalings[a])
         gb = grad_y_acc[rows] @ lora_B[a, :, :r].to(acc)
-        d_lora_A[a, :r] = s * (gb.t() @ dropped[rows])
+        d_lora_A[a, :r] = s * (gb.t() @ _dropped_rows(x[rows].to(acc), rows, p_of[a], seed))
         d_lora_B[a, :, :r] = s * (grad_y_acc[rows].t() @ xa[rows, :r].to(acc))
-        lora_dx[rows] = s * (gb @ lora_A[a, :r].to(acc))
-    dx = ((grad_y @ weight).to(acc) + _dropped(lora_dx, dropout_p, seed)).to(x.dtype)
+        lora_dx[rows] = _dropped_rows(s * (gb @ lora_A[a, :r].to(acc)), rows, p_of[a], seed)
+    dx = ((grad_y @ weight).to(acc) + lora_dx).to(x.dtype)
     return dx, d_lora_A.to(lora_A.dtype), d_lora_B.to(lora_B.dtype)
 
 

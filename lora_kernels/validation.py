@@ -291,10 +291,26 @@ def check_multi_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ran
         if ranks.is_floating_point() or ranks.dtype == torch.bool or tuple(ranks.shape) != (n,):
             raise ValueError(f"ranks must be an integer tensor [n={n}], got {tuple(ranks.shape)} {ranks.dtype}")
         ranks = ranks.to(torch.int64)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    dropouts = _adapter_dropouts(dropout_p, n)
 
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     check_same_dtype("x", x, weight=weight, bias=bias)
     check_adapter_dtype(x, lora_A, lora_B)
-    return x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks
+    return x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts
+
+
+def _adapter_dropouts(dropout_p, n: int) -> Tensor:
+    """Each adapter's dropout probability as a float64 CPU tensor [n], from one number or n of them."""
+    if isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool):
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+        return torch.full((n,), float(dropout_p), dtype=torch.float64)
+    if isinstance(dropout_p, (list, tuple)):
+        dropout_p = torch.tensor([float(p) for p in dropout_p], dtype=torch.float64)
+    if not isinstance(dropout_p, Tensor) or not dropout_p.is_floating_point() or tuple(dropout_p.shape) != (n,):
+        raise ValueError(f"dropout_p must be a number in [0, 1) or one per adapter (a float tensor [n={n}]), "
+                         f"got {dropout_p!r}")
+    dropouts = dropout_p.detach().to("cpu", torch.float64)
+    if not torch.compiler.is_compiling() and not bool(((dropouts >= 0) & (dropouts < 1)).all()):
+        raise ValueError(f"dropout_p must be in [0, 1) for every adapter, got {dropouts.tolist()}")
+    return dropouts

@@ -159,3 +159,21 @@ def test_disable_adapter_covers_multi_lora_layers():
         assert layer.merged_adapter is None
     assert layer.merged_adapter == "b"
     torch.testing.assert_close(holder(x), with_b, rtol=1e-5, atol=1e-5)
+
+
+def test_each_adapter_has_its_own_dropout():
+    layer = MultiLoRALinear(24, 16, capacity=4, r_max=8, lora_dropout=0.0, device=DEVICE)
+    layer.add_adapter("plain", 4)
+    layer.add_adapter("dropped", 4, lora_dropout=0.5)
+    for name in ("plain", "dropped"):
+        nn.init.normal_(layer.lora_B[layer.slots[name]], std=0.5)
+    x = torch.randn(6, 24, device=DEVICE)
+    names = ["plain", "dropped"] * 3
+    with torch.no_grad():
+        train_out = layer.train()(x, adapter_names=names)
+        eval_out = layer.eval()(x, adapter_names=names)
+    torch.testing.assert_close(train_out[0::2], eval_out[0::2])  # no dropout on "plain"
+    assert not torch.allclose(train_out[1::2], eval_out[1::2])  # dropout on "dropped"
+    fresh = MultiLoRALinear(24, 16, capacity=4, r_max=8, device=DEVICE)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.dropouts.tolist() == layer.dropouts.tolist() and fresh.alphas == layer.alphas

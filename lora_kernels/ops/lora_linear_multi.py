@@ -1,17 +1,18 @@
 """Many adapters in one batch (segmented LoRA): its implementations per backend and its one definition.
 
-    lora_linear_multi_op(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p, seed)
+    lora_linear_multi_op(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed)
         -> (y [M, out], xa [M, r_max])
 
 x [M, in]; lora_A [n, r_max, in], lora_B [n, out, r_max], scalings [n] (a tensor: new alphas do not
 recompile), adapter_ids [M] int64 in [-1, n) (-1: the base layer only), ranks [n] int64 in [1, r_max]
-or None. reference.lora_linear_multi is the spec. Only x, xa and the dropout seed are saved for the
+or None, dropouts [n] (each adapter's dropout probability, float64 on the CPU; used only with a seed).
+reference.lora_linear_multi is the spec. Only x, xa and the dropout seed are saved for the
 backward, as for lora_linear.
 
 Every backend implements:
 
-    forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, p: float, seed: int) -> (y, xa)
-    backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, p, seed, need_dx)
+    forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed: int) -> (y, xa)
+    backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx)
         -> (dx [M, in] or [0], dA [n, r_max, in], dB [n, out, r_max])
 """
 
@@ -26,24 +27,29 @@ from .. import reference
 from ..backends import (FLOAT32_ADAPTERS_ON_HALF, HALF, HALF_AND_FLOAT32, Implementation, compiled_extension,
                         implementation, register)
 from .definition import Backward, define_op
-from .lora_linear import _dropout
 
 OP = "lora_linear_multi"
+
+
+def _dropout(dropouts: Tensor, seed: Optional[Tensor]) -> tuple[Tensor, int]:
+    """(dropouts, seed) as the kernels take them: all zero when there is no seed (dropout off)."""
+    return (dropouts, int(seed)) if seed is not None else (torch.zeros_like(dropouts), 0)
 
 
 class ReferenceBackend:
     """reference.py in the backends' calling convention."""
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, p, seed):
+    def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed):
         _check_ids_and_ranks(adapter_ids, ranks, lora_A)
-        y, xa = reference.lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, p, seed)
+        y, xa = reference.lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts,
+                                            seed)
         return y.contiguous(), xa.contiguous()
 
     @staticmethod
-    def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, p, seed, need_dx):
+    def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx):
         dx, dA, dB = reference.lora_linear_multi_backward(grad_y, x, weight, lora_A, lora_B, xa, scalings,
-                                                          adapter_ids, ranks, p, seed)
+                                                          adapter_ids, ranks, dropouts, seed)
         return (dx.contiguous() if need_dx else x.new_empty(0)), dA.contiguous(), dB.contiguous()
 
 
@@ -83,52 +89,51 @@ register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear_multi
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scalings: Tensor,
-            adapter_ids: Tensor, ranks: Optional[Tensor], dropout_p: float, seed: Optional[Tensor]
+            adapter_ids: Tensor, ranks: Optional[Tensor], dropouts: Tensor, seed: Optional[Tensor]
             ) -> tuple[Tensor, Tensor]:
     """(y, xa) on the backend selected for x's device and dtype (the op's forward entry point)."""
-    p, seed_value = _dropout(dropout_p, seed)
+    p, seed_value = _dropout(dropouts, seed)
     return implementation(OP, x.device, x.dtype, lora_A.dtype).forward(
         x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, p, seed_value)
 
 
-def _forward_fake(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p, seed):
+def _forward_fake(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed):
     return x.new_empty(x.shape[0], weight.shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[1])
 
 
 def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scalings: Tensor,
-             adapter_ids: Tensor, ranks: Optional[Tensor], dropout_p: float, seed: Optional[Tensor], need_dx: bool
+             adapter_ids: Tensor, ranks: Optional[Tensor], dropouts: Tensor, seed: Optional[Tensor], need_dx: bool
              ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx or an empty tensor, dA, dB) on the backend selected for x's device and dtype."""
-    p, seed_value = _dropout(dropout_p, seed)
+    p, seed_value = _dropout(dropouts, seed)
     return implementation(OP, x.device, x.dtype, lora_A.dtype).backward(
         grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, p, seed_value, need_dx)
 
 
-def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropout_p, seed, need_dx):
+def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scalings, adapter_ids, ranks, seed)
-    ctx.dropout_p = dropout_p
+    x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scalings, adapter_ids, ranks, dropouts, seed)
     ctx.mark_non_differentiable(output[1])
 
 
-_NO_GRADIENT = (None,) * 5  # scalings, adapter_ids, ranks, dropout_p, seed
+_NO_GRADIENT = (None,) * 5  # scalings, adapter_ids, ranks, dropouts, seed
 
 
 def _gradients(ctx, grad_outputs, run_backward):
-    """The gradients of (x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p, seed)."""
+    """The gradients of (x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed)."""
     grad_y = grad_outputs[0]
-    x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, seed = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:5]
     if torch.is_grad_enabled():  # a graph of the backward is wanted (double backward): plain PyTorch ops
         return _differentiable_gradients(ctx, grad_y)
     grad_y = grad_y.contiguous()
-    dx, dA, dB = run_backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, ctx.dropout_p,
-                              seed, need_x)
+    dx, dA, dB = run_backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed,
+                              need_x)
     d_weight = grad_y.t() @ x if need_w else None
     d_bias = grad_y.sum(0) if need_b else None
     return (dx if need_x else None, d_weight, d_bias, dA if need_a else None, dB if need_b_lora else None,
@@ -138,12 +143,12 @@ def _gradients(ctx, grad_outputs, run_backward):
 def _differentiable_gradients(ctx, grad_y):
     """Double backward: reference.lora_linear_multi recomputed from the saved inputs and differentiated
     with create_graph=True (as lora_linear does)."""
-    x, weight, lora_A, lora_B, _, scalings, adapter_ids, ranks, seed = ctx.saved_tensors
+    x, weight, lora_A, lora_B, _, scalings, adapter_ids, ranks, dropouts, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     wanted = [(i, t) for i, t in zip((0, 1, 3, 4), (x, weight, lora_A, lora_B)) if need[i]]
     grads = {}
     if wanted:
-        p, seed_value = _dropout(ctx.dropout_p, seed)
+        p, seed_value = _dropout(dropouts, seed)
         y, _ = reference.lora_linear_multi(x, weight, None, lora_A, lora_B, scalings, adapter_ids, ranks, p,
                                            seed_value)
         found = torch.autograd.grad(y, [t for _, t in wanted], grad_y, create_graph=True, allow_unused=True)
@@ -159,10 +164,10 @@ lora_linear_multi_op = define_op(
 
 if compiled_extension() is not None:  # fakes of the C++ kernels, so that opcheck and torch.compile see through them
     @torch.library.register_fake("lora_kernels::multi_forward")
-    def _(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p, seed):
-        return _forward_fake(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p, seed)
+    def _(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed):
+        return _forward_fake(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed)
 
     @torch.library.register_fake("lora_kernels::multi_backward")
-    def _(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropout_p, seed, need_dx):
-        return _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropout_p, seed,
+    def _(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx):
+        return _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed,
                               need_dx)

@@ -51,7 +51,7 @@ def _segment_shrink_kernel(
     x_ptr, d_ptr, out_ptr, order_ptr, tile_adapter_ptr, tile_start_ptr, tile_count_ptr, ranks_ptr, scalings_ptr,
     K, n_adapters,
     stride_xm, stride_xk, stride_da, stride_dk, stride_dr, stride_om, stride_or,
-    seed, threshold, inv_keep,
+    seed, thresholds_ptr, inv_keeps_ptr,
     SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -65,6 +65,8 @@ def _segment_shrink_kernel(
         return
     rank_ok = ranks < rank
     d_adapter = d_ptr + adapter.to(tl.int64) * stride_da
+    if DROPOUT:  # this tile's adapter's probability
+        threshold = tl.load(thresholds_ptr + adapter)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -75,7 +77,8 @@ def _segment_shrink_kernel(
         d = tl.load(d_adapter + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                     mask=(ks[:, None] < K) & rank_ok[None, :], other=0.0)
         acc = dot(x.to(d.dtype), d, acc, PRECISION, SOFT_BF16)  # float32 adapters: x widened, exactly
-    acc = acc * inv_keep
+    if DROPOUT:
+        acc = acc * tl.load(inv_keeps_ptr + adapter)
     if SCALE:
         acc = acc * tl.load(scalings_ptr + adapter)
     out = out_ptr + rows[:, None] * stride_om + ranks[None, :] * stride_or
@@ -87,7 +90,7 @@ def _segment_expand_kernel(
     l_ptr, u_ptr, out_ptr, order_ptr, tile_adapter_ptr, tile_start_ptr, tile_count_ptr, ranks_ptr, scalings_ptr,
     N, n_adapters,
     stride_lm, stride_lr, stride_ua, stride_ur, stride_un, stride_om, stride_on,
-    seed, threshold, inv_keep,
+    seed, thresholds_ptr, inv_keeps_ptr,
     SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -112,7 +115,8 @@ def _segment_expand_kernel(
     if SCALE:
         lora = lora * tl.load(scalings_ptr + adapter)
     if DROPOUT:
-        lora = tl.where(keep_mask(seed, rows, cols, N, threshold), lora * inv_keep, 0.0)
+        threshold = tl.load(thresholds_ptr + adapter)
+        lora = tl.where(keep_mask(seed, rows, cols, N, threshold), lora * tl.load(inv_keeps_ptr + adapter), 0.0)
     out = out_ptr + rows[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on
     ok = row_ok[:, None] & col_ok[None, :]
     total = tl.load(out, mask=ok, other=0.0).to(tl.float32) + lora
@@ -124,7 +128,7 @@ def _segment_weight_grad_kernel(
     p_ptr, q_ptr, out_ptr, order_ptr, seg_start_ptr, seg_count_ptr, ranks_ptr, scalings_ptr,
     N,
     stride_pm, stride_pr, stride_qm, stride_qn, stride_oa, stride_or, stride_on,
-    seed, threshold, inv_keep,
+    seed, thresholds_ptr, inv_keeps_ptr,
     SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -139,6 +143,8 @@ def _segment_weight_grad_kernel(
     col_ok = cols < N
     start = tl.load(seg_start_ptr + adapter)
     count = tl.load(seg_count_ptr + adapter)
+    if DROPOUT:
+        threshold = tl.load(thresholds_ptr + adapter)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for m0 in range(0, count, BLOCK_M):
         slots = m0 + tl.arange(0, BLOCK_M)
@@ -151,7 +157,8 @@ def _segment_weight_grad_kernel(
         if DROPOUT:
             q = q * keep_mask(seed, rows, cols, N, threshold).to(q.dtype)
         acc = dot(tl.trans(p), q.to(p.dtype), acc, PRECISION, SOFT_BF16)
-    acc = acc * inv_keep
+    if DROPOUT:
+        acc = acc * tl.load(inv_keeps_ptr + adapter)
     if SCALE:
         acc = acc * tl.load(scalings_ptr + adapter)
     out = (out_ptr + adapter.to(tl.int64) * stride_oa + ranks[:, None] * stride_or
@@ -196,46 +203,47 @@ def _common(x, adapter_dtype):
     return dict(PRECISION=precision(adapter_dtype), SOFT_BF16=soft_bf16(x.dtype))
 
 
-def shrink_launch_args(x, d, d_strides, out, groups, ranks, scalings, scale: bool, p: float, seed: int, r_max: int):
-    """(kernel, grid, args, flags) of out[m, :r_a] = drop?(x[m]) d_a (· s_a); d_strides: (adapter, k, rank)."""
-    threshold, inv_keep = dropout_args(p)
+def shrink_launch_args(x, d, d_strides, out, groups, ranks, scalings, scale: bool, dropout, seed: int, r_max: int):
+    """(kernel, grid, args, flags) of out[m, :r_a] = drop?(x[m]) d_a (· s_a); d_strides: (adapter, k, rank);
+    dropout: None, or each adapter's (thresholds, 1/(1-p)) on the device (see Dropout)."""
+    thresholds, inv_keeps = dropout or (ranks, scalings)  # unread without dropout
     br = block_r(r_max)
     grid = (groups.max_tiles, triton.cdiv(r_max, br))
     args = (x, d, out, groups.order, groups.tile_adapter, groups.tile_start, groups.tile_count, ranks, scalings,
             x.shape[1], ranks.shape[0], x.stride(0), x.stride(1), *d_strides, out.stride(0), out.stride(1),
-            seed, threshold, inv_keep)
-    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(x, d.dtype), BLOCK_M=_tile_rows(), BLOCK_K=_block_k(),
-                 BLOCK_R=br)
+            seed, thresholds, inv_keeps)
+    flags = dict(SCALE=scale, DROPOUT=dropout is not None, **_common(x, d.dtype), BLOCK_M=_tile_rows(),
+                 BLOCK_K=_block_k(), BLOCK_R=br)
     return _segment_shrink_kernel, grid, args, flags
 
 
-def expand_launch_args(left, u, u_strides, out, groups, ranks, scalings, scale: bool, p: float, seed: int,
+def expand_launch_args(left, u, u_strides, out, groups, ranks, scalings, scale: bool, dropout, seed: int,
                        r_max: int):
     """(kernel, grid, args, flags) of out[m] += (s_a ·) left[m, :r_a] u_a (⊙ mask); u_strides: (adapter, rank, n)."""
-    threshold, inv_keep = dropout_args(p)
+    thresholds, inv_keeps = dropout or (ranks, scalings)
     N = out.shape[1]
     block_n = 32 if interpreted() else 128
     grid = (groups.max_tiles, triton.cdiv(N, block_n))
     args = (left, u, out, groups.order, groups.tile_adapter, groups.tile_start, groups.tile_count, ranks, scalings,
             N, ranks.shape[0], left.stride(0), left.stride(1), *u_strides, out.stride(0), out.stride(1),
-            seed, threshold, inv_keep)
-    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(out, u.dtype), BLOCK_M=_tile_rows(), BLOCK_N=block_n,
-                 BLOCK_R=block_r(r_max))
+            seed, thresholds, inv_keeps)
+    flags = dict(SCALE=scale, DROPOUT=dropout is not None, **_common(out, u.dtype), BLOCK_M=_tile_rows(),
+                 BLOCK_N=block_n, BLOCK_R=block_r(r_max))
     return _segment_expand_kernel, grid, args, flags
 
 
-def weight_grad_launch_args(p_, q, out, out_strides, groups, ranks, scalings, scale: bool, p: float, seed: int,
+def weight_grad_launch_args(p_, q, out, out_strides, groups, ranks, scalings, scale: bool, dropout, seed: int,
                             r_max: int, adapter_dtype=None):
     """(kernel, grid, args, flags) of out[a, j, n] = (s_a ·) Σ_rows p_[m, j] drop?(q)[m, n]; the dots at the
     adapters' precision (default: q's dtype)."""
-    threshold, inv_keep = dropout_args(p)
+    thresholds, inv_keeps = dropout or (ranks, scalings)
     N = q.shape[1]
     block_m, block_n = (16, 32) if interpreted() else (64, 128)
     br = block_r(r_max)
     grid = (ranks.shape[0], triton.cdiv(N, block_n), triton.cdiv(r_max, br))
     args = (p_, q, out, groups.order, groups.seg_start, groups.seg_count, ranks, scalings, N,
-            p_.stride(0), p_.stride(1), q.stride(0), q.stride(1), *out_strides, seed, threshold, inv_keep)
-    flags = dict(SCALE=scale, DROPOUT=p > 0.0, **_common(q, adapter_dtype or q.dtype), BLOCK_M=block_m,
+            p_.stride(0), p_.stride(1), q.stride(0), q.stride(1), *out_strides, seed, thresholds, inv_keeps)
+    flags = dict(SCALE=scale, DROPOUT=dropout is not None, **_common(q, adapter_dtype or q.dtype), BLOCK_M=block_m,
                  BLOCK_N=block_n, BLOCK_R=br)
     return _segment_weight_grad_kernel, grid, args, flags
 
@@ -251,6 +259,17 @@ def _check_dtypes(x, lora_A):
                         f"float32, got x {x.dtype} and adapters {lora_A.dtype}")
 
 
+def _dropout_tensors(dropouts: torch.Tensor, device):
+    """Each adapter's (16-bit threshold, 1/(1-p)) on the device, or None when no adapter drops (dropouts
+    is a CPU tensor: reading it does not synchronise)."""
+    ps = dropouts.tolist()
+    if not any(ps):
+        return None
+    pairs = [dropout_args(p) for p in ps]
+    return (torch.tensor([t for t, _ in pairs], dtype=torch.int32).to(device),
+            torch.tensor([k for _, k in pairs], dtype=torch.float32).to(device))
+
+
 def _prepare(x, lora_A, scalings, adapter_ids, ranks):
     n, r_max = lora_A.shape[:2]
     ids = adapter_ids.to(x.device, torch.int64)
@@ -262,7 +281,7 @@ def _prepare(x, lora_A, scalings, adapter_ids, ranks):
     return Groups(ids, n, _tile_rows()), ranks, scalings.to(x.device, torch.float32)
 
 
-def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, p: float, seed: int):
+def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed: int):
     """(y [M, out], xa [M, r_max]) for x [M, in] (see reference.lora_linear_multi)."""
     _check_dtypes(x, lora_A)
     with on_device(x):
@@ -272,14 +291,15 @@ def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, p: fl
         if x.shape[0] == 0:
             return y, xa
         groups, ranks, scalings = _prepare(x, lora_A, scalings, adapter_ids, ranks)
+        dropout = _dropout_tensors(dropouts, x.device)
         a_strides = (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))  # d[a, k, j] = A[a, j, k]
-        _launch(shrink_launch_args(x, lora_A, a_strides, xa, groups, ranks, scalings, False, p, seed, r_max))
+        _launch(shrink_launch_args(x, lora_A, a_strides, xa, groups, ranks, scalings, False, dropout, seed, r_max))
         b_strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))  # u[a, j, n] = B[a, n, j]
-        _launch(expand_launch_args(xa, lora_B, b_strides, y, groups, ranks, scalings, True, 0.0, 0, r_max))
+        _launch(expand_launch_args(xa, lora_B, b_strides, y, groups, ranks, scalings, True, None, 0, r_max))
         return y, xa
 
 
-def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, p: float, seed: int,
+def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed: int,
              need_dx: bool):
     """(dx [M, in] or [0], dA [n, r_max, in], dB [n, out, r_max]) for a frozen weight."""
     _check_dtypes(x, lora_A)
@@ -291,16 +311,17 @@ def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks
         if x.shape[0] == 0:
             return dx, d_lora_A.to(lora_A.dtype), d_lora_B.to(lora_B.dtype)
         groups, ranks, scalings = _prepare(x, lora_A, scalings, adapter_ids, ranks)
+        dropout = _dropout_tensors(dropouts, x.device)
         gb = torch.zeros(x.shape[0], r_max, device=x.device, dtype=torch.float32)  # s_a · dy B_a, float32
         b_strides = (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2))  # d[a, n, j] = B[a, n, j]
-        _launch(shrink_launch_args(grad_y, lora_B, b_strides, gb, groups, ranks, scalings, True, 0.0, 0, r_max))
-        _launch(weight_grad_launch_args(gb, x, d_lora_A, d_lora_A.stride(), groups, ranks, scalings, False, p, seed,
-                                        r_max, lora_A.dtype))
+        _launch(shrink_launch_args(grad_y, lora_B, b_strides, gb, groups, ranks, scalings, True, None, 0, r_max))
+        _launch(weight_grad_launch_args(gb, x, d_lora_A, d_lora_A.stride(), groups, ranks, scalings, False, dropout,
+                                        seed, r_max, lora_A.dtype))
         db_strides = (d_lora_B.stride(0), d_lora_B.stride(2), d_lora_B.stride(1))  # out[a, j, n] = dB[a, n, j]
-        _launch(weight_grad_launch_args(xa, grad_y, d_lora_B, db_strides, groups, ranks, scalings, True, 0.0, 0,
+        _launch(weight_grad_launch_args(xa, grad_y, d_lora_B, db_strides, groups, ranks, scalings, True, None, 0,
                                         r_max, lora_A.dtype))
         if need_dx:
             dx = dx.contiguous()
-            _launch(expand_launch_args(gb, lora_A, lora_A.stride(), dx, groups, ranks, scalings, False, p, seed,
+            _launch(expand_launch_args(gb, lora_A, lora_A.stride(), dx, groups, ranks, scalings, False, dropout, seed,
                                        r_max))
         return dx, d_lora_A.to(lora_A.dtype), d_lora_B.to(lora_B.dtype)
