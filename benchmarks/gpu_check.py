@@ -7,7 +7,8 @@
 Sections in priority order, each skipped once --deadline (default 480 s) has passed: a Triton smoke
 validation (one shape, every dtype, dropout and bias on/off), the headline timings (bf16, r = 16,
 4096², M in {1, 16, 2048, 8192}, forward and train: ours vs F.linear vs the reference formula vs PEFT,
-ours[cuda] next to ours), the full validation of each GPU backend (odd shapes, r up to 256; y, xa, dx,
+ours[cuda] next to ours), decode under CUDA graphs (eager wall time next to graph replay, for F.linear, PEFT
+and ours; ours replayed must equal ours eager), the full validation of each GPU backend (odd shapes, r up to 256; y, xa, dx,
 dA, dB against the float64 reference with the same dropout seed, within the tests' rule; merge,
 unmerge, switch, safe merge, drift), lora_linear_multi's validation (random ids with -1 rows, mixed
 ranks, dropout; every output and gradient) and its timings (benchmarks/multi_adapter.py's cases), then
@@ -207,6 +208,76 @@ def time_multi(device: str, reps: int, progress) -> None:
                      + f"; ours/one {med['ours'] / med['one']:.3f}, ours/base {med['ours'] / med['base']:.3f}")
 
 
+def _graph_replay_ms(fn) -> tuple[float, object]:
+    """(median ms of replaying a CUDA graph of fn(), the graph's output): the kernel-bound time of a call."""
+    import triton.testing
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture wants
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    median = triton.testing.do_bench(graph.replay, quantiles=[0.5], warmup=25, rep=100)
+    return (median[0] if isinstance(median, (list, tuple)) else median), out
+
+
+def time_decode_graphs(device: str, reps: int, progress) -> None:
+    """Decode two ways (4096², bf16, r = 16, M = 1 and 16): the eager wall time per call (Python, checks
+    and launches included) and the kernel-bound time of replaying a CUDA graph of the same call, for
+    F.linear, PEFT and ours; and a check that ours replayed from a graph gives the eager output."""
+    from . import providers as prov
+    from .harness import CaseResult, Timing, time_providers
+
+    dtype, d = (torch.bfloat16, 4096) if device == "cuda" else (torch.float32, 64)
+    for M in (1, 16):
+        if progress.left() <= 0:
+            return
+        providers = prov.lora_linear_providers(M, d, d, 16, dtype, 0.0, False, device, ["base", "peft", "ours"])
+        timings = time_providers(providers, device, reps)
+        eager = {name: t.median_ms for name, t in timings.items()}
+        if device == "cuda":
+            for p in providers:
+                try:
+                    p.prepare()
+                    ms, _ = _graph_replay_ms(p.fn)
+                    timings[f"{p.name} (graph)"] = Timing(ms, ms, ms, samples=0)
+                except Exception as error:  # noqa: BLE001 - a provider that cannot be captured is reported
+                    progress.log(f"decode M={M}: {p.name} could not be captured in a CUDA graph: {error!r}")
+        label = f"decode M={M} {d}->{d} r=16 {str(dtype)[6:]}: eager vs CUDA graph"
+        progress.add_result(CaseResult("decode_graph", label, dict(M=M, d=d, dtype=str(dtype)[6:]), timings))
+        progress.log(f"{label}: " + ", ".join(f"{k} {t.median_ms * 1e3:.1f} us" for k, t in timings.items())
+                     + ("" if device == "cuda" else " (no CUDA graphs on CPU: eager only)"))
+        if device == "cuda":
+            _check_graph_replay(M, d, dtype, progress)
+        else:
+            progress.log(f"eager ours/base {eager['ours'] / eager['base']:.3f}")
+
+
+def _check_graph_replay(M: int, d: int, dtype, progress) -> None:
+    """ours captured in a CUDA graph and replayed equals ours called eagerly (same kernels, same inputs)."""
+    import lora_kernels
+
+    torch.manual_seed(M)
+    layer = lora_kernels.LoRALinear(d, d, r=16, lora_alpha=32, device="cuda", dtype=dtype).eval()
+    torch.nn.init.normal_(layer.lora_B, std=0.02)
+    x = torch.randn(M, d, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        expected = layer(x)
+        try:
+            _, out = _graph_replay_ms(lambda: layer(x))
+            ok = bool(torch.equal(out, expected))
+            detail = "" if ok else f"max |replay - eager| {(out.float() - expected.float()).abs().max().item():.3g}"
+        except Exception as error:  # noqa: BLE001
+            ok, detail = False, f"capture failed: {error!r}"
+    progress.add_checks([dict(op="cuda_graph", output=f"decode M={M}", ok=ok, detail=detail)])
+    if not ok:
+        progress.log(f"FAIL CUDA graph replay of ours, M={M}: {detail}")
+
+
 class Progress:
     """Everything measured so far, on disk as it happens: one JSON line per check or timed case in
     progress.jsonl, and gpu_check.json / results.md rewritten after every section, so a run cut at
@@ -329,6 +400,7 @@ def main(argv=None) -> int:
                         for t in (False, True)]
             wanted = ["base", "reference", "peft", "ours", "ours[cuda]"]
         section("headline timings", lambda: time_cases(headline, wanted))
+        section("decode under CUDA graphs", lambda: time_decode_graphs(device, 3 if args.dry_run else 20, progress))
     for backend in backends:
         section(f"validation {backend}",
                 lambda b=backend: progress.add_checks(validate_linear(b, device, shapes, log)))
