@@ -37,25 +37,29 @@ def test_keep_fraction(p):
     assert (keep.float().mean(1) - expected).abs().max() < 6 * (p * (1 - p) / 500) ** 0.5
 
 
+@pytest.mark.parametrize("rows", [3, 37], ids=["decode", "prefill"])
+@pytest.mark.parametrize("width", [13, 64], ids=["rows-not-aligned-to-8", "aligned-8-element-groups"])
 @pytest.mark.parametrize("backend", compiled_backends())
-def test_kernel_mask_is_the_reference_mask(backend, use_backend):
-    """With lora_A = I (r = in = 13, rows not aligned to the 8-element Philox groups), xa = drop(x)."""
+def test_kernel_mask_is_the_reference_mask(backend, width, rows, use_backend):
+    """With lora_A = I (r = in), xa = drop(x). in = 13: rows straddle the 8-element Philox groups (one
+    generator call per element on Triton); in = 64: aligned groups (one call per 8 elements)."""
     use_backend(backend)
     from lora_kernels.ops.lora_linear import forward
 
-    x = torch.ones(37, 13, dtype=torch.float32, device=DEVICE)
-    eye = torch.eye(13, device=DEVICE)
-    _, xa = forward(x, torch.zeros(5, 13, device=DEVICE), None, eye, torch.zeros(5, 13, device=DEVICE), 1.0, 0.3,
+    x = torch.ones(rows, width, dtype=torch.float32, device=DEVICE)
+    eye = torch.eye(width, device=DEVICE)
+    _, xa = forward(x, torch.zeros(5, width, device=DEVICE), None, eye, torch.zeros(5, width, device=DEVICE), 1.0, 0.3,
                     torch.tensor(99))
-    keep = reference.dropout_mask(99, 37, 13, 0.3, device=DEVICE)
+    keep = reference.dropout_mask(99, rows, width, 0.3, device=DEVICE)
     torch.testing.assert_close(xa, keep.float() / 0.7)
 
 
+@pytest.mark.parametrize("n", [33, 32], ids=["unaligned", "aligned"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_and_backward_use_the_same_mask(backend, use_backend):
-    """With B = I-like and A = I, xa = drop(x) and dx's LoRA part is drop(dy B): both show the mask."""
+def test_forward_and_backward_use_the_same_mask(backend, n, use_backend):
+    """With B = I-like and A = I, xa = drop(x) and dx's LoRA part is drop(dy B): both show the mask, and it
+    is the reference's (n = 32: whole 8-element Philox groups per row)."""
     use_backend(backend)
-    n = 33
     x = torch.randn(7, n, dtype=torch.float32, device=DEVICE, requires_grad=True)
     weight = torch.zeros(n, n, device=DEVICE)
     lora_A = torch.eye(n, device=DEVICE)[:16].clone().requires_grad_(True)  # r = 16: picks x[:, :16]
@@ -67,6 +71,9 @@ def test_forward_and_backward_use_the_same_mask(backend, use_backend):
     kept_backward = (x.grad[:, :16] != 0)
     assert kept_forward.any() and (~kept_forward).any()
     assert torch.equal(kept_forward, kept_backward)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # what lora_linear drew (functional.draw_seed)
+    assert torch.equal(kept_forward, reference.dropout_mask(seed, 7, n, 0.5, device=DEVICE)[:, :16])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

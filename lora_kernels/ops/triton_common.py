@@ -29,13 +29,46 @@ def configs(full: list[tuple[dict, int, int]], small: dict) -> list[triton.Confi
 
 
 @triton.jit
-def keep_mask(seed, rows, cols, row_len, threshold):
-    """Dropout keep-mask of elements (rows[:, None], cols[None, :]) of a [*, row_len] tensor."""
-    offsets = rows.to(tl.int64)[:, None] * row_len + cols.to(tl.int64)[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, offsets >> 3)  # one call serves 8 elements (see reference.py)
-    word_index = (offsets >> 1) & 3
+def _draws(word_index, half, w0, w1, w2, w3):
+    """The 16-bit draw in half `half` of word `word_index` of a Philox output (see reference.py)."""
     word = tl.where(word_index == 0, w0, tl.where(word_index == 1, w1, tl.where(word_index == 2, w2, w3)))
-    draws = ((word.to(tl.int64) & 0xFFFFFFFF) >> ((offsets & 1) * 16)) & 0xFFFF
+    return ((word.to(tl.int64) & 0xFFFFFFFF) >> (half * 16)) & 0xFFFF
+
+
+@triton.jit
+def _grouped_draws(seed, rows, cols, row_len):
+    """Draws of a tile whose rows start on a Philox group (row_len % 8 == 0) and whose cols run in aligned
+    groups of 8: one generator call per group, [rows, cols / 8] calls in all."""
+    BLOCK_ROWS: tl.constexpr = rows.shape[0]
+    BLOCK_COLS: tl.constexpr = cols.shape[0]
+    group_first = tl.min(tl.reshape(cols, (BLOCK_COLS // 8, 8)), axis=1)  # each run's first column
+    counters = (rows.to(tl.int64)[:, None] * row_len + group_first.to(tl.int64)[None, :]) >> 3
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    k = tl.arange(0, 8)[None, None, :]  # element e = 8·group + k: word (k >> 1), half (k & 1)
+    draws = _draws(k >> 1, k & 1, w0[:, :, None], w1[:, :, None], w2[:, :, None], w3[:, :, None])
+    return tl.reshape(draws, (BLOCK_ROWS, BLOCK_COLS))
+
+
+@triton.jit
+def _elementwise_draws(seed, rows, cols, row_len):
+    """Draws of any tile: one generator call per element (a group may straddle two rows)."""
+    offsets = rows.to(tl.int64)[:, None] * row_len + cols.to(tl.int64)[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, offsets >> 3)
+    return _draws((offsets >> 1) & 3, offsets & 1, w0, w1, w2, w3)
+
+
+@triton.jit
+def keep_mask(seed, rows, cols, row_len, threshold):
+    """Dropout keep-mask of elements (rows[:, None], cols[None, :]) of a [*, row_len] tensor.
+
+    cols are consecutive and start at a multiple of 8 (a block of a power-of-two width >= 8). When
+    row_len is a multiple of 8 too, every aligned run of 8 columns is one Philox group and the
+    generator runs once per group instead of once per element (8x less Philox work).
+    """
+    if row_len % 8 == 0:
+        draws = _grouped_draws(seed, rows, cols, row_len)
+    else:
+        draws = _elementwise_draws(seed, rows, cols, row_len)
     return draws >= threshold
 
 
