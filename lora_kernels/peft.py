@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import re
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -165,9 +164,19 @@ def adapter_batch(model: nn.Module, adapter_names):
             layer.__dict__.pop("_lora_kernels_batch_names", None)
 
 
+class _FusedForward:
+    """The forward patch_peft_model installs on a layer: _fused_peft_forward bound to it. An object rather than a
+    bound method, so that a patched model pickles (torch.save) and deep-copies with each copy bound to itself."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, x, *args, **kwargs):
+        return _fused_peft_forward(self.layer, x, *args, **kwargs)
+
+
 def _is_patched(module: nn.Module) -> bool:
-    forward = module.__dict__.get("forward")
-    return isinstance(forward, types.MethodType) and forward.__func__ is _fused_peft_forward
+    return isinstance(module.__dict__.get("forward"), _FusedForward)
 
 
 def patch_peft_model(model: nn.Module) -> PatchReport:
@@ -190,7 +199,7 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
         if reason is not None:
             report.skipped[name] = reason
             continue
-        module.forward = types.MethodType(_fused_peft_forward, module)
+        module.forward = _FusedForward(module)
         report.patched.append(name)
     return report
 

@@ -324,3 +324,20 @@ def test_an_adapter_that_does_not_fit_leaves_the_model_as_it_was(tmp_path):
         load_peft_adapter(model, tmp_path)
     assert not list(lk.lora_layers(model))  # nothing injected
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_patched_model_deep_copies_and_pickles():
+    import copy
+    import io
+
+    model = _randomize_lora(peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))).eval()
+    patch_peft_model(model)
+    expected = _logits(model)
+    twin = copy.deepcopy(model)
+    layer = twin.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.forward.layer is layer  # the copy's forward is bound to the copy, not to the original
+    torch.testing.assert_close(_logits(twin), expected)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(_logits(torch.load(buffer, weights_only=False)), expected)
