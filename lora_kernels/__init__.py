@@ -17,8 +17,9 @@ from .config import LoRAConfig
 from .functional import MergeRecord, lora_linear, lora_linear_multi, merge_, switch_, unmerge_
 from .modules import LoRALinear
 from .multi import MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora, remove_adapter, set_adapter
-from .model_setup import (disable_adapter, inject_lora, lora_layers, lora_state_dict, mark_only_lora_as_trainable,
-                          merge_adapter, merge_and_unload, print_trainable_parameters, unload, unmerge_adapter)
+from .model_setup import (adapter_layers, disable_adapter, inject_lora, lora_layers, lora_state_dict,
+                          mark_only_lora_as_trainable, merge_adapter, merge_and_unload, print_trainable_parameters, unload,
+                          unmerge_adapter)
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "MultiLoRALinear",
     "MergeRecord",
     "adapter_batch",
+    "adapter_layers",
     "add_adapter",
     "available_backends",
     "disable_adapter",

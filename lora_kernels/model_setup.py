@@ -24,6 +24,7 @@ __all__ = [
     "mark_only_lora_as_trainable",
     "lora_state_dict",
     "lora_layers",
+    "adapter_layers",
     "merge_adapter",
     "unmerge_adapter",
     "merge_and_unload",
@@ -159,32 +160,38 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear))
 
 
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every LoRALinear and MultiLoRALinear in the model."""
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "adapter_disabled")]
+
+
 def merge_adapter(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Merge every LoRA layer's adapter into its weight (forward is then the base model's cost).
-    safe=True: a layer whose merge would make a weight non-finite raises before that layer is written
-    (layers merged before it stay merged)."""
-    for _, layer in lora_layers(model):
+    """Merge every LoRA layer's adapter (a MultiLoRALinear's active one) into its weight: forward is then the
+    base model's cost. safe=True: a layer whose merge would make a weight non-finite raises before that
+    layer is written (layers merged before it stay merged)."""
+    for _, layer in adapter_layers(model):
         layer.merge(safe=safe)
     return model
 
 
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Take every merged adapter out of its weight again."""
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_layers(model):
         layer.unmerge()
     return model
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every LoRA layer and put its base layer (nn.Linear / Conv1D, holding the merged weight) back."""
-    for name, layer in list(lora_layers(model)):
+    """Merge every LoRA layer (a MultiLoRALinear: its active adapter) and put its base layer (nn.Linear /
+    Conv1D, holding the merged weight) back."""
+    for name, layer in adapter_layers(model):
         replace_module(model, name, layer.merge_and_unload())
     return model
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove LoRA: every LoRA layer gives back its base layer with the adapter taken out."""
-    for name, layer in list(lora_layers(model)):
+    for name, layer in adapter_layers(model):
         replace_module(model, name, layer.unload())
     return model
 
@@ -193,7 +200,7 @@ def unload(model: nn.Module) -> nn.Module:
 def disable_adapter(model: nn.Module):
     """Within the block the model computes without its adapters (LoRALinear and MultiLoRALinear layers;
     merged adapters are unmerged, and merged again on exit)."""
-    layers = [m for m in model.modules() if hasattr(m, "adapter_disabled") and not m.adapter_disabled]
+    layers = [m for _, m in adapter_layers(model) if not m.adapter_disabled]
     remerge = []
     for layer in layers:
         merged = layer.merged if isinstance(layer, LoRALinear) else layer.merged_adapter

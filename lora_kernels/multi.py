@@ -225,6 +225,22 @@ class MultiLoRALinear(nn.Module):
             unmerge_(self.weight, *self._adapter_tensors(self.merged_adapter))
             self.merged_adapter = None
 
+    def merge_and_unload(self, name: str | None = None) -> nn.Linear:
+        """An nn.Linear holding W0 + s·B A of adapter `name` (default: the active one): the weight merged in place
+        and shared. Without any adapter to merge, the base layer as it is."""
+        self.merge(name)
+        return self._base_layer()
+
+    def unload(self) -> nn.Linear:
+        """The base layer with no adapter in its weight (unmerged first if one is merged)."""
+        self.unmerge()
+        return self._base_layer()
+
+    def _base_layer(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
     # -- state --------------------------------------------------------------
 
     def get_extra_state(self) -> dict:

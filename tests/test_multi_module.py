@@ -177,3 +177,23 @@ def test_each_adapter_has_its_own_dropout():
     fresh = MultiLoRALinear(24, 16, capacity=4, r_max=8, device=DEVICE)
     fresh.load_state_dict(layer.state_dict())
     assert fresh.dropouts.tolist() == layer.dropouts.tolist() and fresh.alphas == layer.alphas
+
+
+def test_model_level_merge_and_unload_cover_multi_lora_layers():
+    torch.manual_seed(0)
+    model = lk.inject_multi_lora(_Model().to(DEVICE), ["up", "down"], capacity=4, r_max=8)
+    lk.add_adapter(model, "a", r=4)
+    lk.add_adapter(model, "b", r=8)
+    for layer in (model.up, model.down):
+        nn.init.normal_(layer.lora_B, std=0.1)
+    lk.set_adapter(model, "b")
+    x = torch.randn(5, 24, device=DEVICE)
+    expected = model(x)
+    lk.merge_adapter(model)
+    assert model.up.merged_adapter == "b"
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    lk.unmerge_adapter(model)
+    assert model.up.merged_adapter is None
+    merged = lk.merge_and_unload(model)
+    assert type(merged.up) is nn.Linear and type(merged.down) is nn.Linear
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
