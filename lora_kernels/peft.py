@@ -261,7 +261,10 @@ def _read_config(path: str) -> dict:
 
 
 def _model_key(key: str) -> str:
-    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+    """A key of PEFT's file as a key of the plain model: without the PeftModel prefix, and without the
+    ".base_layer" of the wrapped layer (PEFT saves a LoRA layer's trained bias as <layer>.base_layer.bias)."""
+    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    return key.replace(".base_layer.", ".")
 
 
 _LORA_KEY = re.compile(r"^(?P<module>.*)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
@@ -463,8 +466,10 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     bias = "all" if other_biases else "lora_only" if lora_biases else "none"
     if bias != "none":
         for n, p in model.named_parameters():
-            if n.endswith("bias") and (bias == "all" or n.rpartition(".")[0] in layers):
-                tensors[PREFIX + n] = p.detach()
+            owner = n.rpartition(".")[0]
+            if n.endswith("bias") and (bias == "all" or owner in layers):
+                # PEFT keeps a LoRA layer's own bias in its wrapped base layer, and reads it from there
+                tensors[PREFIX + (f"{owner}.base_layer.bias" if owner in layers else n)] = p.detach()
     saved_modules = list(getattr(model, _MODULES_TO_SAVE, ()))
     for module_name in saved_modules:
         for key, value in model.get_submodule(module_name).state_dict().items():

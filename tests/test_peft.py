@@ -341,3 +341,23 @@ def test_patched_model_deep_copies_and_pickles():
     torch.save(model, buffer)
     buffer.seek(0)
     torch.testing.assert_close(_logits(torch.load(buffer, weights_only=False)), expected)
+
+
+def test_adapter_biases_round_trip(tmp_path):
+    """bias="lora_only": PEFT saves the LoRA layers' biases with the adapter; loading puts them into the
+    model, and a model whose LoRA biases train saves them the same way."""
+    peft_model = _randomize_lora(peft.get_peft_model(_bert(), peft.LoraConfig(r=4, target_modules=["query", "value"],
+                                                                               bias="lora_only")))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if name.endswith("query.base_layer.bias") or name.endswith("value.base_layer.bias"):
+                p.add_(0.5)  # trained biases, different from the base model's
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    expected = _logits(peft_model)
+    model = load_peft_adapter(_bert(), tmp_path / "peft")
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+    lk.mark_only_lora_as_trainable(model, bias="lora_only")
+    save_peft_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == "lora_only"
+    reloaded = peft.PeftModel.from_pretrained(_bert(), tmp_path / "ours")
+    torch.testing.assert_close(_logits(reloaded.eval()), expected, rtol=1e-5, atol=1e-5)
