@@ -80,6 +80,20 @@ def rotation(make: Callable[[], torch.Tensor], max_buffers: int = 8) -> Callable
     return next_buffer
 
 
+def timed_call(forward: Callable[[torch.Tensor], torch.Tensor], next_x: Callable[[], torch.Tensor],
+               grad_y: torch.Tensor, train: bool) -> Callable[[], object]:
+    """The call a provider times: forward on the next input, and with train its backward with grad_y
+    (forward only runs under no_grad, and returns its output)."""
+    if train:
+        def call():
+            forward(next_x()).backward(grad_y)
+    else:
+        def call():
+            with torch.no_grad():
+                return forward(next_x())
+    return call
+
+
 def memory_profile(provider: Provider, device: str) -> dict:
     """One call's memory: bytes saved for backward that are not parameters, and (CUDA) the
     peak allocation above what was allocated before the call."""

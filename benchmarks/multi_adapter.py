@@ -28,7 +28,7 @@ from torch import nn
 
 import lora_kernels as lk
 
-from .harness import Provider, have, machine_info, memory_profile, rotation, time_providers
+from .harness import Provider, have, machine_info, memory_profile, rotation, time_providers, timed_call
 
 
 def _adapters(n, d_in, d_out, r, dtype, device):
@@ -74,14 +74,7 @@ def providers(M, d_in, d_out, n, r, dtype, device, train, grouped, dropout=0.0):
     rows_of = [(a, (ids == a).nonzero().flatten()) for a in range(n)]
 
     def run(forward):
-        if train:
-            def call():
-                forward(next_x()).backward(grad_y)
-        else:
-            def call():
-                with torch.no_grad():
-                    forward(next_x())
-        return call
+        return timed_call(forward, next_x, grad_y, train)
 
     def zero():
         lora_A.grad = lora_B.grad = None

@@ -22,7 +22,7 @@ from torch import nn
 import lora_kernels
 from lora_kernels import LoRALinear
 
-from .harness import Provider, have, rotation
+from .harness import Provider, have, rotation, timed_call
 
 
 def _with_backend(backend: str | None):
@@ -57,14 +57,7 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
     trainable: list[torch.Tensor] = []
 
     def step(forward):
-        if train:
-            def fn():
-                forward(next_x()).backward(grad_y)
-        else:
-            def fn():
-                with torch.no_grad():
-                    return forward(next_x())
-        return fn
+        return timed_call(forward, next_x, grad_y, train)
 
     def clear_grads() -> None:
         for t in trainable:
