@@ -133,15 +133,29 @@ def plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> boo
     )
 
 
-def check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-    """Every check of lora_linear with its error message; returns the (autocast) tensors."""
+def check_base_layer(x, weight, bias) -> None:
+    """x [..., in], weight [out, in'], bias [out] or None: types, x's rank and bias's length. Whether in and in'
+    agree is the caller's check, whose message can name the odd one out."""
     check_float_tensor("x", x)
     check_float_tensor("weight", weight, 2)
     if bias is not None:
         check_float_tensor("bias", bias, 1)
     if x.dim() < 1:
         raise ValueError("x must be [..., in_features], got a 0-d tensor")
-    out_features, in_features = weight.shape
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be [out_features={weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def check_dropout_p(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Every check of lora_linear with its error message; returns the (autocast) tensors."""
+    check_base_layer(x, weight, bias)
+    in_features = weight.shape[1]
     if in_features != x.shape[-1]:
         # Blame the odd one out: the weight when x and lora_A agree on in_features, else x.
         if isinstance(lora_A, Tensor) and lora_A.dim() == 2 and lora_A.shape[1] == x.shape[-1]:
@@ -149,15 +163,12 @@ def check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
                              f"and lora_A), got {tuple(weight.shape)}")
         raise ValueError(f"x must be [..., in_features={in_features}], got {tuple(x.shape)}")
     check_adapter(weight, lora_A, lora_B)
-    if bias is not None and bias.shape[0] != out_features:
-        raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
     check_same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     check_not_distributed_tensor(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     check_not_learnable_scaling(scaling)
     if not (isinstance(scaling, Tensor) and torch.compiler.is_compiling()):  # a traced value cannot be read
         check_scaling("scaling", scaling)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    check_dropout_p(dropout_p)
 
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     check_same_dtype("x", x, weight=weight, bias=bias)
@@ -234,14 +245,9 @@ def check_multi_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ran
     """Every check of lora_linear_multi (shapes, dtypes, devices; the id and rank values are checked by the
     kernels); returns (x, weight, bias, lora_A, lora_B, scalings, adapter_ids [M] int64, ranks), autocast
     applied."""
-    check_float_tensor("x", x)
-    check_float_tensor("weight", weight, 2)
-    if bias is not None:
-        check_float_tensor("bias", bias, 1)
+    check_base_layer(x, weight, bias)
     check_float_tensor("lora_A", lora_A, 3)
     check_float_tensor("lora_B", lora_B, 3)
-    if x.dim() < 1:
-        raise ValueError("x must be [..., in_features], got a 0-d tensor")
     out_features, in_features = weight.shape
     n, r_max = lora_A.shape[:2]
     if x.shape[-1] != in_features:
@@ -251,8 +257,6 @@ def check_multi_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ran
     if tuple(lora_B.shape) != (n, out_features, r_max):
         raise ValueError(f"lora_B must be [n={n}, out_features={out_features}, r_max={r_max}], "
                          f"got {tuple(lora_B.shape)}")
-    if bias is not None and bias.shape[0] != out_features:
-        raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
     check_same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     check_not_distributed_tensor(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
 
@@ -301,10 +305,8 @@ def check_multi_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ran
 
 def _adapter_dropouts(dropout_p, n: int) -> Tensor:
     """Each adapter's dropout probability as a float64 CPU tensor [n], from one number or n of them."""
-    if isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool):
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-        return torch.full((n,), float(dropout_p), dtype=torch.float64)
+    if not isinstance(dropout_p, (list, tuple, Tensor)):
+        return torch.full((n,), check_dropout_p(dropout_p), dtype=torch.float64)
     if isinstance(dropout_p, (list, tuple)):
         dropout_p = torch.tensor([float(p) for p in dropout_p], dtype=torch.float64)
     if not isinstance(dropout_p, Tensor) or not dropout_p.is_floating_point() or tuple(dropout_p.shape) != (n,):

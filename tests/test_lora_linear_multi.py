@@ -258,6 +258,10 @@ def test_bad_ids_and_ranks_are_refused_by_name(backend, use_backend):
         lora_linear_multi(*args[:5], torch.ones(2), torch.zeros(5, dtype=torch.int64))
     with pytest.raises(ValueError, match="lora_B must be"):
         lora_linear_multi(*args[:4], t["lora_B"][:2], t["scalings"], torch.zeros(5, dtype=torch.int64))
+    ids = torch.zeros(5, dtype=torch.int64)
+    for bad in (1.0, True, torch.tensor([0.1, 0.2]), torch.tensor([0.1, 1.0, 0.0], dtype=torch.float64)):
+        with pytest.raises(ValueError, match="dropout_p must be"):
+            lora_linear_multi(*args, ids, None, bad, True)
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["scattered", "grouped"])
