@@ -87,16 +87,26 @@ def dropout_threshold(p: float) -> int:
 
 def dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Keep-mask [rows, cols] (bool) of the dropout applied to x before lora_A."""
-    offsets = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
+    return _keep_rows(seed, torch.arange(rows, device=device), cols, p)
+
+
+def _keep_rows(seed: int, rows: torch.Tensor, cols: int, p: float) -> torch.Tensor:
+    """Keep-mask [len(rows), cols] of the given rows of a [*, cols] tensor's mask (element m·cols + k)."""
+    offsets = rows.to(torch.int64)[:, None] * cols + torch.arange(cols, dtype=torch.int64, device=rows.device)
     return dropout_draws(seed, offsets) >= dropout_threshold(p)
+
+
+def _dropped_rows(x_rows: torch.Tensor, rows: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor:
+    """drop(x) for some rows of a batch x [M, in]: x_rows = x[rows], with the batch's mask (element m·in + k)."""
+    if dropout_p == 0.0 or seed is None:
+        return x_rows
+    keep = _keep_rows(seed, rows, x_rows.shape[1], dropout_p)
+    return x_rows * keep.to(x_rows.dtype) / (1.0 - dropout_p)
 
 
 def _dropped(x: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor:
     """drop(x) = x * mask / (1 - p) for x [M, in]; x itself when dropout is off."""
-    if dropout_p == 0.0 or seed is None:
-        return x
-    keep = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-    return x * keep.to(x.dtype) / (1.0 - dropout_p)
+    return _dropped_rows(x, torch.arange(x.shape[0], device=x.device), dropout_p, seed)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,15 +171,6 @@ def _adapter_rows(adapter_ids: torch.Tensor, n: int):
         rows = (adapter_ids == a).nonzero().flatten()
         if rows.numel():
             yield a, rows
-
-
-def _dropped_rows(x_rows: torch.Tensor, rows: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor:
-    """drop(x) for some rows of a batch x [M, in]: x_rows = x[rows], with the batch's mask (element m·in + k)."""
-    if dropout_p == 0.0 or seed is None:
-        return x_rows
-    cols = torch.arange(x_rows.shape[1], dtype=torch.int64, device=x_rows.device)
-    keep = dropout_draws(seed, rows.to(torch.int64)[:, None] * x_rows.shape[1] + cols) >= dropout_threshold(dropout_p)
-    return x_rows * keep.to(x_rows.dtype) / (1.0 - dropout_p)
 
 
 def _adapter_dropouts(dropout_p, n: int) -> list[float]:
