@@ -47,6 +47,12 @@ def _matches(name: str, target_modules: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def matching_modules(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Names of the model's modules that `names` selects (exact names or name suffixes, PEFT's list rule)."""
+    names = list(names)
+    return [name for name, _ in model.named_modules() if name and _matches(name, names)]
+
+
 def is_linear(module: nn.Module) -> bool:
     """A layer LoRALinear can wrap: nn.Linear or transformers' Conv1D (not a LoRALinear already)."""
     return (isinstance(module, nn.Linear) or is_conv1d(module)) and not isinstance(module, LoRALinear)
@@ -86,7 +92,7 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], config: L
     config = LoRAConfig.of(config, options)
     keep = []
     if modules_to_save:
-        keep = [name for name, _ in model.named_modules() if name and _matches(name, list(modules_to_save))]
+        keep = matching_modules(model, modules_to_save)
         if not keep:
             raise ValueError(f"modules_to_save={list(modules_to_save)!r} matched no module of the model")
     # a module to save is trained whole, so it is not wrapped (nor is anything inside it)

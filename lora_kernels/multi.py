@@ -291,17 +291,23 @@ def _layers(model: nn.Module) -> list[MultiLoRALinear]:
     return layers
 
 
+def common_free_slot(layers: Iterable[MultiLoRALinear]) -> int | None:
+    """The first slot free in every one of the layers (so that a name means one slot everywhere), or None."""
+    layers = list(layers)
+    used = set().union(*(set(layer.slots.values()) for layer in layers))
+    return next((s for s in range(min(layer.capacity for layer in layers)) if s not in used), None)
+
+
 def add_adapter(model: nn.Module, name: str, r: int, lora_alpha: float | None = None,
                 use_rslora: bool = False, lora_dropout: float | None = None) -> int:
     """Add adapter `name` to every MultiLoRALinear of the model, in the same slot everywhere; returns it."""
     layers = _layers(model)
-    used = set().union(*(set(layer.slots.values()) for layer in layers))
-    free = [s for s in range(layers[0].capacity) if s not in used]
-    if not free:
+    slot = common_free_slot(layers)
+    if slot is None:
         raise ValueError(f"no slot is free in every layer (capacity={layers[0].capacity})")
     for layer in layers:
-        layer.add_adapter(name, r, lora_alpha, use_rslora, slot=free[0], lora_dropout=lora_dropout)
-    return free[0]
+        layer.add_adapter(name, r, lora_alpha, use_rslora, slot=slot, lora_dropout=lora_dropout)
+    return slot
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:

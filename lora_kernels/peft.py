@@ -28,9 +28,10 @@ from torch import nn
 
 from .config import LoRAConfig
 from .functional import lora_linear, lora_linear_multi
-from .model_setup import _MODULES_TO_SAVE, inject_layers, lora_layers, mark_only_lora_as_trainable, target_names
+from .model_setup import (_MODULES_TO_SAVE, inject_layers, lora_layers, mark_only_lora_as_trainable, matching_modules,
+                          target_names)
 from .modules import LoRALinear, is_conv1d
-from .multi import MultiLoRALinear, multi_lora_layers
+from .multi import MultiLoRALinear, common_free_slot, multi_lora_layers
 
 __all__ = ["patch_peft_model", "unpatch_peft_model", "PatchReport", "adapter_batch", "load_peft_adapter",
            "save_peft_adapter"]
@@ -342,18 +343,17 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
             _check_adapter_name(module, adapter_name)
         plans[name] = (module, base_config.replace(r=r, lora_alpha=alpha))
     multi = {name: plan for name, plan in plans.items() if isinstance(plan[0], MultiLoRALinear)}
+    slot = None
     if multi:  # one slot for the adapter in every MultiLoRALinear, as lora_kernels.add_adapter does
-        modules = [module for module, _ in multi.values()]
-        used = set().union(*(set(m.slots.values()) for m in modules))
-        free = [s for s in range(min(m.capacity for m in modules)) if s not in used]
-        if not free:
+        slot = common_free_slot(module for module, _ in multi.values())
+        if slot is None:
             raise ValueError(f"{path}: no adapter slot is free in every MultiLoRALinear (capacity reached)")
 
     for name, (module, layer_config) in plans.items():
         A, B = adapters[name]["A"], adapters[name]["B"]
         if isinstance(module, MultiLoRALinear):
             module.add_adapter(adapter_name, layer_config.r, layer_config.lora_alpha, layer_config.use_rslora,
-                               lora_A=A.to(module.lora_A.dtype), lora_B=B.to(module.lora_B.dtype), slot=free[0],
+                               lora_A=A.to(module.lora_A.dtype), lora_B=B.to(module.lora_B.dtype), slot=slot,
                                lora_dropout=layer_config.lora_dropout)
         elif isinstance(module, LoRALinear):
             module.switch_adapter(A, B, lora_alpha=layer_config.lora_alpha)
@@ -373,9 +373,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
             state[key].copy_(value)
     saved_modules = config.get("modules_to_save") or []
     if saved_modules:
-        kept = sorted({name for name, _ in model.named_modules()
-                       if name and any(name == m or name.endswith("." + m) for m in saved_modules)})
-        setattr(model, _MODULES_TO_SAVE, tuple(kept))
+        setattr(model, _MODULES_TO_SAVE, tuple(sorted(matching_modules(model, saved_modules))))
     if is_trainable:
         mark_only_lora_as_trainable(model)
     else:
