@@ -222,11 +222,8 @@ class LoRALinear(nn.Module):
             layer.nf, layer.nx = self.out_features, self.in_features
             layer.weight, layer.bias = self.weight, self.bias
             return layer
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = nn.Parameter(self.base_weight().contiguous(), requires_grad=False) \
-            if self.fan_in_fan_out else self.weight
-        linear.bias = self.bias
-        return linear
+        weight = nn.Parameter(self.base_weight().contiguous(), requires_grad=False) if self.fan_in_fan_out else self.weight
+        return linear_holding(weight, self.bias)
 
     def train(self, mode: bool = True) -> "LoRALinear":
         super().train(mode)
@@ -245,6 +242,13 @@ class LoRALinear(nn.Module):
             if getattr(self, flag):
                 text += f", {flag}=True"
         return text
+
+
+def linear_holding(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+    """An nn.Linear whose weight [out, in] and bias are these Parameters (shared, not copied)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight, linear.bias = weight, bias
+    return linear
 
 
 def is_conv1d(module: nn.Module) -> bool:

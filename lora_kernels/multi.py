@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .config import LoRAConfig
 from .functional import lora_linear_multi, merge_, unmerge_
 from .model_setup import mark_only_lora_as_trainable, replace_module, target_names
-from .modules import is_conv1d
+from .modules import is_conv1d, linear_holding
 
 __all__ = ["MultiLoRALinear", "inject_multi_lora", "add_adapter", "remove_adapter", "set_adapter", "adapter_batch",
            "multi_lora_layers"]
@@ -237,9 +237,7 @@ class MultiLoRALinear(nn.Module):
         return self._base_layer()
 
     def _base_layer(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight, linear.bias = self.weight, self.bias
-        return linear
+        return linear_holding(self.weight, self.bias)
 
     # -- state --------------------------------------------------------------
 
