@@ -80,9 +80,7 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.adapter_disabled = False
         self.base_layer_type = nn.Linear  # what merge_and_unload() / unload() give back
-        self._register_state_dict_hook(_unmerged_weight_in_state_dict)
-        self._register_load_state_dict_pre_hook(_take_adapter_out_before_load, with_module=True)
-        self.register_load_state_dict_post_hook(_merge_again_after_load)
+        register_merge_hooks(self)
 
     @property
     def config(self) -> LoRAConfig:
@@ -170,6 +168,19 @@ class LoRALinear(nn.Module):
         if self.merged:
             unmerge_(self.base_weight(), self.lora_A, self.lora_B, self.scaling)
             self.merged = False
+
+    # what the state-dict hooks (register_merge_hooks) ask of a layer
+    def merged_adapter_tensors(self):
+        return (self.lora_A, self.lora_B, self.scaling) if self.merged else None
+
+    def _merge_token(self):
+        return True if self.merged else None
+
+    def _forget_merge(self) -> None:
+        self.merged = False
+
+    def _merge_again(self, token) -> None:
+        self.merge()
 
     @torch.no_grad()
     def switch_adapter(self, lora_A: Tensor, lora_B: Tensor, lora_alpha: float | None = None,
@@ -259,28 +270,40 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 # A merged layer's state dict holds W0, not W0 + s·BA: a state dict must mean the same thing whatever the layer's
-# state when it was taken, or loading it into a fresh model and calling eval() (merge_weights) would merge twice.
+# state when it was taken, or loading it into a fresh model (and, with merge_weights, calling eval()) would count
+# the adapter twice. The hooks serve LoRALinear and MultiLoRALinear through four methods both define:
+# merged_adapter_tensors() -> (A, B, s) of the adapter in the weight or None, _merge_token() -> what to merge again
+# (None when unmerged), _forget_merge() (the weight is about to be replaced by a W0) and _merge_again(token).
 
-def _unmerged_weight_in_state_dict(module: LoRALinear, state: dict, prefix: str, local_metadata) -> None:
+def register_merge_hooks(module: nn.Module) -> None:
+    module._register_state_dict_hook(_unmerged_weight_in_state_dict)
+    module._register_load_state_dict_pre_hook(_take_adapter_out_before_load, with_module=True)
+    module.register_load_state_dict_post_hook(_merge_again_after_load)
+
+
+def _unmerged_weight_in_state_dict(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
     key = prefix + "weight"
-    if module.merged and key in state:
+    merged = module.merged_adapter_tensors()
+    if merged is not None and key in state:
         weight = state[key].detach().clone()
-        unmerge_(weight.t() if module.fan_in_fan_out else weight, module.lora_A, module.lora_B, module.scaling)
+        unmerge_(weight.t() if getattr(module, "fan_in_fan_out", False) else weight, *merged)
         state[key] = weight
 
 
-def _take_adapter_out_before_load(module: LoRALinear, state: dict, prefix: str, *args) -> None:
+def _take_adapter_out_before_load(module: nn.Module, state: dict, prefix: str, *args) -> None:
     """Loading into a merged layer: take the adapter out first (or let the loaded W0 replace the merged
     weight), then _merge_again_after_load merges whatever adapter was loaded."""
-    module._merge_after_load = False
-    if module.merged and any(prefix + name in state for name in ("weight", "lora_A", "lora_B")):
+    module._merge_after_load = None
+    token = module._merge_token()
+    if token is not None and any(prefix + name in state for name in ("weight", "lora_A", "lora_B")):
         if prefix + "weight" in state:
-            module.merged = False
+            module._forget_merge()
         else:
             module.unmerge()
-        module._merge_after_load = True
+        module._merge_after_load = token
 
 
-def _merge_again_after_load(module: LoRALinear, incompatible_keys) -> None:
-    if module.__dict__.pop("_merge_after_load", False):
-        module.merge()
+def _merge_again_after_load(module: nn.Module, incompatible_keys) -> None:
+    token = module.__dict__.pop("_merge_after_load", None)
+    if token is not None:
+        module._merge_again(token)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .config import LoRAConfig
 from .functional import lora_linear_multi, merge_, unmerge_
 from .model_setup import mark_only_lora_as_trainable, replace_module, target_names
-from .modules import is_conv1d, linear_holding
+from .modules import is_conv1d, linear_holding, register_merge_hooks
 
 __all__ = ["MultiLoRALinear", "inject_multi_lora", "add_adapter", "remove_adapter", "set_adapter", "adapter_batch",
            "multi_lora_layers"]
@@ -92,6 +92,7 @@ class MultiLoRALinear(nn.Module):
         self.merged_adapter: str | None = None
         self.adapter_disabled = False
         self.batch_ids: Tensor | None = None  # set by adapter_batch() for the calls inside it
+        register_merge_hooks(self)  # a merged adapter is never saved inside the weight
 
     # -- adapters -----------------------------------------------------------
 
@@ -224,6 +225,20 @@ class MultiLoRALinear(nn.Module):
         if self.merged_adapter is not None:
             unmerge_(self.weight, *self._adapter_tensors(self.merged_adapter))
             self.merged_adapter = None
+
+    # what the state-dict hooks (register_merge_hooks) ask of a layer
+    def merged_adapter_tensors(self):
+        return self._adapter_tensors(self.merged_adapter) if self.merged_adapter is not None else None
+
+    def _merge_token(self):
+        return self.merged_adapter
+
+    def _forget_merge(self) -> None:
+        self.merged_adapter = None
+
+    def _merge_again(self, name: str) -> None:
+        if name in self.slots:  # the loaded state may not hold that adapter any more
+            self.merge(name)
 
     def merge_and_unload(self, name: str | None = None) -> nn.Linear:
         """An nn.Linear holding W0 + s·B A of adapter `name` (default: the active one): the weight merged in place

@@ -197,3 +197,21 @@ def test_model_level_merge_and_unload_cover_multi_lora_layers():
     merged = lk.merge_and_unload(model)
     assert type(merged.up) is nn.Linear and type(merged.down) is nn.Linear
     torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_of_a_merged_multi_layer_holds_w0():
+    """As for LoRALinear: a state dict taken while an adapter is merged holds W0, so loading it into a fresh
+    layer does not count the adapter twice; loading into a merged layer merges the loaded adapter."""
+    layer = _layer()
+    x = torch.randn(3, 24, device=DEVICE)
+    expected = layer(x, adapter_names=["b", "a", None])
+    layer.merge("b")
+    state = layer.state_dict()
+    fresh = MultiLoRALinear(24, 16, capacity=4, r_max=8, device=DEVICE)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(x, adapter_names=["b", "a", None]), expected, rtol=1e-5, atol=1e-5)
+    merged = _layer(seed=4)
+    merged.merge("b")
+    merged.load_state_dict(state)
+    assert merged.merged_adapter == "b"
+    torch.testing.assert_close(merged(x[:1]), expected[:1], rtol=1e-5, atol=1e-5)
