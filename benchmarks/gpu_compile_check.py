@@ -103,6 +103,10 @@ def variants(dtypes, arch: int):
                     (f"weight grad dA p={p}", lin.weight_grad_launch_args(
                         gb, x, e(4, r, K, dt=torch.float32), 1024, p, 7)),
                 ]
+                if p == 0.0 and r == 16:  # the CUDA-graph decode: the scaling read from device memory
+                    launches.append(("decode scaling in memory", lin.fused_gemm_launch_args(
+                        e(16, K), weight.t(), bias, e(16, r), lora_B.t(), lora_A.t(), e(16, N),
+                        e((), dt=torch.float64), p, 7, shrink_in_loop=True, dropout_epilogue=False)))
                 if p == 0.0:
                     launches += [
                         ("shrink gb", lin.shrink_launch_args(grad_y, lora_B, gb, 0.0, 0)),

@@ -40,14 +40,15 @@ def lora_linear(
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
-    scaling: float,
+    scaling: float | Tensor,
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> Tensor:
     """y = x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T, fused.
 
     x [..., in], weight [out, in], bias [out] or None, lora_A [r, in], lora_B [out, r];
-    returns [..., out]. Dropout (probability dropout_p) is applied only when
+    scaling a number or a 0-d tensor (on x's GPU, the kernels read it in device memory: a
+    CUDA graph captured with it sees later in-place changes); returns [..., out]. Dropout (probability dropout_p) is applied only when
     training; its mask comes from a seed drawn from torch's default generator, so
     torch.manual_seed makes runs reproducible. Differentiable in x, lora_A,
     lora_B, bias (and weight, if it requires grad). Under torch.autocast it

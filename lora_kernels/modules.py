@@ -71,9 +71,9 @@ class LoRALinear(nn.Module):
         self.r, self.lora_alpha, self.lora_dropout = config.r, config.lora_alpha, float(config.lora_dropout)
         self.fan_in_fan_out, self.use_rslora = config.fan_in_fan_out, config.use_rslora
         self.merge_weights = config.merge_weights
-        self.scaling = config.scaling
         self.weight = weight
         self.bias = bias
+        self.scaling = config.scaling
         factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, config.r, **factory))
@@ -136,13 +136,28 @@ class LoRALinear(nn.Module):
     @scaling.setter
     def scaling(self, value: float) -> None:
         self._scaling = float(value)
-        # The same value as a 0-d CPU tensor, updated in place, for torch.compile: a
-        # graph input rather than a constant, so a new alpha does not recompile.
-        # A plain attribute, not a buffer: .to(device) leaves it on the CPU.
+        # The same value as a 0-d float64 tensor, updated in place, which the op gets under
+        # torch.compile (a graph input rather than a constant, so a new alpha does not recompile)
+        # and during CUDA-graph capture. On a CUDA weight it lives on the weight's device and the
+        # kernels read it there: a replayed graph uses the current scaling, and no CPU tensor
+        # keeps torch.compile(mode="reduce-overhead") from using CUDA graphs. A plain attribute,
+        # not a buffer (state dicts stay PEFT's); _apply keeps it on the weight's device.
         if "_scaling_tensor" in self.__dict__:
             self._scaling_tensor.fill_(self._scaling)
         else:
-            self.__dict__["_scaling_tensor"] = torch.tensor(self._scaling, dtype=torch.float64)
+            self.__dict__["_scaling_tensor"] = torch.tensor(self._scaling, dtype=torch.float64, device="cpu")
+            self._keep_scaling_with_weight()
+
+    def _keep_scaling_with_weight(self) -> None:
+        device = self.weight.device
+        device = device if device.type == "cuda" else torch.device("cpu")
+        if self._scaling_tensor.device != device:
+            self.__dict__["_scaling_tensor"] = torch.tensor(self._scaling, dtype=torch.float64, device=device)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), .to_empty(): the scaling follows the weight
+        self._keep_scaling_with_weight()
+        return self
 
     def base_weight(self) -> Tensor:
         """W0 (possibly merged) as [out, in]: a view, never a copy."""
@@ -151,7 +166,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.adapter_disabled:
             return F.linear(x, self.base_weight(), self.bias)
-        scaling = self._scaling_tensor if torch.compiler.is_compiling() else self._scaling
+        live = torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        scaling = self._scaling_tensor if live else self._scaling  # a float is cheapest in eager mode
         return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, scaling,
                            self.lora_dropout, self.training)
 

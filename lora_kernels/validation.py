@@ -59,6 +59,14 @@ def check_scaling(name: str, scaling) -> float:
     return value
 
 
+def check_scaling_in_memory(scaling: Tensor, x: Tensor) -> None:
+    """A scaling the kernels read in device memory (CUDA-graph capture): a 0-d float tensor on x's
+    device. Its value is not checked: reading it would wait for the GPU, which capture forbids."""
+    if scaling.dim() != 0 or not scaling.is_floating_point() or scaling.device != x.device:
+        raise ValueError(f"a tensor scaling must be a 0-d floating tensor on the CPU or on x's device {x.device}, "
+                         f"got {tuple(scaling.shape)} {scaling.dtype} on {scaling.device}")
+
+
 def check_not_learnable_scaling(scaling) -> None:
     """The fused op has no gradient for the scaling: a tensor that asks for one is refused, not ignored."""
     if isinstance(scaling, Tensor) and scaling.requires_grad:
@@ -110,7 +118,8 @@ def plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> boo
     which gives the precise error (or applies autocast). Under torch.compile,
     scaling's value cannot be checked at trace time: LoRALinear passes it as a
     0-d tensor (a graph input), and Dynamo traces a float argument of a compiled
-    function as a symbolic float.
+    function as a symbolic float. A 0-d tensor on x's GPU is read by the kernels,
+    never here (that would wait for the GPU).
     """
     return (
         isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
@@ -126,7 +135,10 @@ def plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> boo
         and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
         and (type(scaling) is float and (torch.compiler.is_compiling() or math.isfinite(scaling))
              or type(scaling) is int and -_FLOAT_MAX <= scaling <= _FLOAT_MAX
-             or isinstance(scaling, Tensor) and torch.compiler.is_compiling() and not scaling.requires_grad)
+             or isinstance(scaling, Tensor) and not scaling.requires_grad and (
+                 torch.compiler.is_compiling()
+                 or scaling.dim() == 0 and scaling.device == x.device and scaling.device.type != "cpu"
+                 and scaling.is_floating_point()))
         and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0
         and autocast_dtype(x.device.type) is None
         and not (is_dtensor(x) or is_dtensor(weight) or is_dtensor(lora_A) or is_dtensor(lora_B) or is_dtensor(bias))
@@ -166,7 +178,9 @@ def check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     check_same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     check_not_distributed_tensor(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     check_not_learnable_scaling(scaling)
-    if not (isinstance(scaling, Tensor) and torch.compiler.is_compiling()):  # a traced value cannot be read
+    if isinstance(scaling, Tensor) and scaling.device.type != "cpu":
+        check_scaling_in_memory(scaling, x)
+    elif not (isinstance(scaling, Tensor) and torch.compiler.is_compiling()):  # a traced value cannot be read
         check_scaling("scaling", scaling)
     check_dropout_p(dropout_p)
 

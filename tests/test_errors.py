@@ -41,6 +41,9 @@ BAD_LORA_LINEAR = [
     ("weight", torch.randn(10, 11), ValueError, "weight must be [out_features, in_features=12]"),
     ("x", torch.tensor(1.0), ValueError, "x must be [..., in_features]"),
     ("scaling", "2", TypeError, "scaling must be a real number"),
+    # a tensor scaling off the CPU is read by the kernels on x's device: elsewhere it cannot be
+    ("scaling", torch.tensor(2.0, device="meta"), ValueError, "a 0-d floating tensor on the CPU or on x's device"),
+    ("scaling", torch.tensor([2.0]), TypeError, "scaling must be a real number"),
     ("dropout_p", 1.0, ValueError, "dropout_p must be a number in [0, 1)"),
     ("dropout_p", -0.1, ValueError, "dropout_p must be a number in [0, 1)"),
 ]

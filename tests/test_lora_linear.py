@@ -313,3 +313,45 @@ def test_mixed_adapter_dtypes_are_refused_by_name():
     with pytest.raises(TypeError, match=r"lora_A must have x's dtype torch.float32, got torch.float64"):
         lora_linear(inputs["x"].float(), inputs["weight"].float(), None, inputs["lora_A"].double(),
                     inputs["lora_B"].double(), 1.0)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("rows", [3, 37], ids=["decode", "prefill"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_scaling_read_from_memory_gives_the_floats_results(backend, dtype, rows, dropout_p, use_backend):
+    """During CUDA-graph capture and under torch.compile on a GPU, the backends get the scaling as a
+    0-d tensor on x's device and read it there (a replayed graph sees its current value). Here a CPU
+    tensor is handed to each backend directly, as the op hands it a GPU one: Triton and the reference
+    only read s from elsewhere (bit for bit the float's results, and an in-place change is seen);
+    the C++ kernels fold it into B (within the float64 oracle's budget)."""
+    from lora_kernels.backends import implementation
+
+    use_backend(backend)
+    t = make_lora_inputs((rows,), 70, 33, 16, dtype, bias=True, seed=rows)
+    x, w, b, A, B = t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]
+    grad_y = make_lora_inputs((rows,), 33, 1, 1, dtype, seed=rows + 1)["x"]
+    impl = implementation("lora_linear", x.device, dtype)
+    seed = 77 if dropout_p else 0
+
+    def run(scaling):
+        y, xa = impl.forward(x, w, b, A, B, scaling, dropout_p, seed)
+        return (y, xa, *impl.backward(grad_y, x, w, A, B, xa, scaling, dropout_p, seed, True))
+
+    in_memory = torch.tensor(SCALING, dtype=torch.float64)
+    ours, as_float = run(in_memory), run(SCALING)
+    exact = [v.double() for v in reference.lora_linear(*(v.double() for v in (x, w, b, A, B)), SCALING, dropout_p,
+                                                        seed if dropout_p else None)]
+    exact += reference.lora_linear_backward(grad_y.double(), x.double(), w.double(), A.double(), B.double(), exact[1],
+                                            SCALING, dropout_p, seed if dropout_p else None)
+    for name, got, float_got, oracle in zip(("y", "xa", "dx", "dA", "dB"), ours, as_float, exact):
+        if backend in ("triton", "reference"):
+            assert torch.equal(got, float_got), name
+        else:
+            assert_matches_reference(got, oracle, float_got, name)
+    in_memory.fill_(-0.5)  # what a replayed graph sees after layer.scaling = -0.5
+    for name, got, float_got in zip(("y", "xa", "dx", "dA", "dB"), run(in_memory), run(-0.5)):
+        if backend in ("triton", "reference"):
+            assert torch.equal(got, float_got), name
+        else:
+            torch.testing.assert_close(got, float_got, msg=name)

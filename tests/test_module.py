@@ -135,6 +135,30 @@ def test_torch_compile_fullgraph(backend, use_backend):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles, "a new scaling recompiled"
 
 
+def test_scaling_tensor_lives_with_the_weight_and_changes_in_place():
+    """The 0-d scaling the op gets under torch.compile and CUDA-graph capture: updated in place (a compiled
+    graph or a captured one keeps reading the same tensor), float64 whatever the layer's dtype, on the
+    weight's device after .to() (on the CPU for every non-CUDA weight), and never on the meta device: a
+    layer built under torch.device("meta") and materialised with to_empty still compiles."""
+    layer = LoRALinear(8, 6, r=2, lora_alpha=4)
+    tensor = layer._scaling_tensor
+    layer.scaling = 0.25
+    assert layer._scaling_tensor is tensor and tensor.item() == 0.25 and tensor.dtype == torch.float64
+    layer.half()
+    assert layer._scaling_tensor.dtype == torch.float64 and layer._scaling_tensor.item() == 0.25
+    with torch.device("meta"):
+        meta_layer = LoRALinear(8, 6, r=2, lora_alpha=4)
+    assert meta_layer._scaling_tensor.device.type == "cpu" and meta_layer._scaling_tensor.item() == 2.0
+    meta_layer.to_empty(device=DEVICE)
+    with torch.no_grad():
+        for p in meta_layer.parameters():
+            p.normal_()
+    assert meta_layer._scaling_tensor.device.type == ("cuda" if DEVICE == "cuda" else "cpu")
+    x = torch.randn(3, 8, device=DEVICE)
+    compiled = torch.compile(meta_layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), meta_layer(x))
+
+
 def test_torch_compile_functional_with_float_scaling():
     """lora_linear inside a compiled function, its scaling a float argument: no graph break, and after
     Dynamo's usual first specialisation a new value reuses the graph."""

@@ -3,15 +3,18 @@
     lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y [M, out], xa [M, r])
 
 x is 2-D here (functional.lora_linear checks arguments and flattens leading dims).
-`scaling` is a float in eager mode and a 0-d float64 CPU tensor under torch.compile
-(a graph input: loading an adapter with another alpha does not recompile). `seed`
-is a 0-d int64 CPU tensor, or None when dropout is off; the backward regenerates
-the forward's mask from it, so only x, xa [M, r] and the seed are saved.
+`scaling` is a float in eager mode, or a 0-d tensor under torch.compile (a graph input:
+loading an adapter with another alpha does not recompile) and during CUDA-graph capture:
+on the CPU it is read here; on x's CUDA device it goes to the kernels, which read it in
+device memory (no host sync; a replayed graph sees its current value). `seed` is a 0-d
+int64 CPU tensor, or None when dropout is off; the backward regenerates the forward's
+mask from it, so only x, xa [M, r] and the seed are saved.
 
-Every backend implements the same two functions (reference.py is their spec):
+Every backend implements the same two functions (reference.py is their spec), with
+scaling a float or a 0-d tensor on x's device:
 
-    forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int) -> (y, xa)
-    backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, p: float, seed: int, need_dx: bool)
+    forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed: int) -> (y, xa)
+    backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed: int, need_dx: bool)
         -> (dx [M, in] or [0], dA [r, in], dB [out, r])
 
 d_weight (only if the weight requires grad) and d_bias are one ATen op each, here.
@@ -47,15 +50,28 @@ class ReferenceBackend:
 
 
 class CompiledBackend:
-    """lora_kernels._C (csrc/lora_linear.cpp): the dispatcher runs the CPU or CUDA kernel by the tensors' device."""
+    """lora_kernels._C (csrc/lora_linear.cpp): the dispatcher runs the CPU or CUDA kernel by the tensors' device.
+
+    The C++ kernels take the scaling as a number (cuBLAS's alpha). A scaling in device memory is
+    folded into B instead, by one small kernel and no host read: s·xa Bᵀ = xa (sB)ᵀ, and with sB
+    the backward's gb, dx and dA come out scaled; only dB = s·dyᵀ xa is scaled afterwards. sB is
+    rounded to B's dtype (float32 in auto, which sends 16-bit tensors to Triton).
+    """
 
     @staticmethod
-    def forward(*args):
-        return torch.ops.lora_kernels.fused_forward(*args)
+    def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
+        if isinstance(scaling, Tensor):
+            return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B * scaling, 1.0, p, seed)
+        return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
 
     @staticmethod
-    def backward(*args):
-        return torch.ops.lora_kernels.fused_backward(*args)
+    def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed, need_dx):
+        if isinstance(scaling, Tensor):
+            dx, dA, dB = torch.ops.lora_kernels.fused_backward(grad_y, x, weight, lora_A, lora_B * scaling, xa, 1.0,
+                                                               p, seed, need_dx)
+            return dx, dA, dB.mul_(scaling)
+        return torch.ops.lora_kernels.fused_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed,
+                                                     need_dx)
 
 
 # float32 adapters on a 16-bit base (reference.lora_linear's "mixed precision") run on every backend.
@@ -77,12 +93,19 @@ def _dropout(dropout_p: float, seed: Optional[Tensor]) -> tuple[float, int]:
     return (dropout_p, int(seed)) if seed is not None else (0.0, 0)
 
 
+def _kernel_scaling(scaling):
+    """The scaling as the backends take it: a float, or a 0-d tensor on x's device (read there, not here)."""
+    if isinstance(scaling, Tensor) and scaling.device.type != "cpu":
+        return scaling
+    return float(scaling)
+
+
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
             dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(y, xa) on the backend selected for x's device and dtype (the op's forward entry point)."""
     p, seed_value = _dropout(dropout_p, seed)
     return implementation(OP, x.device, x.dtype, lora_A.dtype).forward(x, weight, bias, lora_A, lora_B,
-                                                                       float(scaling), p, seed_value)
+                                                                       _kernel_scaling(scaling), p, seed_value)
 
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -95,7 +118,8 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
     """(dx or an empty tensor, dA, dB) on the backend selected for x's device and dtype."""
     p, seed_value = _dropout(dropout_p, seed)
     return implementation(OP, x.device, x.dtype, lora_A.dtype).backward(grad_y, x, weight, lora_A, lora_B, xa,
-                                                                        float(scaling), p, seed_value, need_dx)
+                                                                        _kernel_scaling(scaling), p, seed_value,
+                                                                        need_dx)
 
 
 def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx):
@@ -145,7 +169,7 @@ def _differentiable_gradients(ctx, grad_y):
     grads = [None] * 4
     if wrt:
         p, seed_value = _dropout(ctx.dropout_p, seed)
-        y, _ = reference.lora_linear(x, weight, None, lora_A, lora_B, float(ctx.scaling), p, seed_value)
+        y, _ = reference.lora_linear(x, weight, None, lora_A, lora_B, _kernel_scaling(ctx.scaling), p, seed_value)
         found = torch.autograd.grad(y, [t for _, t in wrt], grad_y, create_graph=True)
         for (i, _), g in zip(wrt, found):
             grads[i] = g
@@ -156,10 +180,12 @@ def _differentiable_gradients(ctx, grad_y):
 def _graph_args(args):
     """Under torch.compile the scaling must be a graph input (a tensor). A float becomes one by a
     multiplication, which Dynamo keeps symbolic (torch.tensor(scaling) would specialise on the
-    value and recompile for every new alpha)."""
+    value and recompile for every new alpha), on x's device when that is a GPU (a CPU tensor in
+    the graph would keep Inductor from using CUDA graphs)."""
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = args
     if not isinstance(scaling, Tensor):
-        scaling = torch.ones((), dtype=torch.float64) * scaling
+        device = x.device if x.is_cuda else torch.device("cpu")
+        scaling = torch.ones((), dtype=torch.float64, device=device) * scaling
     return x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
 
 

@@ -98,14 +98,15 @@ def _fused_gemm_kernel(
     stride_lm, stride_lr, stride_ur, stride_un, stride_dk, stride_dr, stride_ym, stride_yn,
     scaling, seed, threshold, inv_keep,
     HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, DROPOUT_SHRINK: tl.constexpr,
-    DROPOUT_EPILOGUE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    DROPOUT_EPILOGUE: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr,
+    PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ w[K, N] + bias + scaling · (L[M, R] @ u[R, N]) (⊙ mask / (1-p)).
 
     L is read from l_ptr, or with SHRINK_IN_LOOP accumulated in the K loop as
-    drop?(x) @ d[K, R] and written to l_ptr by the first column block.
+    drop?(x) @ d[K, R] and written to l_ptr by the first column block. With SCALING_IN_MEMORY,
+    `scaling` points to a 0-d tensor read at run time (a replayed CUDA graph sees its current value).
     M_BUCKET (M rounded up to a power of two) is not used here: it is the
     autotuner's key, so that batches of every new length do not re-tune.
     """
@@ -170,7 +171,10 @@ def _fused_gemm_kernel(
             u = tl.load(u_ptr + chunk[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
                         mask=chunk_ok[:, None] & col_ok[None, :], other=0.0)
             lora = dot(lora_left, u.to(lora_left.dtype), lora, LORA_PRECISION, SOFT_BF16)
-    lora = lora * scaling
+    if SCALING_IN_MEMORY:
+        lora = lora * tl.load(scaling).to(tl.float32)
+    else:
+        lora = lora * scaling
     if DROPOUT_EPILOGUE:
         lora = tl.where(keep_mask(seed, rows, cols, N, threshold), lora * inv_keep, 0.0)
     acc += lora
@@ -259,7 +263,7 @@ def _shrink(x: torch.Tensor, d: torch.Tensor, p: float, seed: int, out_dtype: to
 
 def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shrink_in_loop, dropout_epilogue):
     """(autotuned kernel, grid, args, flags) of y = x @ w_kn + bias + scaling · left @ u_rn
-    (see _fused_gemm_kernel); w_kn, u_rn, d_kr are views."""
+    (see _fused_gemm_kernel); w_kn, u_rn, d_kr are views; scaling is a float or a 0-d tensor on x's device."""
     M, K = x.shape
     N = w_kn.shape[1]
     R = u_rn.shape[0]
@@ -276,6 +280,7 @@ def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed,
             scaling, seed, threshold, inv_keep)
     flags = dict(HAS_BIAS=bias is not None, SHRINK_IN_LOOP=shrink_in_loop,
                  DROPOUT_SHRINK=shrink_in_loop and p > 0.0, DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
+                 SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor),
                  PRECISION=precision(x.dtype), LORA_PRECISION=precision(u_rn.dtype), SOFT_BF16=soft_bf16(x.dtype),
                  BLOCK_R=block_r(R))
     return (_fused_gemm_decode if shrink_in_loop else _fused_gemm), grid, args, flags
@@ -333,13 +338,13 @@ def _check_dtype(x: torch.Tensor) -> None:
 # adapters' dtype and precision (x's tiles are widened in registers, exactly); the base GEMM stays 16-bit.
 
 
-def forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int):
+def forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed: int):
     """(y [M, out], xa [M, r]) for x [M, in]: y = x W0ᵀ + b + s·xa Bᵀ, xa = drop(x) Aᵀ."""
     with on_device(x):
         return _forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int):
+def _forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed: int):
     _check_dtype(x)
     M = x.shape[0]
     N, R = weight.shape[0], lora_A.shape[0]
@@ -357,13 +362,13 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: in
     return y, xa
 
 
-def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, p: float, seed: int, need_dx: bool):
+def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed: int, need_dx: bool):
     """(dx [M, in] or [0], dA [r, in], dB [out, r]) for a frozen weight."""
     with on_device(x):
         return _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed, need_dx)
 
 
-def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling: float, p: float, seed: int, need_dx: bool):
+def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed: int, need_dx: bool):
     _check_dtype(x)
     _, inv_keep = dropout_args(p)
     gb = _shrink(grad_y, lora_B, 0.0, 0, torch.float32)  # dy B   [M, r], float32 (reference.py's order)
