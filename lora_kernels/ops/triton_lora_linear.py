@@ -46,9 +46,14 @@ _GEMM_CONFIGS = configs(
     small=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
 )
 # Decode configs: 16-row tiles (tl.dot's minimum), narrow column blocks so that
-# enough programs stream W0 to fill the GPU, long K tiles.
+# enough programs stream W0 to fill the GPU, long K tiles. 32-column blocks give a
+# 4096-wide layer 128 programs, one wave on an H100/H200's 132 SMs with one
+# program each, too few loads in flight to hide HBM latency: 16-column blocks
+# give it 256 (two per SM); the autotuner picks per layer shape.
 _DECODE_CONFIGS = configs(
     [
+        (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, GROUP_M=1), 4, 4),
+        (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, GROUP_M=1), 4, 3),
         (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1), 4, 4),
         (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1), 4, 3),
         (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1), 4, 4),
