@@ -5,7 +5,8 @@
     python -m benchmarks.gpu_check --dry-run                # anywhere: same code path on CPU (TRITON_INTERPRET=1)
 
 Sections in priority order, each skipped once --deadline (default 480 s) has passed: a Triton smoke
-validation (one shape, every dtype, dropout and bias on/off), the headline timings (bf16, r = 16,
+validation (one shape, every dtype, dropout and bias on/off) while gpu_check.sh builds lora_kernels._C in
+the background, the wait for that build and the cuda backend's smoke validation, the headline timings (bf16, r = 16,
 4096², M in {1, 16, 2048, 8192}, forward and train: ours vs F.linear vs the reference formula vs PEFT,
 ours[cuda] next to ours), decode under CUDA graphs (eager wall time next to graph replay, for F.linear, PEFT
 and ours; ours replayed must equal ours eager), the full validation of each GPU backend (odd shapes, r up to 256; y, xa, dx,
@@ -208,10 +209,8 @@ def time_multi(device: str, reps: int, progress) -> None:
                      + f"; ours/one {med['ours'] / med['one']:.3f}, ours/base {med['ours'] / med['base']:.3f}")
 
 
-def _graph_replay_ms(fn) -> tuple[float, object]:
-    """(median ms of replaying a CUDA graph of fn(), the graph's output): the kernel-bound time of a call."""
-    import triton.testing
-
+def _capture(fn):
+    """(graph, its output) of fn() captured in a CUDA graph, after a warm-up off the default stream."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture wants
@@ -221,14 +220,23 @@ def _graph_replay_ms(fn) -> tuple[float, object]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
+    return graph, out
+
+
+def _graph_replay_ms(fn) -> float:
+    """Median ms of replaying a CUDA graph of fn(): the kernel-bound time of a call."""
+    import triton.testing
+
+    graph, _ = _capture(fn)
     median = triton.testing.do_bench(graph.replay, quantiles=[0.5], warmup=25, rep=100)
-    return (median[0] if isinstance(median, (list, tuple)) else median), out
+    return median[0] if isinstance(median, (list, tuple)) else median
 
 
 def time_decode_graphs(device: str, reps: int, progress) -> None:
     """Decode two ways (4096², bf16, r = 16, M = 1 and 16): the eager wall time per call (Python, checks
     and launches included) and the kernel-bound time of replaying a CUDA graph of the same call, for
-    F.linear, PEFT and ours; and a check that ours replayed from a graph gives the eager output."""
+    F.linear, PEFT and ours; checks that ours replayed from a graph gives the eager output and follows a
+    scaling changed after the capture, and that torch.compile(mode="reduce-overhead") captures ours."""
     from . import providers as prov
     from .harness import CaseResult, Timing, time_providers
 
@@ -243,7 +251,7 @@ def time_decode_graphs(device: str, reps: int, progress) -> None:
             for p in providers:
                 try:
                     p.prepare()
-                    ms, _ = _graph_replay_ms(p.fn)
+                    ms = _graph_replay_ms(p.fn)
                     timings[f"{p.name} (graph)"] = Timing(ms, ms, ms, samples=0)
                 except Exception as error:  # noqa: BLE001 - a provider that cannot be captured is reported
                     progress.log(f"decode M={M}: {p.name} could not be captured in a CUDA graph: {error!r}")
@@ -255,27 +263,100 @@ def time_decode_graphs(device: str, reps: int, progress) -> None:
             _check_graph_replay(M, d, dtype, progress)
         else:
             progress.log(f"eager ours/base {eager['ours'] / eager['base']:.3f}")
+    _check_reduce_overhead(device, d, dtype, progress)
 
 
-def _check_graph_replay(M: int, d: int, dtype, progress) -> None:
-    """ours captured in a CUDA graph and replayed equals ours called eagerly (same kernels, same inputs)."""
+def _decode_layer(M: int, d: int, dtype, device: str):
     import lora_kernels
 
     torch.manual_seed(M)
-    layer = lora_kernels.LoRALinear(d, d, r=16, lora_alpha=32, device="cuda", dtype=dtype).eval()
+    layer = lora_kernels.LoRALinear(d, d, r=16, lora_alpha=32, device=device, dtype=dtype).eval()
     torch.nn.init.normal_(layer.lora_B, std=0.02)
-    x = torch.randn(M, d, device="cuda", dtype=dtype)
+    return layer, torch.randn(M, d, device=device, dtype=dtype)
+
+
+def _check_graph_replay(M: int, d: int, dtype, progress) -> None:
+    """ours captured in a CUDA graph and replayed equals ours called eagerly (same kernels, same inputs),
+    and after layer.scaling changes a replay uses the new scaling (the kernels read it in device memory)."""
+    layer, x = _decode_layer(M, d, dtype, "cuda")
+    checks = []
     with torch.no_grad():
-        expected = layer(x)
         try:
-            _, out = _graph_replay_ms(lambda: layer(x))
-            ok = bool(torch.equal(out, expected))
-            detail = "" if ok else f"max |replay - eager| {(out.float() - expected.float()).abs().max().item():.3g}"
+            graph, out = _capture(lambda: layer(x))
+            for scaling in (layer.scaling, -0.75):
+                layer.scaling = scaling
+                graph.replay()
+                expected = layer(x)  # eager: the scaling as a float argument
+                ok = bool(torch.equal(out, expected))
+                detail = "" if ok else f"max |replay - eager| {(out.float() - expected.float()).abs().max().item():.3g}"
+                checks.append(dict(op="cuda_graph", output=f"decode M={M} scaling={scaling:g}", ok=ok, detail=detail))
         except Exception as error:  # noqa: BLE001
-            ok, detail = False, f"capture failed: {error!r}"
-    progress.add_checks([dict(op="cuda_graph", output=f"decode M={M}", ok=ok, detail=detail)])
-    if not ok:
-        progress.log(f"FAIL CUDA graph replay of ours, M={M}: {detail}")
+            checks.append(dict(op="cuda_graph", output=f"decode M={M}", ok=False, detail=f"capture failed: {error!r}"))
+    progress.add_checks(checks)
+    for check in checks:
+        if not check["ok"]:
+            progress.log(f"FAIL CUDA graph replay of ours, {check['output']}: {check['detail']}")
+
+
+def _check_reduce_overhead(device: str, d: int, dtype, progress) -> None:
+    """torch.compile(layer, mode="reduce-overhead") at decode: Inductor must not skip CUDA graphs (no CPU
+    tensor reaches the graph), its output equals eager, and a new scaling needs no recompile and is used.
+    On the CPU (dry run) the same code runs without CUDA graphs, and the skip count is only reported."""
+    from torch._dynamo.utils import counters
+
+    layer, x = _decode_layer(1, d, dtype, device)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    checks = []
+    with torch.no_grad():
+        try:
+            for scaling in (layer.scaling, -0.75):
+                layer.scaling = scaling
+                for _ in range(3):  # warm-up, record, replay
+                    out = compiled(x).clone()
+                expected = layer(x)
+                ok = bool(torch.equal(out, expected))
+                detail = "" if ok else f"max |compiled - eager| {(out.float() - expected.float()).abs().max().item():.3g}"
+                checks.append(dict(op="reduce_overhead", output=f"decode scaling={scaling:g}", ok=ok, detail=detail))
+            skips, graphs = counters["inductor"]["cudagraph_skips"], counters["stats"]["unique_graphs"]
+            detail = f"cudagraph skips {skips}, graphs compiled {graphs}"
+            checks.append(dict(op="reduce_overhead", output="CUDA graphs used, one graph",
+                               ok=(skips == 0 or device == "cpu") and graphs == 1, detail=detail))
+            progress.log(f"torch.compile(mode='reduce-overhead'): {detail}")
+        except Exception as error:  # noqa: BLE001
+            checks.append(dict(op="reduce_overhead", output="decode", ok=False, detail=f"failed: {error!r}"))
+    progress.add_checks(checks)
+    for check in checks:
+        if not check["ok"]:
+            progress.log(f"FAIL reduce-overhead, {check['output']}: {check['detail']}")
+
+
+def wait_for_build(progress) -> None:
+    """Wait for gpu_check.sh's background build of lora_kernels._C (its status file, named by
+    LORA_KERNELS_BUILD_STATUS, holds "ok" or "failed"), then pick the extension up. A failed build is a
+    failed check with the log's tail; the Triton sections do not need the extension and carry on."""
+    from lora_kernels.backends import rescan_compiled_extension
+
+    status_file = os.environ.get("LORA_KERNELS_BUILD_STATUS")
+    if not status_file:
+        progress.log("extension: built before the check (no background build)")
+        return
+    status_path, t0 = Path(status_file), time.time()
+    while not status_path.exists() and progress.left() > 0:
+        time.sleep(0.5)
+    if not status_path.exists():
+        progress.log("extension build still running at the deadline: the cuda backend is not checked")
+        return
+    status = status_path.read_text().strip()
+    found = status == "ok" and rescan_compiled_extension()
+    detail = f"{status}; waited {time.time() - t0:.0f} s"
+    if not found:
+        log_path = Path(os.environ.get("LORA_KERNELS_BUILD_LOG", "/dev/null"))
+        tail = log_path.read_text(errors="replace").splitlines()[-30:] if log_path.is_file() else []
+        detail += "\n" + "\n".join(tail)
+    progress.add_checks([dict(op="build", output="lora_kernels._C", ok=found, detail=detail)])
+    progress.log(f"extension build: {detail}")
 
 
 class Progress:
@@ -351,11 +432,12 @@ def main(argv=None) -> int:
         return 2
     progress = Progress(args.out, args.deadline)
     log = progress.log
-    backends = [b for b in ("triton", "cuda") if b in lora_kernels.available_backends()]
-    if args.dry_run:
-        backends = ["triton"]
-    log(f"backends under test: {backends}; torch {torch.__version__}; device "
-        f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}; deadline {args.deadline:.0f} s")
+
+    def gpu_backends() -> list[str]:  # the cuda backend appears once the background build is in
+        return ["triton"] if args.dry_run else [b for b in ("triton", "cuda") if b in lora_kernels.available_backends()]
+
+    log(f"torch {torch.__version__}; device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}"
+        f"; deadline {args.deadline:.0f} s")
     smoke = [(37, 100, 33, 16)]
     shapes = ([(1, 33, 70, 1), (7, 70, 100, 3), (37, 100, 33, 16)] if args.dry_run else
               [(1, 33, 70, 1), (7, 70, 100, 3), (37, 100, 33, 16), (1000, 129, 257, 64), (16, 4096, 4096, 16),
@@ -387,10 +469,18 @@ def main(argv=None) -> int:
                 return
             progress.add_result(run_linear(case, device, wanted, args.budget))
 
-    # Priority order: what a short lease must not miss comes first.
-    for backend in backends:
-        section(f"smoke validation {backend}",
-                lambda b=backend: progress.add_checks(validate_linear(b, device, smoke, log)))
+    # Priority order: what a short lease must not miss comes first. The extension builds in the
+    # background (gpu_check.sh) while the Triton kernels, which do not need it, are checked.
+    def smoke_validation(backend):
+        section(f"smoke validation {backend}", lambda: progress.add_checks(validate_linear(backend, device, smoke, log)))
+
+    if "triton" in gpu_backends():
+        smoke_validation("triton")
+    section("extension build", lambda: wait_for_build(progress))
+    backends = gpu_backends()
+    log(f"backends under test: {backends}")
+    if "cuda" in backends:
+        smoke_validation("cuda")
     if not args.skip_timing:
         if args.dry_run:
             headline = [LinearCase(M, 64, 96, 16, torch.float32, t, 0.0) for M in (1, 37) for t in (False, True)]

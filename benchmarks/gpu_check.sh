@@ -9,16 +9,24 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 if [ "${1:-}" != "--dry-run" ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  build_log="${OUT:-/tmp}/gpu_check_build.log"
-  # A failed build must not cost the run: the Triton kernels need no extension,
-  # so their validation and timing go ahead (the cuda backend is then reported missing).
-  if LORA_KERNELS_CUDA_ARCHS="${LORA_KERNELS_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
-      "$PY" setup.py build_ext --inplace -q >"$build_log" 2>&1; then
-    echo "[gpu_check] built lora_kernels._C (log: $build_log)"
-  else
-    tail -30 "$build_log"
-    echo "[gpu_check] building lora_kernels._C FAILED (log: $build_log); continuing without the cuda backend"
-  fi
+  mkdir -p "${OUT:-/tmp}" build
+  export LORA_KERNELS_BUILD_LOG="${OUT:-/tmp}/gpu_check_build.log"
+  export LORA_KERNELS_BUILD_STATUS="${OUT:-/tmp}/gpu_check_build.status"
+  # The build runs in the background while the Triton kernels, which need no extension, are
+  # checked; benchmarks/gpu_check.py waits for the status file before the cuda backend's checks.
+  # No stale extension may be imported meanwhile, and the new one is linked elsewhere and renamed
+  # into place (same file system: atomic), so the check never maps a half-written file.
+  rm -f "$LORA_KERNELS_BUILD_STATUS" lora_kernels/_C.*.so
+  (
+    if LORA_KERNELS_CUDA_ARCHS="${LORA_KERNELS_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+        "$PY" setup.py build_ext --build-lib build/gpu_check_lib -q >"$LORA_KERNELS_BUILD_LOG" 2>&1 \
+        && mv -f build/gpu_check_lib/lora_kernels/_C.*.so lora_kernels/; then
+      echo ok >"$LORA_KERNELS_BUILD_STATUS.part"
+    else
+      echo failed >"$LORA_KERNELS_BUILD_STATUS.part"
+    fi
+    mv "$LORA_KERNELS_BUILD_STATUS.part" "$LORA_KERNELS_BUILD_STATUS"
+  ) &
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PY" -m benchmarks.gpu_check "$@"

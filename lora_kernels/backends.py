@@ -102,6 +102,18 @@ def compiled_extension():
     return _C
 
 
+def rescan_compiled_extension() -> bool:
+    """Look for lora_kernels._C again and forget every backend chosen so far; True when it is found.
+
+    For a process that imported lora_kernels before the extension was built (benchmarks/gpu_check.py
+    builds it in the background while the Triton checks run). Eager calls then use its kernels; the
+    fake kernels torch.compile needs for them are registered at import time only.
+    """
+    compiled_extension.cache_clear()
+    _selected.clear()
+    return compiled_extension() is not None
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None

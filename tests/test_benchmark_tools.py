@@ -40,3 +40,32 @@ def test_gpu_check_stops_at_its_deadline_and_leaves_valid_partial_results(tmp_pa
     assert checks and all(r["ok"] for r in checks), checks[:3]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())["summary"]
     assert summary["checks"] == len(checks) and summary["last_section"] == "done"
+
+
+def test_gpu_check_waits_for_the_background_build_and_reports_a_failed_one(tmp_path, monkeypatch):
+    """gpu_check.sh builds lora_kernels._C in the background: the check waits for its status file, then
+    picks the extension up; a failed build is a failed check that carries the build log's tail."""
+    import threading
+    import time
+
+    from benchmarks.gpu_check import Progress, wait_for_build
+    from lora_kernels.backends import compiled_extension
+
+    status, log = tmp_path / "build.status", tmp_path / "build.log"
+    monkeypatch.setenv("LORA_KERNELS_BUILD_STATUS", str(status))
+    monkeypatch.setenv("LORA_KERNELS_BUILD_LOG", str(log))
+    progress = Progress(tmp_path / "out", deadline_s=60)
+
+    log.write_text("step 1\nerror: nvcc died\n")
+    status.write_text("failed\n")
+    wait_for_build(progress)
+    (failed,) = progress.checks
+    assert failed["op"] == "build" and not failed["ok"] and "error: nvcc died" in failed["detail"]
+
+    status.unlink()
+    threading.Timer(1.0, lambda: status.write_text("ok\n")).start()
+    t0 = time.time()
+    wait_for_build(progress)
+    assert time.time() - t0 >= 0.9  # it waited for the file
+    built = progress.checks[-1]
+    assert built["ok"] == (compiled_extension() is not None), built
