@@ -55,7 +55,7 @@ class CompiledBackend:
     The C++ kernels take the scaling as a number (cuBLAS's alpha). A scaling in device memory is
     folded into B instead, by one small kernel and no host read: s·xa Bᵀ = xa (sB)ᵀ, and with sB
     the backward's gb, dx and dA come out scaled; only dB = s·dyᵀ xa is scaled afterwards. sB is
-    rounded to B's dtype (float32 in auto, which sends 16-bit tensors to Triton).
+    rounded to B's dtype (float32 in auto, which sends 16-bit tensors to Triton; a float16 sB can overflow).
     """
 
     @staticmethod
