@@ -422,6 +422,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
+        import numpy
+        import triton
+
+        from lora_kernels.backends import interpreter_problem
+
+        problem = interpreter_problem(triton.__version__, numpy.__version__)
+        if problem:  # the dry run is the Triton interpreter: nothing of it could run
+            print(f"gpu_check --dry-run: {problem}", file=sys.stderr)
+            return 2
     import lora_kernels  # noqa: F401  (after TRITON_INTERPRET is set)
     from .cases import LinearCase, linear_cases, merge_cases
     from .runners import run_linear, run_merge

@@ -124,6 +124,32 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in version.split(".")[:2])
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run these kernels with these versions, or None.
+
+    Triton's interpreter before 3.7 turns its 1-element scalar arrays into loop bounds with int(), which
+    numpy 2.4 refuses (TypeError: only 0-dimensional arrays can be converted to Python scalars) in
+    every kernel with a loop; Triton 3.7 fixed it. GPU compilation is not affected.
+    """
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run with numpy {numpy_version} (numpy 2.4 refuses "
+                "the int() of a 1-element array that it uses for loop bounds): use triton>=3.7 or numpy<2.4")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_versions_problem() -> str | None:
+    import numpy
+    import triton
+
+    return interpreter_problem(triton.__version__, numpy.__version__)
+
+
 def _backend_problem(name: str) -> str | None:
     """Why backend `name` cannot run at all on this machine, or None when it can."""
     C = compiled_extension()
@@ -140,7 +166,7 @@ def _backend_problem(name: str) -> str | None:
             return "triton is not installed"
         if not torch.cuda.is_available() and not triton_interpreted():
             return "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
-        return None
+        return _interpreter_versions_problem() if triton_interpreted() else None
     raise ValueError(f"{ENV_VAR} must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
 
 

@@ -107,3 +107,16 @@ def test_unknown_op_and_unknown_backend_are_clear_errors(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "bogus")
     with pytest.raises(ValueError, match=backends.ENV_VAR):
         backends.select(TOY, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.6.0", "2.4.6", True), ("3.2.0", "2.5.0", True),  # int() of a 1-element array: numpy 2.4 refuses
+    ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.8.0", "2.5.1", False), ("3.10.0", "2.4.0rc1", False),
+])
+def test_triton_interpreter_versions_that_cannot_work_are_named(triton_version, numpy_version, refused):
+    """Triton < 3.7's interpreter fails inside every kernel with a loop under numpy >= 2.4: the triton
+    backend is then unavailable under TRITON_INTERPRET=1, with a reason that names both versions and a fix."""
+    problem = backends.interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert triton_version in problem and numpy_version in problem and "triton>=3.7 or numpy<2.4" in problem
