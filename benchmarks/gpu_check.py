@@ -278,6 +278,8 @@ def _decode_layer(M: int, d: int, dtype, device: str):
 def _check_graph_replay(M: int, d: int, dtype, progress) -> None:
     """ours captured in a CUDA graph and replayed equals ours called eagerly (same kernels, same inputs),
     and after layer.scaling changes a replay uses the new scaling (the kernels read it in device memory)."""
+    import lora_kernels
+
     layer, x = _decode_layer(M, d, dtype, "cuda")
     checks = []
     with torch.no_grad():
@@ -286,7 +288,8 @@ def _check_graph_replay(M: int, d: int, dtype, progress) -> None:
             for scaling in (layer.scaling, -0.75):
                 layer.scaling = scaling
                 graph.replay()
-                expected = layer(x)  # eager: the scaling as a float argument
+                # eager, the scaling as a float argument (the layer itself passes its device tensor)
+                expected = lora_kernels.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, scaling)
                 ok = bool(torch.equal(out, expected))
                 detail = "" if ok else f"max |replay - eager| {(out.float() - expected.float()).abs().max().item():.3g}"
                 checks.append(dict(op="cuda_graph", output=f"decode M={M} scaling={scaling:g}", ok=ok, detail=detail))

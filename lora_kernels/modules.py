@@ -138,8 +138,8 @@ class LoRALinear(nn.Module):
         self._scaling = float(value)
         # The same value as a 0-d float64 tensor, updated in place, which the op gets under
         # torch.compile (a graph input rather than a constant, so a new alpha does not recompile)
-        # and during CUDA-graph capture. On a CUDA weight it lives on the weight's device and the
-        # kernels read it there: a replayed graph uses the current scaling, and no CPU tensor
+        # and on a GPU (see _scaling_for). On a CUDA weight it lives on the weight's device and the
+        # kernels read it there: a replayed CUDA graph uses the current scaling, and no CPU tensor
         # keeps torch.compile(mode="reduce-overhead") from using CUDA graphs. A plain attribute,
         # not a buffer (state dicts stay PEFT's); _apply keeps it on the weight's device.
         if "_scaling_tensor" in self.__dict__:
@@ -166,10 +166,18 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.adapter_disabled:
             return F.linear(x, self.base_weight(), self.bias)
-        live = torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
-        scaling = self._scaling_tensor if live else self._scaling  # a float is cheapest in eager mode
-        return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, scaling,
+        return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self._scaling_for(x),
                            self.lora_dropout, self.training)
+
+    def _scaling_for(self, x: Tensor):
+        """The scaling as the op gets it. On a GPU always the 0-d tensor on x's device, eager calls too: the
+        kernels that run eagerly (a capture's warm-up) are then the ones a CUDA graph records, and they read
+        the scaling at run time. On the CPU a float (cheapest), or the CPU tensor under torch.compile."""
+        if not x.is_cuda:
+            return self._scaling_tensor if torch.compiler.is_compiling() else self._scaling
+        if self._scaling_tensor.device != x.device and not torch.compiler.is_compiling():
+            self._keep_scaling_with_weight()  # weights moved in without .to() (a loader assigning parameters)
+        return self._scaling_tensor
 
     # -- merging ------------------------------------------------------------
 
