@@ -259,10 +259,10 @@ def time_decode_graphs(device: str, reps: int, progress) -> None:
         progress.add_result(CaseResult("decode_graph", label, dict(M=M, d=d, dtype=str(dtype)[6:]), timings))
         progress.log(f"{label}: " + ", ".join(f"{k} {t.median_ms * 1e3:.1f} us" for k, t in timings.items())
                      + ("" if device == "cuda" else " (no CUDA graphs on CPU: eager only)"))
-        if device == "cuda":
-            _check_graph_replay(M, d, dtype, progress)
-        else:
+        _check_graph_replay(M, d, dtype, device, progress)
+        if device == "cpu":
             progress.log(f"eager ours/base {eager['ours'] / eager['base']:.3f}")
+    _check_multi_graph_replay(d, dtype, device, progress)
     _check_reduce_overhead(device, d, dtype, progress)
 
 
@@ -275,30 +275,74 @@ def _decode_layer(M: int, d: int, dtype, device: str):
     return layer, torch.randn(M, d, device=device, dtype=dtype)
 
 
-def _check_graph_replay(M: int, d: int, dtype, progress) -> None:
-    """ours captured in a CUDA graph and replayed equals ours called eagerly (same kernels, same inputs),
-    and after layer.scaling changes a replay uses the new scaling (the kernels read it in device memory)."""
-    import lora_kernels
+def _recorded(fn, device: str):
+    """(replay, out): on CUDA a captured graph of fn() and its output buffer; on the CPU (dry run) a
+    stand-in that reruns fn() into the same buffer, so that the checks' own code is exercised."""
+    if device == "cuda":
+        graph, out = _capture(fn)
+        return graph.replay, out
+    out = fn()
+    return (lambda: out.copy_(fn())), out
 
-    layer, x = _decode_layer(M, d, dtype, "cuda")
+
+def _replay_checks(name: str, fn, expected_after, changes, device: str, progress) -> None:
+    """Record fn() once, then for each (label, change) in changes: change(), replay, and compare the
+    output with expected_after() (an eager call) bit for bit; each comparison is a check."""
     checks = []
     with torch.no_grad():
         try:
-            graph, out = _capture(lambda: layer(x))
-            for scaling in (layer.scaling, -0.75):
-                layer.scaling = scaling
-                graph.replay()
-                # eager, the scaling as a float argument (the layer itself passes its device tensor)
-                expected = lora_kernels.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, scaling)
+            replay, out = _recorded(fn, device)
+            for label, change in changes:
+                change()
+                replay()
+                expected = expected_after()
                 ok = bool(torch.equal(out, expected))
                 detail = "" if ok else f"max |replay - eager| {(out.float() - expected.float()).abs().max().item():.3g}"
-                checks.append(dict(op="cuda_graph", output=f"decode M={M} scaling={scaling:g}", ok=ok, detail=detail))
+                checks.append(dict(op="cuda_graph", output=f"{name} {label}", ok=ok, detail=detail))
         except Exception as error:  # noqa: BLE001
-            checks.append(dict(op="cuda_graph", output=f"decode M={M}", ok=False, detail=f"capture failed: {error!r}"))
+            checks.append(dict(op="cuda_graph", output=name, ok=False, detail=f"capture failed: {error!r}"))
     progress.add_checks(checks)
     for check in checks:
         if not check["ok"]:
-            progress.log(f"FAIL CUDA graph replay of ours, {check['output']}: {check['detail']}")
+            progress.log(f"FAIL CUDA graph replay, {check['output']}: {check['detail']}")
+
+
+def _check_graph_replay(M: int, d: int, dtype, device: str, progress) -> None:
+    """LoRALinear captured in a CUDA graph and replayed equals lora_linear called eagerly with a float
+    scaling, before and after layer.scaling changes (the kernels read it in device memory)."""
+    import lora_kernels
+
+    layer, x = _decode_layer(M, d, dtype, device)
+
+    def set_scaling(value):
+        return lambda: setattr(layer, "scaling", value)
+
+    _replay_checks(f"decode M={M}", lambda: layer(x),
+                   lambda: lora_kernels.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                                    layer.scaling),
+                   [(f"scaling={layer.scaling:g}", lambda: None), ("scaling=-0.75", set_scaling(-0.75))],
+                   device, progress)
+
+
+def _check_multi_graph_replay(d: int, dtype, device: str, progress) -> None:
+    """MultiLoRALinear at decode (16 rows on 4 adapters of ranks 8 and 16, some rows on none, ids on the
+    device) captured and replayed equals its eager call, also after one adapter's scaling changes."""
+    import lora_kernels
+
+    torch.manual_seed(5)
+    layer = lora_kernels.MultiLoRALinear(d, d, capacity=4, r_max=16, device=device, dtype=dtype).eval()
+    for i in range(4):
+        layer.add_adapter(f"a{i}", r=8 if i % 2 else 16, lora_alpha=16)
+    torch.nn.init.normal_(layer.lora_B, std=0.02)
+    x = torch.randn(16, d, device=device, dtype=dtype)
+    ids = torch.randint(-1, 4, (16,), device=device)
+
+    def new_scaling():
+        layer.scalings[1] = -0.75
+
+    _replay_checks("multi-adapter decode M=16 n=4", lambda: layer(x, adapter_ids=ids),
+                   lambda: layer(x, adapter_ids=ids), [("as captured", lambda: None), ("a1 scaling=-0.75", new_scaling)],
+                   device, progress)
 
 
 def _check_reduce_overhead(device: str, d: int, dtype, progress) -> None:

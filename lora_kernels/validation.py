@@ -284,7 +284,10 @@ def check_multi_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ran
         raise ValueError("scalings must not require grad: lora_linear_multi computes no gradient for it")
     if scalings.device.type != "cpu" and scalings.device != x.device:
         raise ValueError(f"scalings must be on the CPU or on x's device {x.device}, got {scalings.device}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(scalings).all()):
+    # Values are checked on the CPU only: reading a GPU tensor would wait for the GPU on every call (and fail
+    # during CUDA-graph capture). MultiLoRALinear's scalings live with its weight, written by add_adapter
+    # from checked numbers.
+    if scalings.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(scalings).all()):
         raise ValueError(f"scalings must be finite, got {scalings.tolist()}")
 
     if not isinstance(adapter_ids, Tensor) or adapter_ids.is_floating_point() or adapter_ids.dtype == torch.bool:

@@ -355,3 +355,15 @@ def test_scaling_read_from_memory_gives_the_floats_results(backend, dtype, rows,
             assert torch.equal(got, float_got), name
         else:
             torch.testing.assert_close(got, float_got, msg=name)
+
+
+def test_argument_checks_never_read_a_device_scaling():
+    """A scaling on the GPU is checked for shape, dtype and device only: reading its value would wait for the
+    GPU on every call and fail inside CUDA-graph capture. Meta tensors stand in for GPU ones (any read raises)."""
+    from lora_kernels import validation
+
+    meta = dict(device="meta")
+    args = (torch.empty(5, 8, **meta), torch.empty(6, 8, **meta), torch.empty(6, **meta), torch.empty(2, 8, **meta),
+            torch.empty(6, 2, **meta), torch.empty((), dtype=torch.float64, **meta), 0.1)
+    assert validation.plain_valid_call(*args)
+    assert len(validation.check_and_autocast(*args)) == 5

@@ -304,3 +304,18 @@ def test_per_adapter_dropout(backend, dtype, grouped, use_backend):
                              float(t["scalings"][a]), float(dropouts[a]), True)
         # judged like plain PyTorch: within the rule of lora_linear's own result (same mask, same seed)
         assert_matches_reference(y[rows], y_exact[rows], single[rows], f"rows of adapter {a}")
+
+
+def test_argument_checks_never_read_a_device_tensors_values():
+    """check_multi_args reads values of CPU tensors only: on a GPU, reading the scalings (say, to check they
+    are finite) would wait for the GPU on every call and fail inside CUDA-graph capture. Meta tensors stand
+    in for GPU ones here: any read of their values raises."""
+    from lora_kernels import validation
+
+    n, r, d_in, d_out, M = 3, 4, 8, 6, 5
+    meta = dict(device="meta")
+    checked = validation.check_multi_args(
+        torch.empty(M, d_in, **meta), torch.empty(d_out, d_in, **meta), torch.empty(d_out, **meta),
+        torch.empty(n, r, d_in, **meta), torch.empty(n, d_out, r, **meta), torch.empty(n, dtype=torch.float64, **meta),
+        torch.zeros(M, dtype=torch.int64, **meta), torch.empty(n, dtype=torch.int64, **meta), 0.0)
+    assert checked[5].device.type == "meta" and checked[6].shape == (M,)
