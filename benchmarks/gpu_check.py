@@ -233,18 +233,19 @@ def _graph_replay_ms(fn) -> float:
 
 
 def time_decode_graphs(device: str, reps: int, progress) -> None:
-    """Decode two ways (4096², bf16, r = 16, M = 1 and 16): the eager wall time per call (Python, checks
-    and launches included) and the kernel-bound time of replaying a CUDA graph of the same call, for
-    F.linear, PEFT and ours; checks that ours replayed from a graph gives the eager output and follows a
+    """Decode two ways (bf16, r = 16: 4096² at M = 1 and 16, and 4096 -> 1024 at M = 1, a grouped-query
+    attention k/v projection, whose 1024 columns give the decode kernel only 64 column blocks): the eager
+    wall time per call (Python, checks and launches included) and the kernel-bound time of replaying a CUDA
+    graph of the same call, for F.linear, PEFT and ours; checks that ours replayed from a graph gives the eager output and follows a
     scaling changed after the capture, and that torch.compile(mode="reduce-overhead") captures ours."""
     from . import providers as prov
     from .harness import CaseResult, Timing, time_providers
 
     dtype, d = (torch.bfloat16, 4096) if device == "cuda" else (torch.float32, 64)
-    for M in (1, 16):
+    for M, d_out in ((1, d), (16, d), (1, d // 4)):
         if progress.left() <= 0:
             return
-        providers = prov.lora_linear_providers(M, d, d, 16, dtype, 0.0, False, device, ["base", "peft", "ours"])
+        providers = prov.lora_linear_providers(M, d, d_out, 16, dtype, 0.0, False, device, ["base", "peft", "ours"])
         timings = time_providers(providers, device, reps)
         eager = {name: t.median_ms for name, t in timings.items()}
         if device == "cuda":
@@ -255,11 +256,13 @@ def time_decode_graphs(device: str, reps: int, progress) -> None:
                     timings[f"{p.name} (graph)"] = Timing(ms, ms, ms, samples=0)
                 except Exception as error:  # noqa: BLE001 - a provider that cannot be captured is reported
                     progress.log(f"decode M={M}: {p.name} could not be captured in a CUDA graph: {error!r}")
-        label = f"decode M={M} {d}->{d} r=16 {str(dtype)[6:]}: eager vs CUDA graph"
-        progress.add_result(CaseResult("decode_graph", label, dict(M=M, d=d, dtype=str(dtype)[6:]), timings))
+        label = f"decode M={M} {d}->{d_out} r=16 {str(dtype)[6:]}: eager vs CUDA graph"
+        progress.add_result(CaseResult("decode_graph", label, dict(M=M, d=d, d_out=d_out, dtype=str(dtype)[6:]),
+                                       timings))
         progress.log(f"{label}: " + ", ".join(f"{k} {t.median_ms * 1e3:.1f} us" for k, t in timings.items())
                      + ("" if device == "cuda" else " (no CUDA graphs on CPU: eager only)"))
-        _check_graph_replay(M, d, dtype, device, progress)
+        if d_out == d:
+            _check_graph_replay(M, d, dtype, device, progress)
         if device == "cpu":
             progress.log(f"eager ours/base {eager['ours'] / eager['base']:.3f}")
     _check_multi_graph_replay(d, dtype, device, progress)
