@@ -164,7 +164,7 @@ def _mixed_variants(lin, multi, e, dtype, M, N, K, r=16, n=32):
                  ("mixed multi expand y", multi.expand_launch_args(xa, stacked_B, b_t, e(M, N), groups, ranks,
                                                                    scalings, True, None, 0, r)),
                  ("mixed multi weight grad dA", multi.weight_grad_launch_args(
-                     gb, x, f32(n, r, K), (r * K, K, 1), groups, ranks, scalings, False, dropout, 7, r, torch.float32))]
+                     gb, x, f32(2, n, r, K), groups, ranks, scalings, False, dropout, 7, r, torch.float32))]
     for name, (kernel, _, args, flags) in launches:
         if hasattr(kernel, "configs"):
             from lora_kernels.ops.triton_common import fitting_configs
@@ -189,20 +189,19 @@ def _multi_variants(multi, e, dtype, M, N, K, n=32):
         gb = e(M, r, dt=torch.float32)
         a_t = (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))
         b_t = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
-        d_A, d_B = e(n, r, K, dt=torch.float32), e(n, N, r, dt=torch.float32)
+        d_A, d_B_t = e(2, n, r, K, dt=torch.float32), e(2, n, r, N, dt=torch.float32)  # two row slices
         launches = [("multi expand y", multi.expand_launch_args(xa, lora_B, b_t, e(M, N), groups, ranks, scalings,
                                                                  True, None, 0, r)),
                     ("multi shrink gb", multi.shrink_launch_args(grad_y, lora_B, lora_B.stride(), gb, groups, ranks,
                                                                  scalings, True, None, 0, r)),
                     ("multi weight grad dB", multi.weight_grad_launch_args(
-                        xa, grad_y, d_B, (d_B.stride(0), d_B.stride(2), d_B.stride(1)), groups, ranks, scalings,
-                        True, None, 0, r))]
+                        xa, grad_y, d_B_t, groups, ranks, scalings, True, None, 0, r))]
         for p in (0.0, 0.1):
             launches += [(f"multi shrink xa p={p}", multi.shrink_launch_args(x, lora_A, a_t, xa, groups, ranks,
                                                                              scalings, False, dropouts[p], 7,
                                                                              r)),
                          (f"multi weight grad dA p={p}", multi.weight_grad_launch_args(
-                             gb, x, d_A, d_A.stride(), groups, ranks, scalings, False, dropouts[p], 7, r)),
+                             gb, x, d_A, groups, ranks, scalings, False, dropouts[p], 7, r)),
                          (f"multi expand dx p={p}", multi.expand_launch_args(gb, lora_A, lora_A.stride(), e(M, K),
                                                                              groups, ranks, scalings, False,
                                                                              dropouts[p], 7, r))]

@@ -319,3 +319,48 @@ def test_argument_checks_never_read_a_device_tensors_values():
         torch.empty(n, r, d_in, **meta), torch.empty(n, d_out, r, **meta), torch.empty(n, dtype=torch.float64, **meta),
         torch.zeros(M, dtype=torch.int64, **meta), torch.empty(n, dtype=torch.int64, **meta), 0.0)
     assert checked[5].device.type == "meta" and checked[6].shape == (M,)
+
+
+@pytest.mark.skipif("triton" not in compiled_backends(), reason="triton backend not available")
+@pytest.mark.parametrize("splits", [2, 3])
+def test_triton_weight_gradient_cut_into_row_slices(splits, monkeypatch, use_backend):
+    """On a GPU the Triton weight-gradient kernel sums each adapter's rows in several slices (every splits-th
+    row tile), so that few adapters with many rows still fill the GPU. Forced here (the interpreter uses
+    one slice): the slices must cover every row once, skewed batches included (one adapter with most rows)."""
+    from lora_kernels.ops import triton_lora_linear_multi as multi
+
+    use_backend("triton")
+    monkeypatch.setattr(multi, "weight_grad_splits", lambda *args: splits)
+    g = torch.Generator().manual_seed(splits)
+    n, r_max, d_in, d_out, M = 3, 8, 40, 36, 70
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, torch.float32)  # noqa: E731
+    x, w, grad_y = rand(M, d_in), rand(d_out, d_in), rand(M, d_out)
+    A, B = rand(n, r_max, d_in), rand(n, d_out, r_max)
+    ids = torch.where(torch.rand(M, generator=g) < 0.8, 1, torch.randint(-1, n, (M,), generator=g)).to(DEVICE)
+    ranks = torch.tensor([8, 5, 3], device=DEVICE)
+    scalings = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    dropouts = torch.tensor([0.0, 0.25, 0.1], dtype=torch.float64)
+    y, xa = lora_linear_multi_op.impl(x, w, None, A, B, scalings, ids, ranks, dropouts, torch.tensor(11))
+    ours = multi.backward(grad_y, x, w, A, B, xa, scalings, ids, ranks, dropouts, 11, True)
+    d = lambda t: t.double()  # noqa: E731
+    _, exa = reference.lora_linear_multi(d(x), d(w), None, d(A), d(B), scalings, ids, ranks, dropouts, 11)
+    exact = reference.lora_linear_multi_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, scalings, ids, ranks,
+                                                 dropouts, 11)
+    _, pxa = reference.lora_linear_multi(x, w, None, A, B, scalings, ids, ranks, dropouts, 11)
+    plain = reference.lora_linear_multi_backward(grad_y, x, w, A, B, pxa, scalings, ids, ranks, dropouts, 11)
+    for name, got, oracle, same_dtype in zip(("dx", "dA", "dB"), ours, exact, plain):
+        assert_matches_reference(got, oracle, same_dtype, name)
+
+
+@pytest.mark.skipif("triton" not in compiled_backends(), reason="triton backend not available")
+def test_triton_weight_gradient_slices_fill_the_gpu_without_exceeding_the_rows():
+    """About `programs_wanted` programs: none split when n adapters × column blocks already make that many,
+    many when few adapters share a long batch, never more slices than the batch has row tiles."""
+    from lora_kernels.ops.triton_lora_linear_multi import _weight_grad_tiles, weight_grad_splits
+
+    block_m, block_n = _weight_grad_tiles()
+    wanted = 528  # 4 programs on each of 132 SMs
+    assert weight_grad_splits(8192, 64, 4096, 16, wanted) == 1
+    few = weight_grad_splits(8192, 2, 4096, 16, wanted)
+    assert few > 1 and few * 2 * -(-4096 // block_n) >= wanted
+    assert weight_grad_splits(3 * block_m, 1, 128, 16, 10**6) == 3

@@ -126,14 +126,16 @@ def _segment_expand_kernel(
 @triton.jit
 def _segment_weight_grad_kernel(
     p_ptr, q_ptr, out_ptr, order_ptr, seg_start_ptr, seg_count_ptr, ranks_ptr, scalings_ptr,
-    N,
-    stride_pm, stride_pr, stride_qm, stride_qn, stride_oa, stride_or, stride_on,
+    N, splits,
+    stride_pm, stride_pr, stride_qm, stride_qn, stride_os, stride_oa, stride_or, stride_on,
     seed, thresholds_ptr, inv_keeps_ptr,
     SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[a, j, n] = (s_a ·) Σ over adapter a's rows m of p[m, j] · drop?(q)[m, n], j < r_a, in float32."""
-    adapter = tl.program_id(0)
+    """out[s, a, j, n] = (s_a ·) Σ over adapter a's row tiles t ≡ s (mod splits) of p[m, j] · drop?(q)[m, n],
+    j < r_a, in float32: slice s of the sum over a's rows (the launcher adds the slices)."""
+    adapter = tl.program_id(0) // splits
+    split = tl.program_id(0) % splits
     rank = tl.load(ranks_ptr + adapter)
     ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     if tl.program_id(2) * BLOCK_R >= rank:
@@ -146,7 +148,8 @@ def _segment_weight_grad_kernel(
     if DROPOUT:
         threshold = tl.load(thresholds_ptr + adapter)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for m0 in range(0, count, BLOCK_M):
+    # every splits-th row tile: any row count is covered, and the slices of one adapter share its rows evenly
+    for m0 in range(split * BLOCK_M, count, splits * BLOCK_M):
         slots = m0 + tl.arange(0, BLOCK_M)
         row_ok = slots < count
         rows = tl.load(order_ptr + start + slots, mask=row_ok, other=0).to(tl.int64)
@@ -161,7 +164,7 @@ def _segment_weight_grad_kernel(
         acc = acc * tl.load(inv_keeps_ptr + adapter)
     if SCALE:
         acc = acc * tl.load(scalings_ptr + adapter)
-    out = (out_ptr + adapter.to(tl.int64) * stride_oa + ranks[:, None] * stride_or
+    out = (out_ptr + split.to(tl.int64) * stride_os + adapter.to(tl.int64) * stride_oa + ranks[:, None] * stride_or
            + cols.to(tl.int64)[None, :] * stride_on)
     tl.store(out, acc, mask=rank_ok[:, None] & col_ok[None, :])
 
@@ -232,20 +235,48 @@ def expand_launch_args(left, u, u_strides, out, groups, ranks, scalings, scale: 
     return _segment_expand_kernel, grid, args, flags
 
 
-def weight_grad_launch_args(p_, q, out, out_strides, groups, ranks, scalings, scale: bool, dropout, seed: int,
-                            r_max: int, adapter_dtype=None):
-    """(kernel, grid, args, flags) of out[a, j, n] = (s_a ·) Σ_rows p_[m, j] drop?(q)[m, n]; the dots at the
-    adapters' precision (default: q's dtype)."""
+def _weight_grad_tiles() -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the weight-gradient kernel."""
+    return (16, 32) if interpreted() else (64, 128)
+
+
+def weight_grad_splits(M: int, n: int, N: int, r_max: int, programs_wanted: int) -> int:
+    """How many slices the weight gradient's sum over rows is cut into: enough for about `programs_wanted`
+    programs in all (few adapters with many rows would otherwise leave most of a GPU idle, one program
+    looping over thousands of rows), never more than the batch has row tiles. Chosen from M and n alone:
+    the rows per adapter are on the GPU, and reading them would synchronise."""
+    block_m, block_n = _weight_grad_tiles()
+    programs = n * triton.cdiv(N, block_n) * triton.cdiv(r_max, block_r(r_max))
+    return max(1, min(triton.cdiv(programs_wanted, programs), triton.cdiv(M, block_m)))
+
+
+def weight_grad_launch_args(p_, q, out, groups, ranks, scalings, scale: bool, dropout, seed: int, r_max: int,
+                            adapter_dtype=None):
+    """(kernel, grid, args, flags) of out[s, a, j, n] = (s_a ·) Σ over slice s of adapter a's rows of
+    p_[m, j] drop?(q)[m, n], out [splits, n, r_max, N] float32; the dots at the adapters' precision
+    (default: q's dtype)."""
     thresholds, inv_keeps = dropout or (ranks, scalings)
     N = q.shape[1]
-    block_m, block_n = (16, 32) if interpreted() else (64, 128)
+    splits = out.shape[0]
+    block_m, block_n = _weight_grad_tiles()
     br = block_r(r_max)
-    grid = (ranks.shape[0], triton.cdiv(N, block_n), triton.cdiv(r_max, br))
-    args = (p_, q, out, groups.order, groups.seg_start, groups.seg_count, ranks, scalings, N,
-            p_.stride(0), p_.stride(1), q.stride(0), q.stride(1), *out_strides, seed, thresholds, inv_keeps)
+    grid = (ranks.shape[0] * splits, triton.cdiv(N, block_n), triton.cdiv(r_max, br))
+    args = (p_, q, out, groups.order, groups.seg_start, groups.seg_count, ranks, scalings, N, splits,
+            p_.stride(0), p_.stride(1), q.stride(0), q.stride(1), *out.stride(), seed, thresholds, inv_keeps)
     flags = dict(SCALE=scale, DROPOUT=dropout is not None, **_common(q, adapter_dtype or q.dtype), BLOCK_M=block_m,
                  BLOCK_N=block_n, BLOCK_R=br)
     return _segment_weight_grad_kernel, grid, args, flags
+
+
+def _weight_grad(p_, q, groups, ranks, scalings, scale: bool, dropout, seed: int, r_max: int, adapter_dtype):
+    """[n, r_max, N] float32: each adapter's (s_a ·) p_ᵀ drop?(q) over its rows, zeros past its rank; the sum
+    over rows in weight_grad_splits(...) slices, added here."""
+    M, N = q.shape
+    wanted = 1 if interpreted() else 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
+    splits = weight_grad_splits(M, ranks.shape[0], N, r_max, wanted)
+    part = torch.zeros(splits, ranks.shape[0], r_max, N, device=q.device, dtype=torch.float32)
+    _launch(weight_grad_launch_args(p_, q, part, groups, ranks, scalings, scale, dropout, seed, r_max, adapter_dtype))
+    return part[0] if splits == 1 else part.sum(0)
 
 
 def _launch(launch_args):
@@ -305,23 +336,19 @@ def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks
     _check_dtypes(x, lora_A)
     with on_device(x):
         n, r_max = lora_A.shape[:2]
-        d_lora_A = torch.zeros(lora_A.shape, device=x.device, dtype=torch.float32)
-        d_lora_B = torch.zeros(lora_B.shape, device=x.device, dtype=torch.float32)
         dx = grad_y @ weight if need_dx else x.new_empty(0)
         if x.shape[0] == 0:
-            return dx, d_lora_A.to(lora_A.dtype), d_lora_B.to(lora_B.dtype)
+            return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
         groups, ranks, scalings = _prepare(x, lora_A, scalings, adapter_ids, ranks)
         dropout = _dropout_tensors(dropouts, x.device)
         gb = torch.zeros(x.shape[0], r_max, device=x.device, dtype=torch.float32)  # s_a · dy B_a, float32
         b_strides = (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2))  # d[a, n, j] = B[a, n, j]
         _launch(shrink_launch_args(grad_y, lora_B, b_strides, gb, groups, ranks, scalings, True, None, 0, r_max))
-        _launch(weight_grad_launch_args(gb, x, d_lora_A, d_lora_A.stride(), groups, ranks, scalings, False, dropout,
-                                        seed, r_max, lora_A.dtype))
-        db_strides = (d_lora_B.stride(0), d_lora_B.stride(2), d_lora_B.stride(1))  # out[a, j, n] = dB[a, n, j]
-        _launch(weight_grad_launch_args(xa, grad_y, d_lora_B, db_strides, groups, ranks, scalings, True, None, 0,
-                                        r_max, lora_A.dtype))
+        d_lora_A = _weight_grad(gb, x, groups, ranks, scalings, False, dropout, seed, r_max, lora_A.dtype)
+        d_lora_B_t = _weight_grad(xa, grad_y, groups, ranks, scalings, True, None, 0, r_max, lora_A.dtype)
+        d_lora_B = d_lora_B_t.transpose(1, 2)  # [n, r_max, out] -> dB [n, out, r_max]
         if need_dx:
             dx = dx.contiguous()
             _launch(expand_launch_args(gb, lora_A, lora_A.stride(), dx, groups, ranks, scalings, False, dropout, seed,
                                        r_max))
-        return dx, d_lora_A.to(lora_A.dtype), d_lora_B.to(lora_B.dtype)
+        return dx, d_lora_A.to(lora_A.dtype), d_lora_B.to(lora_B.dtype, memory_format=torch.contiguous_format)
