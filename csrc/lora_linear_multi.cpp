@@ -142,14 +142,18 @@ Grouping group_rows(const at::Tensor& ids, const at::Tensor& scalings, const Opt
 // The scattered path's [M, in] / [M, out] temporaries. On the CPU they are kept between calls (one
 // set per thread, grown as needed): a fresh multi-megabyte allocation costs more in page faults than
 // the copy it holds (8 MB: 2.3 ms for index_select into a new tensor, 0.3 ms into a reused one,
-// benchmarks/NOTES.md). CUDA's caching allocator already reuses memory.
+// benchmarks/NOTES.md). Up to kMaxKeptBytes each: beyond it the page faults are small next to the
+// GEMMs of such a batch, and one large batch must not pin hundreds of megabytes for the thread's
+// lifetime. CUDA's caching allocator already reuses memory.
 enum WorkspaceSlot { kGroupedX, kGroupedTerm, kGroupedGradY, kSlots };
+constexpr int64_t kMaxKeptBytes = int64_t{16} << 20;
 
 at::Tensor workspace(WorkspaceSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (options.device().type() != at::kCPU) return at::empty(sizes, options);
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (numel * static_cast<int64_t>(options.dtype().itemsize()) > kMaxKeptBytes) return at::empty(sizes, options);
   static thread_local at::Tensor buffers[kSlots];
   at::Tensor& buffer = buffers[slot];
-  const int64_t numel = c10::multiply_integers(sizes);
   if (!buffer.defined() || buffer.scalar_type() != options.dtype().toScalarType() || buffer.numel() < numel) {
     buffer = at::empty({numel}, options);
   }

@@ -364,3 +364,29 @@ def test_triton_weight_gradient_slices_fill_the_gpu_without_exceeding_the_rows()
     few = weight_grad_splits(8192, 2, 4096, 16, wanted)
     assert few > 1 and few * 2 * -(-4096 // block_n) >= wanted
     assert weight_grad_splits(3 * block_m, 1, 128, 16, 10**6) == 3
+
+
+@pytest.mark.skipif("cpu" not in compiled_backends(), reason="lora_kernels._C not built")
+def test_cpu_scattered_batch_beyond_the_kept_workspace(use_backend):
+    """The C++ scattered path keeps its [M, in] / [M, out] temporaries between calls up to 16 MB each and
+    allocates larger ones per call (so one large batch does not pin them): both paths, one after the
+    other, match the reference, outputs and gradients."""
+    use_backend("cpu")
+    g = torch.Generator().manual_seed(3)
+    n, r, d = 4, 8, 1040
+    for M in (64, 4100):  # x is 0.3 MB, then 17 MB (float32)
+        x = torch.randn(M, d, generator=g, requires_grad=True)
+        w, bias = torch.randn(d, d, generator=g) / d**0.5, torch.randn(d, generator=g)
+        A = (torch.randn(n, r, d, generator=g) / d**0.5).requires_grad_()
+        B = torch.randn(n, d, r, generator=g).requires_grad_()
+        ids = torch.randint(-1, n, (M,), generator=g)
+        scalings = torch.tensor([0.5, 1.0, 2.0, -1.0], dtype=torch.float64)
+        y = lora_linear_multi(x, w, bias, A, B, scalings, ids)
+        grads = torch.autograd.grad(y, (x, A, B), torch.ones_like(y))
+        d64 = lambda t: t.detach().double().requires_grad_()  # noqa: E731
+        x64, A64, B64 = d64(x), d64(A), d64(B)
+        y64, _ = reference.lora_linear_multi(x64, w.double(), bias.double(), A64, B64, scalings, ids)
+        grads64 = torch.autograd.grad(y64, (x64, A64, B64), torch.ones_like(y64))
+        torch.testing.assert_close(y.double(), y64, rtol=1e-4, atol=1e-4)
+        for got, exact in zip(grads, grads64):
+            torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=2e-3)
