@@ -4,16 +4,19 @@
     bash benchmarks/gpu_check.sh --deadline 300             # a shorter lease
     python -m benchmarks.gpu_check --dry-run                # anywhere: same code path on CPU (TRITON_INTERPRET=1)
 
-Sections in priority order, each skipped once --deadline (default 480 s) has passed: a Triton smoke
-validation (one shape, every dtype, dropout and bias on/off) while gpu_check.sh builds lora_kernels._C in
-the background, the wait for that build and the cuda backend's smoke validation, the headline timings (bf16, r = 16,
-4096², M in {1, 16, 2048, 8192}, forward and train: ours vs F.linear vs the reference formula vs PEFT,
-ours[cuda] next to ours), decode under CUDA graphs (eager wall time next to graph replay, for F.linear, PEFT
-and ours; ours replayed must equal ours eager), the full validation of each GPU backend (odd shapes, r up to 256; y, xa, dx,
-dA, dB against the float64 reference with the same dropout seed, within the tests' rule; merge,
-unmerge, switch, safe merge, drift), lora_linear_multi's validation (random ids with -1 rows, mixed
-ranks, dropout; every output and gradient) and its timings (benchmarks/multi_adapter.py's cases), then
-the remaining timing grid and the merges.
+Sections in priority order, each skipped once --deadline (default 480 s) has passed:
+1. a Triton smoke validation (one shape, every dtype, dropout and bias on/off), while gpu_check.sh builds
+   lora_kernels._C in the background; then the wait for that build and the cuda backend's smoke validation;
+2. the headline timings (bf16, r = 16, 4096², M in {1, 16, 2048, 8192}, forward and train: ours vs F.linear
+   vs the reference formula vs PEFT, ours[cuda] next to ours);
+3. decode under CUDA graphs (4096² at M = 1 and 16, 4096 -> 1024 at M = 1): eager wall time next to graph
+   replay for F.linear, PEFT and ours; LoRALinear and MultiLoRALinear replays must equal eager calls before
+   and after a scaling change; torch.compile(mode="reduce-overhead") must capture ours;
+4. the full validation of each GPU backend (odd shapes, r up to 256; y, xa, dx, dA, dB against the float64
+   reference with the same dropout seed, within the tests' rule; merge, unmerge, switch, safe merge, drift);
+5. lora_linear_multi's validation (random ids with -1 rows, mixed ranks, dropout; every output and
+   gradient) and its timings (benchmarks/multi_adapter.py's cases);
+6. the remaining timing grid and the merges.
 Every check and timed case is appended to $OUT/progress.jsonl as it finishes, and gpu_check.json /
 results.md are rewritten after each section: a run cut short still returns what it measured.
 LORA_KERNELS_AUTOTUNE=first limits each autotuned kernel to its first config (no tuning runs).

@@ -3,10 +3,10 @@
     lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y [M, out], xa [M, r])
 
 x is 2-D here (functional.lora_linear checks arguments and flattens leading dims).
-`scaling` is a float in eager mode, or a 0-d tensor under torch.compile (a graph input:
-loading an adapter with another alpha does not recompile) and during CUDA-graph capture:
-on the CPU it is read here; on x's CUDA device it goes to the kernels, which read it in
-device memory (no host sync; a replayed graph sees its current value). `seed` is a 0-d
+`scaling` is a float, or a 0-d tensor: LoRALinear passes its tensor under torch.compile
+(a graph input: loading an adapter with another alpha does not recompile) and on a GPU.
+A CPU tensor is read here; one on x's CUDA device goes to the kernels, which read it in
+device memory (no host sync; a replayed CUDA graph sees its current value). `seed` is a 0-d
 int64 CPU tensor, or None when dropout is off; the backward regenerates the forward's
 mask from it, so only x, xa [M, r] and the seed are saved.
 
