@@ -9,8 +9,9 @@ Sections in priority order, each skipped once --deadline (default 480 s) has pas
    lora_kernels._C in the background; then the wait for that build and the cuda backend's smoke validation;
 2. the headline timings (bf16, r = 16, 4096², M in {1, 16, 2048, 8192}, forward and train: ours vs F.linear
    vs the reference formula vs PEFT, ours[cuda] next to ours);
-3. decode under CUDA graphs (4096² at M = 1 and 16, 4096 -> 1024 at M = 1): eager wall time next to graph
-   replay for F.linear, PEFT and ours; LoRALinear and MultiLoRALinear replays must equal eager calls before
+3. decode under CUDA graphs (4096² at M = 1 and 16, 4096 -> 1024 at M = 1), for F.linear, PEFT and ours:
+   do_bench's GPU time per call, the eager wall time per call of 200 back-to-back calls (Python included),
+   and the replay time of a captured graph (kernel-bound); LoRALinear and MultiLoRALinear replays must equal eager calls before
    and after a scaling change; torch.compile(mode="reduce-overhead") must capture ours;
 4. the full validation of each GPU backend (odd shapes, r up to 256; y, xa, dx, dA, dB against the float64
    reference with the same dropout seed, within the tests' rule; merge, unmerge, switch, safe merge, drift);
@@ -226,6 +227,23 @@ def _capture(fn):
     return graph, out
 
 
+def _eager_wall_ms(provider, device: str, calls: int = 200) -> float:
+    """Wall time per call of `calls` back-to-back eager calls (perf_counter around the loop, one sync at the
+    end): what a decode loop pays, Python and launches included. do_bench's figure is GPU time between
+    events after an L2 flush, which hides host overhead shorter than the flush."""
+    provider.prepare()
+    for _ in range(10):
+        provider.fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        provider.fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
 def _graph_replay_ms(fn) -> float:
     """Median ms of replaying a CUDA graph of fn(): the kernel-bound time of a call."""
     import triton.testing
@@ -236,11 +254,11 @@ def _graph_replay_ms(fn) -> float:
 
 
 def time_decode_graphs(device: str, reps: int, progress) -> None:
-    """Decode two ways (bf16, r = 16: 4096² at M = 1 and 16, and 4096 -> 1024 at M = 1, a grouped-query
-    attention k/v projection, whose 1024 columns give the decode kernel only 64 column blocks): the eager
-    wall time per call (Python, checks and launches included) and the kernel-bound time of replaying a CUDA
-    graph of the same call, for F.linear, PEFT and ours; checks that ours replayed from a graph gives the eager output and follows a
-    scaling changed after the capture, and that torch.compile(mode="reduce-overhead") captures ours."""
+    """Decode three ways (bf16, r = 16: 4096² at M = 1 and 16, and 4096 -> 1024 at M = 1, a grouped-query
+    attention k/v projection, whose 1024 columns give the decode kernel only 64 column blocks), for
+    F.linear, PEFT and ours: do_bench's GPU time, the eager wall time per call (Python, checks and launches
+    included) and the kernel-bound time of replaying a CUDA graph of the same call. Then the replay checks
+    (LoRALinear, MultiLoRALinear; a scaling changed after capture) and torch.compile(mode="reduce-overhead")."""
     from . import providers as prov
     from .harness import CaseResult, Timing, time_providers
 
@@ -251,6 +269,9 @@ def time_decode_graphs(device: str, reps: int, progress) -> None:
         providers = prov.lora_linear_providers(M, d, d_out, 16, dtype, 0.0, False, device, ["base", "peft", "ours"])
         timings = time_providers(providers, device, reps)
         eager = {name: t.median_ms for name, t in timings.items()}
+        for p in providers:
+            ms = _eager_wall_ms(p, device)
+            timings[f"{p.name} (wall)"] = Timing(ms, ms, ms, samples=200)
         if device == "cuda":
             for p in providers:
                 try:
