@@ -351,9 +351,8 @@ def _check_graph_replay(M: int, d: int, dtype, device: str, progress) -> None:
                    device, progress)
 
 
-def _check_multi_graph_replay(d: int, dtype, device: str, progress) -> None:
-    """MultiLoRALinear at decode (16 rows on 4 adapters of ranks 8 and 16, some rows on none, ids on the
-    device) captured and replayed equals its eager call, also after one adapter's scaling changes."""
+def _decode_multi_layer(d: int, dtype, device: str):
+    """(MultiLoRALinear with 4 adapters of ranks 16 and 8, x [16, d], ids [16] on the device, some -1)."""
     import lora_kernels
 
     torch.manual_seed(5)
@@ -361,8 +360,13 @@ def _check_multi_graph_replay(d: int, dtype, device: str, progress) -> None:
     for i in range(4):
         layer.add_adapter(f"a{i}", r=8 if i % 2 else 16, lora_alpha=16)
     torch.nn.init.normal_(layer.lora_B, std=0.02)
-    x = torch.randn(16, d, device=device, dtype=dtype)
-    ids = torch.randint(-1, 4, (16,), device=device)
+    return layer, torch.randn(16, d, device=device, dtype=dtype), torch.randint(-1, 4, (16,), device=device)
+
+
+def _check_multi_graph_replay(d: int, dtype, device: str, progress) -> None:
+    """MultiLoRALinear at decode (16 rows on 4 adapters, ids on the device) captured and replayed equals its
+    eager call, also after one adapter's scaling changes."""
+    layer, x, ids = _decode_multi_layer(d, dtype, device)
 
     def new_scaling():
         layer.scalings[1] = -0.75
@@ -373,33 +377,49 @@ def _check_multi_graph_replay(d: int, dtype, device: str, progress) -> None:
 
 
 def _check_reduce_overhead(device: str, d: int, dtype, progress) -> None:
-    """torch.compile(layer, mode="reduce-overhead") at decode: Inductor must not skip CUDA graphs (no CPU
-    tensor reaches the graph), its output equals eager, and a new scaling needs no recompile and is used.
-    On the CPU (dry run) the same code runs without CUDA graphs, and the skip count is only reported."""
+    """torch.compile(mode="reduce-overhead") of LoRALinear (M = 1) and of MultiLoRALinear (16 rows, 4
+    adapters) at decode: Inductor must not skip CUDA graphs (no CPU tensor reaches the graph), the output
+    equals eager, and a new scaling needs no recompile and is used. On the CPU (dry run) the same code runs
+    without CUDA graphs, and the skip count is only reported."""
+    layer, x = _decode_layer(1, d, dtype, device)
+    multi, multi_x, ids = _decode_multi_layer(d, dtype, device)
+
+    def set_layer_scaling(value):
+        layer.scaling = value
+
+    def set_multi_scaling(value):
+        multi.scalings[1] = value
+
+    cases = [("LoRALinear", layer, (x,), {}, set_layer_scaling),
+             ("MultiLoRALinear", multi, (multi_x,), {"adapter_ids": ids}, set_multi_scaling)]
+    for name, module, args, kwargs, set_scaling in cases:
+        _reduce_overhead_checks(name, module, args, kwargs, set_scaling, device, progress)
+
+
+def _reduce_overhead_checks(name, module, args, kwargs, set_scaling, device: str, progress) -> None:
     from torch._dynamo.utils import counters
 
-    layer, x = _decode_layer(1, d, dtype, device)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(layer, mode="reduce-overhead")
+    compiled = torch.compile(module, mode="reduce-overhead")
     checks = []
     with torch.no_grad():
         try:
-            for scaling in (layer.scaling, -0.75):
-                layer.scaling = scaling
+            for scaling in (0.5, -0.75):
+                set_scaling(scaling)
                 for _ in range(3):  # warm-up, record, replay
-                    out = compiled(x).clone()
-                expected = layer(x)
+                    out = compiled(*args, **kwargs).clone()
+                expected = module(*args, **kwargs)
                 ok = bool(torch.equal(out, expected))
                 detail = "" if ok else f"max |compiled - eager| {(out.float() - expected.float()).abs().max().item():.3g}"
-                checks.append(dict(op="reduce_overhead", output=f"decode scaling={scaling:g}", ok=ok, detail=detail))
+                checks.append(dict(op="reduce_overhead", output=f"{name} scaling={scaling:g}", ok=ok, detail=detail))
             skips, graphs = counters["inductor"]["cudagraph_skips"], counters["stats"]["unique_graphs"]
             detail = f"cudagraph skips {skips}, graphs compiled {graphs}"
-            checks.append(dict(op="reduce_overhead", output="CUDA graphs used, one graph",
+            checks.append(dict(op="reduce_overhead", output=f"{name}: CUDA graphs used, one graph",
                                ok=(skips == 0 or device == "cpu") and graphs == 1, detail=detail))
-            progress.log(f"torch.compile(mode='reduce-overhead'): {detail}")
+            progress.log(f"torch.compile(mode='reduce-overhead') of {name}: {detail}")
         except Exception as error:  # noqa: BLE001
-            checks.append(dict(op="reduce_overhead", output="decode", ok=False, detail=f"failed: {error!r}"))
+            checks.append(dict(op="reduce_overhead", output=name, ok=False, detail=f"failed: {error!r}"))
     progress.add_checks(checks)
     for check in checks:
         if not check["ok"]:

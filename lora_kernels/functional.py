@@ -102,7 +102,8 @@ def lora_linear_multi(
         some_dropout = torch.compiler.is_compiling() or bool(dropouts.any())
     seed = draw_seed() if training and some_dropout else None
     x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
-    y, _ = lora_linear_multi_op(x2d, weight, bias, lora_A, lora_B, scalings, ids, ranks, dropouts, seed)
+    y, _ = lora_linear_multi_op(x2d, weight, bias, lora_A, lora_B, scalings, ids, ranks,
+                                dropouts if seed is not None else None, seed)
     if x.dim() == 2:
         return y
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))

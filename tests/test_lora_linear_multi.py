@@ -213,6 +213,33 @@ def test_opcheck(backend, use_backend):
             ids, torch.tensor([4, 2, 3]), torch.tensor([0.2, 0.0, 0.1], dtype=torch.float64),
             torch.tensor(5, dtype=torch.int64))
     torch.library.opcheck(lora_linear_multi_op.custom_op, args)
+    torch.library.opcheck(lora_linear_multi_op.custom_op, (*args[:8], None, None))  # no dropout: no CPU tensor
+
+
+def test_a_batch_without_dropout_hands_the_op_no_cpu_tensor(monkeypatch):
+    """Without a seed (eval, or no adapter drops) the op gets dropouts=None: a CPU tensor reaching a compiled
+    graph's op would make Inductor skip CUDA graphs (torch.compile(mode="reduce-overhead")) for a GPU batch."""
+    from lora_kernels import functional
+
+    seen = []
+    real = functional.lora_linear_multi_op
+
+    def spy(*args):
+        seen.append(args[8:])
+        return real(*args)
+
+    monkeypatch.setattr(functional, "lora_linear_multi_op", spy)
+    inputs = _inputs(6, 8, 5, 2, 4, torch.float32)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0])
+    call = lambda p, training: lora_linear_multi(inputs["x"], inputs["weight"], inputs["bias"],  # noqa: E731
+                                                 inputs["lora_A"], inputs["lora_B"], inputs["scalings"], ids,
+                                                 dropout_p=p, training=training)
+    call(0.1, False)
+    call(0.0, True)
+    call(0.1, True)
+    assert seen[0] == (None, None) and seen[1] == (None, None)
+    dropouts, seed = seen[2]
+    assert dropouts.tolist() == [0.1, 0.1] and seed is not None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

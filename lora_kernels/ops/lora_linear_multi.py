@@ -5,7 +5,9 @@
 
 x [M, in]; lora_A [n, r_max, in], lora_B [n, out, r_max], scalings [n] (a tensor: new alphas do not
 recompile), adapter_ids [M] int64 in [-1, n) (-1: the base layer only), ranks [n] int64 in [1, r_max]
-or None, dropouts [n] (each adapter's dropout probability, float64 on the CPU; used only with a seed).
+or None, dropouts [n] (each adapter's dropout probability, float64 on the CPU) with a seed, or None
+without one (so that no CPU tensor enters a compiled graph that does not drop: Inductor would not use
+CUDA graphs for it).
 reference.lora_linear_multi is the spec. Only x, xa and the dropout seed are saved for the
 backward, as for lora_linear.
 
@@ -31,9 +33,11 @@ from .definition import Backward, define_op
 OP = "lora_linear_multi"
 
 
-def _dropout(dropouts: Tensor, seed: Optional[Tensor]) -> tuple[Tensor, int]:
+def _dropout(dropouts: Optional[Tensor], seed: Optional[Tensor], n: int) -> tuple[Tensor, int]:
     """(dropouts, seed) as the kernels take them: all zero when there is no seed (dropout off)."""
-    return (dropouts, int(seed)) if seed is not None else (torch.zeros_like(dropouts), 0)
+    if seed is None or dropouts is None:
+        return torch.zeros(n, dtype=torch.float64), 0
+    return dropouts, int(seed)
 
 
 class ReferenceBackend:
@@ -89,10 +93,10 @@ register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear_multi
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scalings: Tensor,
-            adapter_ids: Tensor, ranks: Optional[Tensor], dropouts: Tensor, seed: Optional[Tensor]
+            adapter_ids: Tensor, ranks: Optional[Tensor], dropouts: Optional[Tensor], seed: Optional[Tensor]
             ) -> tuple[Tensor, Tensor]:
     """(y, xa) on the backend selected for x's device and dtype (the op's forward entry point)."""
-    p, seed_value = _dropout(dropouts, seed)
+    p, seed_value = _dropout(dropouts, seed, lora_A.shape[0])
     return implementation(OP, x.device, x.dtype, lora_A.dtype).forward(
         x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, p, seed_value)
 
@@ -102,10 +106,10 @@ def _forward_fake(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks,
 
 
 def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scalings: Tensor,
-             adapter_ids: Tensor, ranks: Optional[Tensor], dropouts: Tensor, seed: Optional[Tensor], need_dx: bool
-             ) -> tuple[Tensor, Tensor, Tensor]:
+             adapter_ids: Tensor, ranks: Optional[Tensor], dropouts: Optional[Tensor], seed: Optional[Tensor],
+             need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx or an empty tensor, dA, dB) on the backend selected for x's device and dtype."""
-    p, seed_value = _dropout(dropouts, seed)
+    p, seed_value = _dropout(dropouts, seed, lora_A.shape[0])
     return implementation(OP, x.device, x.dtype, lora_A.dtype).backward(
         grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, p, seed_value, need_dx)
 
@@ -148,7 +152,7 @@ def _differentiable_gradients(ctx, grad_y):
     wanted = [(i, t) for i, t in zip((0, 1, 3, 4), (x, weight, lora_A, lora_B)) if need[i]]
     grads = {}
     if wanted:
-        p, seed_value = _dropout(dropouts, seed)
+        p, seed_value = _dropout(dropouts, seed, lora_A.shape[0])
         y, _ = reference.lora_linear_multi(x, weight, None, lora_A, lora_B, scalings, adapter_ids, ranks, p,
                                            seed_value)
         found = torch.autograd.grad(y, [t for _, t in wanted], grad_y, create_graph=True, allow_unused=True)
