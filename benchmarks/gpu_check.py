@@ -28,6 +28,7 @@ kernel forgets to write cannot pass.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -59,7 +60,10 @@ def _error_ok(ours, exact, plain) -> tuple[bool, str]:
     return err <= budget, f"err {err:.3g} budget {budget:.3g}"
 
 
-def validate_linear(backend: str, device: str, shapes, log) -> list[dict]:
+def validate_linear(backend: str, device: str, shapes, log, scalings=("number",)) -> list[dict]:
+    """lora_linear on `backend`: y, xa, dx, dA, dB against the float64 reference, every dtype, dropout and
+    bias on and off; scalings: "number" (a float argument) and/or "in memory" (a 0-d tensor on the device,
+    what LoRALinear passes on a GPU: Triton reads it in the kernel, the C++ backend folds it into B)."""
     from lora_kernels import reference
     from lora_kernels.ops import lora_linear as ops
     from lora_kernels.testing import make_lora_inputs
@@ -68,31 +72,32 @@ def validate_linear(backend: str, device: str, shapes, log) -> list[dict]:
     os.environ["LORA_KERNELS_BACKEND"] = backend
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for (M, d_in, d_out, r) in shapes:
-            for p in (0.0, 0.3):
-                for has_bias in (True, False):
-                    case_seed = hash((M, d_in, d_out, r, p, has_bias)) % 2**31
-                    t = make_lora_inputs((M,), d_in, d_out, r, dtype, device, bias=has_bias, seed=case_seed)
-                    x, w, bias, A, B = t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]
-                    grad_y = make_lora_inputs((M,), d_out, 1, 1, dtype, device, seed=case_seed + 1)["x"]
-                    seed = torch.tensor(1234 + M) if p else None
-                    _poison_allocator(device)
-                    y, xa = ops.forward(x, w, bias, A, B, 2.0, p, seed)
-                    _poison_allocator(device)
-                    dx, dA, dB = ops.backward(grad_y, x, w, A, B, xa, 2.0, p, seed, True)
-                    sv = int(seed) if seed is not None else None
-                    d = lambda t: t.double() if t is not None else None  # noqa: E731
-                    ey, exa = reference.lora_linear(d(x), d(w), d(bias), d(A), d(B), 2.0, p, sv)
-                    edx, edA, edB = reference.lora_linear_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, 2.0, p, sv)
-                    py, pxa = reference.lora_linear(x, w, bias, A, B, 2.0, p, sv)
-                    pdx, pdA, pdB = reference.lora_linear_backward(grad_y, x, w, A, B, pxa, 2.0, p, sv)
-                    for name, ours, exact, plain in (("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx),
-                                                     ("dA", dA, edA, pdA), ("dB", dB, edB, pdB)):
-                        ok, why = _error_ok(ours, exact, plain)
-                        rows.append(dict(op="lora_linear", backend=backend, dtype=str(dtype)[6:],
-                                         shape=[M, d_in, d_out, r], dropout=p, bias=has_bias, output=name,
-                                         ok=ok, detail=why))
-                        if not ok:
-                            log(f"FAIL {backend} {dtype} M={M} {d_in}->{d_out} r={r} p={p} bias={has_bias} {name}: {why}")
+            for p, has_bias, kind in itertools.product((0.0, 0.3), (True, False), scalings):
+                scaling = 2.0 if kind == "number" else torch.tensor(2.0, dtype=torch.float64, device=device)
+                case_seed = hash((M, d_in, d_out, r, p, has_bias)) % 2**31
+                t = make_lora_inputs((M,), d_in, d_out, r, dtype, device, bias=has_bias, seed=case_seed)
+                x, w, bias, A, B = t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]
+                grad_y = make_lora_inputs((M,), d_out, 1, 1, dtype, device, seed=case_seed + 1)["x"]
+                seed = torch.tensor(1234 + M) if p else None
+                _poison_allocator(device)
+                y, xa = ops.forward(x, w, bias, A, B, scaling, p, seed)
+                _poison_allocator(device)
+                dx, dA, dB = ops.backward(grad_y, x, w, A, B, xa, scaling, p, seed, True)
+                sv = int(seed) if seed is not None else None
+                d = lambda t: t.double() if t is not None else None  # noqa: E731
+                ey, exa = reference.lora_linear(d(x), d(w), d(bias), d(A), d(B), 2.0, p, sv)
+                edx, edA, edB = reference.lora_linear_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, 2.0, p, sv)
+                py, pxa = reference.lora_linear(x, w, bias, A, B, 2.0, p, sv)
+                pdx, pdA, pdB = reference.lora_linear_backward(grad_y, x, w, A, B, pxa, 2.0, p, sv)
+                for name, ours, exact, plain in (("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx),
+                                                 ("dA", dA, edA, pdA), ("dB", dB, edB, pdB)):
+                    ok, why = _error_ok(ours, exact, plain)
+                    rows.append(dict(op="lora_linear", backend=backend, dtype=str(dtype)[6:],
+                                     shape=[M, d_in, d_out, r], dropout=p, bias=has_bias, scaling=kind,
+                                     output=name, ok=ok, detail=why))
+                    if not ok:
+                        log(f"FAIL {backend} {dtype} M={M} {d_in}->{d_out} r={r} p={p} bias={has_bias} "
+                            f"scaling {kind} {name}: {why}")
     os.environ.pop("LORA_KERNELS_BACKEND", None)
     return rows
 
@@ -575,7 +580,8 @@ def main(argv=None) -> int:
     # Priority order: what a short lease must not miss comes first. The extension builds in the
     # background (gpu_check.sh) while the Triton kernels, which do not need it, are checked.
     def smoke_validation(backend):
-        section(f"smoke validation {backend}", lambda: progress.add_checks(validate_linear(backend, device, smoke, log)))
+        section(f"smoke validation {backend}", lambda: progress.add_checks(
+            validate_linear(backend, device, smoke, log, scalings=("number", "in memory"))))
 
     if "triton" in gpu_backends():
         smoke_validation("triton")
