@@ -317,6 +317,20 @@ def _recorded(fn, device: str):
     return (lambda: out.copy_(fn())), out
 
 
+def _bitwise_check(op: str, output: str, got, expected, what: str) -> dict:
+    """A check that `got` equals the eager `expected` bit for bit; its detail gives the largest difference."""
+    ok = bool(torch.equal(got, expected))
+    detail = "" if ok else f"max |{what} - eager| {(got.float() - expected.float()).abs().max().item():.3g}"
+    return dict(op=op, output=output, ok=ok, detail=detail)
+
+
+def _add_and_log_failures(progress, checks: list[dict], title: str) -> None:
+    progress.add_checks(checks)
+    for check in checks:
+        if not check["ok"]:
+            progress.log(f"FAIL {title}, {check['output']}: {check['detail']}")
+
+
 def _replay_checks(name: str, fn, expected_after, changes, device: str, progress) -> None:
     """Record fn() once, then for each (label, change) in changes: change(), replay, and compare the
     output with expected_after() (an eager call) bit for bit; each comparison is a check."""
@@ -327,16 +341,10 @@ def _replay_checks(name: str, fn, expected_after, changes, device: str, progress
             for label, change in changes:
                 change()
                 replay()
-                expected = expected_after()
-                ok = bool(torch.equal(out, expected))
-                detail = "" if ok else f"max |replay - eager| {(out.float() - expected.float()).abs().max().item():.3g}"
-                checks.append(dict(op="cuda_graph", output=f"{name} {label}", ok=ok, detail=detail))
+                checks.append(_bitwise_check("cuda_graph", f"{name} {label}", out, expected_after(), "replay"))
         except Exception as error:  # noqa: BLE001
             checks.append(dict(op="cuda_graph", output=name, ok=False, detail=f"capture failed: {error!r}"))
-    progress.add_checks(checks)
-    for check in checks:
-        if not check["ok"]:
-            progress.log(f"FAIL CUDA graph replay, {check['output']}: {check['detail']}")
+    _add_and_log_failures(progress, checks, "CUDA graph replay")
 
 
 def _check_graph_replay(M: int, d: int, dtype, device: str, progress) -> None:
@@ -414,10 +422,8 @@ def _reduce_overhead_checks(name, module, args, kwargs, set_scaling, device: str
                 set_scaling(scaling)
                 for _ in range(3):  # warm-up, record, replay
                     out = compiled(*args, **kwargs).clone()
-                expected = module(*args, **kwargs)
-                ok = bool(torch.equal(out, expected))
-                detail = "" if ok else f"max |compiled - eager| {(out.float() - expected.float()).abs().max().item():.3g}"
-                checks.append(dict(op="reduce_overhead", output=f"{name} scaling={scaling:g}", ok=ok, detail=detail))
+                checks.append(_bitwise_check("reduce_overhead", f"{name} scaling={scaling:g}", out,
+                                             module(*args, **kwargs), "compiled"))
             skips, graphs = counters["inductor"]["cudagraph_skips"], counters["stats"]["unique_graphs"]
             detail = f"cudagraph skips {skips}, graphs compiled {graphs}"
             checks.append(dict(op="reduce_overhead", output=f"{name}: CUDA graphs used, one graph",
@@ -425,10 +431,7 @@ def _reduce_overhead_checks(name, module, args, kwargs, set_scaling, device: str
             progress.log(f"torch.compile(mode='reduce-overhead') of {name}: {detail}")
         except Exception as error:  # noqa: BLE001
             checks.append(dict(op="reduce_overhead", output=name, ok=False, detail=f"failed: {error!r}"))
-    progress.add_checks(checks)
-    for check in checks:
-        if not check["ok"]:
-            progress.log(f"FAIL reduce-overhead, {check['output']}: {check['detail']}")
+    _add_and_log_failures(progress, checks, "reduce-overhead")
 
 
 def wait_for_build(progress) -> None:

@@ -383,9 +383,10 @@ def test_triton_weight_gradient_cut_into_row_slices(splits, monkeypatch, use_bac
 def test_triton_weight_gradient_slices_fill_the_gpu_without_exceeding_the_rows():
     """About `programs_wanted` programs: none split when n adapters × column blocks already make that many,
     many when few adapters share a long batch, never more slices than the batch has row tiles."""
-    from lora_kernels.ops.triton_lora_linear_multi import _weight_grad_tiles, weight_grad_splits
+    from lora_kernels.ops.triton_common import weight_grad_tiles
+    from lora_kernels.ops.triton_lora_linear_multi import weight_grad_splits
 
-    block_m, block_n = _weight_grad_tiles()
+    block_m, block_n = weight_grad_tiles()
     wanted = 528  # 4 programs on each of 132 SMs
     assert weight_grad_splits(8192, 64, 4096, 16, wanted) == 1
     few = weight_grad_splits(8192, 2, 4096, 16, wanted)

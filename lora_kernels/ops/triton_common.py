@@ -148,6 +148,11 @@ def fitting_configs(configs_, named_args, **kwargs) -> list[triton.Config]:
     return [triton.Config(smallest.kwargs, num_warps=smallest.num_warps, num_stages=2)]
 
 
+def weight_grad_tiles() -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the weight-gradient kernels (lora_linear's and lora_linear_multi's)."""
+    return (16, 32) if interpreted() else (64, 128)
+
+
 def block_r(r: int) -> int:
     """The rank tile: r rounded up to a power of two, at least 16 (tl.dot's minimum), at most RANK_CHUNK."""
     return min(RANK_CHUNK, max(16, triton.next_power_of_2(r)))

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (RANK_CHUNK, block_r, cast, configs, dot, dropout_args, fitting_configs, interpreted,
-                            keep_mask, on_device, precision, soft_bf16)
+                            keep_mask, on_device, precision, soft_bf16, weight_grad_tiles)
 
 # Up to this many rows the forward is one launch (shrink fused into the GEMM's K
 # loop): the repeated shrink costs M·in·r per column block, noise next to W0's
@@ -296,17 +296,12 @@ def _fused_gemm_launch(*launch, **options):
     kernel[grid](*args, **flags)
 
 
-def _weight_grad_tiles() -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the weight-gradient kernel; the M slices are whole multiples of BLOCK_M."""
-    return (16, 32) if interpreted() else (64, 128)
-
-
 def weight_grad_launch_args(g, x, part, rows_per_split: int, p: float, seed: int, adapter_dtype=None):
     """(kernel, grid, args, flags) of part[s] = g[slice s]ᵀ @ drop?(x)[slice s] for g [M, R], x [M, N];
     the dots' precision is the adapters' (default: x's dtype)."""
     M, R = g.shape
     N = x.shape[1]
-    block_m, block_n = _weight_grad_tiles()
+    block_m, block_n = weight_grad_tiles()
     threshold, _ = dropout_args(p)
     grid = (triton.cdiv(N, block_n), part.shape[0], triton.cdiv(R, block_r(R)))
     args = (g, x, part, M, N, R, rows_per_split, g.stride(0), g.stride(1), x.stride(0), x.stride(1), seed, threshold)
@@ -321,7 +316,7 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, adapter_
     N = x.shape[1]
     if M == 0:
         return torch.zeros(R, N, device=x.device, dtype=torch.float32)
-    block_m, block_n = _weight_grad_tiles()
+    block_m, block_n = weight_grad_tiles()
     if interpreted():
         splits = 1
     else:

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import block_r, cast, dot, dropout_args, interpreted, keep_mask, on_device, precision, soft_bf16
+from .triton_common import (block_r, cast, dot, dropout_args, interpreted, keep_mask, on_device, precision, soft_bf16,
+                            weight_grad_tiles)
 
 
 def _tile_rows() -> int:
@@ -235,17 +236,12 @@ def expand_launch_args(left, u, u_strides, out, groups, ranks, scalings, scale: 
     return _segment_expand_kernel, grid, args, flags
 
 
-def _weight_grad_tiles() -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the weight-gradient kernel."""
-    return (16, 32) if interpreted() else (64, 128)
-
-
 def weight_grad_splits(M: int, n: int, N: int, r_max: int, programs_wanted: int) -> int:
     """How many slices the weight gradient's sum over rows is cut into: enough for about `programs_wanted`
     programs in all (few adapters with many rows would otherwise leave most of a GPU idle, one program
     looping over thousands of rows), never more than the batch has row tiles. Chosen from M and n alone:
     the rows per adapter are on the GPU, and reading them would synchronise."""
-    block_m, block_n = _weight_grad_tiles()
+    block_m, block_n = weight_grad_tiles()
     programs = n * triton.cdiv(N, block_n) * triton.cdiv(r_max, block_r(r_max))
     return max(1, min(triton.cdiv(programs_wanted, programs), triton.cdiv(M, block_m)))
 
@@ -258,7 +254,7 @@ def weight_grad_launch_args(p_, q, out, groups, ranks, scalings, scale: bool, dr
     thresholds, inv_keeps = dropout or (ranks, scalings)
     N = q.shape[1]
     splits = out.shape[0]
-    block_m, block_n = _weight_grad_tiles()
+    block_m, block_n = weight_grad_tiles()
     br = block_r(r_max)
     grid = (ranks.shape[0] * splits, triton.cdiv(N, block_n), triton.cdiv(r_max, br))
     args = (p_, q, out, groups.order, groups.seg_start, groups.seg_count, ranks, scalings, N, splits,
