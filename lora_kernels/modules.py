@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .config import LoRAConfig
 from .functional import lora_linear, merge_, switch_, unmerge_
-from .validation import check_adapter
+from .validation import check_adapter, check_scaling
 
 __all__ = ["LoRALinear"]
 
@@ -135,7 +135,8 @@ class LoRALinear(nn.Module):
 
     @scaling.setter
     def scaling(self, value: float) -> None:
-        self._scaling = float(value)
+        # Checked here, on the host: on a GPU the kernels read the tensor below, and nothing else looks at it.
+        self._scaling = check_scaling("scaling", value)
         # The same value as a 0-d float64 tensor, updated in place, which the op gets under
         # torch.compile (a graph input rather than a constant, so a new alpha does not recompile)
         # and on a GPU (see _scaling_for). On a CUDA weight it lives on the weight's device and the

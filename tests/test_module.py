@@ -159,6 +159,16 @@ def test_scaling_tensor_lives_with_the_weight_and_changes_in_place():
     torch.testing.assert_close(compiled(x), meta_layer(x))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "2"])
+def test_a_bad_scaling_is_refused_when_assigned(bad):
+    """On a GPU the kernels read the layer's scaling tensor and nothing checks it per call (that would wait for
+    the GPU): a non-finite or non-numeric scaling is refused when assigned, and the layer keeps its own."""
+    layer = LoRALinear(8, 6, r=2, lora_alpha=4)
+    with pytest.raises((ValueError, TypeError), match="scaling must"):
+        layer.scaling = bad
+    assert layer.scaling == 2.0 and layer._scaling_tensor.item() == 2.0
+
+
 def test_torch_compile_functional_with_float_scaling():
     """lora_linear inside a compiled function, its scaling a float argument: no graph break, and after
     Dynamo's usual first specialisation a new value reuses the graph."""
