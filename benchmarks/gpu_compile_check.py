@@ -9,12 +9,20 @@ autotune config the autotuner can pick (after its shared-memory pruning) × dtyp
 
 - shared memory must fit the architecture (sm_90: 232,448 B; sm_80: 166,912 B), and the pruner's
   estimate must not be below what the compiler allocates;
-- 16-bit configs must not spill to local memory (float32 ones are reported: auto sends float32 to cuBLAS);
+- 16-bit configs must not spill: `ptxas -v` of the kernel's own PTX must report a 0-byte stack frame and
+  no spill stores or loads (ptxas keeps spills in the stack frame; cuobjdump's LOCAL stays 0 even then).
+  float32 ones are reported (auto sends float32 to cuBLAS);
+- no config may make ptxas serialize its wgmma instructions (warning C7512);
+- no PTX may hold a TF32 MMA: every float32 operand of a dot is one whose precision is promised
+  (float32 x, float32 adapters, the backward's float32 gb), so those dots must run in full precision;
 - the merge kernel's PTX must hold no FMA (fma.rn): a contracted s·d − s'·d' would make switching
-  adapters back and forth drift.
+  adapters back and forth drift;
+- integers that change from call to call must not make new variants: the kernels launched with 20 seeds
+  and dropout probabilities × 5 batch sizes must compile to one variant each (Triton specialises an
+  integer argument that is 1 or a multiple of 16 unless told not to).
 
 Prints one line per compile (and its time), writes gpu_compile_check.json, exits 1 on any violation.
-Runs in CI (`.ci/run`); about 2–4 minutes on 2 cores with an empty Triton cache.
+Runs in CI (`.ci/run`); about 4–6 minutes on 2 cores with an empty Triton cache.
 """
 
 from __future__ import annotations
@@ -50,21 +58,59 @@ class StandInDriver:
         return 0
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """Registers, stack and local memory (bytes per thread) of the cubin's kernel, from cuobjdump."""
+def _tool(name: str) -> Path:
+    """One of the CUDA tools the Triton wheel bundles (cuobjdump, ptxas, ptxas-blackwell)."""
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and local memory (bytes per thread) of the cubin's kernel, from cuobjdump."""
+    tool = _tool("cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
                               check=True).stdout
     usage = {}
-    for key in ("REG", "STACK", "LOCAL"):
+    for key in ("REG", "LOCAL"):  # the stack frame comes from ptxas -v (ptxas_report)
         match = re.search(rf"\b{key}:(\d+)", text)
         usage[key.lower()] = int(match.group(1)) if match else None
     return usage
+
+
+def ptxas_report(ptx: str) -> dict:
+    """What `ptxas -v` says of a kernel's PTX: registers, stack frame, spill stores and loads (bytes per thread),
+    and whether it serialized the wgmma instructions (warning C7512). The PTX names its own target (sm_90a, ...).
+    Triton 3.9's PTX (ISA 9.x) is newer than the wheel's ptxas knows: its ptxas-blackwell then assembles it."""
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        for tool in ("ptxas", "ptxas-blackwell"):
+            run = subprocess.run([str(_tool(tool)), "-v", "-lineinfo", f"--gpu-name={target}", str(source), "-o",
+                                  str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
+            if run.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"ptxas could not assemble the PTX: {run.stderr[-2000:]}")
+    log = run.stdout + run.stderr
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    registers = re.search(r"Used (\d+) registers", log)
+    return dict(ptxas_regs=int(registers.group(1)) if registers else None,
+                stack=int(frame.group(1)) if frame else 0, spill_stores=int(frame.group(2)) if frame else 0,
+                spill_loads=int(frame.group(3)) if frame else 0, wgmma_serialized="C7512" in log)
+
+
+def mma_kinds(ptx: str) -> dict:
+    """The tensor-core instructions of a PTX: async wgmma (sm_90), mma.sync, TMA, and TF32 MMAs: 3×TF32 (the
+    float32 operands split into TF32 halves by cvt.rna.tf32.f32, about float32's precision) or plain TF32 (the
+    operands' low 13 mantissa bits dropped, no conversion)."""
+    tf32 = re.search(r"mma[.\w]*\.tf32", ptx) is not None
+    split = "cvt.rna.tf32.f32" in ptx
+    return dict(wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                tf32x3=tf32 and split, plain_tf32=tf32 and not split)
 
 
 def variants(dtypes, arch: int):
@@ -82,6 +128,7 @@ def variants(dtypes, arch: int):
     # the pruner asks the device for its limit; here the device is the stand-in target
     triton_common.shared_memory_limit = lambda device: SHARED_LIMIT[arch]
     M, N, K = 4096, 4096, 4096
+    seed = torch.zeros((), dtype=torch.int64)  # the dropout seed, read in device memory
     for dtype in dtypes:
         e = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
         for r in (16, 64):  # the rank tiles: r <= 16, and every r above 32 (chunks of 64)
@@ -91,31 +138,36 @@ def variants(dtypes, arch: int):
                 gb = e(M, r, dt=torch.float32)
                 launches = [
                     ("gemm y" + (" nobias" if p else ""), lin.fused_gemm_launch_args(
-                        x, weight.t(), None if p else bias, xa, lora_B.t(), None, e(M, N), 2.0, p, 7,
+                        x, weight.t(), None if p else bias, xa, lora_B.t(), None, e(M, N), 2.0, p, seed,
                         shrink_in_loop=False, dropout_epilogue=False)),
                     (f"gemm dx p={p}", lin.fused_gemm_launch_args(
-                        grad_y, weight, None, gb, lora_A, None, e(M, K), 2.0, p, 7,
+                        grad_y, weight, None, gb, lora_A, None, e(M, K), 2.0, p, seed,
                         shrink_in_loop=False, dropout_epilogue=True)),
                     (f"decode p={p}", lin.fused_gemm_launch_args(
-                        e(16, K), weight.t(), bias, e(16, r), lora_B.t(), lora_A.t(), e(16, N), 2.0, p, 7,
+                        e(16, K), weight.t(), bias, e(16, r), lora_B.t(), lora_A.t(), e(16, N), 2.0, p, seed,
                         shrink_in_loop=True, dropout_epilogue=False)),
-                    (f"shrink xa p={p}", lin.shrink_launch_args(x, lora_A.t(), xa, p, 7)),
                     (f"weight grad dA p={p}", lin.weight_grad_launch_args(
-                        gb, x, e(4, r, K, dt=torch.float32), 1024, p, 7)),
+                        gb, x, e(4, r, K, dt=torch.float32), 1024, p, seed)),
                 ]
+                # the shrink's row tile follows M (shrink_rows): each tile the launcher can pick
+                launches += [(f"shrink xa p={p} M={m}", lin.shrink_launch_args(e(m, K), lora_A.t(), e(m, r), p, seed))
+                             for m in (2048, 8448, 16896)]
                 if p == 0.0 and r == 16:  # the CUDA-graph decode: the scaling read from device memory
                     launches.append(("decode scaling in memory", lin.fused_gemm_launch_args(
                         e(16, K), weight.t(), bias, e(16, r), lora_B.t(), lora_A.t(), e(16, N),
-                        e((), dt=torch.float64), p, 7, shrink_in_loop=True, dropout_epilogue=False)))
+                        e((), dt=torch.float64), p, seed, shrink_in_loop=True, dropout_epilogue=False)))
                 if p == 0.0:
                     launches += [
-                        ("shrink gb", lin.shrink_launch_args(grad_y, lora_B, gb, 0.0, 0)),
+                        ("shrink gb", lin.shrink_launch_args(grad_y, lora_B, gb, 0.0, None)),
                         ("weight grad dB", lin.weight_grad_launch_args(xa, grad_y, e(4, r, N, dt=torch.float32),
-                                                                       1024, 0.0, 0)),
+                                                                       1024, 0.0, None)),
+                        ("finish dA", lin.finish_launch_args(e(4, r, K, dt=torch.float32), lora_A, 2.0, 1.25)),
+                        ("finish dB in memory", lin.finish_launch_args(e(4, r, N, dt=torch.float32), lora_B.t(),
+                                                                        e((), dt=torch.float64), 1.0)),
                     ]
                 for name, (kernel, _, args, flags) in launches:
                     if hasattr(kernel, "configs"):  # autotuned: every config its pruner keeps on this arch
-                        kept = fitting_configs(kernel.configs, {"x_ptr": args[0], "d_ptr": args[5]}, **flags)
+                        kept = fitting_configs(kernel.configs, {"x_ptr": args[0], "u_ptr": args[4], "d_ptr": args[5]}, **flags)
                         yield name, kernel.fn, kept, args, flags, dtype, flags["BLOCK_R"], flags["SHRINK_IN_LOOP"]
                     else:
                         yield name, kernel, [None], args, flags, dtype, flags["BLOCK_R"], None
@@ -139,20 +191,20 @@ def _mixed_variants(lin, multi, e, dtype, M, N, K, r=16, n=32):
     f32 = lambda *shape: e(*shape, dt=torch.float32)  # noqa: E731
     weight, bias, lora_A, lora_B = e(N, K), e(N), f32(r, K), f32(N, r)
     x, xa, grad_y, gb = e(M, K), f32(M, r), e(M, N), f32(M, r)
+    seed = torch.zeros((), dtype=torch.int64)
     launches = [("mixed gemm y", lin.fused_gemm_launch_args(x, weight.t(), bias, xa, lora_B.t(), None, e(M, N), 2.0,
-                                                             0.0, 7, shrink_in_loop=False, dropout_epilogue=False)),
+                                                             0.0, None, shrink_in_loop=False, dropout_epilogue=False)),
                 ("mixed decode", lin.fused_gemm_launch_args(e(16, K), weight.t(), bias, f32(16, r), lora_B.t(),
-                                                             lora_A.t(), e(16, N), 2.0, 0.1, 7, shrink_in_loop=True,
+                                                             lora_A.t(), e(16, N), 2.0, 0.1, seed, shrink_in_loop=True,
                                                              dropout_epilogue=False)),
                 ("mixed gemm dx p=0.1", lin.fused_gemm_launch_args(grad_y, weight, None, gb, lora_A, None, e(M, K),
-                                                                    2.0, 0.1, 7, shrink_in_loop=False,
+                                                                    2.0, 0.1, seed, shrink_in_loop=False,
                                                                     dropout_epilogue=True)),
-                ("mixed shrink xa", lin.shrink_launch_args(x, lora_A.t(), xa, 0.1, 7)),
-                ("mixed shrink gb", lin.shrink_launch_args(grad_y, lora_B, gb, 0.0, 0)),
-                ("mixed weight grad dA", lin.weight_grad_launch_args(gb, x, f32(4, r, K), 1024, 0.1, 7,
-                                                                     torch.float32)),
-                ("mixed weight grad dB", lin.weight_grad_launch_args(xa, grad_y, f32(4, r, N), 1024, 0.0, 0,
-                                                                     torch.float32))]
+                ("mixed shrink xa", lin.shrink_launch_args(x, lora_A.t(), xa, 0.1, seed)),
+                ("mixed shrink gb", lin.shrink_launch_args(grad_y, lora_B, gb, 0.0, None)),
+                ("mixed weight grad dA", lin.weight_grad_launch_args(gb, x, f32(4, r, K), 1024, 0.1, seed)),
+                ("mixed weight grad dB", lin.weight_grad_launch_args(xa, grad_y, f32(4, r, N), 1024, 0.0, None)),
+                ("mixed finish dA", lin.finish_launch_args(f32(4, r, K), lora_A, 2.0, 1.25))]
     groups = multi.Groups(torch.randint(-1, n, (M,)), n, multi._tile_rows())
     ranks, scalings = torch.full((n,), r), torch.ones(n)
     dropout = multi._dropout_tensors(torch.full((n,), 0.1, dtype=torch.float64), "cpu")
@@ -160,16 +212,16 @@ def _mixed_variants(lin, multi, e, dtype, M, N, K, r=16, n=32):
     a_t = (stacked_A.stride(0), stacked_A.stride(2), stacked_A.stride(1))
     b_t = (stacked_B.stride(0), stacked_B.stride(2), stacked_B.stride(1))
     launches += [("mixed multi shrink xa", multi.shrink_launch_args(x, stacked_A, a_t, xa, groups, ranks, scalings,
-                                                                    False, dropout, 7, r)),
+                                                                    False, dropout, seed, r)),
                  ("mixed multi expand y", multi.expand_launch_args(xa, stacked_B, b_t, e(M, N), groups, ranks,
-                                                                   scalings, True, None, 0, r)),
+                                                                   scalings, True, None, None, r)),
                  ("mixed multi weight grad dA", multi.weight_grad_launch_args(
-                     gb, x, f32(2, n, r, K), groups, ranks, scalings, False, dropout, 7, r, torch.float32))]
+                     gb, x, f32(2, n, r, K), groups, ranks, scalings, False, dropout, seed, r))]
     for name, (kernel, _, args, flags) in launches:
         if hasattr(kernel, "configs"):
             from lora_kernels.ops.triton_common import fitting_configs
 
-            kept = fitting_configs(kernel.configs, {"x_ptr": args[0], "d_ptr": args[5]}, **flags)
+            kept = fitting_configs(kernel.configs, {"x_ptr": args[0], "u_ptr": args[4], "d_ptr": args[5]}, **flags)
             yield name, kernel.fn, kept, args, flags, dtype, flags["BLOCK_R"], flags["SHRINK_IN_LOOP"]
         else:
             yield name, kernel, [None], args, flags, dtype, flags["BLOCK_R"], None
@@ -181,6 +233,7 @@ def _multi_variants(multi, e, dtype, M, N, K, n=32):
     import torch
 
     groups = multi.Groups(torch.randint(-1, n, (M,)), n, multi._tile_rows())
+    seed = torch.zeros((), dtype=torch.int64)
     scalings, x, grad_y = torch.ones(n), e(M, K), e(M, N)
     dropouts = {0.0: None, 0.1: multi._dropout_tensors(torch.full((n,), 0.1, dtype=torch.float64), "cpu")}
     for r in (16, 64):
@@ -191,22 +244,85 @@ def _multi_variants(multi, e, dtype, M, N, K, n=32):
         b_t = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
         d_A, d_B_t = e(2, n, r, K, dt=torch.float32), e(2, n, r, N, dt=torch.float32)  # two row slices
         launches = [("multi expand y", multi.expand_launch_args(xa, lora_B, b_t, e(M, N), groups, ranks, scalings,
-                                                                 True, None, 0, r)),
+                                                                 True, None, None, r)),
                     ("multi shrink gb", multi.shrink_launch_args(grad_y, lora_B, lora_B.stride(), gb, groups, ranks,
-                                                                 scalings, True, None, 0, r)),
+                                                                 scalings, True, None, None, r)),
                     ("multi weight grad dB", multi.weight_grad_launch_args(
-                        xa, grad_y, d_B_t, groups, ranks, scalings, True, None, 0, r))]
+                        xa, grad_y, d_B_t, groups, ranks, scalings, True, None, None, r))]
         for p in (0.0, 0.1):
+            seed_p = seed if p else None
             launches += [(f"multi shrink xa p={p}", multi.shrink_launch_args(x, lora_A, a_t, xa, groups, ranks,
-                                                                             scalings, False, dropouts[p], 7,
+                                                                             scalings, False, dropouts[p], seed_p,
                                                                              r)),
                          (f"multi weight grad dA p={p}", multi.weight_grad_launch_args(
-                             gb, x, d_A, groups, ranks, scalings, False, dropouts[p], 7, r)),
+                             gb, x, d_A, groups, ranks, scalings, False, dropouts[p], seed_p, r)),
                          (f"multi expand dx p={p}", multi.expand_launch_args(gb, lora_A, lora_A.stride(), e(M, K),
                                                                              groups, ranks, scalings, False,
-                                                                             dropouts[p], 7, r))]
+                                                                             dropouts[p], seed_p, r))]
         for name, (kernel, _, args, flags) in launches:
             yield name, kernel, [None], args, flags, dtype, flags["BLOCK_R"], None
+
+
+def specialization_launches(M: int, seed_value: int, p: float):
+    """(name, jit function, config kwargs, args, flags) of the launches whose integer arguments change from call
+    to call (the batch size, the dropout seed and threshold), at batch size M: one config each."""
+    import torch
+
+    from lora_kernels.ops import triton_lora_linear as lin
+    from lora_kernels.ops import triton_lora_linear_multi as multi
+
+    e = lambda *shape, dt=torch.bfloat16: torch.empty(*shape, dtype=dt)  # noqa: E731
+    N = K = 256
+    r, n = 16, 4
+    seed = torch.tensor(seed_value, dtype=torch.int64)
+    x, weight, lora_A, lora_B, grad_y = e(M, K), e(N, K), e(r, K), e(N, r), e(M, N)
+    gb = e(M, r, dt=torch.float32)
+    decode = min(M, lin.DECODE_MAX_M)
+    splits, rows_per_split = lin.weight_grad_splits(M, K, 528, True)
+    launches = [
+        ("shrink xa", lin.shrink_launch_args(x, lora_A.t(), e(M, r), p, seed)),
+        ("gemm dx", lin.fused_gemm_launch_args(grad_y, weight, None, gb, lora_A, None, e(M, K), 2.0, p, seed,
+                                               shrink_in_loop=False, dropout_epilogue=True)),
+        ("decode", lin.fused_gemm_launch_args(e(decode, K), weight.t(), e(N), e(decode, r), lora_B.t(), lora_A.t(),
+                                              e(decode, N), 2.0, p, seed, shrink_in_loop=True,
+                                              dropout_epilogue=False)),
+        ("weight grad dA", lin.weight_grad_launch_args(gb, x, e(splits, r, K, dt=torch.float32), rows_per_split, p,
+                                                       seed)),
+        ("finish dA", lin.finish_launch_args(e(splits, r, K, dt=torch.float32), lora_A, 2.0, 1 / (1 - p))),
+    ]
+    groups = multi.Groups(torch.arange(M) % n, n, multi._tile_rows())
+    ranks, scalings = torch.full((n,), r), torch.ones(n)
+    dropout = multi._dropout_tensors(torch.full((n,), p, dtype=torch.float64), "cpu")
+    stacked_A = e(n, r, K)
+    a_t = (stacked_A.stride(0), stacked_A.stride(2), stacked_A.stride(1))
+    wg_splits = multi.weight_grad_splits(M, n, K, r, 528, True)
+    launches += [("multi shrink xa", multi.shrink_launch_args(x, stacked_A, a_t, e(M, r), groups, ranks, scalings,
+                                                              False, dropout, seed, r)),
+                 ("multi weight grad dA", multi.weight_grad_launch_args(gb, x, e(wg_splits, n, r, K, dt=torch.float32),
+                                                                        groups, ranks, scalings, False, dropout,
+                                                                        seed, r))]
+    for name, (kernel, _, args, flags) in launches:
+        config = kernel.configs[0] if hasattr(kernel, "configs") else None
+        options = dict(flags)
+        if config is not None:
+            options.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        yield name, kernel.fn if config is not None else kernel, options, args
+
+
+def specialization_probe(batch_sizes=(1, 16, 17, 1000, 2048), probabilities=(0.1, 0.25, 0.5, 0.0625),
+                         seeds=20) -> dict:
+    """{kernel: compiled variants} over seeds × dropout probabilities × batch sizes (the decode launch over
+    its own M <= 16). Each must be 1: a new variant is a compile (and an autotuning run) in the middle of
+    training, and inside a CUDA-graph capture a failure."""
+    import itertools
+
+    seen: dict[str, set] = {}
+    for M, i in itertools.product(batch_sizes, range(seeds)):
+        seed = [0, 1, 16, 2**31 - 1, 2**31, 2**62 - 1][i] if i < 6 else 7919 * i * i
+        for name, kernel, options, args in specialization_launches(M, seed, probabilities[i % len(probabilities)]):
+            compiled = kernel.warmup(*args, grid=(1,), **options)
+            seen.setdefault(name, set()).add(compiled.hash)
+    return {name: len(hashes) for name, hashes in seen.items()}
 
 
 def main(argv=None) -> int:
@@ -250,7 +366,8 @@ def main(argv=None) -> int:
                 usage = resource_usage(compiled.asm["cubin"])
                 row = dict(arch=arch, kernel=name, dtype=str(dtype)[6:], block_r=block_r,
                            config=None if config is None else str(config), shared=compiled.metadata.shared,
-                           compile_s=round(seconds, 2), **usage)
+                           compile_s=round(seconds, 2), **usage, **ptxas_report(compiled.asm["ptx"]),
+                           **mma_kinds(compiled.asm["ptx"]))
                 sixteen_bit = dtype in (torch.float16, torch.bfloat16)
                 why = []
                 if row["shared"] > SHARED_LIMIT[arch]:
@@ -262,19 +379,34 @@ def main(argv=None) -> int:
                     row["shared_estimate"] = estimate
                     if estimate < row["shared"]:
                         why.append(f"pruning estimate {estimate} B below the compiler's {row['shared']} B")
-                if sixteen_bit and (row["local"] or 0) > 0:
-                    why.append(f"spills {row['local']} B of local memory per thread")
+                if sixteen_bit and ((row["local"] or 0) > 0 or row["stack"] or row["spill_stores"]
+                                    or row["spill_loads"]):
+                    why.append(f"spills: {row['stack']} B stack frame, {row['spill_stores']} B spill stores, "
+                               f"{row['spill_loads']} B spill loads, {row['local']} B local per thread")
+                if row["wgmma_serialized"]:
+                    why.append("ptxas serialized the wgmma instructions (C7512)")
+                if row["plain_tf32"]:
+                    why.append("a plain TF32 MMA: a promised float32 dot runs with 10 mantissa bits")
                 if name.startswith("merge") and "fma.rn" in compiled.asm["ptx"]:
                     why.append("FMA contraction in the merge kernel")
                 row["problems"] = why
                 rows.append(row)
                 problems += [f"sm_{arch} {name} {row['dtype']} r-tile {block_r} {row['config']}: {w}" for w in why]
+                mma = "wgmma" if row["wgmma"] else "mma" if row["mma_sync"] else "fma"
                 print(f"sm_{arch} {name:<18} {row['dtype']:<8} r{block_r:<3} shared {row['shared']:>6} "
-                      f"regs {row['reg']} local {row['local']} {seconds:5.1f}s "
-                      f"{row['config'] or ''} {'FAIL: ' + '; '.join(why) if why else ''}", flush=True)
+                      f"regs {row['reg']} stack {row['stack']} spills {row['spill_stores']} {mma:<5} "
+                      f"{seconds:5.1f}s {row['config'] or ''} {'FAIL: ' + '; '.join(why) if why else ''}", flush=True)
         for name, kernel, configs, *_ in variants(dtypes[:1], arch):
             if not configs:
                 problems.append(f"sm_{arch} {name}: the pruner keeps no config")
+        if args.only is None:
+            t0 = time.time()
+            counts = specialization_probe()
+            print(f"sm_{arch} specialization probe ({time.time() - t0:.0f} s): compiled variants per kernel over "
+                  f"20 seeds and 4 dropout probabilities x 5 batch sizes: {counts}", flush=True)
+            problems += [f"sm_{arch} {name}: {count} compiled variants where the seed, the dropout probability or "
+                         f"the batch size changed (must be 1: mark the integer do_not_specialize)"
+                         for name, count in counts.items() if count != 1]
     summary = dict(compiles=len(rows), seconds=round(time.time() - start, 1), problems=problems)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -25,13 +25,20 @@ from .ops.merge import merge_op
 __all__ = ["lora_linear", "lora_linear_multi", "merge_", "unmerge_", "switch_", "MergeRecord"]
 
 
-def draw_seed() -> Tensor:
-    """A dropout seed (0-d int64 CPU tensor) from torch's default CPU generator.
+def draw_seed(device: torch.device | str | None = None) -> Tensor:
+    """A dropout seed: a 0-d int64 tensor drawn by torch's default generator of `device` (default: the CPU).
 
     A tensor, not an int, so that torch.compile keeps it in the graph instead of
     specialising on its value; torch.manual_seed makes the sequence reproducible.
+    On a GPU it is drawn there, where the kernels read it: no host copy, and a CUDA
+    graph that captured the draw draws a new seed (a new mask) at every replay.
     """
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+
+def _seed_device(x: Tensor) -> torch.device:
+    """Where the dropout seed is drawn: x's GPU, else the CPU (a meta x gets a CPU seed, as before)."""
+    return x.device if x.is_cuda else torch.device("cpu")
 
 
 def lora_linear(
@@ -58,7 +65,7 @@ def lora_linear(
         x, weight, bias, lora_A, lora_B = validation.check_and_autocast(x, weight, bias, lora_A, lora_B, scaling,
                                                                         dropout_p)
     out_features = weight.shape[0]
-    seed = draw_seed() if training and dropout_p > 0.0 else None
+    seed = draw_seed(_seed_device(x)) if training and dropout_p > 0.0 else None
     # [M, in] for the kernels (flatten, not reshape(-1, in): in_features may be 0)
     x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
     y, _ = lora_linear_op(x2d, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
@@ -100,7 +107,7 @@ def lora_linear_multi(
         some_dropout = dropout_p > 0.0
     else:
         some_dropout = torch.compiler.is_compiling() or bool(dropouts.any())
-    seed = draw_seed() if training and some_dropout else None
+    seed = draw_seed(_seed_device(x)) if training and some_dropout else None
     x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
     y, _ = lora_linear_multi_op(x2d, weight, bias, lora_A, lora_B, scalings, ids, ranks,
                                 dropouts if seed is not None else None, seed)

@@ -108,3 +108,8 @@ def _eager_function(name: str, impl: Callable, backward: Backward) -> type[torch
     class_name = "".join(part.capitalize() for part in name.split("_")) + "Function"
     return type(class_name, (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
+
+
+def seed_value(seed: Tensor | None) -> int:
+    """A dropout seed (0-d int64 tensor, any device) as a number, for the backends that take one; 0 for None."""
+    return int(seed) if seed is not None else 0

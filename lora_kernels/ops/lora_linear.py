@@ -7,14 +7,16 @@ x is 2-D here (functional.lora_linear checks arguments and flattens leading dims
 (a graph input: loading an adapter with another alpha does not recompile) and on a GPU.
 A CPU tensor is read here; one on x's CUDA device goes to the kernels, which read it in
 device memory (no host sync; a replayed CUDA graph sees its current value). `seed` is a 0-d
-int64 CPU tensor, or None when dropout is off; the backward regenerates the forward's
-mask from it, so only x, xa [M, r] and the seed are saved.
+int64 tensor drawn on x's device (functional.draw_seed), or None when dropout is off; the
+backward regenerates the forward's mask from it, so only x, xa [M, r] and the seed are saved.
+Triton reads it in device memory: a captured CUDA graph draws a new seed, hence a new mask, at
+every replay. The C++ backends take it as a number (one host read).
 
 Every backend implements the same two functions (reference.py is their spec), with
-scaling a float or a 0-d tensor on x's device:
+scaling a float or a 0-d tensor on x's device and seed a 0-d int64 tensor or None (p = 0):
 
-    forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed: int) -> (y, xa)
-    backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed: int, need_dx: bool)
+    forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed) -> (y, xa)
+    backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed, need_dx: bool)
         -> (dx [M, in] or [0], dA [r, in], dB [out, r])
 
 d_weight (only if the weight requires grad) and d_bias are one ATen op each, here.
@@ -30,7 +32,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import (FLOAT32_ADAPTERS_ON_HALF, HALF, HALF_AND_FLOAT32, Implementation, compiled_extension,
                         implementation, register)
-from .definition import Backward, define_op
+from .definition import Backward, define_op, seed_value
 
 OP = "lora_linear"
 
@@ -40,12 +42,13 @@ class ReferenceBackend:
 
     @staticmethod
     def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
-        y, xa = reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+        y, xa = reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed_value(seed))
         return y.contiguous(), xa.contiguous()
 
     @staticmethod
     def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed, need_dx):
-        dx, dA, dB = reference.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed)
+        dx, dA, dB = reference.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p,
+                                                    seed_value(seed))
         return (dx.contiguous() if need_dx else x.new_empty(0)), dA.contiguous(), dB.contiguous()
 
 
@@ -60,12 +63,14 @@ class CompiledBackend:
 
     @staticmethod
     def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
+        seed = seed_value(seed)
         if isinstance(scaling, Tensor):
             return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B * scaling, 1.0, p, seed)
         return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
 
     @staticmethod
     def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed, need_dx):
+        seed = seed_value(seed)
         if isinstance(scaling, Tensor):
             dx, dA, dB = torch.ops.lora_kernels.fused_backward(grad_y, x, weight, lora_A, lora_B * scaling, xa, 1.0,
                                                                p, seed, need_dx)
@@ -88,9 +93,9 @@ register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear", dev
                         dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF, mixed=FLOAT32_ADAPTERS_ON_HALF))
 
 
-def _dropout(dropout_p: float, seed: Optional[Tensor]) -> tuple[float, int]:
-    """(p, seed) as the kernels take them: p = 0 when there is no seed (dropout off)."""
-    return (dropout_p, int(seed)) if seed is not None else (0.0, 0)
+def _dropout(dropout_p: float, seed: Optional[Tensor]) -> tuple[float, Optional[Tensor]]:
+    """(p, seed) as the backends take them: p = 0 when there is no seed (dropout off)."""
+    return (dropout_p, seed) if seed is not None else (0.0, None)
 
 
 def _kernel_scaling(scaling):
@@ -103,9 +108,9 @@ def _kernel_scaling(scaling):
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
             dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(y, xa) on the backend selected for x's device and dtype (the op's forward entry point)."""
-    p, seed_value = _dropout(dropout_p, seed)
+    p, seed = _dropout(dropout_p, seed)
     return implementation(OP, x.device, x.dtype, lora_A.dtype).forward(x, weight, bias, lora_A, lora_B,
-                                                                       _kernel_scaling(scaling), p, seed_value)
+                                                                       _kernel_scaling(scaling), p, seed)
 
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -116,10 +121,9 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
              scaling: Tensor, dropout_p: float, seed: Optional[Tensor], need_dx: bool
              ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx or an empty tensor, dA, dB) on the backend selected for x's device and dtype."""
-    p, seed_value = _dropout(dropout_p, seed)
+    p, seed = _dropout(dropout_p, seed)
     return implementation(OP, x.device, x.dtype, lora_A.dtype).backward(grad_y, x, weight, lora_A, lora_B, xa,
-                                                                        _kernel_scaling(scaling), p, seed_value,
-                                                                        need_dx)
+                                                                        _kernel_scaling(scaling), p, seed, need_dx)
 
 
 def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx):
@@ -168,8 +172,9 @@ def _differentiable_gradients(ctx, grad_y):
            if need]
     grads = [None] * 4
     if wrt:
-        p, seed_value = _dropout(ctx.dropout_p, seed)
-        y, _ = reference.lora_linear(x, weight, None, lora_A, lora_B, _kernel_scaling(ctx.scaling), p, seed_value)
+        p, seed = _dropout(ctx.dropout_p, seed)
+        y, _ = reference.lora_linear(x, weight, None, lora_A, lora_B, _kernel_scaling(ctx.scaling), p,
+                                     seed_value(seed))
         found = torch.autograd.grad(y, [t for _, t in wrt], grad_y, create_graph=True)
         for (i, _), g in zip(wrt, found):
             grads[i] = g

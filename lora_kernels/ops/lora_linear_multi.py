@@ -13,9 +13,12 @@ backward, as for lora_linear.
 
 Every backend implements:
 
-    forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed: int) -> (y, xa)
+    forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed) -> (y, xa)
     backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx)
         -> (dx [M, in] or [0], dA [n, r_max, in], dB [n, out, r_max])
+
+with seed a 0-d int64 tensor drawn on x's device (read there by Triton, as a number by the others) or
+None when nothing drops.
 """
 
 from __future__ import annotations
@@ -28,16 +31,16 @@ from torch import Tensor
 from .. import reference
 from ..backends import (FLOAT32_ADAPTERS_ON_HALF, HALF, HALF_AND_FLOAT32, Implementation, compiled_extension,
                         implementation, register)
-from .definition import Backward, define_op
+from .definition import Backward, define_op, seed_value
 
 OP = "lora_linear_multi"
 
 
-def _dropout(dropouts: Optional[Tensor], seed: Optional[Tensor], n: int) -> tuple[Tensor, int]:
-    """(dropouts, seed) as the kernels take them: all zero when there is no seed (dropout off)."""
+def _dropout(dropouts: Optional[Tensor], seed: Optional[Tensor], n: int) -> tuple[Tensor, Optional[Tensor]]:
+    """(dropouts, seed) as the backends take them: all zero when there is no seed (dropout off)."""
     if seed is None or dropouts is None:
-        return torch.zeros(n, dtype=torch.float64), 0
-    return dropouts, int(seed)
+        return torch.zeros(n, dtype=torch.float64), None
+    return dropouts, seed
 
 
 class ReferenceBackend:
@@ -47,13 +50,13 @@ class ReferenceBackend:
     def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed):
         _check_ids_and_ranks(adapter_ids, ranks, lora_A)
         y, xa = reference.lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts,
-                                            seed)
+                                            seed_value(seed))
         return y.contiguous(), xa.contiguous()
 
     @staticmethod
     def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx):
         dx, dA, dB = reference.lora_linear_multi_backward(grad_y, x, weight, lora_A, lora_B, xa, scalings,
-                                                          adapter_ids, ranks, dropouts, seed)
+                                                          adapter_ids, ranks, dropouts, seed_value(seed))
         return (dx.contiguous() if need_dx else x.new_empty(0)), dA.contiguous(), dB.contiguous()
 
 
@@ -73,11 +76,13 @@ class CompiledBackend:
 
     @staticmethod
     def forward(*args):
-        return torch.ops.lora_kernels.multi_forward(*args)
+        *head, seed = args
+        return torch.ops.lora_kernels.multi_forward(*head, seed_value(seed))
 
     @staticmethod
     def backward(*args):
-        return torch.ops.lora_kernels.multi_backward(*args)
+        *head, seed, need_dx = args
+        return torch.ops.lora_kernels.multi_backward(*head, seed_value(seed), need_dx)
 
 
 register(Implementation(OP, "reference", "lora_kernels.ops.lora_linear_multi:ReferenceBackend",
@@ -96,9 +101,9 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
             adapter_ids: Tensor, ranks: Optional[Tensor], dropouts: Optional[Tensor], seed: Optional[Tensor]
             ) -> tuple[Tensor, Tensor]:
     """(y, xa) on the backend selected for x's device and dtype (the op's forward entry point)."""
-    p, seed_value = _dropout(dropouts, seed, lora_A.shape[0])
+    p, seed = _dropout(dropouts, seed, lora_A.shape[0])
     return implementation(OP, x.device, x.dtype, lora_A.dtype).forward(
-        x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, p, seed_value)
+        x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, p, seed)
 
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed):
@@ -109,9 +114,9 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
              adapter_ids: Tensor, ranks: Optional[Tensor], dropouts: Optional[Tensor], seed: Optional[Tensor],
              need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx or an empty tensor, dA, dB) on the backend selected for x's device and dtype."""
-    p, seed_value = _dropout(dropouts, seed, lora_A.shape[0])
+    p, seed = _dropout(dropouts, seed, lora_A.shape[0])
     return implementation(OP, x.device, x.dtype, lora_A.dtype).backward(
-        grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, p, seed_value, need_dx)
+        grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, p, seed, need_dx)
 
 
 def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx):
@@ -152,9 +157,9 @@ def _differentiable_gradients(ctx, grad_y):
     wanted = [(i, t) for i, t in zip((0, 1, 3, 4), (x, weight, lora_A, lora_B)) if need[i]]
     grads = {}
     if wanted:
-        p, seed_value = _dropout(dropouts, seed, lora_A.shape[0])
+        p, seed = _dropout(dropouts, seed, lora_A.shape[0])
         y, _ = reference.lora_linear_multi(x, weight, None, lora_A, lora_B, scalings, adapter_ids, ranks, p,
-                                           seed_value)
+                                           seed_value(seed))
         found = torch.autograd.grad(y, [t for _, t in wanted], grad_y, create_graph=True, allow_unused=True)
         grads = {i: g if g is not None else torch.zeros_like(t) for (i, t), g in zip(wanted, found)}
     d_bias = grad_y.sum(0) if need[2] else None

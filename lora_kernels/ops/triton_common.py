@@ -30,9 +30,11 @@ def configs(full: list[tuple[dict, int, int]], small: dict) -> list[triton.Confi
 
 @triton.jit
 def _draws(word_index, half, w0, w1, w2, w3):
-    """The 16-bit draw in half `half` of word `word_index` of a Philox output (see reference.py)."""
+    """The 16-bit draw in half `half` of word `word_index` of a Philox output (see reference.py), as int32.
+    In 32-bit arithmetic: 64-bit draws doubled the registers of every masked tile (the dropout epilogue
+    of dx spilled over 1 KB per thread on sm_90)."""
     word = tl.where(word_index == 0, w0, tl.where(word_index == 1, w1, tl.where(word_index == 2, w2, w3)))
-    return ((word.to(tl.int64) & 0xFFFFFFFF) >> (half * 16)) & 0xFFFF
+    return ((word >> (half * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32)
 
 
 @triton.jit
@@ -54,18 +56,20 @@ def _elementwise_draws(seed, rows, cols, row_len):
     """Draws of any tile: one generator call per element (a group may straddle two rows)."""
     offsets = rows.to(tl.int64)[:, None] * row_len + cols.to(tl.int64)[None, :]
     w0, w1, w2, w3 = tl.randint4x(seed, offsets >> 3)
-    return _draws((offsets >> 1) & 3, offsets & 1, w0, w1, w2, w3)
+    return _draws(((offsets >> 1) & 3).to(tl.int32), (offsets & 1).to(tl.int32), w0, w1, w2, w3)
 
 
 @triton.jit
-def keep_mask(seed, rows, cols, row_len, threshold):
+def keep_mask(seed, rows, cols, row_len, threshold, GROUPED: tl.constexpr):
     """Dropout keep-mask of elements (rows[:, None], cols[None, :]) of a [*, row_len] tensor.
 
     cols are consecutive and start at a multiple of 8 (a block of a power-of-two width >= 8). When
-    row_len is a multiple of 8 too, every aligned run of 8 columns is one Philox group and the
-    generator runs once per group instead of once per element (8x less Philox work).
+    row_len is a multiple of 8 too (GROUPED = grouped_mask(row_len), a compile-time flag), every aligned
+    run of 8 columns is one Philox group and the generator runs once per group instead of once per
+    element (8x less Philox work). A run-time test here compiled both generators into every masked
+    kernel, which made dx's dropout epilogue spill about 1 KB per thread on sm_90 (gpu_compile_check).
     """
-    if row_len % 8 == 0:
+    if GROUPED:
         draws = _grouped_draws(seed, rows, cols, row_len)
     else:
         draws = _elementwise_draws(seed, rows, cols, row_len)
@@ -80,11 +84,16 @@ def keep_mask(seed, rows, cols, row_len, threshold):
 
 
 @triton.jit
-def dot(a, b, acc, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """acc + a @ b, float32 accumulation."""
+def dot(a, b, acc, SOFT_BF16: tl.constexpr):
+    """acc + a @ b, float32 accumulation. A float32 operand (float32 x, float32 adapters, the backward's gb)
+    gets three TF32 products (a = big + small in TF32, big·big + big·small + small·big), about float32's
+    precision on tensor cores: a plain TF32 dot keeps 10 of the 23 mantissa bits, and a full-precision
+    FMA dot of a 64 × 128 tile kept both operand tiles in registers and spilled (gpu_compile_check)."""
     if SOFT_BF16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    if a.dtype == tl.float32 or b.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -124,15 +133,33 @@ def shared_memory_estimate(config: triton.Config, element_bytes: int, block_r_: 
     against the compiler's figures for every config in benchmarks/gpu_compile_check.py."""
     kw = config.kwargs
     per_stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * element_bytes
+    extra = 0
     if shrink_in_loop:
         per_stage += kw["BLOCK_K"] * block_r_ * (adapter_bytes or element_bytes)
+        if (adapter_bytes or element_bytes) > element_bytes:  # float32 d: the compiler stages a converted copy
+            extra = kw["BLOCK_K"] * block_r_ * adapter_bytes
     epilogue = (kw["BLOCK_M"] + kw["BLOCK_N"]) * block_r_ * 4
-    return max(config.num_stages * per_stage, epilogue)
+    return max(config.num_stages * per_stage + extra, epilogue)
+
+
+def spills(config: triton.Config, named_args, flags) -> bool:
+    """Whether the fused GEMM in this config runs out of registers (ptxas spills to the stack) with these
+    operands and flags: the cases benchmarks/gpu_compile_check.py found on sm_90 (ptxas -v, 2026-12-02),
+    which it keeps checking, so a rule that stops being enough fails CI."""
+    kw = config.kwargs
+    float32_adapters = named_args["u_ptr"].dtype == torch.float32 and named_args["x_ptr"].dtype != torch.float32
+    if flags["SHRINK_IN_LOOP"]:  # decode: the shrink's x and d tiles sit beside the accumulator
+        if named_args["d_ptr"].dtype == torch.float32 and named_args["x_ptr"].dtype != torch.float32:
+            return kw["BLOCK_K"] > 128 or kw["BLOCK_N"] > 32  # float32 d split in three TF32 parts
+        return flags["DROPOUT_SHRINK"] and kw["BLOCK_N"] > 64  # the mask of the x tile
+    if flags["DROPOUT_EPILOGUE"] and kw["BLOCK_M"] == 128 and kw["BLOCK_N"] == 64:
+        return True
+    return float32_adapters and kw["BLOCK_N"] > 128
 
 
 def fitting_configs(configs_, named_args, **kwargs) -> list[triton.Config]:
     """The autotuner's configs whose shared memory fits the device (early_config_prune): the fp32 tiles
-    are twice the 16-bit ones, and a config over the limit would fail at launch."""
+    are twice the 16-bit ones, and a config over the limit would fail at launch; and that do not spill."""
     x = named_args["x_ptr"]
     limit = shared_memory_limit(x.device)
 
@@ -140,7 +167,8 @@ def fitting_configs(configs_, named_args, **kwargs) -> list[triton.Config]:
         return shared_memory_estimate(config, x.element_size(), kwargs["BLOCK_R"], kwargs["SHRINK_IN_LOOP"],
                                       named_args["d_ptr"].element_size())
 
-    fit = [c for c in configs_ if estimate(c) <= limit]
+    fit = [c for c in configs_ if estimate(c) <= limit and (x.dtype == torch.float32 or not spills(c, named_args,
+                                                                                                    kwargs))]
     if fit:
         return fit
     # none fits: the smallest, with two stages (the compile check makes sure this does not happen)
@@ -148,9 +176,18 @@ def fitting_configs(configs_, named_args, **kwargs) -> list[triton.Config]:
     return [triton.Config(smallest.kwargs, num_warps=smallest.num_warps, num_stages=2)]
 
 
-def weight_grad_tiles() -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the weight-gradient kernels (lora_linear's and lora_linear_multi's)."""
-    return (16, 32) if interpreted() else (64, 128)
+def weight_grad_tiles(full_precision: bool = False) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the weight-gradient kernels (lora_linear's and lora_linear_multi's). A float32
+    operand (gb, float32 adapters or x) makes the dot full precision (see dot), whose operand tiles take
+    registers: as an FMA loop, 64 × 128 spilled 300 B per thread on sm_90 (gpu_compile_check); 32 × 64 does not."""
+    if interpreted():
+        return 16, 32
+    return (32, 64) if full_precision else (64, 128)
+
+
+def full_precision(*tensors: torch.Tensor) -> bool:
+    """Whether a dot over these operands runs in full float32 (one of them is float32: see dot)."""
+    return any(t.dtype == torch.float32 for t in tensors)
 
 
 def block_r(r: int) -> int:
@@ -163,15 +200,35 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def precision(dtype: torch.dtype) -> str:
-    # float32 inputs get full-precision dots, as torch.mm gives by default (no TF32).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def soft_bf16(dtype: torch.dtype) -> bool:
     return interpreted() and dtype == torch.bfloat16
+
+
+def grouped_mask(row_len: int) -> bool:
+    """keep_mask's GROUPED flag for a masked tensor whose rows are row_len long."""
+    return row_len % 8 == 0
 
 
 def dropout_args(p: float) -> tuple[int, float]:
     """(threshold, 1/(1-p)) for dropout probability p (p = 0: nothing dropped)."""
     return dropout_threshold(p), 1.0 / (1.0 - p)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """SMs of `device` (a CUDA device), or 1 for a CPU tensor under the interpreter."""
+    return _multiprocessors(device) if device.type == "cuda" else 1
+
+
+def kernel_seed(seed, x: torch.Tensor):
+    """The dropout seed as the kernels read it: a 0-d int64 tensor on x's device (one drawn there is used as
+    it is, so a captured CUDA graph reads each replay's new draw); None without dropout."""
+    if seed is None:
+        return None
+    if not isinstance(seed, torch.Tensor):
+        return torch.tensor(seed, dtype=torch.int64, device=x.device)
+    return seed.to(x.device, torch.int64)

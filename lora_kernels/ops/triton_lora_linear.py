@@ -1,19 +1,28 @@
 """Triton kernels of the fused LoRA linear, forward and backward.
 
-Three kernels serve every product (x [M, in], W0 [out, in], A [r, in], B [out, r]):
+Four kernels serve every product (x [M, in], W0 [out, in], A [r, in], B [out, r]):
 
   _shrink_kernel        L = drop?(X) D              [M, r]   xa = drop(x) Aᵀ, gb = dy B
-  _fused_gemm_kernel    Y = X Wop + bias + s·L U    [M, N]   y (Wop = W0ᵀ, U = Bᵀ) and
-                                                             dx (Wop = W0, U = A, dropout mask on s·L U)
-                        with SHRINK_IN_LOOP, L is accumulated inside the K loop from the
-                        X tiles already loaded (decode: one launch, W0 read once)
+  _fused_gemm_kernel    Y = s·L U (⊙ mask) + bias + X Wop    y (Wop = W0ᵀ, U = Bᵀ) and
+                                                [M, N]       dx (Wop = W0, U = A, dropout mask on s·L U)
+                        one accumulator: it starts as the tile's LoRA term and bias, loaded and
+                        computed before the K loop, so no load waits after it and no second
+                        [BLOCK_M, BLOCK_N] accumulator is live. With SHRINK_IN_LOOP (decode), L
+                        is accumulated inside the K loop from the X tiles already loaded (one
+                        launch, W0 read once) and the LoRA term follows the loop.
   _weight_grad_kernel   P = Gᵀ drop?(X)             [r, N]   dA = s·gbᵀ drop(x), dBᵀ = s·xaᵀ dy
-                        reduced over M in SPLIT parallel slices, then summed
+                        reduced over M in parallel slices of float32 partial sums,
+  _finish_kernel        out = cast(s · Σ slices)             which this one adds, scales, rounds and
+                                                             writes (transposed for dB): no ATen op
 
 Dropout masks come from tl.randint4x(seed, (row * in + col) // 8), 16 bits per
 element, the Philox scheme that reference.dropout_draws and csrc/philox.h
 reproduce bit for bit, so the backward
-regenerates the forward's mask and nothing of size [M, in] is saved. All
+regenerates the forward's mask and nothing of size [M, in] is saved. The seed is read in
+device memory (a 0-d int64 tensor drawn on x's device: a replayed CUDA graph draws a new
+one each time), and every integer that changes from call to call (M, the dropout threshold,
+the slice counts) is marked do_not_specialize: Triton would otherwise compile a new variant
+when such a value turns 1 or a multiple of 16 (benchmarks/gpu_compile_check.py counts them). All
 accumulation is float32; masks guard every edge; row offsets are int64.
 Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (one small config).
 """
@@ -25,20 +34,24 @@ import triton
 import triton.language as tl
 
 from .triton_common import (RANK_CHUNK, block_r, cast, configs, dot, dropout_args, fitting_configs, interpreted,
-                            keep_mask, on_device, precision, soft_bf16, weight_grad_tiles)
+                            full_precision, grouped_mask, keep_mask, kernel_seed, multiprocessors, on_device, soft_bf16,
+                            weight_grad_tiles)
 
 # Up to this many rows the forward is one launch (shrink fused into the GEMM's K
 # loop): the repeated shrink costs M·in·r per column block, noise next to W0's
 # out·in reads while M is small, and it saves a launch and the xa round trip.
 DECODE_MAX_M = 16
 
+# The large-M GEMM's LoRA tile is computed in rank chunks of at most this many: a float32 L (dx's gb)
+# of 64 ranks next to the accumulator and the dropout mask spilled in two of the configs on sm_90.
+LORA_TILE_RANKS = 32
 
-# Large-M GEMM configs for Hopper/Ampere; tuned per (M, N, K) by triton.autotune.
+
+# Large-M GEMM configs for Hopper/Ampere; tuned per (M, N, K) by triton.autotune. Not 128×256×64 (8 warps)
+# nor 128×128×32 (4 warps): at 255 registers with the LoRA tile, both spilled on sm_90 (ptxas -v, 2026-12-02).
 _GEMM_CONFIGS = configs(
     [
-        (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
         (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8, 4),
-        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), 4, 4),
         (dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
         (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4),
         (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 4),
@@ -64,13 +77,13 @@ _DECODE_CONFIGS = configs(
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "threshold"])
 def _shrink_kernel(
-    x_ptr, d_ptr, out_ptr,
+    x_ptr, d_ptr, out_ptr, seed_ptr,
     M, K, R,
     stride_xm, stride_xk, stride_dk, stride_dr, stride_om, stride_or,
-    seed, threshold, inv_keep,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    threshold, inv_keep,
+    DROPOUT: tl.constexpr, GROUPED_MASK: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[M, R] = drop?(x)[M, K] @ d[K, R]; each program owns BLOCK_M rows and BLOCK_R ranks
@@ -79,16 +92,18 @@ def _shrink_kernel(
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & (ks[None, :] < K),
                     other=0.0)
         if DROPOUT:
-            x = x * keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
+            x = x * keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK).to(x.dtype)
         d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                     mask=(ks[:, None] < K) & (ranks[None, :] < R), other=0.0)
-        acc = dot(x.to(d.dtype), d, acc, PRECISION, SOFT_BF16)  # float32 d (adapters): x widened, exactly
+        acc = dot(x.to(d.dtype), d, acc, SOFT_BF16)  # float32 d (adapters): x widened, exactly
     # The 1/(1-p) of dropout is applied once here rather than to every element of x.
     acc = acc * inv_keep
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + ranks[None, :] * stride_or
@@ -96,16 +111,27 @@ def _shrink_kernel(
 
 
 @triton.jit
+def _scaling_value(scaling, SCALING_IN_MEMORY: tl.constexpr):
+    """The scaling as a float32 number: read from its 0-d tensor, or the number itself."""
+    if SCALING_IN_MEMORY:
+        value = tl.load(scaling).to(tl.float32)
+    else:
+        value = scaling
+    return value
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "threshold"])
 def _fused_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, l_ptr, u_ptr, d_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, l_ptr, u_ptr, d_ptr, y_ptr, seed_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_ur, stride_un, stride_dk, stride_dr, stride_ym, stride_yn,
-    scaling, seed, threshold, inv_keep,
+    scaling, threshold, inv_keep,
     HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, DROPOUT_SHRINK: tl.constexpr,
-    DROPOUT_EPILOGUE: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr,
-    PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DROPOUT_EPILOGUE: tl.constexpr, GROUPED_MASK: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ w[K, N] + bias + scaling · (L[M, R] @ u[R, N]) (⊙ mask / (1-p)).
 
@@ -132,42 +158,16 @@ def _fused_gemm_kernel(
     row_ok, col_ok, rank_ok = rows < M, cols < N, ranks < R
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+    if DROPOUT_SHRINK or DROPOUT_EPILOGUE:
+        seed = tl.load(seed_ptr)
 
-    # Stage 1: the base GEMM (and, for decode, the LoRA shrink from the same x tiles).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SHRINK_IN_LOOP:
-        l_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + ks[:, None].to(tl.int64) * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = dot(x, w, acc, PRECISION, SOFT_BF16)
-        if SHRINK_IN_LOOP:
-            if DROPOUT_SHRINK:
-                x = x * keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
-            d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
-                        mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-            l_acc = dot(x.to(d.dtype), d, l_acc, LORA_PRECISION, SOFT_BF16)
-
-    # Stage 2+3: the LoRA term L U in float32, L [BLOCK_M, R] being xa (in x's dtype) or gb (float32, for
-    # dx; U is then widened to match), times s only after the product, so s·L is never rounded to a 16-bit
-    # type (reference.py's order). With SHRINK_IN_LOOP, L is the accumulator of the K loop (the launcher
-    # keeps R <= BLOCK_R there) and the first column block writes it out as xa; otherwise L is read in
-    # rank chunks of BLOCK_R, so that large ranks do not need large tiles.
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SHRINK_IN_LOOP:
-        # Rank lanes beyond R hold 0·x, NaN where x is ±Inf: zero them, or the zero-padded
-        # rows of U would turn them into NaN across the whole row of y.
-        l_acc = tl.where(rank_ok[None, :], l_acc * inv_keep, 0.0)
-        lora_left = cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16)
-        if pid_n == 0:  # xa is saved for the backward; one column block writes it
-            l_ptrs = l_ptr + rows.to(tl.int64)[:, None] * stride_lm + ranks[None, :] * stride_lr
-            tl.store(l_ptrs, lora_left, mask=row_ok[:, None] & rank_ok[None, :])
-        u = tl.load(u_ptr + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        lora = dot(lora_left, u.to(lora_left.dtype), lora, LORA_PRECISION, SOFT_BF16)
-    else:
+    if not SHRINK_IN_LOOP:
+        # Stage 1: the accumulator starts as s·(L U) (⊙ mask / (1-p)) + bias, L [BLOCK_M, R] being xa (in
+        # the adapters' dtype) or gb (float32, for dx; U is then widened), in rank chunks of BLOCK_R so that
+        # large ranks need no large tiles; s is applied after the product, so s·L is never rounded to a
+        # 16-bit type (reference.py's order). Its loads and its mask's Philox rounds happen here, before
+        # the pipelined K loop, instead of after it with a second accumulator live.
         for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: the tiles stay single
             chunk = r0 + ranks
             chunk_ok = chunk < R
@@ -175,16 +175,44 @@ def _fused_gemm_kernel(
                                 mask=row_ok[:, None] & chunk_ok[None, :], other=0.0)
             u = tl.load(u_ptr + chunk[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
                         mask=chunk_ok[:, None] & col_ok[None, :], other=0.0)
-            lora = dot(lora_left, u.to(lora_left.dtype), lora, LORA_PRECISION, SOFT_BF16)
-    if SCALING_IN_MEMORY:
-        lora = lora * tl.load(scaling).to(tl.float32)
+            acc = dot(lora_left, u.to(lora_left.dtype), acc, SOFT_BF16)
+        acc = acc * _scaling_value(scaling, SCALING_IN_MEMORY)
+        if DROPOUT_EPILOGUE:
+            acc = tl.where(keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK), acc * inv_keep, 0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     else:
-        lora = lora * scaling
-    if DROPOUT_EPILOGUE:
-        lora = tl.where(keep_mask(seed, rows, cols, N, threshold), lora * inv_keep, 0.0)
-    acc += lora
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        l_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+
+    # Stage 2: the base GEMM (and, for decode, the LoRA shrink from the same x tiles).
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None].to(tl.int64) * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = dot(x, w, acc, SOFT_BF16)
+        if SHRINK_IN_LOOP:
+            if DROPOUT_SHRINK:
+                x = x * keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK).to(x.dtype)
+            d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
+                        mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+            l_acc = dot(x.to(d.dtype), d, l_acc, SOFT_BF16)
+
+    if SHRINK_IN_LOOP:
+        # Stage 3 (decode): the LoRA term from the loop's L (the launcher keeps R <= BLOCK_R here); the first
+        # column block writes L out as xa. Rank lanes beyond R hold 0·x, NaN where x is ±Inf: zero them, or
+        # the zero-padded rows of U would turn them into NaN across the whole row of y.
+        l_acc = tl.where(rank_ok[None, :], l_acc * inv_keep, 0.0)
+        lora_left = cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16)
+        if pid_n == 0:  # xa is saved for the backward; one column block writes it
+            l_ptrs = l_ptr + rows.to(tl.int64)[:, None] * stride_lm + ranks[None, :] * stride_lr
+            tl.store(l_ptrs, lora_left, mask=row_ok[:, None] & rank_ok[None, :])
+        u = tl.load(u_ptr + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
+                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        lora = dot(lora_left, u.to(lora_left.dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), SOFT_BF16)
+        acc += lora * _scaling_value(scaling, SCALING_IN_MEMORY)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
     tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -200,13 +228,13 @@ _fused_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET"] + _KEY, pr
 _fused_gemm_decode = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_fused_gemm_kernel)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_split", "threshold"])
 def _weight_grad_kernel(
-    g_ptr, x_ptr, part_ptr,
+    g_ptr, x_ptr, part_ptr, seed_ptr,
     M, N, R, rows_per_split,
     stride_gm, stride_gr, stride_xm, stride_xn,
-    seed, threshold,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    threshold,
+    DROPOUT: tl.constexpr, GROUPED_MASK: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """part[s, R, N] = g[rows of slice s, R]ᵀ @ drop?(x)[rows of slice s, N], float32."""
@@ -216,6 +244,8 @@ def _weight_grad_kernel(
     col_ok, rank_ok = cols < N, ranks < R
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -225,10 +255,32 @@ def _weight_grad_kernel(
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
-            x = x * keep_mask(seed, rows, cols, N, threshold).to(x.dtype)
-        acc = dot(tl.trans(g), x.to(g.dtype), acc, PRECISION, SOFT_BF16)  # g may be float32 (gb)
+            x = x * keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK).to(x.dtype)
+        acc = dot(tl.trans(g), x.to(g.dtype), acc, SOFT_BF16)  # g may be float32 (gb)
     part = part_ptr + pid_s.to(tl.int64) * R * N + ranks.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(part, acc, mask=rank_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["splits"])
+def _finish_kernel(
+    part_ptr, out_ptr, scaling,
+    R, N, splits,
+    stride_or, stride_on,
+    factor,
+    SCALING_IN_MEMORY: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[r, n] = (scaling · factor · Σ_s part[s, r, n]) rounded once to out's dtype; part [splits, R, N]
+    float32 in order, out through its strides (dB is written as the transpose of its [r, out] sum)."""
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (ranks < R)[:, None] & (cols < N)[None, :]
+    offsets = ranks.to(tl.int64)[:, None] * N + cols.to(tl.int64)[None, :]
+    total = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for s in range(0, splits):  # in slice order: the same sum at every launch
+        total += tl.load(part_ptr + s * R * N + offsets, mask=ok, other=0.0)
+    total = total * (_scaling_value(scaling, SCALING_IN_MEMORY) * factor)
+    out = out_ptr + ranks.to(tl.int64)[:, None] * stride_or + cols.to(tl.int64)[None, :] * stride_on
+    tl.store(out, cast(total, out_ptr.dtype.element_ty, SOFT_BF16), mask=ok)
 
 
 # ---------------------------------------------------------------------------
@@ -241,34 +293,50 @@ def _weight_grad_kernel(
 # checks the specialisations that really launch.
 
 
-def shrink_launch_args(x, d, out, p: float, seed: int):
-    """(kernel, grid, args, flags) of out = drop?(x) @ d for x [M, K], d [K, R] (any strides)."""
+def shrink_rows(M: int, programs_wanted: int) -> int:
+    """The shrink's row tile: the largest of 64/32/16 that still gives `programs_wanted` programs (two per
+    SM), else 16. Each program reads all of A's chunk from L2, so smaller tiles cost L2 traffic, not HBM;
+    64-row tiles at M = 2048 left 100 of 132 SMs idle (32 programs streaming x)."""
+    if interpreted():
+        return 16
+    for rows in (64, 32):
+        if triton.cdiv(M, rows) >= programs_wanted:
+            return rows
+    return 16
+
+
+def shrink_launch_args(x, d, out, p: float, seed, programs_wanted: int = 264):
+    """(kernel, grid, args, flags) of out = drop?(x) @ d for x [M, K], d [K, R] (any strides); seed: a 0-d
+    int64 tensor on x's device when p > 0 (unread otherwise)."""
     M, K = x.shape
     R = d.shape[1]
     threshold, inv_keep = dropout_args(p)
-    block_m = 16 if interpreted() or M <= 16 else 64
+    block_m = shrink_rows(M, programs_wanted)
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r(R)))
-    args = (x, d, out, M, K, R, x.stride(0), x.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
-            seed, threshold, inv_keep)
-    flags = dict(DROPOUT=p > 0.0, PRECISION=precision(d.dtype), SOFT_BF16=soft_bf16(x.dtype),
-                 BLOCK_M=block_m, BLOCK_K=32 if interpreted() else 128, BLOCK_R=block_r(R))
+    args = (x, d, out, seed if p > 0.0 else out, M, K, R, x.stride(0), x.stride(1), d.stride(0), d.stride(1),
+            out.stride(0), out.stride(1), threshold, inv_keep)
+    # 64-rank chunks take 64-deep K tiles: 32 × 128 × 64 spilled on sm_90 (gpu_compile_check)
+    block_k = 32 if interpreted() else 128 if block_r(R) <= 32 else 64
+    flags = dict(DROPOUT=p > 0.0, GROUPED_MASK=grouped_mask(K), SOFT_BF16=soft_bf16(x.dtype), BLOCK_M=block_m,
+                 BLOCK_K=block_k, BLOCK_R=block_r(R))
     return _shrink_kernel, grid, args, flags
 
 
-def _shrink(x: torch.Tensor, d: torch.Tensor, p: float, seed: int, out_dtype: torch.dtype | None = None
+def _shrink(x: torch.Tensor, d: torch.Tensor, p: float, seed, out_dtype: torch.dtype | None = None
             ) -> torch.Tensor:
     """drop?(x) @ d for x [M, K], d [K, R] (any strides), in out_dtype (default x's dtype)."""
     out = torch.empty(x.shape[0], d.shape[1], device=x.device, dtype=out_dtype or x.dtype)
     if x.shape[0] == 0:
         return out
-    kernel, grid, args, flags = shrink_launch_args(x, d, out, p, seed)
+    kernel, grid, args, flags = shrink_launch_args(x, d, out, p, seed, 2 * multiprocessors(x.device))
     kernel[grid](*args, **flags)
     return out
 
 
 def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shrink_in_loop, dropout_epilogue):
     """(autotuned kernel, grid, args, flags) of y = x @ w_kn + bias + scaling · left @ u_rn
-    (see _fused_gemm_kernel); w_kn, u_rn, d_kr are views; scaling is a float or a 0-d tensor on x's device."""
+    (see _fused_gemm_kernel); w_kn, u_rn, d_kr are views; scaling is a float or a 0-d tensor on x's device;
+    seed a 0-d int64 tensor on x's device when p > 0."""
     M, K = x.shape
     N = w_kn.shape[1]
     R = u_rn.shape[0]
@@ -279,15 +347,15 @@ def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed,
 
     d_strides = (d_kr.stride(0), d_kr.stride(1)) if d_kr is not None else (0, 0)
     args = (x, w_kn, bias if bias is not None else y, left, u_rn, d_kr if d_kr is not None else left, y,
-            M, N, K, R, triton.next_power_of_2(M),
+            seed if p > 0.0 else y, M, N, K, R, triton.next_power_of_2(M),
             x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
             left.stride(0), left.stride(1), u_rn.stride(0), u_rn.stride(1), *d_strides, y.stride(0), y.stride(1),
-            scaling, seed, threshold, inv_keep)
+            scaling, threshold, inv_keep)
     flags = dict(HAS_BIAS=bias is not None, SHRINK_IN_LOOP=shrink_in_loop,
                  DROPOUT_SHRINK=shrink_in_loop and p > 0.0, DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
-                 SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor),
-                 PRECISION=precision(x.dtype), LORA_PRECISION=precision(u_rn.dtype), SOFT_BF16=soft_bf16(x.dtype),
-                 BLOCK_R=block_r(R))
+                 GROUPED_MASK=grouped_mask(K if shrink_in_loop else N),  # decode masks x, dx's epilogue dx
+                 SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor), SOFT_BF16=soft_bf16(x.dtype),
+                 BLOCK_R=block_r(R) if shrink_in_loop else min(block_r(R), LORA_TILE_RANKS))
     return (_fused_gemm_decode if shrink_in_loop else _fused_gemm), grid, args, flags
 
 
@@ -296,55 +364,77 @@ def _fused_gemm_launch(*launch, **options):
     kernel[grid](*args, **flags)
 
 
-def weight_grad_launch_args(g, x, part, rows_per_split: int, p: float, seed: int, adapter_dtype=None):
+def weight_grad_splits(M: int, N: int, programs_wanted: int, full: bool) -> tuple[int, int]:
+    """(slices, rows per slice) of the weight gradient's sum over M: enough slices for `programs_wanted`
+    programs, each a whole number of row blocks (full: float32 dots, see weight_grad_tiles)."""
+    block_m, block_n = weight_grad_tiles(full)
+    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(programs_wanted, max(1, triton.cdiv(N, block_n)))))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    return max(1, triton.cdiv(M, rows_per_split)), rows_per_split
+
+
+def weight_grad_launch_args(g, x, part, rows_per_split: int, p: float, seed):
     """(kernel, grid, args, flags) of part[s] = g[slice s]ᵀ @ drop?(x)[slice s] for g [M, R], x [M, N];
-    the dots' precision is the adapters' (default: x's dtype)."""
+    a float32 g (gb) or float32 x gets full-precision dots."""
     M, R = g.shape
     N = x.shape[1]
-    block_m, block_n = weight_grad_tiles()
+    block_m, block_n = weight_grad_tiles(full_precision(g, x))
     threshold, _ = dropout_args(p)
     grid = (triton.cdiv(N, block_n), part.shape[0], triton.cdiv(R, block_r(R)))
-    args = (g, x, part, M, N, R, rows_per_split, g.stride(0), g.stride(1), x.stride(0), x.stride(1), seed, threshold)
-    flags = dict(DROPOUT=p > 0.0, PRECISION=precision(adapter_dtype or x.dtype), SOFT_BF16=soft_bf16(x.dtype),
-                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r(R))
+    args = (g, x, part, seed if p > 0.0 else part, M, N, R, rows_per_split, g.stride(0), g.stride(1), x.stride(0),
+            x.stride(1), threshold)
+    flags = dict(DROPOUT=p > 0.0, GROUPED_MASK=grouped_mask(N), SOFT_BF16=soft_bf16(x.dtype), BLOCK_M=block_m,
+                 BLOCK_N=block_n, BLOCK_R=block_r(R))
     return _weight_grad_kernel, grid, args, flags
 
 
-def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, adapter_dtype: torch.dtype) -> torch.Tensor:
-    """gᵀ @ drop?(x) in float32 for g [M, R], x [M, N]: returns [R, N]."""
+def finish_launch_args(part, out_rn, scaling, factor: float):
+    """(kernel, grid, args, flags) of out_rn = cast(scaling · factor · part.sum(0)) for part [splits, R, N]
+    float32 and out_rn an [R, N] view (any strides) of the gradient."""
+    splits, R, N = part.shape
+    block_n = 32 if interpreted() else 256
+    grid = (triton.cdiv(N, block_n), triton.cdiv(R, block_r(R)))
+    args = (part, out_rn, scaling, R, N, splits, out_rn.stride(0), out_rn.stride(1), factor)
+    flags = dict(SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor), SOFT_BF16=soft_bf16(out_rn.dtype),
+                 BLOCK_R=block_r(R), BLOCK_N=block_n)
+    return _finish_kernel, grid, args, flags
+
+
+def _weight_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed, out_rn: torch.Tensor, scaling,
+                 factor: float) -> None:
+    """out_rn [R, N] = scaling · factor · gᵀ @ drop?(x) for g [M, R], x [M, N]: float32 slices of the sum over
+    M, then one kernel that adds, scales, rounds and writes them (two launches)."""
     M, R = g.shape
     N = x.shape[1]
-    if M == 0:
-        return torch.zeros(R, N, device=x.device, dtype=torch.float32)
-    block_m, block_n = weight_grad_tiles()
-    if interpreted():
-        splits = 1
-    else:
-        # Enough M slices for ~4 programs per SM; each slice a whole number of row blocks.
-        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-        splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, triton.cdiv(N, block_n))))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = max(1, triton.cdiv(M, rows_per_split))
+    wanted = 1 if interpreted() else 4 * multiprocessors(x.device)
+    splits, rows_per_split = weight_grad_splits(M, N, wanted, full_precision(g, x))
+    if out_rn.numel() == 0:
+        return
     part = torch.empty(splits, R, N, device=x.device, dtype=torch.float32)
-    kernel, grid, args, flags = weight_grad_launch_args(g, x, part, rows_per_split, p, seed, adapter_dtype)
+    if M == 0:
+        part.zero_()
+    else:
+        kernel, grid, args, flags = weight_grad_launch_args(g, x, part, rows_per_split, p, seed)
+        kernel[grid](*args, **flags)
+    kernel, grid, args, flags = finish_launch_args(part, out_rn, scaling, factor)
     kernel[grid](*args, **flags)
-    return part.sum(0)
-
 
 def _check_dtype(x: torch.Tensor) -> None:
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the triton backend supports float16, bfloat16 and float32, got {x.dtype}")
 # float32 adapters on a 16-bit x (reference.lora_linear's mixed precision): every LoRA product takes the
-# adapters' dtype and precision (x's tiles are widened in registers, exactly); the base GEMM stays 16-bit.
+# adapters' dtype and full float32 precision (x's tiles are widened in registers, exactly); the base GEMM
+# stays 16-bit.
 
 
-def forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed: int):
-    """(y [M, out], xa [M, r]) for x [M, in]: y = x W0ᵀ + b + s·xa Bᵀ, xa = drop(x) Aᵀ."""
+def forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed):
+    """(y [M, out], xa [M, r]) for x [M, in]: y = x W0ᵀ + b + s·xa Bᵀ, xa = drop(x) Aᵀ; seed: a 0-d int64
+    tensor (any device; read on x's) when p > 0."""
     with on_device(x):
-        return _forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+        return _forward(x, weight, bias, lora_A, lora_B, scaling, p, kernel_seed(seed, x))
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed: int):
+def _forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed):
     _check_dtype(x)
     M = x.shape[0]
     N, R = weight.shape[0], lora_A.shape[0]
@@ -362,18 +452,21 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed: int):
     return y, xa
 
 
-def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed: int, need_dx: bool):
-    """(dx [M, in] or [0], dA [r, in], dB [out, r]) for a frozen weight."""
+def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed, need_dx: bool):
+    """(dx [M, in] or [0], dA [r, in], dB [out, r]) for a frozen weight: six launches (gb, dA and dB in
+    two each, dx), every scaling, cast and transpose inside them."""
     with on_device(x):
-        return _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed, need_dx)
+        return _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, kernel_seed(seed, x), need_dx)
 
 
-def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed: int, need_dx: bool):
+def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed, need_dx: bool):
     _check_dtype(x)
     _, inv_keep = dropout_args(p)
-    gb = _shrink(grad_y, lora_B, 0.0, 0, torch.float32)  # dy B   [M, r], float32 (reference.py's order)
-    d_lora_A = (_weight_grad(gb, x, p, seed, lora_A.dtype) * (scaling * inv_keep)).to(lora_A.dtype)
-    d_lora_B = (_weight_grad(xa, grad_y, 0.0, 0, lora_A.dtype) * scaling).t().contiguous().to(lora_B.dtype)
+    gb = _shrink(grad_y, lora_B, 0.0, None, torch.float32)  # dy B   [M, r], float32 (reference.py's order)
+    d_lora_A = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
+    _weight_grad(gb, x, p, seed, d_lora_A, scaling, inv_keep)  # s/(1-p) · gbᵀ drop(x)
+    d_lora_B = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
+    _weight_grad(xa, grad_y, 0.0, None, d_lora_B.t(), scaling, 1.0)  # (s · xaᵀ dy)ᵀ, written transposed
     if not need_dx:
         return x.new_empty(0), d_lora_A, d_lora_B
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)

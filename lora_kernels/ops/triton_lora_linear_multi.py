@@ -18,12 +18,14 @@ TRITON_INTERPRET=1 the same kernels run on CPU tensors.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (block_r, cast, dot, dropout_args, interpreted, keep_mask, on_device, precision, soft_bf16,
-                            weight_grad_tiles)
+from .triton_common import (block_r, cast, dot, dropout_args, full_precision, grouped_mask, interpreted, keep_mask,
+                            kernel_seed, multiprocessors, on_device, soft_bf16, weight_grad_tiles)
 
 
 def _tile_rows() -> int:
@@ -52,8 +54,8 @@ def _segment_shrink_kernel(
     x_ptr, d_ptr, out_ptr, order_ptr, tile_adapter_ptr, tile_start_ptr, tile_count_ptr, ranks_ptr, scalings_ptr,
     K, n_adapters,
     stride_xm, stride_xk, stride_da, stride_dk, stride_dr, stride_om, stride_or,
-    seed, thresholds_ptr, inv_keeps_ptr,
-    SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    seed_ptr, thresholds_ptr, inv_keeps_ptr,
+    SCALE: tl.constexpr, DROPOUT: tl.constexpr, GROUPED_MASK: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[m, j] = drop?(x)[m, :] @ d[a, :, j] (· s_a) for the rows m of this tile's adapter a, ranks j < r_a."""
@@ -68,16 +70,17 @@ def _segment_shrink_kernel(
     d_adapter = d_ptr + adapter.to(tl.int64) * stride_da
     if DROPOUT:  # this tile's adapter's probability
         threshold = tl.load(thresholds_ptr + adapter)
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks.to(tl.int64)[None, :] * stride_xk,
                     mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
         if DROPOUT:
-            x = x * keep_mask(seed, rows, ks, K, threshold).to(x.dtype)
+            x = x * keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK).to(x.dtype)
         d = tl.load(d_adapter + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                     mask=(ks[:, None] < K) & rank_ok[None, :], other=0.0)
-        acc = dot(x.to(d.dtype), d, acc, PRECISION, SOFT_BF16)  # float32 adapters: x widened, exactly
+        acc = dot(x.to(d.dtype), d, acc, SOFT_BF16)  # float32 adapters: x widened, exactly
     if DROPOUT:
         acc = acc * tl.load(inv_keeps_ptr + adapter)
     if SCALE:
@@ -91,8 +94,8 @@ def _segment_expand_kernel(
     l_ptr, u_ptr, out_ptr, order_ptr, tile_adapter_ptr, tile_start_ptr, tile_count_ptr, ranks_ptr, scalings_ptr,
     N, n_adapters,
     stride_lm, stride_lr, stride_ua, stride_ur, stride_un, stride_om, stride_on,
-    seed, thresholds_ptr, inv_keeps_ptr,
-    SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    seed_ptr, thresholds_ptr, inv_keeps_ptr,
+    SCALE: tl.constexpr, DROPOUT: tl.constexpr, GROUPED_MASK: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[m, n] += (s_a ·) l[m, :r_a] @ u[a, :r_a, n] (⊙ mask / (1-p)) for the rows m of this tile's adapter a;
@@ -112,25 +115,26 @@ def _segment_expand_kernel(
                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         u = tl.load(u_adapter + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
                     mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        lora = dot(left, u.to(left.dtype), lora, PRECISION, SOFT_BF16)
+        lora = dot(left, u.to(left.dtype), lora, SOFT_BF16)
     if SCALE:
         lora = lora * tl.load(scalings_ptr + adapter)
     if DROPOUT:
         threshold = tl.load(thresholds_ptr + adapter)
-        lora = tl.where(keep_mask(seed, rows, cols, N, threshold), lora * tl.load(inv_keeps_ptr + adapter), 0.0)
+        keep = keep_mask(tl.load(seed_ptr), rows, cols, N, threshold, GROUPED_MASK)
+        lora = tl.where(keep, lora * tl.load(inv_keeps_ptr + adapter), 0.0)
     out = out_ptr + rows[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on
     ok = row_ok[:, None] & col_ok[None, :]
     total = tl.load(out, mask=ok, other=0.0).to(tl.float32) + lora
     tl.store(out, cast(total, out_ptr.dtype.element_ty, SOFT_BF16), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _segment_weight_grad_kernel(
     p_ptr, q_ptr, out_ptr, order_ptr, seg_start_ptr, seg_count_ptr, ranks_ptr, scalings_ptr,
     N, splits,
     stride_pm, stride_pr, stride_qm, stride_qn, stride_os, stride_oa, stride_or, stride_on,
-    seed, thresholds_ptr, inv_keeps_ptr,
-    SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    seed_ptr, thresholds_ptr, inv_keeps_ptr,
+    SCALE: tl.constexpr, DROPOUT: tl.constexpr, GROUPED_MASK: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[s, a, j, n] = (s_a ·) Σ over adapter a's row tiles t ≡ s (mod splits) of p[m, j] · drop?(q)[m, n],
@@ -148,6 +152,7 @@ def _segment_weight_grad_kernel(
     count = tl.load(seg_count_ptr + adapter)
     if DROPOUT:
         threshold = tl.load(thresholds_ptr + adapter)
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     # every splits-th row tile: any row count is covered, and the slices of one adapter share its rows evenly
     for m0 in range(split * BLOCK_M, count, splits * BLOCK_M):
@@ -159,8 +164,8 @@ def _segment_weight_grad_kernel(
         q = tl.load(q_ptr + rows[:, None] * stride_qm + cols.to(tl.int64)[None, :] * stride_qn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
-            q = q * keep_mask(seed, rows, cols, N, threshold).to(q.dtype)
-        acc = dot(tl.trans(p), q.to(p.dtype), acc, PRECISION, SOFT_BF16)
+            q = q * keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK).to(q.dtype)
+        acc = dot(tl.trans(p), q.to(p.dtype), acc, SOFT_BF16)
     if DROPOUT:
         acc = acc * tl.load(inv_keeps_ptr + adapter)
     if SCALE:
@@ -202,27 +207,23 @@ class Groups:
         self.tile_count = (self.seg_start[a] + self.seg_count[a] - self.tile_start).clamp(0, block_m)
 
 
-def _common(x, adapter_dtype):
-    """The dots run at the adapters' precision (float32 adapters on a 16-bit x: full float32)."""
-    return dict(PRECISION=precision(adapter_dtype), SOFT_BF16=soft_bf16(x.dtype))
-
-
-def shrink_launch_args(x, d, d_strides, out, groups, ranks, scalings, scale: bool, dropout, seed: int, r_max: int):
+def shrink_launch_args(x, d, d_strides, out, groups, ranks, scalings, scale: bool, dropout, seed, r_max: int):
     """(kernel, grid, args, flags) of out[m, :r_a] = drop?(x[m]) d_a (· s_a); d_strides: (adapter, k, rank);
-    dropout: None, or each adapter's (thresholds, 1/(1-p)) on the device (see Dropout)."""
+    dropout: None, or each adapter's (thresholds, 1/(1-p)) on the device (see _dropout_tensors), with seed
+    a 0-d int64 tensor on the device."""
     thresholds, inv_keeps = dropout or (ranks, scalings)  # unread without dropout
     br = block_r(r_max)
     grid = (groups.max_tiles, triton.cdiv(r_max, br))
     args = (x, d, out, groups.order, groups.tile_adapter, groups.tile_start, groups.tile_count, ranks, scalings,
             x.shape[1], ranks.shape[0], x.stride(0), x.stride(1), *d_strides, out.stride(0), out.stride(1),
-            seed, thresholds, inv_keeps)
-    flags = dict(SCALE=scale, DROPOUT=dropout is not None, **_common(x, d.dtype), BLOCK_M=_tile_rows(),
+            _seed_arg(seed, ranks), thresholds, inv_keeps)
+    flags = dict(SCALE=scale, DROPOUT=dropout is not None, GROUPED_MASK=grouped_mask(x.shape[1]),
+                 SOFT_BF16=soft_bf16(x.dtype), BLOCK_M=_tile_rows(),
                  BLOCK_K=_block_k(), BLOCK_R=br)
     return _segment_shrink_kernel, grid, args, flags
 
 
-def expand_launch_args(left, u, u_strides, out, groups, ranks, scalings, scale: bool, dropout, seed: int,
-                       r_max: int):
+def expand_launch_args(left, u, u_strides, out, groups, ranks, scalings, scale: bool, dropout, seed, r_max: int):
     """(kernel, grid, args, flags) of out[m] += (s_a ·) left[m, :r_a] u_a (⊙ mask); u_strides: (adapter, rank, n)."""
     thresholds, inv_keeps = dropout or (ranks, scalings)
     N = out.shape[1]
@@ -230,48 +231,51 @@ def expand_launch_args(left, u, u_strides, out, groups, ranks, scalings, scale: 
     grid = (groups.max_tiles, triton.cdiv(N, block_n))
     args = (left, u, out, groups.order, groups.tile_adapter, groups.tile_start, groups.tile_count, ranks, scalings,
             N, ranks.shape[0], left.stride(0), left.stride(1), *u_strides, out.stride(0), out.stride(1),
-            seed, thresholds, inv_keeps)
-    flags = dict(SCALE=scale, DROPOUT=dropout is not None, **_common(out, u.dtype), BLOCK_M=_tile_rows(),
-                 BLOCK_N=block_n, BLOCK_R=block_r(r_max))
+            _seed_arg(seed, ranks), thresholds, inv_keeps)
+    # a float32 left operand (dx's gb) in 64-rank chunks spilled on sm_90: 32 at most (gpu_compile_check)
+    rank_tile = min(block_r(r_max), 32) if left.dtype == torch.float32 else block_r(r_max)
+    flags = dict(SCALE=scale, DROPOUT=dropout is not None, GROUPED_MASK=grouped_mask(N),
+                 SOFT_BF16=soft_bf16(out.dtype), BLOCK_M=_tile_rows(), BLOCK_N=block_n, BLOCK_R=rank_tile)
     return _segment_expand_kernel, grid, args, flags
 
 
-def weight_grad_splits(M: int, n: int, N: int, r_max: int, programs_wanted: int) -> int:
+def weight_grad_splits(M: int, n: int, N: int, r_max: int, programs_wanted: int, full: bool = False) -> int:
     """How many slices the weight gradient's sum over rows is cut into: enough for about `programs_wanted`
     programs in all (few adapters with many rows would otherwise leave most of a GPU idle, one program
     looping over thousands of rows), never more than the batch has row tiles. Chosen from M and n alone:
-    the rows per adapter are on the GPU, and reading them would synchronise."""
-    block_m, block_n = weight_grad_tiles()
+    the rows per adapter are on the GPU, and reading them would synchronise. full: float32 dots (see
+    weight_grad_tiles)."""
+    block_m, block_n = weight_grad_tiles(full)
     programs = n * triton.cdiv(N, block_n) * triton.cdiv(r_max, block_r(r_max))
     return max(1, min(triton.cdiv(programs_wanted, programs), triton.cdiv(M, block_m)))
 
 
-def weight_grad_launch_args(p_, q, out, groups, ranks, scalings, scale: bool, dropout, seed: int, r_max: int,
-                            adapter_dtype=None):
+def weight_grad_launch_args(p_, q, out, groups, ranks, scalings, scale: bool, dropout, seed, r_max: int):
     """(kernel, grid, args, flags) of out[s, a, j, n] = (s_a ·) Σ over slice s of adapter a's rows of
-    p_[m, j] drop?(q)[m, n], out [splits, n, r_max, N] float32; the dots at the adapters' precision
-    (default: q's dtype)."""
+    p_[m, j] drop?(q)[m, n], out [splits, n, r_max, N] float32; float32 operands get full-precision dots."""
     thresholds, inv_keeps = dropout or (ranks, scalings)
     N = q.shape[1]
     splits = out.shape[0]
-    block_m, block_n = weight_grad_tiles()
+    block_m, block_n = weight_grad_tiles(full_precision(p_, q))
     br = block_r(r_max)
     grid = (ranks.shape[0] * splits, triton.cdiv(N, block_n), triton.cdiv(r_max, br))
     args = (p_, q, out, groups.order, groups.seg_start, groups.seg_count, ranks, scalings, N, splits,
-            p_.stride(0), p_.stride(1), q.stride(0), q.stride(1), *out.stride(), seed, thresholds, inv_keeps)
-    flags = dict(SCALE=scale, DROPOUT=dropout is not None, **_common(q, adapter_dtype or q.dtype), BLOCK_M=block_m,
+            p_.stride(0), p_.stride(1), q.stride(0), q.stride(1), *out.stride(), _seed_arg(seed, ranks), thresholds,
+            inv_keeps)
+    flags = dict(SCALE=scale, DROPOUT=dropout is not None, GROUPED_MASK=grouped_mask(N), SOFT_BF16=soft_bf16(q.dtype),
+                 BLOCK_M=block_m,
                  BLOCK_N=block_n, BLOCK_R=br)
     return _segment_weight_grad_kernel, grid, args, flags
 
 
-def _weight_grad(p_, q, groups, ranks, scalings, scale: bool, dropout, seed: int, r_max: int, adapter_dtype):
+def _weight_grad(p_, q, groups, ranks, scalings, scale: bool, dropout, seed, r_max: int):
     """[n, r_max, N] float32: each adapter's (s_a ·) p_ᵀ drop?(q) over its rows, zeros past its rank; the sum
     over rows in weight_grad_splits(...) slices, added here."""
     M, N = q.shape
-    wanted = 1 if interpreted() else 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
-    splits = weight_grad_splits(M, ranks.shape[0], N, r_max, wanted)
+    wanted = 1 if interpreted() else 4 * multiprocessors(q.device)
+    splits = weight_grad_splits(M, ranks.shape[0], N, r_max, wanted, full_precision(p_, q))
     part = torch.zeros(splits, ranks.shape[0], r_max, N, device=q.device, dtype=torch.float32)
-    _launch(weight_grad_launch_args(p_, q, part, groups, ranks, scalings, scale, dropout, seed, r_max, adapter_dtype))
+    _launch(weight_grad_launch_args(p_, q, part, groups, ranks, scalings, scale, dropout, seed, r_max))
     return part[0] if splits == 1 else part.sum(0)
 
 
@@ -286,12 +290,24 @@ def _check_dtypes(x, lora_A):
                         f"float32, got x {x.dtype} and adapters {lora_A.dtype}")
 
 
+def _seed_arg(seed, placeholder):
+    """The seed's pointer argument; without dropout no kernel reads it and any tensor stands in."""
+    return seed if seed is not None else placeholder
+
+
 def _dropout_tensors(dropouts: torch.Tensor, device):
     """Each adapter's (16-bit threshold, 1/(1-p)) on the device, or None when no adapter drops (dropouts
-    is a CPU tensor: reading it does not synchronise)."""
-    ps = dropouts.tolist()
+    is a CPU tensor: reading it does not synchronise). Kept per (probabilities, device): the tables are
+    copied to the GPU once, by the first call (a CUDA graph's eager warm-up), and a capture reuses them
+    instead of copying from host memory, which a capturing stream refuses."""
+    ps = tuple(dropouts.tolist())
     if not any(ps):
         return None
+    return _device_dropout_tables(ps, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _device_dropout_tables(ps: tuple, device: torch.device):
     pairs = [dropout_args(p) for p in ps]
     return (torch.tensor([t for t, _ in pairs], dtype=torch.int32).to(device),
             torch.tensor([k for _, k in pairs], dtype=torch.float32).to(device))
@@ -308,10 +324,12 @@ def _prepare(x, lora_A, scalings, adapter_ids, ranks):
     return Groups(ids, n, _tile_rows()), ranks, scalings.to(x.device, torch.float32)
 
 
-def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed: int):
-    """(y [M, out], xa [M, r_max]) for x [M, in] (see reference.lora_linear_multi)."""
+def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed):
+    """(y [M, out], xa [M, r_max]) for x [M, in] (see reference.lora_linear_multi); seed: a 0-d int64 tensor
+    (read on x's device) or None."""
     _check_dtypes(x, lora_A)
     with on_device(x):
+        seed = kernel_seed(seed, x)
         y = torch.nn.functional.linear(x, weight, bias).contiguous()
         r_max = lora_A.shape[1]
         xa = torch.zeros(x.shape[0], r_max, device=x.device, dtype=lora_A.dtype)
@@ -322,15 +340,15 @@ def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropo
         a_strides = (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))  # d[a, k, j] = A[a, j, k]
         _launch(shrink_launch_args(x, lora_A, a_strides, xa, groups, ranks, scalings, False, dropout, seed, r_max))
         b_strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))  # u[a, j, n] = B[a, n, j]
-        _launch(expand_launch_args(xa, lora_B, b_strides, y, groups, ranks, scalings, True, None, 0, r_max))
+        _launch(expand_launch_args(xa, lora_B, b_strides, y, groups, ranks, scalings, True, None, None, r_max))
         return y, xa
 
 
-def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed: int,
-             need_dx: bool):
+def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx: bool):
     """(dx [M, in] or [0], dA [n, r_max, in], dB [n, out, r_max]) for a frozen weight."""
     _check_dtypes(x, lora_A)
     with on_device(x):
+        seed = kernel_seed(seed, x)
         n, r_max = lora_A.shape[:2]
         dx = grad_y @ weight if need_dx else x.new_empty(0)
         if x.shape[0] == 0:
@@ -339,9 +357,9 @@ def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks
         dropout = _dropout_tensors(dropouts, x.device)
         gb = torch.zeros(x.shape[0], r_max, device=x.device, dtype=torch.float32)  # s_a · dy B_a, float32
         b_strides = (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2))  # d[a, n, j] = B[a, n, j]
-        _launch(shrink_launch_args(grad_y, lora_B, b_strides, gb, groups, ranks, scalings, True, None, 0, r_max))
-        d_lora_A = _weight_grad(gb, x, groups, ranks, scalings, False, dropout, seed, r_max, lora_A.dtype)
-        d_lora_B_t = _weight_grad(xa, grad_y, groups, ranks, scalings, True, None, 0, r_max, lora_A.dtype)
+        _launch(shrink_launch_args(grad_y, lora_B, b_strides, gb, groups, ranks, scalings, True, None, None, r_max))
+        d_lora_A = _weight_grad(gb, x, groups, ranks, scalings, False, dropout, seed, r_max)
+        d_lora_B_t = _weight_grad(xa, grad_y, groups, ranks, scalings, True, None, None, r_max)
         d_lora_B = d_lora_B_t.transpose(1, 2)  # [n, r_max, out] -> dB [n, out, r_max]
         if need_dx:
             dx = dx.contiguous()
