@@ -1,0 +1,88 @@
+"""The Triton launchers' choices that the interpreter's single small config does not exercise by itself:
+row tiles and weight-gradient slices as a GPU picks them, the seed read in device memory, the dropout tables
+kept for CUDA-graph capture. Each forced here on CPU tensors (TRITON_INTERPRET=1) and checked against the
+float64 reference, outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_kernels import reference
+
+from conftest import DEVICE, assert_matches_reference, compiled_backends
+
+pytestmark = pytest.mark.skipif("triton" not in compiled_backends(), reason="triton backend not available")
+
+
+def _inputs(M, d_in, d_out, r, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)  # noqa: E731
+    return rand(M, d_in), rand(d_out, d_in), rand(d_out), rand(r, d_in), rand(d_out, r), rand(M, d_out)
+
+
+def _check_lora_linear(lin, x, w, b, A, B, grad_y, p, seed_tensor, seed_value):
+    y, xa = lin.forward(x, w, b, A, B, 1.5, p, seed_tensor)
+    grads = lin.backward(grad_y, x, w, A, B, xa, 1.5, p, seed_tensor, True)
+    d = lambda t: t.double()  # noqa: E731
+    ey, exa = reference.lora_linear(d(x), d(w), d(b), d(A), d(B), 1.5, p, seed_value)
+    exact = reference.lora_linear_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, 1.5, p, seed_value)
+    py, pxa = reference.lora_linear(x, w, b, A, B, 1.5, p, seed_value)
+    plain = reference.lora_linear_backward(grad_y, x, w, A, B, pxa, 1.5, p, seed_value)
+    for name, got, oracle, same in zip(("y", "xa", "dx", "dA", "dB"), (y, xa, *grads), (ey, exa, *exact),
+                                       (py, pxa, *plain)):
+        assert_matches_reference(got, oracle, same, name)
+    return y
+
+
+@pytest.mark.parametrize("rows", [32, 64])
+def test_shrink_row_tiles_a_gpu_picks(rows, monkeypatch, use_backend):
+    """The shrink's 32- and 64-row tiles (shrink_rows: large batches), with dropout, on a batch that is no
+    multiple of them."""
+    from lora_kernels.ops import triton_lora_linear as lin
+
+    use_backend("triton")
+    monkeypatch.setattr(lin, "shrink_rows", lambda M, wanted: rows)
+    _check_lora_linear(lin, *_inputs(101, 40, 24, 5), 0.25, torch.tensor(77), 77)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_weight_gradient_slices_are_summed_once_each(splits, monkeypatch, use_backend):
+    """dA and dB summed over M in several float32 slices (a GPU's choice), then added, scaled (s/(1-p) for dA),
+    rounded and, for dB, transposed by the finish kernel. A slice counted twice or dropped fails."""
+    from lora_kernels.ops import triton_lora_linear as lin
+
+    use_backend("triton")
+    block_m = lin.weight_grad_tiles()[0]
+    monkeypatch.setattr(lin, "weight_grad_splits", lambda M, N, wanted, full: (splits, -(-M // (splits * block_m))
+                                                                              * block_m))
+    _check_lora_linear(lin, *_inputs(70, 40, 36, 6, seed=splits), 0.25, torch.tensor(5), 5)
+    _check_lora_linear(lin, *_inputs(70, 40, 36, 6, torch.bfloat16, seed=splits), 0.0, None, None)
+
+
+def test_the_seed_is_read_in_device_memory(use_backend):
+    """A CUDA graph replays its launches with the same arguments: the seed tensor, refilled in place by the
+    captured draw, must be read at run time. Here the same tensor is refilled between two launches: each gives
+    the reference's mask for the value it held, and the two masks differ."""
+    from lora_kernels.ops import triton_lora_linear as lin
+
+    use_backend("triton")
+    x, w, b, A, B, grad_y = _inputs(37, 48, 20, 4)
+    seed = torch.tensor(1, dtype=torch.int64, device=DEVICE)
+    first = _check_lora_linear(lin, x, w, b, A, B, grad_y, 0.5, seed, 1)
+    seed.fill_(2**62 - 3)
+    second = _check_lora_linear(lin, x, w, b, A, B, grad_y, 0.5, seed, 2**62 - 3)
+    assert not torch.equal(first, second)
+
+
+def test_multi_adapter_dropout_tables_are_copied_to_the_device_once():
+    """The per-adapter thresholds reach the GPU once per set of probabilities: a CUDA-graph capture, which
+    refuses copies from host memory, then reuses the tables of its eager warm-up."""
+    from lora_kernels.ops import triton_lora_linear_multi as multi
+
+    ps = torch.tensor([0.0, 0.1, 0.25], dtype=torch.float64)
+    first = multi._dropout_tensors(ps, DEVICE)
+    again = multi._dropout_tensors(ps.clone(), DEVICE)
+    assert first is again
+    assert multi._dropout_tensors(torch.tensor([0.0, 0.1, 0.5], dtype=torch.float64), DEVICE) is not first
+    assert multi._dropout_tensors(torch.zeros(3, dtype=torch.float64), DEVICE) is None
