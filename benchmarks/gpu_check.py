@@ -434,6 +434,42 @@ def _reduce_overhead_checks(name, module, args, kwargs, set_scaling, device: str
     _add_and_log_failures(progress, checks, "reduce-overhead")
 
 
+def write_gpu_paths(progress, device: str, out: Path) -> None:
+    """The per-shape race of the two GPU paths (ours[triton] vs ours[cuda] in the headline timings), next to
+    the roofline model's predictions: $OUT/gpu_paths.json, the table `auto` reads once it is committed as
+    lora_kernels/gpu_paths.json (forward winners from forward cases, backward winners from train − forward)."""
+    from lora_kernels import cost_model
+
+    cases = {}
+    for result in progress.results:
+        if result.op != "linear" or result.params.get("dropout"):
+            continue
+        t = result.timings
+        if "ours[triton]" not in t or "ours[cuda]" not in t:
+            continue
+        p = result.params
+        key = (p["M"], p["d_out"], p["d_in"], p["r"], p["dtype"][6:])
+        cases.setdefault(key, {})[p["mode"]] = {name: t[name].median_ms for name in ("ours[triton]", "ours[cuda]")}
+    entries = []
+    for (M, d_out, d_in, r, dtype), modes in sorted(cases.items()):
+        steps = {}
+        if "forward" in modes:
+            steps["forward"] = modes["forward"]
+        if "forward" in modes and "train" in modes:
+            steps["backward"] = {k: modes["train"][k] - modes["forward"][k] for k in modes["forward"]}
+        for step, ms in steps.items():
+            predicted = {path: cost_model.step_us(step, path, M, d_out, d_in, r) / 1e3 for path in ("triton", "cuda")}
+            winner = min(("triton", "cuda"), key=lambda path: ms[f"ours[{path}]"])
+            entries.append({"step": step, "M": M, "out": d_out, "in": d_in, "r": r, "dtype": dtype, "winner": winner,
+                            "triton_ms": ms["ours[triton]"], "cuda_ms": ms["ours[cuda]"],
+                            "model_triton_ms": predicted["triton"], "model_cuda_ms": predicted["cuda"]})
+            progress.log(f"path race {step} M={M} {d_in}->{d_out}: triton {ms['ours[triton]']:.4f} ms "
+                         f"(model {predicted['triton']:.4f}), cuda {ms['ours[cuda]']:.4f} ms "
+                         f"(model {predicted['cuda']:.4f}): {winner}")
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run: not a table to commit)"
+    (out / "gpu_paths.json").write_text(json.dumps(dict(device=name, entries=entries), indent=1))
+
+
 def wait_for_build(progress) -> None:
     """Wait for gpu_check.sh's background build of lora_kernels._C (its status file, named by
     LORA_KERNELS_BUILD_STATUS, holds "ok" or "failed"), then pick the extension up. A failed build is a
@@ -600,8 +636,9 @@ def main(argv=None) -> int:
         else:
             headline = [LinearCase(M, 4096, 4096, 16, torch.bfloat16, t, 0.0) for M in (1, 16, 2048, 8192)
                         for t in (False, True)]
-            wanted = ["base", "reference", "peft", "ours", "ours[cuda]"]
+            wanted = ["base", "reference", "peft", "ours", "ours[triton]", "ours[cuda]"]
         section("headline timings", lambda: time_cases(headline, wanted))
+        section("GPU path table", lambda: write_gpu_paths(progress, device, args.out))
         section("decode under CUDA graphs", lambda: time_decode_graphs(device, 3 if args.dry_run else 20, progress))
     for backend in backends:
         section(f"validation {backend}",

@@ -104,11 +104,12 @@ def ptxas_report(ptx: str) -> dict:
 
 
 def mma_kinds(ptx: str) -> dict:
-    """The tensor-core instructions of a PTX: async wgmma (sm_90), mma.sync, TMA, and TF32 MMAs: 3×TF32 (the
-    float32 operands split into TF32 halves by cvt.rna.tf32.f32, about float32's precision) or plain TF32 (the
-    operands' low 13 mantissa bits dropped, no conversion)."""
+    """The tensor-core instructions of a PTX: async wgmma (sm_90), mma.sync, TMA, and TF32 MMAs: split ones (the
+    float32 operands cut into TF32 parts, about float32's precision: Triton's tf32x3 or triton_common.dot's
+    two-part split) or plain TF32 (the operands' low 13 mantissa bits dropped, no conversion)."""
     tf32 = re.search(r"mma[.\w]*\.tf32", ptx) is not None
-    split = "cvt.rna.tf32.f32" in ptx
+    # Triton's tf32x3 rounds with cvt.rna; triton_common.dot's own split with the mask 0xFFFFE000 (-8192)
+    split = "cvt.rna.tf32.f32" in ptx or re.search(r"and\.b32\s+%r\d+, %r\d+, -8192;", ptx) is not None
     return dict(wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx,
                 tf32x3=tf32 and split, plain_tf32=tf32 and not split)
 
@@ -125,8 +126,9 @@ def variants(dtypes, arch: int):
     from lora_kernels.ops import triton_common
     from lora_kernels.ops.triton_common import fitting_configs
 
-    # the pruner asks the device for its limit; here the device is the stand-in target
+    # the pruner asks the device for its limit and capability; here the device is the stand-in target
     triton_common.shared_memory_limit = lambda device: SHARED_LIMIT[arch]
+    triton_common.compute_capability = lambda device: divmod(arch, 10)
     M, N, K = 4096, 4096, 4096
     seed = torch.zeros((), dtype=torch.int64)  # the dropout seed, read in device memory
     for dtype in dtypes:

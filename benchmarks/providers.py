@@ -38,8 +38,8 @@ def _with_backend(backend: str | None):
 
 
 def ours_names(device: str) -> list[str]:
-    """'ours' plus ours[<backend>] for each other compiled backend on this device."""
-    extra = {"cuda": ["cuda"], "cpu": []}[device]
+    """'ours' plus ours[<backend>] for each GPU backend on this device (auto chooses between them per shape)."""
+    extra = {"cuda": ["triton", "cuda"], "cpu": []}[device]
     return ["ours"] + [f"ours[{b}]" for b in extra if b in lora_kernels.available_backends()]
 
 

@@ -207,6 +207,20 @@ def select(op: str, device: torch.device, dtype: torch.dtype | None = None,
     return chosen
 
 
+def available_implementation(op: str, name: str) -> object | None:
+    """The loaded implementation of `op` by backend `name` when that backend can run here, else None (for a
+    choice made per call among the backends auto may pick, such as gpu_paths' per-shape one)."""
+    impl = _REGISTRY.get(op, {}).get(name)
+    if impl is None or _backend_problem(name) is not None:
+        return None
+    return _loaded(impl)
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(impl: Implementation) -> object:
+    return impl.load()
+
+
 def _describe(dtype, adapter_dtype) -> str:
     return f"{dtype} tensors" if adapter_dtype is None else f"{dtype} tensors with {adapter_dtype} adapters"
 

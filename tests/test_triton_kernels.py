@@ -86,3 +86,38 @@ def test_multi_adapter_dropout_tables_are_copied_to_the_device_once():
     assert first is again
     assert multi._dropout_tensors(torch.tensor([0.0, 0.1, 0.5], dtype=torch.float64), DEVICE) is not first
     assert multi._dropout_tensors(torch.zeros(3, dtype=torch.float64), DEVICE) is None
+
+
+def test_auto_chooses_the_gpu_path_per_shape_from_the_model_until_a_table_is_measured(tmp_path, monkeypatch):
+    """Without a measured table the roofline model decides: the fused decode kernel (one launch, W0 read
+    once) at M <= 16, cuBLAS's composition for large batches (Triton's GEMM assumed at 65 % of the peak, cuBLAS
+    at 75 %). A committed table for this card overrides the model at the nearest measured batch size; one
+    measured on another card is ignored. Dropout, float32 adapters, float32 tensors and CPU tensors are not
+    chosen per shape."""
+    import json
+
+    from lora_kernels import gpu_paths
+
+    bf16 = torch.bfloat16
+    monkeypatch.setattr(gpu_paths, "_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(gpu_paths, "TABLE", tmp_path / "gpu_paths.json")
+    for cache in (gpu_paths.choose, gpu_paths._table):
+        cache.cache_clear()
+    assert gpu_paths.path_for("forward", "cuda", bf16, bf16, False, 1, 4096, 4096, 16) == "triton"
+    assert gpu_paths.path_for("forward", "cuda", bf16, bf16, False, 2048, 4096, 4096, 16) == "cuda"
+    assert gpu_paths.path_for("backward", "cuda", bf16, bf16, False, 2048, 4096, 4096, 16) == "cuda"
+    for args in (("cuda", bf16, bf16, True), ("cuda", bf16, torch.float32, False), ("cuda", torch.float32,
+                                                                                   torch.float32, False),
+                 ("cpu", bf16, bf16, False)):
+        assert gpu_paths.path_for("forward", *args, 2048, 4096, 4096, 16) is None
+    entry = dict(step="forward", out=4096, r=16, dtype="bfloat16", winner="triton", triton_ms=0.1, cuda_ms=0.2)
+    entry["in"] = 4096
+    for device, expected in (("NVIDIA H200", "triton"), ("NVIDIA A100", "cuda")):
+        (tmp_path / "gpu_paths.json").write_text(json.dumps(dict(device=device, entries=[dict(entry, M=8192)])))
+        for cache in (gpu_paths.choose, gpu_paths._table):
+            cache.cache_clear()
+        assert gpu_paths.path_for("forward", "cuda", bf16, bf16, False, 2000, 4096, 4096, 16) == expected
+        unmeasured = gpu_paths.path_for("forward", "cuda", bf16, bf16, False, 2000, 4096, 1024, 16)
+        assert unmeasured == gpu_paths.modelled("forward", 2048, 4096, 1024, 16)
+    for cache in (gpu_paths.choose, gpu_paths._table):
+        cache.cache_clear()

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import (FLOAT32_ADAPTERS_ON_HALF, HALF, HALF_AND_FLOAT32, Implementation, compiled_extension,
-                        implementation, register)
+from .. import gpu_paths
+from ..backends import (FLOAT32_ADAPTERS_ON_HALF, HALF, HALF_AND_FLOAT32, Implementation, available_implementation,
+                        compiled_extension, implementation, register, requested_backend)
 from .definition import Backward, define_op, seed_value
 
 OP = "lora_linear"
@@ -87,8 +88,9 @@ register(Implementation(OP, "cpu", "lora_kernels.ops.lora_linear:CompiledBackend
 register(Implementation(OP, "cuda", "lora_kernels.ops.lora_linear:CompiledBackend", devices=("cuda",),
                         mixed=FLOAT32_ADAPTERS_ON_HALF))
 # Triton's dots are float32 at most. auto sends float32 to cuBLAS (the cuda backend): Triton's fp32 GEMM
-# configs sit at the 255-register cap (benchmarks/gpu_compile_check.py, sm_90) and its full-precision fp32
-# dots cannot use tensor cores, where cuBLAS's SGEMM is the tuned baseline; a forced triton still runs float32.
+# configs sit at the 255-register cap (benchmarks/gpu_compile_check.py, sm_90), where cuBLAS's SGEMM is the
+# tuned baseline; a forced triton still runs float32. For 16-bit calls without dropout auto chooses between
+# the two per shape (_backend, gpu_paths); with dropout or float32 adapters it takes Triton.
 register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear", devices=("cuda",),
                         dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF, mixed=FLOAT32_ADAPTERS_ON_HALF))
 
@@ -105,12 +107,24 @@ def _kernel_scaling(scaling):
     return float(scaling)
 
 
+def _backend(step: str, x: Tensor, weight: Tensor, lora_A: Tensor, p: float):
+    """The implementation for this call: on a GPU under auto, Triton or cuBLAS by shape (gpu_paths) when both
+    can run it; otherwise the registry's choice for x's device and dtype."""
+    if x.is_cuda and requested_backend() == "auto":
+        name = gpu_paths.path_for(step, x.device.type, x.dtype, lora_A.dtype, p > 0.0, x.shape[0], weight.shape[0],
+                                  x.shape[1], lora_A.shape[0])
+        chosen = available_implementation(OP, name) if name is not None else None
+        if chosen is not None:
+            return chosen
+    return implementation(OP, x.device, x.dtype, lora_A.dtype)
+
+
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
             dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(y, xa) on the backend selected for x's device and dtype (the op's forward entry point)."""
+    """(y, xa) on the backend selected for this call (the op's forward entry point)."""
     p, seed = _dropout(dropout_p, seed)
-    return implementation(OP, x.device, x.dtype, lora_A.dtype).forward(x, weight, bias, lora_A, lora_B,
-                                                                       _kernel_scaling(scaling), p, seed)
+    return _backend("forward", x, weight, lora_A, p).forward(x, weight, bias, lora_A, lora_B,
+                                                             _kernel_scaling(scaling), p, seed)
 
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -120,10 +134,10 @@ def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
              scaling: Tensor, dropout_p: float, seed: Optional[Tensor], need_dx: bool
              ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx or an empty tensor, dA, dB) on the backend selected for x's device and dtype."""
+    """(dx or an empty tensor, dA, dB) on the backend selected for this call."""
     p, seed = _dropout(dropout_p, seed)
-    return implementation(OP, x.device, x.dtype, lora_A.dtype).backward(grad_y, x, weight, lora_A, lora_B, xa,
-                                                                        _kernel_scaling(scaling), p, seed, need_dx)
+    return _backend("backward", x, weight, lora_A, p).backward(grad_y, x, weight, lora_A, lora_B, xa,
+                                                               _kernel_scaling(scaling), p, seed, need_dx)
 
 
 def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx):

@@ -84,16 +84,36 @@ def keep_mask(seed, rows, cols, row_len, threshold, GROUPED: tl.constexpr):
 
 
 @triton.jit
+def _tf32_part(a):
+    """a rounded to TF32 (10 mantissa bits, to nearest) on its float32 bits: exact input for a TF32 MMA."""
+    bits = a.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def dot(a, b, acc, SOFT_BF16: tl.constexpr):
-    """acc + a @ b, float32 accumulation. A float32 operand (float32 x, float32 adapters, the backward's gb)
-    gets three TF32 products (a = big + small in TF32, big·big + big·small + small·big), about float32's
-    precision on tensor cores: a plain TF32 dot keeps 10 of the 23 mantissa bits, and a full-precision
-    FMA dot of a 64 × 128 tile kept both operand tiles in registers and spilled (gpu_compile_check)."""
+    """acc + a @ b, float32 accumulation, about float32's precision for a float32 operand (float32 x, float32
+    adapters, the backward's gb) on tensor cores: Triton's own float32 dot is plain TF32, which keeps 10 of
+    the 23 mantissa bits, and a full-precision FMA dot kept both operand tiles in registers and spilled.
+    A float32 operand next to a 16-bit one (exact in TF32) is split into two TF32 parts, big + small, for two
+    exact-input TF32 products (22 bits of it kept); two float32 operands get Triton's three-product tf32x3."""
+    A_WIDE: tl.constexpr = a.dtype == tl.float32
+    B_WIDE: tl.constexpr = b.dtype == tl.float32
     if SOFT_BF16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    if a.dtype == tl.float32 or b.dtype == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
-    return tl.dot(a, b, acc)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif A_WIDE and B_WIDE:
+        out = tl.dot(a, b, acc, input_precision="tf32x3")
+    elif A_WIDE:
+        big = _tf32_part(a)
+        wide = b.to(tl.float32)
+        out = tl.dot(a - big, wide, tl.dot(big, wide, acc, input_precision="tf32"), input_precision="tf32")
+    elif B_WIDE:
+        big = _tf32_part(b)
+        wide = a.to(tl.float32)
+        out = tl.dot(wide, b - big, tl.dot(wide, big, acc, input_precision="tf32"), input_precision="tf32")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
 
 
 @triton.jit
@@ -142,19 +162,26 @@ def shared_memory_estimate(config: triton.Config, element_bytes: int, block_r_: 
     return max(config.num_stages * per_stage + extra, epilogue)
 
 
+@functools.lru_cache(maxsize=None)
+def compute_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of `device`; sm_90 for a CPU tensor (the interpreter, which has a single config)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+
+
 def spills(config: triton.Config, named_args, flags) -> bool:
     """Whether the fused GEMM in this config runs out of registers (ptxas spills to the stack) with these
-    operands and flags: the cases benchmarks/gpu_compile_check.py found on sm_90 (ptxas -v, 2026-12-02),
-    which it keeps checking, so a rule that stops being enough fails CI."""
+    operands and flags: the cases benchmarks/gpu_compile_check.py found (ptxas -v, 2026-12-02), which it keeps
+    checking on sm_90 and sm_80, so a rule that stops being enough fails CI."""
     kw = config.kwargs
-    float32_adapters = named_args["u_ptr"].dtype == torch.float32 and named_args["x_ptr"].dtype != torch.float32
+    x = named_args["x_ptr"]
+    hopper = compute_capability(x.device) >= (9, 0)
     if flags["SHRINK_IN_LOOP"]:  # decode: the shrink's x and d tiles sit beside the accumulator
-        if named_args["d_ptr"].dtype == torch.float32 and named_args["x_ptr"].dtype != torch.float32:
-            return kw["BLOCK_K"] > 128 or kw["BLOCK_N"] > 32  # float32 d split in three TF32 parts
+        if named_args["d_ptr"].dtype == torch.float32:
+            return kw["BLOCK_K"] > 128 or kw["BLOCK_N"] > 32  # float32 d, split in TF32 parts
         return flags["DROPOUT_SHRINK"] and kw["BLOCK_N"] > 64  # the mask of the x tile
-    if flags["DROPOUT_EPILOGUE"] and kw["BLOCK_M"] == 128 and kw["BLOCK_N"] == 64:
-        return True
-    return float32_adapters and kw["BLOCK_N"] > 128
+    if named_args["u_ptr"].dtype == torch.float32:  # float32 adapters: both LoRA operands split in three
+        return kw["BLOCK_N"] > 128 if hopper else kw["BLOCK_N"] < 256
+    return flags["DROPOUT_EPILOGUE"] and kw["BLOCK_M"] == 128 and kw["BLOCK_N"] == 64
 
 
 def fitting_configs(configs_, named_args, **kwargs) -> list[triton.Config]:
@@ -167,8 +194,8 @@ def fitting_configs(configs_, named_args, **kwargs) -> list[triton.Config]:
         return shared_memory_estimate(config, x.element_size(), kwargs["BLOCK_R"], kwargs["SHRINK_IN_LOOP"],
                                       named_args["d_ptr"].element_size())
 
-    fit = [c for c in configs_ if estimate(c) <= limit and (x.dtype == torch.float32 or not spills(c, named_args,
-                                                                                                    kwargs))]
+    sixteen_bit = x.dtype != torch.float32  # float32 tensors go to cuBLAS under auto: their spills are reported
+    fit = [c for c in configs_ if estimate(c) <= limit and not (sixteen_bit and spills(c, named_args, kwargs))]
     if fit:
         return fit
     # none fits: the smallest, with two stages (the compile check makes sure this does not happen)

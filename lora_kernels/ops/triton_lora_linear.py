@@ -42,9 +42,10 @@ from .triton_common import (RANK_CHUNK, block_r, cast, configs, dot, dropout_arg
 # out·in reads while M is small, and it saves a launch and the xa round trip.
 DECODE_MAX_M = 16
 
-# The large-M GEMM's LoRA tile is computed in rank chunks of at most this many: a float32 L (dx's gb)
-# of 64 ranks next to the accumulator and the dropout mask spilled in two of the configs on sm_90.
-LORA_TILE_RANKS = 32
+# The large-M GEMM's LoRA tile is computed in rank chunks of this many (tl.dot's minimum): a float32 L
+# (dx's gb) in chunks of 32 or 64 ranks, split in TF32 parts next to the accumulator and the dropout mask,
+# spilled on sm_80 and sm_90 (gpu_compile_check); the LoRA term is ~r/in of the GEMM's work either way.
+LORA_TILE_RANKS = 16
 
 
 # Large-M GEMM configs for Hopper/Ampere; tuned per (M, N, K) by triton.autotune. Not 128×256×64 (8 warps)
@@ -103,7 +104,7 @@ def _shrink_kernel(
             x = x * keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK).to(x.dtype)
         d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                     mask=(ks[:, None] < K) & (ranks[None, :] < R), other=0.0)
-        acc = dot(x.to(d.dtype), d, acc, SOFT_BF16)  # float32 d (adapters): x widened, exactly
+        acc = dot(x, d, acc, SOFT_BF16)  # float32 d (adapters) on a 16-bit x: see dot
     # The 1/(1-p) of dropout is applied once here rather than to every element of x.
     acc = acc * inv_keep
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + ranks[None, :] * stride_or
@@ -175,7 +176,7 @@ def _fused_gemm_kernel(
                                 mask=row_ok[:, None] & chunk_ok[None, :], other=0.0)
             u = tl.load(u_ptr + chunk[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
                         mask=chunk_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = dot(lora_left, u.to(lora_left.dtype), acc, SOFT_BF16)
+            acc = dot(lora_left, u, acc, SOFT_BF16)
         acc = acc * _scaling_value(scaling, SCALING_IN_MEMORY)
         if DROPOUT_EPILOGUE:
             acc = tl.where(keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK), acc * inv_keep, 0.0)
@@ -196,7 +197,7 @@ def _fused_gemm_kernel(
                 x = x * keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK).to(x.dtype)
             d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                         mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-            l_acc = dot(x.to(d.dtype), d, l_acc, SOFT_BF16)
+            l_acc = dot(x, d, l_acc, SOFT_BF16)
 
     if SHRINK_IN_LOOP:
         # Stage 3 (decode): the LoRA term from the loop's L (the launcher keeps R <= BLOCK_R here); the first
@@ -209,7 +210,7 @@ def _fused_gemm_kernel(
             tl.store(l_ptrs, lora_left, mask=row_ok[:, None] & rank_ok[None, :])
         u = tl.load(u_ptr + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
                     mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        lora = dot(lora_left, u.to(lora_left.dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), SOFT_BF16)
+        lora = dot(lora_left, u, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), SOFT_BF16)
         acc += lora * _scaling_value(scaling, SCALING_IN_MEMORY)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -256,7 +257,7 @@ def _weight_grad_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
             x = x * keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK).to(x.dtype)
-        acc = dot(tl.trans(g), x.to(g.dtype), acc, SOFT_BF16)  # g may be float32 (gb)
+        acc = dot(tl.trans(g), x, acc, SOFT_BF16)  # g may be float32 (gb)
     part = part_ptr + pid_s.to(tl.int64) * R * N + ranks.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(part, acc, mask=rank_ok[:, None] & col_ok[None, :])
 

@@ -80,7 +80,7 @@ def _segment_shrink_kernel(
             x = x * keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK).to(x.dtype)
         d = tl.load(d_adapter + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                     mask=(ks[:, None] < K) & rank_ok[None, :], other=0.0)
-        acc = dot(x.to(d.dtype), d, acc, SOFT_BF16)  # float32 adapters: x widened, exactly
+        acc = dot(x, d, acc, SOFT_BF16)  # float32 adapters on a 16-bit x: see dot
     if DROPOUT:
         acc = acc * tl.load(inv_keeps_ptr + adapter)
     if SCALE:
@@ -115,7 +115,7 @@ def _segment_expand_kernel(
                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         u = tl.load(u_adapter + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
                     mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        lora = dot(left, u.to(left.dtype), lora, SOFT_BF16)
+        lora = dot(left, u, lora, SOFT_BF16)
     if SCALE:
         lora = lora * tl.load(scalings_ptr + adapter)
     if DROPOUT:
@@ -165,7 +165,7 @@ def _segment_weight_grad_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
             q = q * keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK).to(q.dtype)
-        acc = dot(tl.trans(p), q.to(p.dtype), acc, SOFT_BF16)
+        acc = dot(tl.trans(p), q, acc, SOFT_BF16)
     if DROPOUT:
         acc = acc * tl.load(inv_keeps_ptr + adapter)
     if SCALE:
@@ -232,8 +232,8 @@ def expand_launch_args(left, u, u_strides, out, groups, ranks, scalings, scale: 
     args = (left, u, out, groups.order, groups.tile_adapter, groups.tile_start, groups.tile_count, ranks, scalings,
             N, ranks.shape[0], left.stride(0), left.stride(1), *u_strides, out.stride(0), out.stride(1),
             _seed_arg(seed, ranks), thresholds, inv_keeps)
-    # a float32 left operand (dx's gb) in 64-rank chunks spilled on sm_90: 32 at most (gpu_compile_check)
-    rank_tile = min(block_r(r_max), 32) if left.dtype == torch.float32 else block_r(r_max)
+    # a float32 left operand (dx's gb) in chunks of 32 or 64 ranks spilled on sm_80 and sm_90: 16 (gpu_compile_check)
+    rank_tile = 16 if left.dtype == torch.float32 else block_r(r_max)
     flags = dict(SCALE=scale, DROPOUT=dropout is not None, GROUPED_MASK=grouped_mask(N),
                  SOFT_BF16=soft_bf16(out.dtype), BLOCK_M=_tile_rows(), BLOCK_N=block_n, BLOCK_R=rank_tile)
     return _segment_expand_kernel, grid, args, flags

@@ -1,0 +1,55 @@
+"""Print the roofline model of lora_linear's GPU paths at the headline shapes (lora_kernels/cost_model.py).
+
+    python -m benchmarks.cost_model [--json FILE]
+
+For each shape (bf16, r = 16; M in {1, 16, 2048, 8192}; 4096 -> 4096 and 4096 -> 1024, a grouped-query
+k/v projection), forward and training step: every path's launches, megabytes from HBM, GFLOP, predicted
+microseconds and its ratio to the bare base layer (F.linear; for a training step F.linear + dx = dy W0),
+and the path `auto` picks from the model while no measured table exists. Predictions, not measurements:
+CI prints them so a kernel change shows its modelled effect, and the device check measures the same shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lora_kernels import cost_model
+
+SHAPES = [(M, out, 4096) for out in (4096, 1024) for M in (1, 16, 2048, 8192)]
+
+
+def rows():
+    for (M, out, inp), train in ((s, t) for s in SHAPES for t in (False, True)):
+        base = cost_model.predict("base", M, out, inp, 16, train).us
+        for path in cost_model.PATHS:
+            if path == "peft" and train:
+                continue
+            p = cost_model.predict(path, M, out, inp, 16, train)
+            yield dict(M=M, out=out, inp=inp, train=train, path=path, launches=p.launches, mb=round(p.megabytes, 2),
+                       gflop=round(p.gflops, 3), us=round(p.us, 2), vs_base=round(p.us / base, 3))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    table = list(rows())
+    print(f"Roofline model, {cost_model.H200.name}: {cost_model.H200.dense_tflops:g} TFLOP/s bf16 dense, "
+          f"{cost_model.H200.hbm_tb_s:g} TB/s, {cost_model.H200.sms} SMs; cuBLAS at "
+          f"{cost_model.H200.cublas_efficiency:.0%}, Triton GEMM at {cost_model.H200.triton_efficiency:.0%} of "
+          "peak (assumed). Unmeasured predictions.")
+    print(f"{'shape':<24}{'step':<7}{'path':<8}{'launches':>9}{'MB':>9}{'GFLOP':>9}{'us':>10}{'x base':>8}")
+    for row in table:
+        shape = f"M={row['M']} {row['inp']}->{row['out']}"
+        print(f"{shape:<24}{'train' if row['train'] else 'fwd':<7}{row['path']:<8}{row['launches']:>9}"
+              f"{row['mb']:>9.1f}{row['gflop']:>9.2f}{row['us']:>10.1f}{row['vs_base']:>8.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=cost_model.H200.name, rows=table), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

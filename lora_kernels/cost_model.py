@@ -1,0 +1,192 @@
+"""A roofline model of lora_linear's two GPU paths: what each kernel launches, moves and computes.
+
+    predict("triton", M, out, in, r)      -> Prediction (microseconds, kernels)
+    predict("cuda", M, out, in, r, train=True)
+
+Paths: "triton" (this package's fused kernels: the launchers' own grids and tiles), "cuda" (the C++
+backend's cuBLAS composition: addmm + two skinny GEMMs), and, for comparison, "peft" (PEFT's layer: base,
+lora_A, lora_B, scale, add) and "base" (F.linear; its train step is F.linear + dx = dy W0, the weight being
+frozen). Each kernel is a (launches, bytes from HBM, tensor-core flops, float32 flops, programs, bytes in flight
+per program) record; its time is
+
+    max(flops / (peak · efficiency), bytes / bandwidth) + launch gap,   bandwidth = min(HBM, programs resident ·
+                                                                                  bytes in flight / latency)
+
+so a kernel with too few programs (a 32-program shrink) is latency-bound, as on hardware. Bytes count each
+operand once from HBM (tiles re-read by other programs come from L2: the grouped tile order and the small
+adapters keep them there). No GPU has measured any of this: the efficiencies below are assumptions (cuBLAS at
+75 % of the dense peak, Triton's non-persistent GEMM at 65 %), and the first GPU run (benchmarks/gpu_check.py)
+prints its measurements next to these predictions. benchmarks/cost_model.py prints the table; `auto` uses
+predict() to choose a path per shape until a measured table exists (lora_kernels/gpu_paths.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Device:
+    """The numbers the model needs of a GPU."""
+
+    name: str
+    dense_tflops: float  # 16-bit tensor cores, dense
+    tf32_tflops: float  # TF32 tensor cores, dense (three of them per float32 product: see triton_common.dot)
+    hbm_tb_s: float  # usable HBM bandwidth
+    sms: int
+    latency_us: float = 1.0  # from a load's issue to its data, HBM under load
+    launch_gap_us: float = 1.0  # between two back-to-back kernels on one stream (GPU time, not host time)
+    cublas_efficiency: float = 0.75
+    triton_efficiency: float = 0.65
+    resident_programs_per_sm: int = 1  # the large tiles here fill an SM's shared memory
+
+
+H200 = Device("H200 (model)", dense_tflops=989.0, tf32_tflops=494.0, hbm_tb_s=4.1, sms=132)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    bytes: float
+    flops: float = 0.0  # on 16-bit tensor cores
+    tf32x3_flops: float = 0.0  # float32 products as three TF32 products
+    programs: int | None = None  # None: a library kernel that fills the GPU
+    inflight_bytes: float = 0.0  # per program: its pipelined loads (stages × tile bytes)
+    library: bool = False  # cuBLAS (its efficiency) or ours (Triton's)
+
+    def time_us(self, device: Device) -> float:
+        efficiency = device.cublas_efficiency if self.library else device.triton_efficiency
+        compute_s = self.flops / (device.dense_tflops * 1e12 * efficiency)
+        compute_s += 3 * self.tf32x3_flops / (device.tf32_tflops * 1e12 * efficiency)
+        bandwidth = device.hbm_tb_s * 1e12
+        if self.programs is not None:
+            if self.flops:  # a tiled kernel: the last wave runs part-empty
+                waves = self.programs / device.sms
+                compute_s *= math.ceil(waves) / waves
+            resident = min(self.programs, device.sms * device.resident_programs_per_sm)
+            bandwidth = min(bandwidth, resident * self.inflight_bytes / (device.latency_us * 1e-6))
+        return max(compute_s, self.bytes / bandwidth) * 1e6 + device.launch_gap_us
+
+
+@dataclass
+class Prediction:
+    path: str
+    kernels: list[Kernel] = field(default_factory=list)
+    device: Device = H200
+
+    @property
+    def us(self) -> float:
+        return sum(k.time_us(self.device) for k in self.kernels)
+
+    @property
+    def launches(self) -> int:
+        return len(self.kernels)
+
+    @property
+    def megabytes(self) -> float:
+        return sum(k.bytes for k in self.kernels) / 1e6
+
+    @property
+    def gflops(self) -> float:
+        return sum(k.flops + k.tf32x3_flops for k in self.kernels) / 1e9
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _triton_forward(M, N, K, R, e, ea):
+    from .ops.triton_common import block_r
+    from .ops.triton_lora_linear import DECODE_MAX_M, shrink_rows
+
+    if M <= DECODE_MAX_M:  # one launch: W0 streamed once, the shrink in its K loop (a 16 × 32 × 256 tile, 3 stages)
+        return [Kernel("decode (fused)", N * K * e + M * K * e + (K + N) * R * ea + M * N * e,
+                       flops=2 * M * N * K + 4 * M * N * R, programs=_cdiv(N, 32),
+                       inflight_bytes=3 * (32 * 256 + 16 * 256) * e)]
+    rows = shrink_rows(M, 2 * H200.sms)
+    block_k = 128 if block_r(R) <= 32 else 64
+    return [Kernel("shrink xa", M * K * e + K * R * ea + M * R * ea, flops=2 * M * K * R,
+                   programs=_cdiv(M, rows) * _cdiv(R, block_r(R)), inflight_bytes=2 * (rows + R) * block_k * e),
+            Kernel("fused GEMM y", M * K * e + N * K * e + M * N * e + M * R * ea + N * R * ea + N * e,
+                   flops=2 * M * N * K + 2 * M * N * R, programs=_cdiv(M, 128) * _cdiv(N, 128),
+                   inflight_bytes=4 * (128 + 128) * 64 * e)]
+
+
+def _triton_backward(M, N, K, R, e, ea):
+    from .ops.triton_common import block_r, weight_grad_tiles
+    from .ops.triton_lora_linear import shrink_rows, weight_grad_splits
+
+    rows = shrink_rows(M, 2 * H200.sms)
+    kernels = [Kernel("shrink gb = dy B", M * N * e + N * R * ea + M * R * 4, flops=2 * M * N * R,
+                      programs=_cdiv(M, rows) * _cdiv(R, block_r(R)), inflight_bytes=2 * (rows + R) * 128 * e)]
+    for name, g_bytes, cols, full in (("dA", 4, K, True), ("dB", ea, N, ea == 4)):
+        splits, _ = weight_grad_splits(M, cols, 4 * H200.sms, full)
+        block_m, block_n = weight_grad_tiles(full)
+        product = dict(tf32x3_flops=2 * M * cols * R) if full else dict(flops=2 * M * cols * R)
+        kernels += [Kernel(f"weight grad {name}", M * cols * e + M * R * g_bytes + splits * R * cols * 4,
+                           programs=_cdiv(cols, block_n) * splits * _cdiv(R, block_r(R)),
+                           inflight_bytes=2 * block_m * (block_n * e + R * g_bytes), **product),
+                    Kernel(f"finish {name}", splits * R * cols * 4 + R * cols * ea, programs=_cdiv(cols, 256),
+                           inflight_bytes=R * 256 * 4)]
+    kernels.append(Kernel("fused GEMM dx", M * N * e + N * K * e + M * K * e + M * R * 4 + K * R * ea,
+                          flops=2 * M * N * K, tf32x3_flops=2 * M * K * R, programs=_cdiv(M, 128) * _cdiv(K, 128),
+                          inflight_bytes=4 * (128 + 128) * 64 * e))
+    return kernels
+
+
+def _cuda_forward(M, N, K, R, e, ea):
+    return [Kernel("cuBLAS addmm y = b + x W0ᵀ", M * K * e + N * K * e + M * N * e, flops=2 * M * N * K, library=True),
+            Kernel("cuBLAS xa = x Aᵀ", M * K * e + K * R * ea + M * R * ea, flops=2 * M * K * R, library=True),
+            Kernel("cuBLAS y += s·xa Bᵀ", 2 * M * N * e + M * R * ea + N * R * ea, flops=2 * M * N * R, library=True)]
+
+
+def _cuda_backward(M, N, K, R, e, ea):
+    return [Kernel("cuBLAS dB = s·dyᵀ xa", M * N * e + M * R * ea + N * R * ea, flops=2 * M * N * R, library=True),
+            Kernel("cuBLAS gb = s·dy B", M * N * e + N * R * ea + M * R * ea, flops=2 * M * N * R, library=True),
+            Kernel("cuBLAS dA = gbᵀ x", M * K * e + M * R * ea + K * R * ea, flops=2 * M * K * R, library=True),
+            Kernel("cuBLAS dx = dy W0", M * N * e + N * K * e + M * K * e, flops=2 * M * N * K, library=True),
+            Kernel("cuBLAS dx += gb A", 2 * M * K * e + M * R * ea + K * R * ea, flops=2 * M * K * R, library=True)]
+
+
+def _peft_forward(M, N, K, R, e, ea):
+    return [Kernel("F.linear", M * K * e + N * K * e + M * N * e, flops=2 * M * N * K, library=True),
+            Kernel("lora_A", M * K * e + K * R * ea + M * R * ea, flops=2 * M * K * R, library=True),
+            Kernel("lora_B", M * R * ea + N * R * ea + M * N * e, flops=2 * M * N * R, library=True),
+            Kernel("* scaling", 2 * M * N * e, library=True),
+            Kernel("result + lora", 3 * M * N * e, library=True)]
+
+
+def _base_forward(M, N, K, R, e, ea):
+    return [Kernel("F.linear", M * K * e + N * K * e + M * N * e, flops=2 * M * N * K, library=True)]
+
+
+def _base_backward(M, N, K, R, e, ea):
+    return [Kernel("dx = dy W0", M * N * e + N * K * e + M * K * e, flops=2 * M * N * K, library=True)]
+
+
+_PATHS = {"triton": (_triton_forward, _triton_backward), "cuda": (_cuda_forward, _cuda_backward),
+          "base": (_base_forward, _base_backward), "peft": (_peft_forward, None)}
+PATHS = tuple(_PATHS)
+
+
+def predict(path: str, M: int, out_features: int, in_features: int, r: int, train: bool = False,
+            element_bytes: int = 2, adapter_bytes: int | None = None, device: Device = H200) -> Prediction:
+    """The predicted GPU time of one forward (train: forward + backward) of a LoRA linear [M, in] -> [M, out]
+    of rank r on `path`, without dropout. PEFT's backward is not modelled (autograd's choice of kernels)."""
+    forward, backward = _PATHS[path]
+    shape = (M, out_features, in_features, r, element_bytes, adapter_bytes or element_bytes)
+    kernels = list(forward(*shape))
+    if train:
+        if backward is None:
+            raise ValueError(f"the model has no backward for path {path!r}")
+        kernels += backward(*shape)
+    return Prediction(path, kernels, device)
+
+
+def step_us(step: str, path: str, M: int, out_features: int, in_features: int, r: int) -> float:
+    """The predicted microseconds of one "forward" or one "backward" (a train step less its forward)."""
+    forward = predict(path, M, out_features, in_features, r).us
+    if step == "forward":
+        return forward
+    return predict(path, M, out_features, in_features, r, train=True).us - forward
