@@ -172,7 +172,7 @@ def variants(dtypes, arch: int):
                         kept = fitting_configs(kernel.configs, {"x_ptr": args[0], "u_ptr": args[4], "d_ptr": args[5]}, **flags)
                         yield name, kernel.fn, kept, args, flags, dtype, flags["BLOCK_R"], flags["SHRINK_IN_LOOP"]
                     else:
-                        yield name, kernel, [None], args, flags, dtype, flags["BLOCK_R"], None
+                        yield name, kernel, [None], args, flags, dtype, flags.get("BLOCK_R", 0), None
         yield from _multi_variants(multi, e, dtype, M, N, K)
         if dtype in (torch.float16, torch.bfloat16):
             yield from _mixed_variants(lin, multi, e, dtype, M, N, K)
@@ -226,7 +226,7 @@ def _mixed_variants(lin, multi, e, dtype, M, N, K, r=16, n=32):
             kept = fitting_configs(kernel.configs, {"x_ptr": args[0], "u_ptr": args[4], "d_ptr": args[5]}, **flags)
             yield name, kernel.fn, kept, args, flags, dtype, flags["BLOCK_R"], flags["SHRINK_IN_LOOP"]
         else:
-            yield name, kernel, [None], args, flags, dtype, flags["BLOCK_R"], None
+            yield name, kernel, [None], args, flags, dtype, flags.get("BLOCK_R", 0), None
 
 
 def _multi_variants(multi, e, dtype, M, N, K, n=32):

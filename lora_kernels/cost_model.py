@@ -96,42 +96,82 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _triton_forward(M, N, K, R, e, ea):
-    from .ops.triton_common import block_r
-    from .ops.triton_lora_linear import DECODE_MAX_M, shrink_rows
+def _meta(*shape, element_bytes: int = 2):
+    import torch
 
-    if M <= DECODE_MAX_M:  # one launch: W0 streamed once, the shrink in its K loop (a 16 × 32 × 256 tile, 3 stages)
+    dtype = {2: torch.bfloat16, 4: torch.float32}[element_bytes]
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _tiles(launch) -> tuple[int, dict]:
+    """(programs, tile sizes and stages) of a launcher's *_launch_args result; for an autotuned kernel, its first
+    config the pruner keeps (the autotuner's pick is only known on a GPU)."""
+    from .ops.triton_common import fitting_configs
+
+    kernel, grid, args, flags = launch
+    tiles = dict(flags)
+    if hasattr(kernel, "configs"):
+        names = kernel.fn.arg_names
+        config = fitting_configs(kernel.configs, dict(zip(names, args)), **flags)[0]
+        tiles.update(config.kwargs, num_stages=config.num_stages)
+        grid = grid(tiles)
+    tiles.setdefault("num_stages", 3)  # Triton's default on NVIDIA GPUs
+    return math.prod(grid), tiles
+
+
+def _triton_forward(M, N, K, R, e, ea):
+    from .ops import triton_lora_linear as lin
+
+    x, w, y = _meta(M, K, element_bytes=e), _meta(N, K, element_bytes=e), _meta(M, N, element_bytes=e)
+    A, B, xa, bias = (_meta(R, K, element_bytes=ea), _meta(N, R, element_bytes=ea), _meta(M, R, element_bytes=ea),
+                      _meta(N, element_bytes=e))
+    if M <= lin.DECODE_MAX_M:  # one launch: W0 streamed once, the shrink in its K loop
+        programs, t = _tiles(lin.fused_gemm_launch_args(x, w.t(), bias, xa, B.t(), A.t(), y, 2.0, 0.0, None,
+                                                        shrink_in_loop=True, dropout_epilogue=False))
         return [Kernel("decode (fused)", N * K * e + M * K * e + (K + N) * R * ea + M * N * e,
-                       flops=2 * M * N * K + 4 * M * N * R, programs=_cdiv(N, 32),
-                       inflight_bytes=3 * (32 * 256 + 16 * 256) * e)]
-    rows = shrink_rows(M, 2 * H200.sms)
-    block_k = 128 if block_r(R) <= 32 else 64
-    return [Kernel("shrink xa", M * K * e + K * R * ea + M * R * ea, flops=2 * M * K * R,
-                   programs=_cdiv(M, rows) * _cdiv(R, block_r(R)), inflight_bytes=2 * (rows + R) * block_k * e),
-            Kernel("fused GEMM y", M * K * e + N * K * e + M * N * e + M * R * ea + N * R * ea + N * e,
-                   flops=2 * M * N * K + 2 * M * N * R, programs=_cdiv(M, 128) * _cdiv(N, 128),
-                   inflight_bytes=4 * (128 + 128) * 64 * e)]
+                       flops=2 * M * N * K + 4 * M * N * R, programs=programs,
+                       inflight_bytes=t["num_stages"] * (t["BLOCK_N"] + t["BLOCK_M"]) * t["BLOCK_K"] * e)]
+    programs, t = _tiles(lin.shrink_launch_args(x, A.t(), xa, 0.0, None))
+    shrink = Kernel("shrink xa", M * K * e + K * R * ea + M * R * ea, flops=2 * M * K * R, programs=programs,
+                    inflight_bytes=t["num_stages"] * (t["BLOCK_M"] + t["BLOCK_R"]) * t["BLOCK_K"] * e)
+    programs, t = _tiles(lin.fused_gemm_launch_args(x, w.t(), bias, xa, B.t(), None, y, 2.0, 0.0, None,
+                                                    shrink_in_loop=False, dropout_epilogue=False))
+    gemm = Kernel("fused GEMM y", M * K * e + N * K * e + M * N * e + M * R * ea + N * R * ea + N * e,
+                  flops=2 * M * N * K + 2 * M * N * R, programs=programs,
+                  inflight_bytes=t["num_stages"] * (t["BLOCK_M"] + t["BLOCK_N"]) * t["BLOCK_K"] * e)
+    return [shrink, gemm]
 
 
 def _triton_backward(M, N, K, R, e, ea):
-    from .ops.triton_common import block_r, weight_grad_tiles
-    from .ops.triton_lora_linear import shrink_rows, weight_grad_splits
+    from .ops import triton_lora_linear as lin
+    from .ops.triton_common import full_precision
 
-    rows = shrink_rows(M, 2 * H200.sms)
-    kernels = [Kernel("shrink gb = dy B", M * N * e + N * R * ea + M * R * 4, flops=2 * M * N * R,
-                      programs=_cdiv(M, rows) * _cdiv(R, block_r(R)), inflight_bytes=2 * (rows + R) * 128 * e)]
-    for name, g_bytes, cols, full in (("dA", 4, K, True), ("dB", ea, N, ea == 4)):
-        splits, _ = weight_grad_splits(M, cols, 4 * H200.sms, full)
-        block_m, block_n = weight_grad_tiles(full)
+    x, w, dy, dx = (_meta(M, K, element_bytes=e), _meta(N, K, element_bytes=e), _meta(M, N, element_bytes=e),
+                    _meta(M, K, element_bytes=e))
+    A, B, xa, gb = (_meta(R, K, element_bytes=ea), _meta(N, R, element_bytes=ea), _meta(M, R, element_bytes=ea),
+                    _meta(M, R, element_bytes=4))
+    programs, t = _tiles(lin.shrink_launch_args(dy, B, gb, 0.0, None))
+    kernels = [Kernel("shrink gb = dy B", M * N * e + N * R * ea + M * R * 4, flops=2 * M * N * R, programs=programs,
+                      inflight_bytes=t["num_stages"] * (t["BLOCK_M"] + t["BLOCK_R"]) * t["BLOCK_K"] * e)]
+    for name, g, q, out in (("dA", gb, x, A), ("dB", xa, dy, B.t())):
+        cols = q.shape[1]
+        full = full_precision(g, q)
+        splits, rows_per_split = lin.weight_grad_splits(M, cols, 4 * H200.sms, full)
+        part = _meta(splits, R, cols, element_bytes=4)
+        programs, t = _tiles(lin.weight_grad_launch_args(g, q, part, rows_per_split, 0.0, None))
         product = dict(tf32x3_flops=2 * M * cols * R) if full else dict(flops=2 * M * cols * R)
-        kernels += [Kernel(f"weight grad {name}", M * cols * e + M * R * g_bytes + splits * R * cols * 4,
-                           programs=_cdiv(cols, block_n) * splits * _cdiv(R, block_r(R)),
-                           inflight_bytes=2 * block_m * (block_n * e + R * g_bytes), **product),
-                    Kernel(f"finish {name}", splits * R * cols * 4 + R * cols * ea, programs=_cdiv(cols, 256),
-                           inflight_bytes=R * 256 * 4)]
+        g_bytes = g.element_size()
+        kernels.append(Kernel(f"weight grad {name}", M * cols * e + M * R * g_bytes + splits * R * cols * 4,
+                              programs=programs, **product,
+                              inflight_bytes=t["num_stages"] * t["BLOCK_M"] * (t["BLOCK_N"] * e + R * g_bytes)))
+        programs, t = _tiles(lin.finish_launch_args(part, out, 2.0, 1.0))
+        kernels.append(Kernel(f"finish {name}", splits * R * cols * 4 + R * cols * ea, programs=programs,
+                              inflight_bytes=t["SPLIT_CHUNK"] * t["BLOCK"] * 4))
+    programs, t = _tiles(lin.fused_gemm_launch_args(dy, w, None, gb, A, None, dx, 2.0, 0.0, None,
+                                                    shrink_in_loop=False, dropout_epilogue=True))
     kernels.append(Kernel("fused GEMM dx", M * N * e + N * K * e + M * K * e + M * R * 4 + K * R * ea,
-                          flops=2 * M * N * K, tf32x3_flops=2 * M * K * R, programs=_cdiv(M, 128) * _cdiv(K, 128),
-                          inflight_bytes=4 * (128 + 128) * 64 * e))
+                          flops=2 * M * N * K, tf32x3_flops=2 * M * K * R, programs=programs,
+                          inflight_bytes=t["num_stages"] * (t["BLOCK_M"] + t["BLOCK_N"]) * t["BLOCK_K"] * e))
     return kernels
 
 

@@ -268,19 +268,23 @@ def _finish_kernel(
     R, N, splits,
     stride_or, stride_on,
     factor,
-    SCALING_IN_MEMORY: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALING_IN_MEMORY: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
     """out[r, n] = (scaling · factor · Σ_s part[s, r, n]) rounded once to out's dtype; part [splits, R, N]
-    float32 in order, out through its strides (dB is written as the transpose of its [r, out] sum)."""
-    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (ranks < R)[:, None] & (cols < N)[None, :]
-    offsets = ranks.to(tl.int64)[:, None] * N + cols.to(tl.int64)[None, :]
-    total = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for s in range(0, splits):  # in slice order: the same sum at every launch
-        total += tl.load(part_ptr + s * R * N + offsets, mask=ok, other=0.0)
+    float32, out through its strides (dB is written as the transpose of its [r, out] sum). Each program owns
+    BLOCK consecutive elements of R·N and reads SPLIT_CHUNK slices of them per step (loads in flight: the sum
+    is latency-bound otherwise); the slices are added in the same order at every launch."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < R * N
+    slices = tl.arange(0, SPLIT_CHUNK)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s0 in range(0, splits, SPLIT_CHUNK):
+        rows = s0 + slices
+        chunk = tl.load(part_ptr + rows.to(tl.int64)[:, None] * R * N + offsets[None, :],
+                        mask=(rows < splits)[:, None] & ok[None, :], other=0.0)
+        total += tl.sum(chunk, axis=0)
     total = total * (_scaling_value(scaling, SCALING_IN_MEMORY) * factor)
-    out = out_ptr + ranks.to(tl.int64)[:, None] * stride_or + cols.to(tl.int64)[None, :] * stride_on
+    out = out_ptr + (offsets // N) * stride_or + (offsets % N) * stride_on
     tl.store(out, cast(total, out_ptr.dtype.element_ty, SOFT_BF16), mask=ok)
 
 
@@ -316,10 +320,12 @@ def shrink_launch_args(x, d, out, p: float, seed, programs_wanted: int = 264):
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r(R)))
     args = (x, d, out, seed if p > 0.0 else out, M, K, R, x.stride(0), x.stride(1), d.stride(0), d.stride(1),
             out.stride(0), out.stride(1), threshold, inv_keep)
-    # 64-rank chunks take 64-deep K tiles: 32 × 128 × 64 spilled on sm_90 (gpu_compile_check)
+    # Four stages keep 32 KB of x and A in flight per program (16 rows, r <= 16: 16 × 256 × 16 spilled), so that
+    # 128 programs can stream x at HBM speed (benchmarks/cost_model.py); wider rank tiles take shallower K
+    # tiles (32 × 128 × 64 spilled on sm_90, gpu_compile_check).
     block_k = 32 if interpreted() else 128 if block_r(R) <= 32 else 64
     flags = dict(DROPOUT=p > 0.0, GROUPED_MASK=grouped_mask(K), SOFT_BF16=soft_bf16(x.dtype), BLOCK_M=block_m,
-                 BLOCK_K=block_k, BLOCK_R=block_r(R))
+                 BLOCK_K=block_k, BLOCK_R=block_r(R), num_stages=1 if interpreted() else 4)
     return _shrink_kernel, grid, args, flags
 
 
@@ -393,11 +399,11 @@ def finish_launch_args(part, out_rn, scaling, factor: float):
     """(kernel, grid, args, flags) of out_rn = cast(scaling · factor · part.sum(0)) for part [splits, R, N]
     float32 and out_rn an [R, N] view (any strides) of the gradient."""
     splits, R, N = part.shape
-    block_n = 32 if interpreted() else 256
-    grid = (triton.cdiv(N, block_n), triton.cdiv(R, block_r(R)))
+    block = 64 if interpreted() else 256
+    grid = (triton.cdiv(R * N, block),)
     args = (part, out_rn, scaling, R, N, splits, out_rn.stride(0), out_rn.stride(1), factor)
     flags = dict(SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor), SOFT_BF16=soft_bf16(out_rn.dtype),
-                 BLOCK_R=block_r(R), BLOCK_N=block_n)
+                 BLOCK=block, SPLIT_CHUNK=4 if interpreted() else 8)
     return _finish_kernel, grid, args, flags
 
 
