@@ -175,34 +175,34 @@ def _triton_backward(M, N, K, R, e, ea):
     return kernels
 
 
+def _gemm(name, m, n, k, a_bytes, b_bytes, c_bytes, accumulate=False):
+    """A library GEMM C[m, n] (+)= A[m, k] B[k, n]: each operand once from HBM, C read too when accumulated."""
+    return Kernel(name, m * k * a_bytes + k * n * b_bytes + m * n * c_bytes * (2 if accumulate else 1),
+                  flops=2 * m * n * k, library=True)
+
+
 def _cuda_forward(M, N, K, R, e, ea):
-    return [Kernel("cuBLAS addmm y = b + x W0ᵀ", M * K * e + N * K * e + M * N * e, flops=2 * M * N * K, library=True),
-            Kernel("cuBLAS xa = x Aᵀ", M * K * e + K * R * ea + M * R * ea, flops=2 * M * K * R, library=True),
-            Kernel("cuBLAS y += s·xa Bᵀ", 2 * M * N * e + M * R * ea + N * R * ea, flops=2 * M * N * R, library=True)]
+    return [_gemm("cuBLAS addmm y = b + x W0ᵀ", M, N, K, e, e, e), _gemm("cuBLAS xa = x Aᵀ", M, R, K, e, ea, ea),
+            _gemm("cuBLAS y += s·xa Bᵀ", M, N, R, ea, ea, e, accumulate=True)]
 
 
 def _cuda_backward(M, N, K, R, e, ea):
-    return [Kernel("cuBLAS dB = s·dyᵀ xa", M * N * e + M * R * ea + N * R * ea, flops=2 * M * N * R, library=True),
-            Kernel("cuBLAS gb = s·dy B", M * N * e + N * R * ea + M * R * ea, flops=2 * M * N * R, library=True),
-            Kernel("cuBLAS dA = gbᵀ x", M * K * e + M * R * ea + K * R * ea, flops=2 * M * K * R, library=True),
-            Kernel("cuBLAS dx = dy W0", M * N * e + N * K * e + M * K * e, flops=2 * M * N * K, library=True),
-            Kernel("cuBLAS dx += gb A", 2 * M * K * e + M * R * ea + K * R * ea, flops=2 * M * K * R, library=True)]
+    return [_gemm("cuBLAS dB = s·dyᵀ xa", N, R, M, e, ea, ea), _gemm("cuBLAS gb = s·dy B", M, R, N, e, ea, ea),
+            _gemm("cuBLAS dA = gbᵀ x", R, K, M, ea, e, ea), _gemm("cuBLAS dx = dy W0", M, K, N, e, e, e),
+            _gemm("cuBLAS dx += gb A", M, K, R, ea, ea, e, accumulate=True)]
 
 
 def _peft_forward(M, N, K, R, e, ea):
-    return [Kernel("F.linear", M * K * e + N * K * e + M * N * e, flops=2 * M * N * K, library=True),
-            Kernel("lora_A", M * K * e + K * R * ea + M * R * ea, flops=2 * M * K * R, library=True),
-            Kernel("lora_B", M * R * ea + N * R * ea + M * N * e, flops=2 * M * N * R, library=True),
-            Kernel("* scaling", 2 * M * N * e, library=True),
-            Kernel("result + lora", 3 * M * N * e, library=True)]
+    return [_gemm("F.linear", M, N, K, e, e, e), _gemm("lora_A", M, R, K, e, ea, ea), _gemm("lora_B", M, N, R, ea, ea, e),
+            Kernel("* scaling", 2 * M * N * e, library=True), Kernel("result + lora", 3 * M * N * e, library=True)]
 
 
 def _base_forward(M, N, K, R, e, ea):
-    return [Kernel("F.linear", M * K * e + N * K * e + M * N * e, flops=2 * M * N * K, library=True)]
+    return [_gemm("F.linear", M, N, K, e, e, e)]
 
 
 def _base_backward(M, N, K, R, e, ea):
-    return [Kernel("dx = dy W0", M * N * e + N * K * e + M * K * e, flops=2 * M * N * K, library=True)]
+    return [_gemm("dx = dy W0", M, K, N, e, e, e)]
 
 
 _PATHS = {"triton": (_triton_forward, _triton_backward), "cuda": (_cuda_forward, _cuda_backward),
