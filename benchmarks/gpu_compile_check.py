@@ -95,7 +95,11 @@ def ptxas_report(ptx: str) -> dict:
                 break
         else:
             raise RuntimeError(f"ptxas could not assemble the PTX: {run.stderr[-2000:]}")
-    log = run.stdout + run.stderr
+    return parse_ptxas_log(run.stdout + run.stderr)
+
+
+def parse_ptxas_log(log: str) -> dict:
+    """Registers, stack frame, spill stores/loads and the C7512 warning (serialized wgmma) of a `ptxas -v` log."""
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     registers = re.search(r"Used (\d+) registers", log)
     return dict(ptxas_regs=int(registers.group(1)) if registers else None,

@@ -173,3 +173,21 @@ def test_integers_that_change_per_call_compile_one_variant():
     assert "marked 2" in result.stdout, result.stdout  # int32 and int64: the seed is passed as a tensor
     counts = eval(result.stdout.strip().splitlines()[-1])
     assert counts and set(counts.values()) == {1}, counts
+
+
+def test_the_ptxas_log_parser_reads_spills_and_serialized_wgmma():
+    """No config left here makes ptxas 12.9 or 13.0 serialize wgmma, so the warning is checked on a log of the
+    shape ptxas writes (with a stack frame and spills, as the removed 128×256×64 config had)."""
+    from benchmarks.gpu_compile_check import parse_ptxas_log
+
+    log = ("ptxas info    : Compiling entry function '_fused_gemm_kernel' for 'sm_90a'\n"
+           "ptxas info    : Function properties for _fused_gemm_kernel\n"
+           "    16 bytes stack frame, 12 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas /tmp/k.ptx, line 1711; warning : (C7512) Potential Performance Loss: wgmma.mma_async "
+           "instructions are serialized due to insufficient register resources for the wgmma pipeline\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 16 bytes cumulative stack size\n")
+    assert parse_ptxas_log(log) == dict(ptxas_regs=255, stack=16, spill_stores=12, spill_loads=12,
+                                        wgmma_serialized=True)
+    clean = parse_ptxas_log("    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+                            "ptxas info    : Used 138 registers\n")
+    assert clean == dict(ptxas_regs=138, stack=0, spill_stores=0, spill_loads=0, wgmma_serialized=False)
