@@ -133,6 +133,14 @@ class LoRALinear(nn.Module):
         """lora_alpha / r (lora_alpha / √r with rsLoRA); assignable."""
         return self._scaling
 
+    def __setattr__(self, name, value):
+        # nn.Module files an nn.Parameter away before the property setter could refuse it (and then fails with
+        # "attribute 'scaling' already exists"): say what is wrong instead. A learnable scaling is not supported.
+        if name == "scaling" and isinstance(value, nn.Parameter):
+            raise ValueError("scaling must be a number, not an nn.Parameter: no gradient is computed for a scaling "
+                             "(a learnable one would silently stay constant)")
+        super().__setattr__(name, value)
+
     @scaling.setter
     def scaling(self, value: float) -> None:
         # Checked here, on the host: on a GPU the kernels read the tensor below, and nothing else looks at it.

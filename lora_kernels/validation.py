@@ -46,6 +46,9 @@ def check_same_dtype_device(reference_name: str, reference: Tensor, **others) ->
 
 
 def check_scaling(name: str, scaling) -> float:
+    if isinstance(scaling, Tensor) and scaling.requires_grad:  # .item() would silently make it a constant
+        raise ValueError(f"{name} must not require grad: no gradient is computed for a scaling (a learnable one "
+                         "would silently stay constant); pass a number or a tensor with requires_grad=False")
     if isinstance(scaling, Tensor) and scaling.dim() == 0 and scaling.is_floating_point() and scaling.device.type == "cpu":
         scaling = scaling.item()  # a 0-d CPU tensor (what LoRALinear keeps for torch.compile) is accepted too
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):

@@ -418,3 +418,22 @@ def test_cpu_scattered_batch_beyond_the_kept_workspace(use_backend):
         torch.testing.assert_close(y.double(), y64, rtol=1e-4, atol=1e-4)
         for got, exact in zip(grads, grads64):
             torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_strided_ranks_and_scalings_are_read_by_position(backend, use_backend):
+    """ranks and float32 scalings handed as strided views (t[::2]): every backend reads element i as the i-th
+    value (Triton's kernels index them by position: they are made contiguous first)."""
+    use_backend(backend)
+    g = torch.Generator().manual_seed(3)
+    n, r_max, d_in, d_out, M = 3, 8, 24, 20, 30
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, torch.float32)  # noqa: E731
+    x, w, A, B = rand(M, d_in), rand(d_out, d_in), rand(n, r_max, d_in), rand(n, d_out, r_max)
+    ids = torch.randint(-1, n, (M,), generator=g).to(DEVICE)
+    ranks_wide = torch.tensor([8, 99, 5, 99, 3, 99], device=DEVICE)
+    scalings_wide = torch.tensor([0.5, 7.0, 2.0, 7.0, -1.0, 7.0], device=DEVICE)
+    ours = lora_linear_multi(x, w, None, A, B, scalings_wide[::2], ids, ranks=ranks_wide[::2])
+    packed = reference.lora_linear_multi(x.double(), w.double(), None, A.double(), B.double(),
+                                         torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64), ids,
+                                         torch.tensor([8, 5, 3]))[0]
+    torch.testing.assert_close(ours.double(), packed, rtol=1e-5, atol=1e-5)

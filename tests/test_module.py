@@ -159,14 +159,25 @@ def test_scaling_tensor_lives_with_the_weight_and_changes_in_place():
     torch.testing.assert_close(compiled(x), meta_layer(x))
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "2"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "2", "grad", "parameter"])
 def test_a_bad_scaling_is_refused_when_assigned(bad):
     """On a GPU the kernels read the layer's scaling tensor and nothing checks it per call (that would wait for
     the GPU): a non-finite or non-numeric scaling is refused when assigned, and the layer keeps its own."""
     layer = LoRALinear(8, 6, r=2, lora_alpha=4)
+    # a tensor that requires grad (or a Parameter) would become a constant that no gradient reaches
+    bad = {"grad": torch.tensor(3.0, requires_grad=True), "parameter": nn.Parameter(torch.tensor(3.0))}.get(bad, bad)
     with pytest.raises((ValueError, TypeError), match="scaling must"):
         layer.scaling = bad
     assert layer.scaling == 2.0 and layer._scaling_tensor.item() == 2.0
+    assert not isinstance(getattr(layer, "_parameters").get("scaling"), nn.Parameter)
+
+
+def test_a_scalings_list_refuses_a_tensor_that_requires_grad():
+    x, w = torch.randn(4, 8, device=DEVICE), torch.randn(6, 8, device=DEVICE)
+    A, B = torch.randn(2, 2, 8, device=DEVICE), torch.randn(2, 6, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="scalings must not require grad"):
+        lora_kernels.lora_linear_multi(x, w, None, A, B, [1.0, torch.tensor(2.0, requires_grad=True)],
+                                       torch.tensor([0, 1, 1, -1], device=DEVICE))
 
 
 def test_torch_compile_functional_with_float_scaling():

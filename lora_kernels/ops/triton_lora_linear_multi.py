@@ -315,13 +315,15 @@ def _device_dropout_tables(ps: tuple, device: torch.device):
 
 def _prepare(x, lora_A, scalings, adapter_ids, ranks):
     n, r_max = lora_A.shape[:2]
-    ids = adapter_ids.to(x.device, torch.int64)
+    # contiguous: the kernels index ids, ranks and scalings by position (a strided view, t[::2], read as if
+    # it were packed gave wrong ranks and scalings)
+    ids = adapter_ids.to(x.device, torch.int64).contiguous()
     ranks = (torch.full((n,), r_max, dtype=torch.int64, device=x.device) if ranks is None
-             else ranks.to(x.device, torch.int64))
+             else ranks.to(x.device, torch.int64).contiguous())
     # Checked on the device, asynchronously: reading the values on the host would synchronise.
     torch._assert_async(((ids >= -1) & (ids < n)).all(), f"lora_kernels: adapter_ids must be in [-1, {n})")
     torch._assert_async(((ranks >= 1) & (ranks <= r_max)).all(), f"lora_kernels: ranks must be in [1, r_max={r_max}]")
-    return Groups(ids, n, _tile_rows()), ranks, scalings.to(x.device, torch.float32)
+    return Groups(ids, n, _tile_rows()), ranks, scalings.to(x.device, torch.float32).contiguous()
 
 
 def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed):
