@@ -94,6 +94,16 @@ class MultiLoRALinear(nn.Module):
         self.batch_ids: Tensor | None = None  # set by adapter_batch() for the calls inside it
         register_merge_hooks(self)  # a merged adapter is never saved inside the weight
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype), .half(), .bfloat16() cast every floating buffer: the scalings keep float64, as LoRALinear's
+        # float does (16/3 in bfloat16 is 5.34375; 1e5 in float16 is inf). They follow the device.
+        scalings = self.scalings
+        super()._apply(fn, *args, **kwargs)
+        if self.scalings.dtype != torch.float64:
+            source = scalings if scalings.device.type != "meta" else self.scalings
+            self.scalings = source.to(device=self.scalings.device, dtype=torch.float64)
+        return self
+
     # -- adapters -----------------------------------------------------------
 
     @torch.no_grad()
