@@ -116,6 +116,26 @@ class MultiLoRALinear(nn.Module):
         B zeros: the base layer's output). lora_dropout: this adapter's (default: the layer's). The
         first adapter added becomes the active one.
         """
+        config, slot = self._adapter_to_add(name, r, lora_alpha, use_rslora, lora_A, lora_B, slot, lora_dropout)
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        if lora_A is None:
+            nn.init.kaiming_uniform_(self.lora_A[slot, :r], a=math.sqrt(5))
+        else:
+            self.lora_A[slot, :r] = lora_A
+            self.lora_B[slot, :, :r] = lora_B
+        self.scalings[slot] = config.scaling
+        self.ranks[slot] = r
+        self.dropouts[slot] = config.lora_dropout
+        self.slots[name] = slot
+        self.alphas[name] = (config.lora_alpha, use_rslora, float(config.lora_dropout))
+        if self.active_adapter is None:
+            self.active_adapter = name
+        return slot
+
+    def _adapter_to_add(self, name, r, lora_alpha, use_rslora, lora_A, lora_B, slot, lora_dropout
+                        ) -> tuple[LoRAConfig, int]:
+        """Every check of add_adapter, with nothing written: (its config, its slot)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty str, got {name!r}")
         if name in self.slots:
@@ -132,26 +152,13 @@ class MultiLoRALinear(nn.Module):
             slot = free[0]
         elif not 0 <= slot < self.capacity or slot in used:
             raise ValueError(f"slot must be a free slot in [0, {self.capacity}), got {slot}")
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        if lora_A is None and lora_B is None:
-            nn.init.kaiming_uniform_(self.lora_A[slot, :r], a=math.sqrt(5))
-        else:
-            if lora_A is None or lora_B is None:
-                raise ValueError("give both lora_A and lora_B, or neither")
-            if tuple(lora_A.shape) != (r, self.in_features) or tuple(lora_B.shape) != (self.out_features, r):
-                raise ValueError(f"lora_A must be [{r}, {self.in_features}] and lora_B [{self.out_features}, {r}], "
-                                 f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-            self.lora_A[slot, :r] = lora_A
-            self.lora_B[slot, :, :r] = lora_B
-        self.scalings[slot] = config.scaling
-        self.ranks[slot] = r
-        self.dropouts[slot] = config.lora_dropout
-        self.slots[name] = slot
-        self.alphas[name] = (config.lora_alpha, use_rslora, float(config.lora_dropout))
-        if self.active_adapter is None:
-            self.active_adapter = name
-        return slot
+        if (lora_A is None) != (lora_B is None):
+            raise ValueError("give both lora_A and lora_B, or neither")
+        if lora_A is not None and (tuple(lora_A.shape) != (r, self.in_features)
+                                   or tuple(lora_B.shape) != (self.out_features, r)):
+            raise ValueError(f"lora_A must be [{r}, {self.in_features}] and lora_B [{self.out_features}, {r}], "
+                             f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+        return config, slot
 
     @torch.no_grad()
     def remove_adapter(self, name: str) -> None:
@@ -171,11 +178,14 @@ class MultiLoRALinear(nn.Module):
 
     def set_adapter(self, name: str | None) -> None:
         """The adapter of calls that name none (None: the base layer)."""
+        self._check_can_activate(name)
+        self.active_adapter = name
+
+    def _check_can_activate(self, name: str | None) -> None:
         if name is not None:
             self._slot(name)
         if self.merged_adapter is not None and name != self.merged_adapter:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged into the weight: unmerge() first")
-        self.active_adapter = name
 
     def _slot(self, name: str) -> int:
         if name not in self.slots:
@@ -328,18 +338,26 @@ def add_adapter(model: nn.Module, name: str, r: int, lora_alpha: float | None = 
     slot = common_free_slot(layers)
     if slot is None:
         raise ValueError(f"no slot is free in every layer (capacity={layers[0].capacity})")
+    for layer in layers:  # every layer checked before any changes: a refusal leaves the model as it was
+        layer._adapter_to_add(name, r, lora_alpha, use_rslora, None, None, slot, lora_dropout)
     for layer in layers:
         layer.add_adapter(name, r, lora_alpha, use_rslora, slot=slot, lora_dropout=lora_dropout)
     return slot
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
-    for layer in _layers(model):
+    layers = _layers(model)
+    for layer in layers:
+        layer._slot(name)
+    for layer in layers:
         layer.remove_adapter(name)
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
-    for layer in _layers(model):
+    layers = _layers(model)
+    for layer in layers:  # all or none
+        layer._check_can_activate(name)
+    for layer in layers:
         layer.set_adapter(name)
 
 

@@ -241,3 +241,23 @@ def test_scalings_keep_their_precision_through_dtype_casts(cast):
     assert torch.equal(layer(x), single(x))
     layer.set_adapter("big")
     assert torch.isfinite(layer(x * 1e-4)).all()
+
+
+def test_model_level_adapter_changes_are_all_or_nothing():
+    """lk.add_adapter / set_adapter / remove_adapter check every layer before changing any: a refusal by a later
+    layer used to leave the earlier ones changed (layers on different adapters)."""
+    model = nn.Sequential(MultiLoRALinear(8, 8, capacity=3, r_max=8), MultiLoRALinear(8, 8, capacity=3, r_max=4))
+    with pytest.raises(ValueError, match="r must be <= r_max=4"):
+        lk.add_adapter(model, "wide", r=6)
+    assert all("wide" not in layer.slots for layer in model)
+    lk.add_adapter(model, "a", r=2)
+    lk.add_adapter(model, "b", r=2)
+    model[1].merge("a")
+    with pytest.raises(RuntimeError, match="merged"):
+        lk.set_adapter(model, "b")
+    assert [layer.active_adapter for layer in model] == ["a", "a"]
+    model[1].unmerge()
+    model[1].remove_adapter("b")
+    with pytest.raises(KeyError, match="no adapter named 'b'"):
+        lk.remove_adapter(model, "b")
+    assert "b" in model[0].slots
