@@ -108,6 +108,9 @@ def _fused_peft_forward(self, x, *args, **kwargs):
     names = kwargs.get("adapter_names", None) if set(kwargs) <= {"adapter_names"} else None
     if names is None and not kwargs:
         names = self.__dict__.get("_lora_kernels_batch_names")
+        if names is not None and (x.dim() < 2 or len(names) != x.shape[0]):
+            raise ValueError(f"adapter_batch names {len(names)} samples, the batch has "
+                             f"{x.shape[0] if x.dim() >= 2 else 1}: give one adapter name per sample")
     base = self.get_base_layer()
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
     plain_call = (not args and not self.disable_adapters and not self.merged
@@ -151,18 +154,60 @@ def _fused_mixed_batch(layer, x, weight, bias, names):
 @contextlib.contextmanager
 def adapter_batch(model: nn.Module, adapter_names):
     """Within the block, every patched PEFT LoRA layer serves sample i of the batch on adapter_names[i]
-    ("__base__": the base model): PEFT's mixed batches, in training too (PEFT's own adapter_names=
-    refuses training). The model must have been patched by patch_peft_model."""
+    ("__base__": the base model), and so does every modules_to_save copy (a classification head per adapter):
+    PEFT's mixed batches, in training too (PEFT's own adapter_names= refuses training). The model must have
+    been patched by patch_peft_model. Refused as PEFT refuses them: a name that is no adapter of the model, a
+    model with a merged adapter, and (at the forward) a batch whose length is not len(adapter_names). Blocks
+    nest: the outer block's names apply again when an inner one exits."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    names = list(adapter_names)
     layers = [m for m in model.modules() if _is_patched(m)]
     if not layers:
         raise ValueError("no patched PEFT LoRA layer in the model: call patch_peft_model(model) first")
+    lora_layers_ = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    known = set().union(*(set(m.lora_A.keys()) for m in lora_layers_))
+    unknown = sorted({n for n in names if n != BASE_ONLY} - known)
+    if unknown:
+        raise ValueError(f"adapter_names holds no adapter of the model: {unknown}; adapters: {sorted(known)} "
+                         f"(and {BASE_ONLY!r} for the base model)")
+    merged = [m for m in lora_layers_ if m.merged]
+    if merged:
+        raise ValueError(f"the model has merged adapters ({sorted(set(merged[0].merged_adapters))}): a mixed batch "
+                         "would serve every row on them; unmerge first")
+    previous = {layer: layer.__dict__.get("_lora_kernels_batch_names") for layer in layers}
+    hooks = [wrapper.register_forward_pre_hook(_AdapterNames(names), with_kwargs=True)
+             for wrapper in model.modules() if _routes_per_sample(wrapper)]
     for layer in layers:
-        layer._lora_kernels_batch_names = list(adapter_names)
+        layer._lora_kernels_batch_names = names
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.__dict__.pop("_lora_kernels_batch_names", None)
+        for hook in hooks:
+            hook.remove()
+        for layer, outer in previous.items():
+            if outer is None:
+                layer.__dict__.pop("_lora_kernels_batch_names", None)
+            else:
+                layer._lora_kernels_batch_names = outer
+
+
+class _AdapterNames:
+    """A forward pre-hook handing a module the block's adapter_names= (what PEFT's own mixed batch does)."""
+
+    def __init__(self, names: list):
+        self.names = names
+
+    def __call__(self, module, args, kwargs):
+        return args, {**kwargs, "adapter_names": self.names}
+
+
+def _routes_per_sample(module: nn.Module) -> bool:
+    """A PEFT wrapper that serves each sample on its adapter given adapter_names=: a modules_to_save copy."""
+    from peft.utils import other
+
+    wrapper = getattr(other, "AuxiliaryTrainingWrapper", None) or getattr(other, "ModulesToSaveWrapper")
+    return isinstance(module, wrapper)
 
 
 class _FusedForward:

@@ -361,3 +361,54 @@ def test_adapter_biases_round_trip(tmp_path):
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == "lora_only"
     reloaded = peft.PeftModel.from_pretrained(_bert(), tmp_path / "ours")
     torch.testing.assert_close(_logits(reloaded.eval()), expected, rtol=1e-5, atol=1e-5)
+
+
+def _bert_with_heads():
+    """BERT sequence classification with two adapters, each with its own trained classifier head."""
+    config = dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+    model = peft.get_peft_model(_bert(), peft.LoraConfig(**config))
+    model.add_adapter("b", peft.LoraConfig(**dict(config, r=2, lora_alpha=3)))
+    _randomize_lora(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+HEAD_NAMES = ["b", "__base__", "default", "b", "default"]
+
+
+def test_adapter_batch_routes_modules_to_save_heads_per_sample():
+    """Each row's classifier head is its adapter's (the base model's for __base__), as PEFT's own mixed batch
+    computes it; adapter_batch used to send every row through the active adapter's head."""
+    model = _bert_with_heads()
+    with torch.no_grad():
+        expected = model(BATCH, adapter_names=HEAD_NAMES).logits
+    patch_peft_model(model)
+    with torch.no_grad(), adapter_batch(model, HEAD_NAMES):
+        ours = model(BATCH).logits
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_batch_refuses_what_peft_refuses_and_nests():
+    model = _three_adapters().eval()
+    patch_peft_model(model)
+    with pytest.raises(ValueError, match=r"no adapter of the model: \['typo'\]"):
+        with adapter_batch(model, ["typo"] * 5):
+            pass
+    with pytest.raises(ValueError, match="one adapter name per sample"):
+        with torch.no_grad(), adapter_batch(model, NAMES[:3]):
+            model(BATCH)
+    with torch.no_grad():
+        inner_alone = model(BATCH, adapter_names=["c"] * 5).logits
+        outer_alone = model(BATCH, adapter_names=NAMES).logits
+        with adapter_batch(model, NAMES):
+            with adapter_batch(model, ["c"] * 5):
+                torch.testing.assert_close(model(BATCH).logits, inner_alone)
+            torch.testing.assert_close(model(BATCH).logits, outer_alone)  # the outer names again
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged adapters"):
+        with adapter_batch(model, NAMES):
+            pass
