@@ -479,6 +479,21 @@ def _adapter_entries(model: nn.Module, adapter_name: str | None) -> dict[str, _A
     return entries
 
 
+def _exact_key(name: str) -> str:
+    """A rank_pattern / alpha_pattern key that PEFT's rule (the key matching the end of a module name, after a
+    dot) applies to module `name` alone: a bare "0" would also match layer "1.0"."""
+    return "^" + re.escape(name)
+
+
+def _exact_targets(model: nn.Module, names: list[str]):
+    """target_modules that select exactly these modules: the list of names (PEFT's rule: a name, or a suffix
+    after a dot), or, when one of them is also the suffix of another module's name, a regex of the names."""
+    others = [n for n, _ in model.named_modules() if n not in names]
+    if not any(other.endswith("." + name) for name in names for other in others):
+        return names
+    return "^(?:" + "|".join(re.escape(name) for name in names) + ")$"
+
+
 def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
                       base_model_name_or_path: str | None = None) -> None:
     """Write the model's LoRA adapter as PEFT does (adapter_config.json + adapter_model.safetensors).
@@ -528,12 +543,12 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
         "lora_alpha": alpha,
         "lora_dropout": first.dropout,
         "use_rslora": first.use_rslora,
-        "target_modules": sorted(layers),
+        "target_modules": _exact_targets(model, sorted(layers)),
         "bias": bias,
         "fan_in_fan_out": all(e.fan_in_fan_out for e in entries.values()),
         "modules_to_save": saved_modules or None,
-        "rank_pattern": {name: e.r for name, e in entries.items() if e.r != r},
-        "alpha_pattern": {name: e.alpha for name, e in entries.items() if e.alpha != alpha},
+        "rank_pattern": {_exact_key(name): e.r for name, e in entries.items() if e.r != r},
+        "alpha_pattern": {_exact_key(name): e.alpha for name, e in entries.items() if e.alpha != alpha},
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,

@@ -187,8 +187,8 @@ def test_save_peft_adapter_loads_in_peft(tmp_path):
     expected = _logits(model)
     save_peft_adapter(model, tmp_path, base_model_name_or_path="tiny-llama")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["rank_pattern"] == {"model.layers.0.self_attn.v_proj": 2}
-    assert config["alpha_pattern"] == {"model.layers.0.self_attn.v_proj": 5}
+    assert config["rank_pattern"] == {r"^model\.layers\.0\.self_attn\.v_proj": 2}
+    assert config["alpha_pattern"] == {r"^model\.layers\.0\.self_attn\.v_proj": 5}
     loaded = peft.PeftModel.from_pretrained(_llama(), tmp_path)
     torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
     # and back into a plain model
@@ -412,3 +412,26 @@ def test_adapter_batch_refuses_what_peft_refuses_and_nests():
     with pytest.raises(ValueError, match="merged adapters"):
         with adapter_batch(model, NAMES):
             pass
+
+
+def test_saved_patterns_and_targets_name_only_their_layers(tmp_path):
+    """A nested model whose layer names are suffixes of each other ("0" and "1.0"): the written alpha pattern of
+    "0" must not reach "1.0" (PEFT's rule would give it alpha 32 instead of 4: outputs off by 261), and the
+    targets must not select "1.0" when only "0" is adapted (load_peft_adapter refused its own file)."""
+    def nested():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)), nn.Linear(8, 8))
+
+    x = torch.randn(3, 8)
+    for targets in (r"^(0|1\.0|2)$", r"^0$"):
+        model = lk.inject_lora(nested(), targets, r=2, lora_alpha=4)
+        if targets == r"^(0|1\.0|2)$":
+            model[0].switch_adapter(torch.randn(2, 8), torch.randn(8, 2), lora_alpha=32)
+        _randomize_lora(model)
+        with torch.no_grad():
+            expected = model(x)
+        path = tmp_path / ("three" if "|" in targets else "one")
+        save_peft_adapter(model, path)
+        with torch.no_grad():
+            torch.testing.assert_close(peft.PeftModel.from_pretrained(nested(), path)(x), expected)
+            torch.testing.assert_close(load_peft_adapter(nested(), path)(x), expected)
