@@ -144,7 +144,15 @@ class LoRALinear(nn.Module):
     @scaling.setter
     def scaling(self, value: float) -> None:
         # Checked here, on the host: on a GPU the kernels read the tensor below, and nothing else looks at it.
-        self._scaling = check_scaling("scaling", value)
+        value = check_scaling("scaling", value)
+        if self.__dict__.get("merged") and value != self._scaling:
+            # the weight holds s·BA with the old s: out with the old, in with the new, one rounding (switch_)
+            switch_(self.base_weight(), self.lora_A, self.lora_B, self._scaling, self.lora_A, self.lora_B, value)
+        self._store_scaling(value)
+
+    def _store_scaling(self, value: float) -> None:
+        """Keep a checked scaling (the weight is not touched: merge state is the caller's business)."""
+        self._scaling = value
         # The same value as a 0-d float64 tensor, updated in place, which the op gets under
         # torch.compile (a graph input rather than a constant, so a new alpha does not recompile)
         # and on a GPU (see _scaling_for). On a CUDA weight it lives on the weight's device and the
@@ -243,7 +251,8 @@ class LoRALinear(nn.Module):
                           "Parameters; an optimizer built before still holds the old ones", stacklevel=3)
             self.lora_A = nn.Parameter(new_A.clone(), requires_grad=self.lora_A.requires_grad)
             self.lora_B = nn.Parameter(new_B.clone(), requires_grad=self.lora_B.requires_grad)
-        self.r, self.lora_alpha, self.scaling = r, lora_alpha, scaling
+        self.r, self.lora_alpha = r, lora_alpha
+        self._store_scaling(check_scaling("scaling", scaling))  # a merged weight has it already (switch_ above)
 
     def merge_and_unload(self) -> nn.Module:
         """The base layer holding W0 + scaling · B A: this layer's weight, merged in place and shared.
@@ -325,10 +334,21 @@ def _unmerged_weight_in_state_dict(module: nn.Module, state: dict, prefix: str, 
 
 def _take_adapter_out_before_load(module: nn.Module, state: dict, prefix: str, *args) -> None:
     """Loading into a merged layer: take the adapter out first (or let the loaded W0 replace the merged
-    weight), then _merge_again_after_load merges whatever adapter was loaded."""
+    weight), then _merge_again_after_load merges the adapter the layer holds after the load. A tensor of
+    another shape than the layer's is refused here, before anything of the layer changes (PyTorch would skip
+    it and load the rest, and the merge would then be taken out of, or put into, the wrong weight)."""
     module._merge_after_load = None
     token = module._merge_token()
-    if token is not None and any(prefix + name in state for name in ("weight", "lora_A", "lora_B")):
+    if token is None:
+        return
+    for name in ("weight", "bias", "lora_A", "lora_B"):
+        mine = getattr(module, name, None)
+        theirs = state.get(prefix + name)
+        if isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor) and theirs.shape != mine.shape:
+            raise RuntimeError(f"load_state_dict into a merged layer: {prefix + name} has shape "
+                               f"{tuple(theirs.shape)}, the layer's is {tuple(mine.shape)}; nothing of this layer "
+                               "was changed")
+    if any(prefix + name in state for name in ("weight", "lora_A", "lora_B", "_extra_state")):
         if prefix + "weight" in state:
             module._forget_merge()
         else:

@@ -257,8 +257,10 @@ class MultiLoRALinear(nn.Module):
         self.merged_adapter = None
 
     def _merge_again(self, name: str) -> None:
-        if name in self.slots:  # the loaded state may not hold that adapter any more
-            self.merge(name)
+        # in with the new: the adapter active after the load (a loaded state names its own), if the layer has it
+        active = self.active_adapter
+        if active is not None and active in self.slots:
+            self.merge(active)
 
     def merge_and_unload(self, name: str | None = None) -> nn.Linear:
         """An nn.Linear holding W0 + s·B A of adapter `name` (default: the active one): the weight merged in place

@@ -285,3 +285,38 @@ def test_output_is_not_a_view_and_in_place_ops_on_it_are_tracked(backend, lead, 
     (3.0 * reference.lora_linear(x.reshape(-1, 33), layer.weight, layer.bias, layer.lora_A, layer.lora_B,
                                  layer.scaling)[0]).sum().backward()
     torch.testing.assert_close(grad_B, layer.lora_B.grad)
+
+
+def _merged_layer():
+    torch.manual_seed(0)
+    layer = LoRALinear(16, 12, r=4, lora_alpha=8).eval()
+    nn.init.normal_(layer.lora_B, std=0.5)
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    return layer, w0
+
+
+def test_assigning_the_scaling_of_a_merged_layer_re_merges_it():
+    """The weight holds s·BA: a new scaling takes the old term out and puts the new one in (it used to keep the
+    old one, and unmerge then left |W - W0| = 1.65)."""
+    layer, w0 = _merged_layer()
+    x = torch.randn(5, 16)
+    layer.scaling = -3.0
+    expected = lora_linear(x, w0, layer.bias, layer.lora_A, layer.lora_B, -3.0)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+
+
+def test_a_failed_load_into_a_merged_layer_changes_nothing():
+    """A wrong-shape tensor in the state dict: refused before the layer changes (the merge used to be applied a
+    second time: W0 + 2·s·BA)."""
+    layer, w0 = _merged_layer()
+    merged_weight = layer.weight.detach().clone()
+    state = layer.state_dict()
+    state["weight"] = torch.zeros(12, 15)
+    with pytest.raises(RuntimeError, match="has shape"):
+        layer.load_state_dict(state)
+    assert layer.merged and torch.equal(layer.weight, merged_weight)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)

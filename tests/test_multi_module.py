@@ -261,3 +261,38 @@ def test_model_level_adapter_changes_are_all_or_nothing():
     with pytest.raises(KeyError, match="no adapter named 'b'"):
         lk.remove_adapter(model, "b")
     assert "b" in model[0].slots
+
+
+def _merged_multi():
+    torch.manual_seed(1)
+    layer = MultiLoRALinear(16, 12, capacity=2, r_max=4)
+    layer.add_adapter("a", r=4, lora_alpha=8)
+    layer.add_adapter("b", r=2, lora_alpha=3)
+    nn.init.normal_(layer.lora_B, std=0.5)
+    w0 = layer.weight.detach().clone()
+    layer.merge("a")
+    return layer, w0
+
+
+def test_loading_a_state_with_another_active_adapter_into_a_merged_layer_merges_that_one():
+    """A merged layer that loads a state whose active adapter is b ends merged with b, active b (it stayed on a)."""
+    layer, w0 = _merged_multi()
+    other, _ = _merged_multi()
+    other.unmerge()
+    other.set_adapter("b")
+    layer.load_state_dict(other.state_dict())
+    assert layer.active_adapter == "b" and layer.merged_adapter == "b"
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), other(x), rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+
+
+def test_a_failed_load_into_a_merged_multi_layer_changes_nothing():
+    layer, w0 = _merged_multi()
+    merged_weight = layer.weight.detach().clone()
+    state = layer.state_dict()
+    state["lora_B"] = torch.zeros(2, 12, 3)
+    with pytest.raises(RuntimeError, match="has shape"):
+        layer.load_state_dict(state)
+    assert layer.merged_adapter == "a" and torch.equal(layer.weight, merged_weight)

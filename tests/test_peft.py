@@ -435,3 +435,22 @@ def test_saved_patterns_and_targets_name_only_their_layers(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(peft.PeftModel.from_pretrained(nested(), path)(x), expected)
             torch.testing.assert_close(load_peft_adapter(nested(), path)(x), expected)
+
+
+def test_load_peft_adapter_into_a_merged_model_with_another_rslora(tmp_path):
+    """The merged weight is switched to the loaded adapter with the loaded scaling (rsLoRA here, not before):
+    it used to merge with one scaling and keep another (still off by 6.5 after unmerge)."""
+    source = _randomize_lora(lk.inject_lora(_llama(), ["q_proj", "v_proj"], r=4, lora_alpha=8, use_rslora=True))
+    save_peft_adapter(source, tmp_path)
+    expected = _logits(source)
+    model = _randomize_lora(lk.inject_lora(_llama(), ["q_proj", "v_proj"], r=4, lora_alpha=8), seed=3)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
+    for _, layer in lk.lora_layers(model):
+        layer.merge()
+    load_peft_adapter(model, tmp_path)
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+    for _, layer in lk.lora_layers(model):
+        layer.unmerge()
+    for n, p in model.named_parameters():
+        if n in base:
+            torch.testing.assert_close(p, base[n], rtol=0, atol=1e-6, msg=n)
