@@ -112,7 +112,7 @@ def _tiles(launch) -> tuple[int, dict]:
     tiles = dict(flags)
     if hasattr(kernel, "configs"):
         names = kernel.fn.arg_names
-        config = fitting_configs(kernel.configs, dict(zip(names, args)), **flags)[0]
+        config = fitting_configs(kernel.gpu_configs, dict(zip(names, args)), **flags)[0]
         tiles.update(config.kwargs, num_stages=config.num_stages)
         grid = grid(tiles)
     tiles.setdefault("num_stages", 3)  # Triton's default on NVIDIA GPUs
@@ -121,6 +121,13 @@ def _tiles(launch) -> tuple[int, dict]:
 
 def _triton_forward(M, N, K, R, e, ea):
     from .ops import triton_lora_linear as lin
+    from .ops.triton_common import as_launched_on_gpu
+
+    with as_launched_on_gpu():
+        return _triton_forward_kernels(lin, M, N, K, R, e, ea)
+
+
+def _triton_forward_kernels(lin, M, N, K, R, e, ea):
 
     x, w, y = _meta(M, K, element_bytes=e), _meta(N, K, element_bytes=e), _meta(M, N, element_bytes=e)
     A, B, xa, bias = (_meta(R, K, element_bytes=ea), _meta(N, R, element_bytes=ea), _meta(M, R, element_bytes=ea),
@@ -144,6 +151,13 @@ def _triton_forward(M, N, K, R, e, ea):
 
 def _triton_backward(M, N, K, R, e, ea):
     from .ops import triton_lora_linear as lin
+    from .ops.triton_common import as_launched_on_gpu
+
+    with as_launched_on_gpu():
+        return _triton_backward_kernels(lin, M, N, K, R, e, ea)
+
+
+def _triton_backward_kernels(lin, M, N, K, R, e, ea):
     from .ops.triton_common import full_precision
 
     x, w, dy, dx = (_meta(M, K, element_bytes=e), _meta(N, K, element_bytes=e), _meta(M, N, element_bytes=e),
@@ -193,8 +207,9 @@ def _cuda_backward(M, N, K, R, e, ea):
 
 
 def _peft_forward(M, N, K, R, e, ea):
-    return [_gemm("F.linear", M, N, K, e, e, e), _gemm("lora_A", M, R, K, e, ea, ea), _gemm("lora_B", M, N, R, ea, ea, e),
-            Kernel("* scaling", 2 * M * N * e, library=True), Kernel("result + lora", 3 * M * N * e, library=True)]
+    return [_gemm("F.linear", M, N, K, e, e, e), _gemm("lora_A", M, R, K, e, ea, ea),
+            _gemm("lora_B", M, N, R, ea, ea, e), Kernel("* scaling", 2 * M * N * e, library=True),
+            Kernel("result + lora", 3 * M * N * e, library=True)]
 
 
 def _base_forward(M, N, K, R, e, ea):

@@ -12,20 +12,44 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreted as interpreted
+from ..backends import triton_interpreted
 from ..reference import dropout_threshold  # the mask rule is defined once, by the spec
 
 
-def configs(full: list[tuple[dict, int, int]], small: dict) -> list[triton.Config]:
-    """triton.Configs from (tile sizes, num_warps, num_stages); `small` alone under the interpreter.
+_AS_ON_GPU = [False]
+
+
+def interpreted() -> bool:
+    """Whether the kernels run through Triton's interpreter (never inside as_launched_on_gpu())."""
+    return triton_interpreted() and not _AS_ON_GPU[0]
+
+
+@contextlib.contextmanager
+def as_launched_on_gpu():
+    """The launchers' choices (tiles, grids, configs) as a GPU gets them, also under TRITON_INTERPRET=1: for
+    lora_kernels.cost_model, which launches nothing."""
+    _AS_ON_GPU[0] = True
+    try:
+        yield
+    finally:
+        _AS_ON_GPU[0] = False
+
+
+def gpu_configs(full: list[tuple[dict, int, int]]) -> list[triton.Config]:
+    """triton.Configs from (tile sizes, num_warps, num_stages), as a GPU's autotuner gets them.
 
     LORA_KERNELS_AUTOTUNE=first (read at import) keeps only the first config of each list: no
     autotuning runs, for validation passes that must fit a short GPU lease."""
-    if interpreted():  # the interpreter is slow: one small config, no tuning
-        return [triton.Config(small, num_warps=4, num_stages=1)]
     if os.environ.get("LORA_KERNELS_AUTOTUNE") == "first":
         full = full[:1]
     return [triton.Config(tiles, num_warps=warps, num_stages=stages) for tiles, warps, stages in full]
+
+
+def configs(full: list[tuple[dict, int, int]], small: dict) -> list[triton.Config]:
+    """gpu_configs(full); `small` alone under the interpreter (it is slow: one small config, no tuning)."""
+    if interpreted():
+        return [triton.Config(small, num_warps=4, num_stages=1)]
+    return gpu_configs(full)
 
 
 @triton.jit

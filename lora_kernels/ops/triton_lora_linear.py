@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (RANK_CHUNK, block_r, cast, configs, dot, dropout_args, fitting_configs, interpreted,
-                            full_precision, grouped_mask, keep_mask, kernel_seed, multiprocessors, on_device, soft_bf16,
-                            weight_grad_tiles)
+from .triton_common import (RANK_CHUNK, block_r, cast, configs, dot, dropout_args, fitting_configs, full_precision,
+                            gpu_configs, grouped_mask, interpreted, keep_mask, kernel_seed, multiprocessors,
+                            on_device, soft_bf16, weight_grad_tiles)
 
 # Up to this many rows the forward is one launch (shrink fused into the GEMM's K
 # loop): the repeated shrink costs M·in·r per column block, noise next to W0's
@@ -50,32 +50,28 @@ LORA_TILE_RANKS = 16
 
 # Large-M GEMM configs for Hopper/Ampere; tuned per (M, N, K) by triton.autotune. Not 128×256×64 (8 warps)
 # nor 128×128×32 (4 warps): at 255 registers with the LoRA tile, both spilled on sm_90 (ptxas -v, 2026-12-02).
-_GEMM_CONFIGS = configs(
-    [
-        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8, 4),
-        (dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
-        (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4),
-        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 4),
-    ],
-    small=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
-)
+_GEMM_TILES = [
+    (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8, 4),
+    (dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), 8, 3),
+    (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4),
+    (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 4),
+]
+_GEMM_CONFIGS = configs(_GEMM_TILES, small=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4))
 # Decode configs: 16-row tiles (tl.dot's minimum), narrow column blocks so that
 # enough programs stream W0 to fill the GPU, long K tiles. 32-column blocks give a
 # 4096-wide layer 128 programs, one wave on an H100/H200's 132 SMs with one
 # program each, too few loads in flight to hide HBM latency: 16-column blocks
 # give it 256 (two per SM); the autotuner picks per layer shape.
-_DECODE_CONFIGS = configs(
-    [
-        (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, GROUP_M=1), 4, 4),
-        (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, GROUP_M=1), 4, 3),
-        (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1), 4, 4),
-        (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1), 4, 3),
-        (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1), 4, 4),
-        (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1), 4, 3),
-        (dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1), 4, 4),
-    ],
-    small=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1),
-)
+_DECODE_TILES = [
+    (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, GROUP_M=1), 4, 4),
+    (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, GROUP_M=1), 4, 3),
+    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1), 4, 4),
+    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1), 4, 3),
+    (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1), 4, 4),
+    (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1), 4, 3),
+    (dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1), 4, 4),
+]
+_DECODE_CONFIGS = configs(_DECODE_TILES, small=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1))
 
 
 @triton.jit(do_not_specialize=["M", "threshold"])
@@ -227,6 +223,8 @@ _PRUNE = {"early_config_prune": fitting_configs}
 _fused_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET"] + _KEY, prune_configs_by=_PRUNE)(
     _fused_gemm_kernel)
 _fused_gemm_decode = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_fused_gemm_kernel)
+# what a GPU's autotuner chooses from, also under the interpreter (lora_kernels.cost_model reads them)
+_fused_gemm.gpu_configs, _fused_gemm_decode.gpu_configs = gpu_configs(_GEMM_TILES), gpu_configs(_DECODE_TILES)
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_split", "threshold"])
