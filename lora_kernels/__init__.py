@@ -3,7 +3,7 @@
     y = x W0ᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ
 
 Public API: LoRALinear, LoRAConfig, lora_linear, merge_/unmerge_/switch_, available_backends;
-model level: inject_lora, mark_only_lora_as_trainable, lora_state_dict, lora_layers, merge_adapter,
+model level: inject_lora, mark_only_lora_as_trainable, lora_state_dict, load_lora_state_dict, lora_layers, merge_adapter,
 unmerge_adapter, merge_and_unload, unload, disable_adapter, print_trainable_parameters;
 many adapters per layer, one per row of a batch: MultiLoRALinear, lora_linear_multi, inject_multi_lora,
 add_adapter, remove_adapter, set_adapter, adapter_batch;
@@ -17,9 +17,9 @@ from .config import LoRAConfig
 from .functional import MergeRecord, lora_linear, lora_linear_multi, merge_, switch_, unmerge_
 from .modules import LoRALinear
 from .multi import MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora, remove_adapter, set_adapter
-from .model_setup import (adapter_layers, disable_adapter, inject_lora, lora_layers, lora_state_dict,
-                          mark_only_lora_as_trainable, merge_adapter, merge_and_unload, print_trainable_parameters, unload,
-                          unmerge_adapter)
+from .model_setup import (adapter_layers, disable_adapter, inject_lora, load_lora_state_dict, lora_layers,
+                          lora_state_dict, mark_only_lora_as_trainable, merge_adapter, merge_and_unload,
+                          print_trainable_parameters, unload, unmerge_adapter)
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "disable_adapter",
     "inject_lora",
     "inject_multi_lora",
+    "load_lora_state_dict",
     "lora_layers",
     "lora_linear",
     "lora_linear_multi",

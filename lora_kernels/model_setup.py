@@ -23,6 +23,7 @@ __all__ = [
     "inject_lora",
     "mark_only_lora_as_trainable",
     "lora_state_dict",
+    "load_lora_state_dict",
     "lora_layers",
     "adapter_layers",
     "merge_adapter",
@@ -141,24 +142,56 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
             if name.endswith("bias"):
                 param.requires_grad_(True)
     elif bias == "lora_only":
-        for module in model.modules():
-            if isinstance(module, LoRALinear) and module.bias is not None:
+        for _, module in adapter_layers(model):  # LoRALinear and MultiLoRALinear
+            if module.bias is not None:
                 module.bias.requires_grad_(True)
     return model
 
 
+# A MultiLoRALinear's adapters are its stacked lora_A / lora_B plus these: without them the restored adapters
+# have no scaling, rank or name (a KeyError by name, the base layer's output by slot).
+_MULTI_ADAPTER_STATE = ("scalings", "ranks", "_extra_state")
+
+
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
-    """The LoRA part of model.state_dict() (loralib's keys and rule), plus modules_to_save."""
+    """The LoRA part of model.state_dict() (loralib's keys and rule), plus modules_to_save, and each
+    MultiLoRALinear's scalings, ranks and adapter names. load_lora_state_dict loads it back."""
     _check_bias(bias)
     state = model.state_dict()
     keep = {k for k in state if "lora_" in k} | _saved_by_modules_to_save(model)
+    for name, module in adapter_layers(model):
+        prefix = f"{name}." if name else ""
+        if not isinstance(module, LoRALinear):
+            keep |= {prefix + key for key in _MULTI_ADAPTER_STATE}
+        if bias == "lora_only" and module.bias is not None:
+            keep.add(prefix + "bias")
     if bias == "all":
         keep |= {k for k in state if k.endswith("bias")}
-    elif bias == "lora_only":
-        for name, module in lora_layers(model):
-            if module.bias is not None:
-                keep.add(f"{name}.bias" if name else "bias")
     return {k: v for k, v in state.items() if k in keep}
+
+
+def load_lora_state_dict(model: nn.Module, state: dict) -> nn.Module:
+    """Load what lora_state_dict returned (or torch.load of its file) into a model of the same structure (the
+    LoRA layers injected as when it was saved); returns the model.
+
+    Every key must land: a key the model does not have, or a LoRA key of the model the state lacks (what
+    lora_state_dict(model) would write), is an error naming them, raised before anything is loaded."""
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    missing = sorted(set(lora_state_dict(model)) - set(state))
+    if unknown or missing:
+        raise ValueError("load_lora_state_dict: the state does not fit the model: "
+                         + (f"keys the model does not have: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}; "
+                            if unknown else "")
+                         + (f"LoRA keys the state lacks: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+                            if missing else ""))
+    shapes = [k for k, v in state.items() if isinstance(v, torch.Tensor) and own[k].shape != v.shape]
+    if shapes:
+        raise ValueError("load_lora_state_dict: shapes differ for "
+                         + ", ".join(f"{k} ({tuple(state[k].shape)} vs the model's {tuple(own[k].shape)})"
+                                     for k in shapes[:8]))
+    model.load_state_dict(state, strict=False)
+    return model
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

@@ -37,6 +37,7 @@ __all__ = ["patch_peft_model", "unpatch_peft_model", "PatchReport", "adapter_bat
            "save_peft_adapter"]
 
 BASE_ONLY = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+_ADAPTER_BIAS = "_lora_kernels_adapter_bias"  # the bias= of the adapter load_peft_adapter put into a model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -419,8 +420,9 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     saved_modules = config.get("modules_to_save") or []
     if saved_modules:
         setattr(model, _MODULES_TO_SAVE, tuple(sorted(matching_modules(model, saved_modules))))
+    setattr(model, _ADAPTER_BIAS, config.get("bias", "none"))  # re-saving writes the biases it loaded
     if is_trainable:
-        mark_only_lora_as_trainable(model)
+        mark_only_lora_as_trainable(model, bias=config.get("bias", "none"))  # PEFT trains the biases bias= names
     else:
         model.requires_grad_(False)
     return model
@@ -518,17 +520,22 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     for name, entry in entries.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = entry.lora_A.detach()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = entry.lora_B.detach()
+    saved_modules = list(getattr(model, _MODULES_TO_SAVE, ()))
+    # the biases trained (a modules_to_save copy is written whole anyway: its bias trains, others need not), or
+    # those of the adapter this model loaded, even frozen since
     lora_biases = any(layer.bias is not None and layer.bias.requires_grad for layer in layers.values())
     other_biases = any(p.requires_grad for n, p in model.named_parameters()
-                       if n.endswith("bias") and n.rpartition(".")[0] not in layers)
-    bias = "all" if other_biases else "lora_only" if lora_biases else "none"
+                       if n.endswith("bias") and n.rpartition(".")[0] not in layers
+                       and not any(n.startswith(module + ".") for module in saved_modules))
+    trained = "all" if other_biases else "lora_only" if lora_biases else "none"
+    loaded = getattr(model, _ADAPTER_BIAS, "none")
+    bias = max(trained, loaded, key=("none", "lora_only", "all").index)
     if bias != "none":
         for n, p in model.named_parameters():
             owner = n.rpartition(".")[0]
             if n.endswith("bias") and (bias == "all" or owner in layers):
                 # PEFT keeps a LoRA layer's own bias in its wrapped base layer, and reads it from there
                 tensors[PREFIX + (f"{owner}.base_layer.bias" if owner in layers else n)] = p.detach()
-    saved_modules = list(getattr(model, _MODULES_TO_SAVE, ()))
     for module_name in saved_modules:
         for key, value in model.get_submodule(module_name).state_dict().items():
             tensors[f"{PREFIX}{module_name}.{key}"] = value.detach()

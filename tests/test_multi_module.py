@@ -296,3 +296,10 @@ def test_a_failed_load_into_a_merged_multi_layer_changes_nothing():
     with pytest.raises(RuntimeError, match="has shape"):
         layer.load_state_dict(state)
     assert layer.merged_adapter == "a" and torch.equal(layer.weight, merged_weight)
+
+
+def test_lora_only_bias_trains_multi_adapter_layers_biases():
+    model = nn.Sequential(MultiLoRALinear(8, 8, capacity=2, r_max=4), nn.Linear(8, 8))
+    lk.mark_only_lora_as_trainable(model, bias="lora_only")
+    assert model[0].bias.requires_grad and not model[1].bias.requires_grad
+    assert "0.bias" in lk.lora_state_dict(model, bias="lora_only")

@@ -454,3 +454,50 @@ def test_load_peft_adapter_into_a_merged_model_with_another_rslora(tmp_path):
     for n, p in model.named_parameters():
         if n in base:
             torch.testing.assert_close(p, base[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_lora_only_biases_survive_reloading_resaving_and_training(tmp_path):
+    """Re-saving a loaded bias="lora_only" adapter keeps its biases (it wrote bias="none" and dropped them);
+    is_trainable=True trains them as PEFT does (they were frozen); a modules_to_save head does not turn the
+    file into bias="all" (PEFT would then train every bias of the model)."""
+    peft_model = _randomize_lora(peft.get_peft_model(_bert(), peft.LoraConfig(
+        r=4, target_modules=["query", "value"], bias="lora_only", modules_to_save=["classifier"])))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if name.endswith("base_layer.bias"):
+                p.add_(0.5)
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    expected = _logits(peft_model)
+    model = load_peft_adapter(_bert(), tmp_path / "peft")
+    save_peft_adapter(model, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["bias"] == "lora_only"
+    torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(_bert(), tmp_path / "again").eval()), expected,
+                               rtol=1e-5, atol=1e-5)
+    trainable = load_peft_adapter(_bert(), tmp_path / "peft", is_trainable=True)
+    lora_biases = [n for n, _ in lk.lora_layers(trainable)]
+    assert all(trainable.get_submodule(n).bias.requires_grad for n in lora_biases)
+    assert not trainable.bert.embeddings.LayerNorm.bias.requires_grad
+    save_peft_adapter(trainable, tmp_path / "trained")
+    assert json.loads((tmp_path / "trained" / "adapter_config.json").read_text())["bias"] == "lora_only"
+
+
+def test_multi_adapter_lora_state_dict_restores_its_adapters(tmp_path):
+    """lora_state_dict of a MultiLoRALinear model keeps scalings, ranks and names; load_lora_state_dict puts them
+    back and checks every key lands (a state for another model structure is refused before loading)."""
+    def model():
+        torch.manual_seed(0)
+        return lk.inject_multi_lora(_llama(), ["q_proj", "v_proj"], capacity=3, r_max=4)
+
+    trained = model()
+    lk.add_adapter(trained, "a", r=4, lora_alpha=8)
+    lk.add_adapter(trained, "b", r=2, lora_alpha=3)
+    _randomize_lora(trained)
+    torch.save(lk.lora_state_dict(trained, bias="lora_only"), tmp_path / "adapters.pt")
+    restored = lk.load_lora_state_dict(model(), torch.load(tmp_path / "adapters.pt"))
+    with torch.no_grad(), lk.adapter_batch(trained, ["b", "a"]), lk.adapter_batch(restored, ["b", "a"]):
+        torch.testing.assert_close(restored(IDS).logits, trained(IDS).logits)
+    with pytest.raises(ValueError, match="LoRA keys the state lacks"):
+        lk.load_lora_state_dict(model(), {k: v for k, v in lk.lora_state_dict(trained).items() if "ranks" not in k})
+    with pytest.raises(ValueError, match="keys the model does not have"):
+        lk.load_lora_state_dict(lk.inject_multi_lora(_llama(), ["q_proj"], capacity=3, r_max=4),
+                                lk.lora_state_dict(trained))
