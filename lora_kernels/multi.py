@@ -367,14 +367,23 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
 def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]):
     """Within the block every MultiLoRALinear of the model serves row (or sequence) i on adapter_names[i]."""
     layers = _layers(model)
-    ids = layers[0].adapter_ids(adapter_names)
+    names = list(adapter_names)
+    slot_of: dict[str, int] = {}
     for layer in layers:
-        if layer.slots != layers[0].slots:
-            raise ValueError("the layers hold different adapter slots: add adapters with lora_kernels.add_adapter"
-                             "(model, ...) so that a name means one slot everywhere")
-        layer.batch_ids = ids.to(layer.weight.device)
+        for name, slot in layer.slots.items():
+            if slot_of.setdefault(name, slot) != slot:
+                raise ValueError(f"the layers hold adapter {name!r} in different slots: add adapters with "
+                                 "lora_kernels.add_adapter(model, ...) so that a name means one slot everywhere")
+    unknown = sorted({n for n in names if n is not None and n not in slot_of})
+    if unknown:
+        raise KeyError(f"no adapter named {unknown}; adapters: {sorted(slot_of)}")
+    # a layer that lacks an adapter (one loaded for some layers only) serves its rows on the base layer, as PEFT
+    previous = {layer: layer.batch_ids for layer in layers}
+    for layer in layers:
+        layer.batch_ids = torch.tensor([layer.slots.get(n, NO_ADAPTER) if n is not None else NO_ADAPTER
+                                        for n in names], dtype=torch.int64, device=layer.weight.device)
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.batch_ids = None
+        for layer, outer in previous.items():  # nested blocks: the outer block's rows again
+            layer.batch_ids = outer

@@ -388,6 +388,11 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
         if isinstance(module, LoRALinear):
             _check_adapter_name(module, adapter_name)
         plans[name] = (module, base_config.replace(r=r, lora_alpha=alpha))
+    plain = sorted(name for name, (module, _) in plans.items() if not isinstance(module, (LoRALinear, MultiLoRALinear)))
+    if plain and any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+        # a LoRALinear there would serve every row on this adapter, rows of other adapters and of none included
+        raise ValueError(f"{path}: the adapter targets layers that are no MultiLoRALinear in a multi-adapter model: "
+                         f"{plain[:5]}{' ...' if len(plain) > 5 else ''}; inject_multi_lora them first")
     multi = {name: plan for name, plan in plans.items() if isinstance(plan[0], MultiLoRALinear)}
     slot = None
     if multi:  # one slot for the adapter in every MultiLoRALinear, as lora_kernels.add_adapter does

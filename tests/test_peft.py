@@ -501,3 +501,25 @@ def test_multi_adapter_lora_state_dict_restores_its_adapters(tmp_path):
     with pytest.raises(ValueError, match="keys the model does not have"):
         lk.load_lora_state_dict(lk.inject_multi_lora(_llama(), ["q_proj"], capacity=3, r_max=4),
                                 lk.lora_state_dict(trained))
+
+
+def test_peft_adapters_into_multi_adapter_models_that_do_not_match_their_targets(tmp_path):
+    """An adapter for layers the multi-adapter model did not inject is refused (a LoRALinear there would serve
+    rows of every adapter, and rows naming none, on it); one for a subset of an all-linear multi-adapter model
+    loads, and the layers without it serve its rows on the base layer, as PEFT's layers do (adapter_batch raised
+    KeyError right after the load)."""
+    expected = _peft_adapter(tmp_path, _llama, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    narrow = lk.inject_multi_lora(_llama(), ["q_proj"], capacity=2, r_max=4).eval()
+    with pytest.raises(ValueError, match="no MultiLoRALinear"):
+        load_peft_adapter(narrow, tmp_path, adapter_name="x")
+    assert not list(lk.lora_layers(narrow))
+    wide = lk.inject_multi_lora(_llama(), "all-linear", capacity=2, r_max=4).eval()
+    load_peft_adapter(wide, tmp_path, adapter_name="x")
+    base = _logits(_llama())
+    with torch.no_grad(), lk.adapter_batch(wide, ["x", None]):
+        logits = wide(IDS).logits
+        with lk.adapter_batch(wide, [None, None]):  # nested: the inner rows, then the outer ones again
+            torch.testing.assert_close(wide(IDS).logits, base, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(wide(IDS).logits, logits)
+    torch.testing.assert_close(logits[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[1], base[1], rtol=1e-5, atol=1e-5)
