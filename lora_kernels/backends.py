@@ -150,6 +150,19 @@ def _interpreter_versions_problem() -> str | None:
     return interpreter_problem(triton.__version__, numpy.__version__)
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_probe_problem() -> str | None:
+    """Why Triton's interpreter cannot run a small kernel made like this package's, or None (run once): a new
+    Triton whose interpreter refuses what the kernels do (3.9 refused a mask they used) is reported here,
+    instead of every call failing."""
+    import triton
+
+    from .ops.triton_common import interpreter_probe
+
+    problem = interpreter_probe()
+    return None if problem is None else f"Triton {triton.__version__}'s interpreter fails a probe kernel: {problem}"
+
+
 def _backend_problem(name: str) -> str | None:
     """Why backend `name` cannot run at all on this machine, or None when it can."""
     C = compiled_extension()
@@ -166,7 +179,9 @@ def _backend_problem(name: str) -> str | None:
             return "triton is not installed"
         if not torch.cuda.is_available() and not triton_interpreted():
             return "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
-        return _interpreter_versions_problem() if triton_interpreted() else None
+        if not triton_interpreted():
+            return None
+        return _interpreter_versions_problem() or _interpreter_probe_problem()
     raise ValueError(f"{ENV_VAR} must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
 
 

@@ -121,3 +121,39 @@ def test_auto_chooses_the_gpu_path_per_shape_from_the_model_until_a_table_is_mea
         assert unmeasured == gpu_paths.modelled("forward", 2048, 4096, 1024, 16)
     for cache in (gpu_paths.choose, gpu_paths._table):
         cache.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_a_dropped_infinity_gives_nan_as_in_the_reference(dtype, use_backend):
+    """x holds +Inf where dropout drops it: Inf · 0 is NaN (IEEE, the reference), in xa, y, dA. The interpreter
+    took bfloat16 products on raw bits and gave 0; the kernels now route that product through float32 there
+    (on a GPU it is the hardware's IEEE product either way)."""
+    from lora_kernels.ops import triton_lora_linear as lin
+
+    use_backend("triton")
+    seed, p = 1234, 0.5
+    x, w, b, A, B, grad_y = _inputs(20, 32, 24, 4, dtype)
+    i, j = [int(v) for v in (~reference.dropout_mask(seed, 20, 32, p)).nonzero()[0]]
+    x[i, j] = float("inf")
+    y, xa = lin.forward(x, w, b, A, B, 2.0, p, torch.tensor(seed))
+    _, dA, _ = lin.backward(grad_y, x, w, A, B, xa, 2.0, p, torch.tensor(seed), True)
+    ry, rxa = reference.lora_linear(x, w, b, A, B, 2.0, p, seed)
+    _, rdA, _ = reference.lora_linear_backward(grad_y, x, w, A, B, rxa, 2.0, p, seed)
+    for name, ours, ref in (("xa", xa, rxa), ("y", y, ry), ("dA", dA, rdA)):
+        assert torch.equal(ours.isnan(), ref.isnan()), name
+
+
+def test_an_interpreter_that_fails_the_probe_makes_the_backend_unavailable(monkeypatch):
+    """A Triton whose interpreter cannot run kernels made like these (3.9 refused a mask they used) is reported
+    as unavailable with the probe's error, instead of being listed and failing in every call."""
+    from lora_kernels import backends
+    from lora_kernels.ops import triton_common
+
+    monkeypatch.setattr(triton_common, "interpreter_probe", lambda: "ValueError: mask has unsupported dtype")
+    backends._interpreter_probe_problem.cache_clear()
+    try:
+        assert "triton" not in backends.available_backends()
+        assert "mask has unsupported dtype" in backends._backend_problem("triton")
+    finally:
+        backends._interpreter_probe_problem.cache_clear()  # the next call probes the real interpreter again
+        backends._selected.clear()

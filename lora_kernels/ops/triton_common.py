@@ -100,6 +100,16 @@ def keep_mask(seed, rows, cols, row_len, threshold, GROUPED: tl.constexpr):
     return draws >= threshold
 
 
+@triton.jit
+def dropped(x, keep, SOFT_BF16: tl.constexpr):
+    """x ⊙ keep (0 or 1) in x's dtype, as a multiplication: an Inf or NaN that is dropped gives NaN, as in
+    reference.py (a select would hide it). Under the interpreter a bfloat16 product is taken on its raw
+    16-bit pattern (inf · 0 came out 0), so there it goes through float32."""
+    if SOFT_BF16:
+        return (x.to(tl.float32) * keep.to(tl.float32)).to(x.dtype)
+    return x * keep.to(x.dtype)
+
+
 # Triton's interpreter mishandles bfloat16 in two places: tl.dot multiplies the
 # raw uint16 bits, and float32 -> bfloat16 casts truncate. Kernels take a
 # constexpr SOFT_BF16, set only when interpreting bfloat16, that routes around
@@ -283,3 +293,31 @@ def kernel_seed(seed, x: torch.Tensor):
     if not isinstance(seed, torch.Tensor):
         return torch.tensor(seed, dtype=torch.int64, device=x.device)
     return seed.to(x.device, torch.int64)
+
+
+@triton.jit
+def _interpreter_probe_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """What every kernel here does, in small: a bound read in memory turned into a row mask, a loop of masked
+    loads feeding dot(), a dropout mask, a store."""
+    offsets = tl.arange(0, BLOCK)
+    ok = offsets < tl.where(tl.load(x_ptr) > -1e30, n, 0)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for _ in range(0, 2):
+        tile = tl.load(x_ptr + offsets[:, None] * BLOCK + offsets[None, :], mask=ok[:, None] & ok[None, :], other=0.0)
+        acc = dot(tile, tile, acc, False)
+    keep = keep_mask(7, offsets, offsets, BLOCK, 0, True)  # threshold 0: every element kept
+    tl.store(out_ptr + offsets[:, None] * BLOCK + offsets[None, :], dropped(acc, keep, False))
+
+
+def interpreter_probe() -> str | None:
+    """Run the probe kernel under the interpreter on CPU tensors: None if it gives torch's answer, else why not
+    (the availability check of the triton backend under TRITON_INTERPRET=1)."""
+    x = torch.arange(256, dtype=torch.float32).reshape(16, 16) / 256
+    out = torch.empty_like(x)
+    try:
+        _interpreter_probe_kernel[(1,)](x, out, 16, BLOCK=16)
+    except Exception as error:  # noqa: BLE001 - any failure means the backend cannot run here
+        return f"{type(error).__name__}: {error}"
+    if not torch.allclose(out, 2 * (x @ x), rtol=1e-4, atol=1e-5):
+        return "the probe kernel's result differs from torch's"
+    return None

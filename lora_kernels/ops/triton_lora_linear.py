@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (RANK_CHUNK, block_r, cast, configs, dot, dropout_args, fitting_configs, full_precision,
-                            gpu_configs, grouped_mask, interpreted, keep_mask, kernel_seed, multiprocessors,
-                            on_device, soft_bf16, weight_grad_tiles)
+from .triton_common import (RANK_CHUNK, block_r, cast, configs, dot, dropout_args, dropped, fitting_configs,
+                            full_precision, gpu_configs, grouped_mask, interpreted, keep_mask, kernel_seed,
+                            multiprocessors, on_device, soft_bf16, weight_grad_tiles)
 
 # Up to this many rows the forward is one launch (shrink fused into the GEMM's K
 # loop): the repeated shrink costs M·in·r per column block, noise next to W0's
@@ -97,7 +97,7 @@ def _shrink_kernel(
         x = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & (ks[None, :] < K),
                     other=0.0)
         if DROPOUT:
-            x = x * keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK).to(x.dtype)
+            x = dropped(x, keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK), SOFT_BF16)
         d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                     mask=(ks[:, None] < K) & (ranks[None, :] < R), other=0.0)
         acc = dot(x, d, acc, SOFT_BF16)  # float32 d (adapters) on a 16-bit x: see dot
@@ -190,7 +190,7 @@ def _fused_gemm_kernel(
         acc = dot(x, w, acc, SOFT_BF16)
         if SHRINK_IN_LOOP:
             if DROPOUT_SHRINK:
-                x = x * keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK).to(x.dtype)
+                x = dropped(x, keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK), SOFT_BF16)
             d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                         mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
             l_acc = dot(x, d, l_acc, SOFT_BF16)
@@ -254,7 +254,7 @@ def _weight_grad_kernel(
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols.to(tl.int64)[None, :] * stride_xn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
-            x = x * keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK).to(x.dtype)
+            x = dropped(x, keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK), SOFT_BF16)
         acc = dot(tl.trans(g), x, acc, SOFT_BF16)  # g may be float32 (gb)
     part = part_ptr + pid_s.to(tl.int64) * R * N + ranks.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(part, acc, mask=rank_ok[:, None] & col_ok[None, :])

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (block_r, cast, dot, dropout_args, full_precision, grouped_mask, interpreted, keep_mask,
-                            kernel_seed, multiprocessors, on_device, soft_bf16, weight_grad_tiles)
+from .triton_common import (block_r, cast, dot, dropout_args, dropped, full_precision, grouped_mask, interpreted,
+                            keep_mask, kernel_seed, multiprocessors, on_device, soft_bf16, weight_grad_tiles)
 
 
 def _tile_rows() -> int:
@@ -44,7 +44,8 @@ def _tile(order_ptr, tile_adapter_ptr, tile_start_ptr, tile_count_ptr, n_adapter
     start = tl.load(tile_start_ptr + t)
     count = tl.load(tile_count_ptr + t)
     slots = tl.arange(0, BLOCK_M)
-    row_ok = (slots < count) & (adapter < n_adapters)
+    # one comparison, not a tensor mask & a scalar one: Triton 3.9's interpreter refuses that mask's dtype
+    row_ok = slots < tl.where(adapter < n_adapters, count, 0)
     rows = tl.load(order_ptr + start + slots, mask=row_ok, other=0)
     return adapter, rows.to(tl.int64), row_ok
 
@@ -77,7 +78,7 @@ def _segment_shrink_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks.to(tl.int64)[None, :] * stride_xk,
                     mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
         if DROPOUT:
-            x = x * keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK).to(x.dtype)
+            x = dropped(x, keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK), SOFT_BF16)
         d = tl.load(d_adapter + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
                     mask=(ks[:, None] < K) & rank_ok[None, :], other=0.0)
         acc = dot(x, d, acc, SOFT_BF16)  # float32 adapters on a 16-bit x: see dot
@@ -164,7 +165,7 @@ def _segment_weight_grad_kernel(
         q = tl.load(q_ptr + rows[:, None] * stride_qm + cols.to(tl.int64)[None, :] * stride_qn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
-            q = q * keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK).to(q.dtype)
+            q = dropped(q, keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK), SOFT_BF16)
         acc = dot(tl.trans(p), q, acc, SOFT_BF16)
     if DROPOUT:
         acc = acc * tl.load(inv_keeps_ptr + adapter)
