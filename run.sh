@@ -17,6 +17,20 @@ PY="$VENV/bin/python"
 START=$SECONDS
 
 say() { echo "[run.sh +$((SECONDS - START))s] $*"; }
+
+# A line every 20 s while a long silent step runs (pip's downloads, the C++/CUDA build), so that a first run
+# shows it is alive: heartbeat "what"; ...; stop_heartbeat.
+HEARTBEAT=""
+heartbeat() {
+  local what=$1 began=$SECONDS
+  ( while sleep 20; do say "still $what ($((SECONDS - began)) s so far)"; done ) &
+  HEARTBEAT=$!
+}
+stop_heartbeat() {
+  if [ -n "$HEARTBEAT" ]; then kill "$HEARTBEAT" 2>/dev/null || true; wait "$HEARTBEAT" 2>/dev/null || true; fi
+  HEARTBEAT=""
+}
+trap stop_heartbeat EXIT
 stamp_of() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
 have_gpu() { [ -e /dev/nvidia0 ] || nvidia-smi -L >/dev/null 2>&1; }
 
@@ -44,7 +58,9 @@ setup() {
   req_stamp=$(stamp_of requirements-dev.txt)
   if [ "$(cat "$VENV/.requirements-stamp" 2>/dev/null)" != "$req_stamp" ]; then
     say "installing requirements-dev.txt into $VENV (first time: several minutes; torch alone is ~1-5 GB)"
+    heartbeat "installing requirements"
     pip_install -r requirements-dev.txt
+    stop_heartbeat
     echo "$req_stamp" > "$VENV/.requirements-stamp"
     rm -f "$VENV/.build-stamp"
     say "requirements installed"
@@ -56,9 +72,11 @@ setup() {
     say "building lora_kernels._C: C++ CPU kernels; CUDA kernels: $cuda"
     local skip=1
     [ "${cuda%% *}" = build ] && skip=0
+    heartbeat "building lora_kernels._C"
     LORA_KERNELS_SKIP_CUDA_BUILD=$skip MAX_JOBS="${MAX_JOBS:-2}" \
       "$PY" -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e . 2>&1 |
       { grep -v "^WARNING: Location" || true; }
+    stop_heartbeat
     say "built lora_kernels._C"
     echo "$build_stamp" > "$VENV/.build-stamp"
   fi
@@ -67,9 +85,12 @@ import os, torch, lora_kernels
 C = lora_kernels.compiled_extension()
 built = "none (the reference backend only)" if C is None else "cpu" + (
     f", cuda (archs {os.environ.get('LORA_KERNELS_CUDA_ARCHS', '8.0;8.6;8.9;9.0')})" if C.with_cuda else "")
+import importlib.util
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU here"
-print(f"[run.sh] ready: torch {torch.__version__}; compiled: {built}; {gpu}; "
-      f"backends: {', '.join(lora_kernels.available_backends())}")
+backends = lora_kernels.available_backends()
+if "triton" not in backends and importlib.util.find_spec("triton") is not None:
+    backends.append("triton (interpreter: TRITON_INTERPRET=1, as the tests run it)")
+print(f"[run.sh] ready: torch {torch.__version__}; compiled: {built}; {gpu}; backends: {', '.join(backends)}")
 PY
 }
 

@@ -79,6 +79,17 @@ def _extensions():
     ]
 
 
+def _torch_requirement() -> str:
+    """The torch the extension is compiled against, to its minor version (torch's C++ ABI changes between
+    minors): a wheel must not let pip pair it with another."""
+    try:
+        import torch
+    except ImportError:  # metadata only (no build): any supported torch
+        return "torch>=2.4"
+    major, minor = (int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+
+
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
@@ -93,7 +104,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lora_kernels", "lora_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    install_requires=[_torch_requirement()],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "pytest-benchmark"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},

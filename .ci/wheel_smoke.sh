@@ -10,9 +10,19 @@ wheel=$(ls dist/lora_kernels-*.whl)
 # (not `unzip -l | grep -q`: under pipefail, grep's early exit can kill unzip with SIGPIPE and fail at random)
 "$VENV/bin/python" - "$wheel" <<'PY'
 import sys, zipfile
-names = zipfile.ZipFile(sys.argv[1]).namelist()
+import torch
+
+wheel = zipfile.ZipFile(sys.argv[1])
+names = wheel.namelist()
 if not any(n.startswith("lora_kernels/_C") and n.endswith(".so") for n in names):
     sys.exit(f"wheel has no compiled extension; it holds: {names}")
+# the wheel asks for the torch minor it was built against, and no other
+metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+wanted = {f">={major}.{minor}", f"<{major}.{minor + 1}"}
+torch_lines = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: torch")]
+if len(torch_lines) != 1 or not all(w in torch_lines[0] for w in wanted):
+    sys.exit(f"the wheel's torch requirement is {torch_lines}, expected {sorted(wanted)}")
 PY
 
 fresh=$(mktemp -d)/venv

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"results folder (default {LOCAL_RESULTS_DIR.relative_to(ROOT)}/<machine>-<date>, untracked)")
     parser.add_argument("--save-results", action="store_true",
                         help="write into the tracked benchmarks/results/<machine>-<date>/ that the README cites "
-                             "(then commit it and run python -m benchmarks.report)")
+                             "(then commit it and run python -m benchmarks.readme_results)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
 

@@ -91,10 +91,14 @@ def pytest_terminal_summary(terminalreporter):
         counts = _backend_outcomes[backend]
         terminalreporter.write_line(
             f"{backend}: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
+    available = lora_kernels.available_backends()
     untested = sorted(set(lora_kernels.backends.BACKENDS) - set(_backend_outcomes))
-    if untested:
-        terminalreporter.write_line(f"not tested here: {', '.join(untested)} "
-                                    f"(available: {', '.join(lora_kernels.available_backends())})")
+    unavailable = [b for b in untested if b not in available]
+    unselected = [b for b in untested if b in available]
+    if unavailable:
+        terminalreporter.write_line(f"not available here: {', '.join(unavailable)}")
+    if unselected:  # a narrow run (-k, a file): these work here, but none of their tests was selected
+        terminalreporter.write_line(f"available, but no test of theirs was selected: {', '.join(unselected)}")
 
 
 def compiled_backends() -> list[str]:
