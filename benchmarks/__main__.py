@@ -13,6 +13,7 @@ Results go to benchmarks/results/local/<machine>-<date>/ (JSON, Markdown, PNG; u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default=None, help="only cases whose label contains this text")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--provider", default=None,
-                        help="comma list from base,reference,peft,loralib,ours,gemm,ours-safe (default: all; "
+                        help="comma list from base,reference,peft,loralib,ours,floor,gemm,ours-safe (default: all; "
                              "loralib only with --full)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
@@ -46,17 +47,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="write into the tracked benchmarks/results/<machine>-<date>/ that the README cites "
                              "(then commit it and run python -m benchmarks.readme_results)")
     parser.add_argument("--no-save", action="store_true", help="print only")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="run N busy processes beside the benchmark (a machine shared with DataLoader workers "
+                             "or other jobs); the report records N")
     args = parser.parse_args(argv)
 
     ops = args.op.split(",") if args.op else (["linear", "merge", "drift"] if args.full else ["linear", "merge"])
     if args.provider:
         wanted = args.provider.split(",")
     else:  # loralib only in --full: the quick run must stay under 2 minutes on 2 cores
-        wanted = ["base", "reference", "peft", "ours", "gemm", "ours-safe"] + (["loralib"] if args.full else [])
+        wanted = ["base", "reference", "peft", "ours", "floor", "gemm", "ours-safe"] + (["loralib"] if args.full else [])
     if "linear" in ops and "base" not in wanted:
         wanted.append("base")  # ratios need the floor
-    if "merge" in ops and "gemm" not in wanted:
-        wanted.append("gemm")
+    if "merge" in ops and "floor" not in wanted:
+        wanted.append("floor")
     budget = args.budget or (12.0 if args.full else 2.0)
     device = args.device
     torch.manual_seed(0)
@@ -80,19 +84,21 @@ def main(argv: list[str] | None = None) -> None:
 
     results = []
     load_average = [_load_average()]
-    for op, job in tqdm(jobs, desc="benchmark", unit="case", file=sys.stderr):
-        if op == "linear":
-            results.append(run_linear(job, device, wanted, budget))
-        elif op == "merge":
-            results.append(run_merge(job, device, wanted, budget))
-        else:
-            results.append(run_drift(device))
+    with busy_processes(args.busy):
+        for op, job in tqdm(jobs, desc="benchmark", unit="case", file=sys.stderr):
+            if op == "linear":
+                results.append(run_linear(job, device, wanted, budget))
+            elif op == "merge":
+                results.append(run_merge(job, device, wanted, budget))
+            else:
+                results.append(run_drift(device))
+        load_average.append(_load_average())
     if device == "cpu":  # on GPU, memory_profile already recorded CUDA's peak
         add_peak_rss([(op, job) for op, job in jobs if op != "drift"], results, wanted)
 
     info = machine_info(device)
-    load_average.append(_load_average())
     info["load_average"] = [x for x in load_average if x is not None]
+    info["busy_processes"] = args.busy
     info["ours_backend"] = _ours_backend(device)
     report = markdown_report(results, info)
     print(report)
@@ -100,6 +106,38 @@ def main(argv: list[str] | None = None) -> None:
         out_dir = args.out or (RESULTS_DIR if args.save_results else LOCAL_RESULTS_DIR) / machine_slug(info)
         write_results(results, info, out_dir, report)
         print(f"\nwrote {out_dir}/results.json, results.md, ratios.png")
+
+
+def _spin(stop) -> None:
+    """A busy process: pure-Python work until told to stop (what a DataLoader worker decoding samples does to a
+    core)."""
+    value = 0
+    while not stop.is_set():
+        for i in range(100_000):
+            value ^= i
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """n processes spinning beside the block (none for n = 0), stopped when it ends."""
+    if n <= 0:
+        yield
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    workers = [context.Process(target=_spin, args=(stop,), daemon=True) for _ in range(n)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=5)
+            if worker.is_alive():
+                worker.terminate()
 
 
 def _load_average() -> float | None:

@@ -658,7 +658,7 @@ def main(argv=None) -> int:
         def merges():
             for shape in merge_cases("cuda", full=False):
                 if progress.left() > 0:
-                    progress.add_result(run_merge(shape, device, ["gemm", "ours", "ours-safe", "peft"], args.budget))
+                    progress.add_result(run_merge(shape, device, ["floor", "gemm", "ours", "ours-safe", "peft"], args.budget))
         section("merge timings", merges)
 
     n_ok = sum(c["ok"] for c in progress.checks)

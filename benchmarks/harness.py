@@ -271,7 +271,11 @@ def plot_ratios(results: list[CaseResult], info: dict, path: Path) -> None:
     for ax, row in zip(axes[:, 0], rows):
         for i, provider in enumerate(providers):
             xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(row))]
-            ax.bar(xs, [r.ratio(provider) or float("nan") for r in row], width=width, label=provider)
+            values = [r.ratio(provider) or float("nan") for r in row]
+            ax.bar(xs, values, width=width, label=provider)
+            for x, value in zip(xs, values):  # a bar the axis cuts off says how tall it is
+                if value > y_range[1]:
+                    ax.text(x, y_range[1] * 0.98, f"{value:.1f}×", ha="center", va="top", rotation=90, fontsize=7)
         ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="base layer (floor)")
         ax.set_xticks(range(len(row)))
         ax.set_xticklabels([f"{r.op}\n{r.case}" for r in row], rotation=45, ha="right", fontsize=8)

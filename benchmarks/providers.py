@@ -6,7 +6,8 @@ LoRA linear providers (same weights, same inputs):
   peft       peft.tuners.lora.Linear (when peft is installed)
   loralib    loralib.Linear (when loralib is installed)
   ours       lora_kernels.LoRALinear on the automatic backend; ours[<backend>] forces one
-Merge providers: ours (merge_), ours-safe, peft (LoraLayer.merge), gemm (one B @ A).
+Merge providers: ours (merge_), ours-safe, peft (LoraLayer.merge), gemm (one B @ A), floor (the weight read
+and written once, in place: the memory traffic any in-place merge needs).
 """
 
 from __future__ import annotations
@@ -154,6 +155,9 @@ def merge_providers(d_out, d_in, r, dtype, device, wanted) -> list[Provider]:
     lora_A = torch.randn(r, d_in, **factory) / math.sqrt(d_in)
     lora_B = torch.randn(d_out, r, **factory) * 0.01
     providers = []
+    if "floor" in wanted:
+        weight = torch.randn(d_out, d_in, **factory)
+        providers.append(Provider("floor", lambda: weight.mul_(1.0)))
     if "gemm" in wanted:
         providers.append(Provider("gemm", lambda: torch.mm(lora_B, lora_A)))
     for name, safe in (("ours", False), ("ours-safe", True)):

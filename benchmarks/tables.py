@@ -40,6 +40,10 @@ def summary_lines(results: list[CaseResult], info: dict) -> list[str]:
         same = sum(abs(footprint(r, "ours") - footprint(r, "peft")) <= 0.05 for r in with_mem)
         lines.append(f"**Summary**: ours vs PEFT: faster in {faster} of {len(vs_peft)} cases"
                      + (f", less memory in {less} (the same in {same})" if with_mem else "") + ".")
+        outliers = [r for r in vs_peft if r.ratio("ours", "peft") > 1.5]
+        if outliers:  # a count hides how far off a case is
+            lines.append("**Slower than PEFT by more than 1.5×**: "
+                         + "; ".join(f"{r.case} ({r.ratio('ours', 'peft'):.2f}×)" for r in outliers) + ".")
     with_target = [r for r in linear if r.params.get("target") is not None and r.ratio("ours") is not None]
     if with_target:
         met = sum(r.ratio("ours") <= r.params["target"] for r in with_target)
@@ -54,6 +58,8 @@ def busy_machine_note(results: list[CaseResult], info: dict) -> str | None:
     """A warning when the ratios may be off by more than usual: load above the core count during the
     run, or a wide spread between repetitions (interquartile range over 15% of the median) in many cases."""
     reasons = []
+    if info.get("busy_processes"):
+        reasons.append(f"{info['busy_processes']} busy processes ran beside it on purpose (--busy)")
     load = max(info.get("load_average") or [0.0])
     cores = info.get("cpu_cores") or 1
     if info.get("device") == "cpu" and load > cores:
@@ -117,17 +123,20 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
         lines.append("")
     merges = [r for r in results if r.op == "merge"]
     if merges:
-        names = [n for n in dict.fromkeys(n for r in merges for n in r.timings) if n != "gemm"]
-        lines += ["Merge: median time of one in-place merge, and its ratio to one `B @ A` GEMM (which allocates the "
-                  "[out, in] product and writes nothing into the weight). Peak memory: growth of the peak RSS during "
-                  "one call, fresh process (CPU).", "",
-                  "| weight | gemm | " + " | ".join(names) + " | peak memory (MB) |",
+        baseline = merges[0].extra.get("ratio_to", "gemm")
+        names = [n for n in dict.fromkeys(n for r in merges for n in r.timings) if n != baseline]
+        what = ("the memory-traffic floor (the weight read and written once, in place: what any in-place merge "
+                "must move)" if baseline == "floor" else
+                "one `B @ A` GEMM (which allocates the [out, in] product and writes nothing into the weight)")
+        lines += [f"Merge: median time of one in-place merge, and its ratio to {what}. Peak memory: growth of the "
+                  "peak RSS during one call, fresh process (CPU).", "",
+                  f"| weight | {baseline} | " + " | ".join(names) + " | peak memory (MB) |",
                   "|---|---|" + "---|" * len(names) + "---|"]
         for r in merges:
             peak = r.extra.get("peak_rss_mb")
             peak_txt = ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) if peak else "—"
-            lines.append(f"| {r.case} | {_fmt_ratio(r, 'gemm', 'gemm')} | " +
-                         " | ".join(_fmt_ratio(r, n, "gemm") for n in names) + f" | {peak_txt} |")
+            lines.append(f"| {r.case} | {_fmt_ratio(r, baseline, baseline)} | " +
+                         " | ".join(_fmt_ratio(r, n, baseline) for n in names) + f" | {peak_txt} |")
         lines.append("")
     for r in (r for r in results if r.op == "drift"):
         cycles = r.params["cycles"]

@@ -18,7 +18,7 @@ from .cases import linear_cases, merge_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LINEAR_PROVIDERS = ["base", "reference", "peft", "loralib"] + prov.ours_names(DEVICE)
-MERGE_PROVIDERS = ["gemm", "ours", "ours-safe", "peft"]
+MERGE_PROVIDERS = ["floor", "gemm", "ours", "ours-safe", "peft"]
 
 
 @pytest.mark.parametrize("provider", LINEAR_PROVIDERS)

@@ -69,3 +69,41 @@ def test_gpu_check_waits_for_the_background_build_and_reports_a_failed_one(tmp_p
     assert time.time() - t0 >= 0.9  # it waited for the file
     built = progress.checks[-1]
     assert built["ok"] == (compiled_extension() is not None), built
+
+
+def _timed(**ms):
+    from benchmarks.harness import Timing
+
+    return {name: Timing(value, value, value, samples=5) for name, value in ms.items()}
+
+
+def test_the_summary_names_cases_far_slower_than_peft_and_merges_read_against_the_memory_floor():
+    from benchmarks.harness import CaseResult
+    from benchmarks.tables import summary_lines, markdown_report
+
+    info = dict(device="cpu", cpu="test cpu", cpu_cores=2, torch="x", triton="x", peft="x", date="today",
+                git_commit="abc", load_average=[0.5], busy_processes=2)
+    linear = [CaseResult("linear", "M=1 fwd", {}, _timed(base=1.0, ours=3.2, peft=2.0)),
+              CaseResult("linear", "M=2048 fwd", {}, _timed(base=1.0, ours=1.1, peft=1.3))]
+    merge = CaseResult("merge", "4096x4096 r=16 bfloat16", {}, _timed(floor=10.0, gemm=1200.0, ours=25.0),
+                       extra={"ratio_to": "floor"})
+    text = "\n".join(summary_lines(linear, info))
+    assert "faster in 1 of 2" in text and "M=1 fwd (1.60×)" in text and "M=2048" not in text.split("1.5×")[1]
+    assert "2 busy processes" in text
+    report = markdown_report(linear + [merge], info)
+    assert "| weight | floor |" in report and "2.50" in report  # ours 25 ms against a 10 ms floor
+
+
+def test_busy_processes_run_beside_the_block_and_stop_after_it():
+    import time
+
+    from benchmarks.__main__ import busy_processes
+
+    with busy_processes(2):
+        time.sleep(0.5)
+        import multiprocessing
+
+        alive = [p for p in multiprocessing.active_children() if p.is_alive()]
+        assert len(alive) >= 2
+    time.sleep(0.2)
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
