@@ -108,36 +108,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nwrote {out_dir}/results.json, results.md, ratios.png")
 
 
-def _spin(stop) -> None:
-    """A busy process: pure-Python work until told to stop (what a DataLoader worker decoding samples does to a
-    core)."""
-    value = 0
-    while not stop.is_set():
-        for i in range(100_000):
-            value ^= i
-
-
 @contextlib.contextmanager
 def busy_processes(n: int):
-    """n processes spinning beside the block (none for n = 0), stopped when it ends."""
-    if n <= 0:
-        yield
-        return
-    import multiprocessing
+    """n processes spinning on pure-Python work beside the block (what DataLoader workers decoding samples do
+    to the cores), stopped when it ends; none for n = 0."""
+    import subprocess
 
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    workers = [context.Process(target=_spin, args=(stop,), daemon=True) for _ in range(n)]
-    for worker in workers:
-        worker.start()
+    workers = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(0, n))]
     try:
-        yield
+        yield workers
     finally:
-        stop.set()
         for worker in workers:
-            worker.join(timeout=5)
-            if worker.is_alive():
-                worker.terminate()
+            worker.kill()
+            worker.wait()
 
 
 def _load_average() -> float | None:

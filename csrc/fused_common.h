@@ -5,6 +5,8 @@
 
 #include "lora_kernels.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <tuple>
 
@@ -20,6 +22,11 @@ struct DeviceParts {
   at::Tensor (*dropout_mask)(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
                              at::TensorOptions options);
   int64_t block_bytes;
+  // CPU: the row blocks are shared out over the threads in one parallel region, each block worked by one
+  // thread (the ATen and BLAS calls inside then run single-threaded). Three parallel regions per block
+  // (mask, multiply, GEMM) made a call wait ~130 times for every thread: on a busy machine, a descheduled
+  // one each time (issue 18: 5.8x slower with other processes running, PEFT only in proportion).
+  bool threaded_blocks;
 
   // Rows per block when the widest row involved has `width` elements.
   int64_t block_rows(int64_t width) const {
@@ -36,10 +43,35 @@ struct DeviceParts {
   }
 };
 
-inline constexpr DeviceParts kCpu{&dropout_mask_cpu, int64_t{256} << 10};
+inline constexpr DeviceParts kCpu{&dropout_mask_cpu, int64_t{256} << 10, true};
 #ifdef LORA_KERNELS_WITH_CUDA
-inline constexpr DeviceParts kCuda{&dropout_mask_cuda, int64_t{64} << 20};
+inline constexpr DeviceParts kCuda{&dropout_mask_cuda, int64_t{64} << 20, false};
 #endif
+
+// Fixed shares of the row blocks for sums over blocks (dA, dB): each share has its own partial sum, added in
+// share order, so that results do not depend on how many threads ran them.
+inline constexpr int64_t kBlockShares = 8;
+
+// body(first_block, end_block, share) for the shares of `blocks` row blocks: on the CPU (threaded_blocks) in one
+// parallel region, one share per task; on a GPU in order, in one share (the launches are asynchronous anyway).
+template <typename Body>
+void for_block_shares(const DeviceParts& device, int64_t blocks, const Body& body) {
+  const int64_t shares = device.threaded_blocks ? std::min(blocks, kBlockShares) : 1;
+  auto share_range = [&](int64_t share) {
+    body(share * blocks / shares, (share + 1) * blocks / shares, share);
+  };
+  if (shares <= 1) {
+    if (blocks > 0) share_range(0);
+    return;
+  }
+  at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t share = begin; share < end; ++share) share_range(share);
+  });
+}
+
+inline int64_t block_shares(const DeviceParts& device, int64_t blocks) {
+  return device.threaded_blocks ? std::max<int64_t>(1, std::min(blocks, kBlockShares)) : 1;
+}
 
 // s · (a b) with the scaling applied to the GEMM's accumulator (alpha), so a 16-bit
 // result is rounded once, after scaling. BLAS skips the product when alpha = 0, which

@@ -28,6 +28,7 @@
 #include "fused_common.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace lora_kernels {
 namespace fused {
@@ -82,16 +83,20 @@ void add_lora_forward(const DeviceParts& device, const at::Tensor& x, at::Tensor
   if (dropout_p == 0.0 && !mixed) {
     at::mm_out(xa, x, lora_A.t());
   } else {
-    // Row blocks: the dropout mask and, when mixed, x widened to float32 exist a block at a time.
+    // Row blocks: the dropout mask and, when mixed, x widened to float32 exist a block at a time (on the
+    // CPU, the blocks of one call in one parallel region: see DeviceParts::threaded_blocks).
     const int64_t block = device.block_rows(mixed ? std::max(x.size(1), y.size(1)) : x.size(1));
-    for (int64_t m0 = 0; m0 < M; m0 += block) {
-      const int64_t rows = std::min(block, M - m0);
-      at::Tensor x_rows = x.narrow(0, m0, rows);
-      if (dropout_p != 0.0) x_rows = x_rows.mul(device.mask_rows(x, row0 + m0, rows, dropout_p, seed));
-      at::Tensor xa_rows = xa.narrow(0, m0, rows);
-      at::mm_out(xa_rows, x_rows.to(lora_A.scalar_type()), lora_A.t());
-      if (mixed) y.narrow(0, m0, rows).add_(scaled_mm(xa_rows, lora_B.t(), scaling));  // one rounding into y
-    }
+    const int64_t blocks = (M + block - 1) / block;
+    for_block_shares(device, blocks, [&](int64_t first, int64_t end, int64_t) {
+      for (int64_t b = first; b < end; ++b) {
+        const int64_t m0 = b * block, rows = std::min(block, M - m0);
+        at::Tensor x_rows = x.narrow(0, m0, rows);
+        if (dropout_p != 0.0) x_rows = x_rows.mul(device.mask_rows(x, row0 + m0, rows, dropout_p, seed));
+        at::Tensor xa_rows = xa.narrow(0, m0, rows);
+        at::mm_out(xa_rows, x_rows.to(lora_A.scalar_type()), lora_A.t());
+        if (mixed) y.narrow(0, m0, rows).add_(scaled_mm(xa_rows, lora_B.t(), scaling));  // one rounding into y
+      }
+    });
   }
   if (mixed) return;
   if (scaling != 0.0) {
@@ -136,34 +141,52 @@ std::tuple<at::Tensor, at::Tensor> lora_backward(const DeviceParts& device, cons
 
   // Row blocks: each block's dropout mask is regenerated once and serves dA (masked
   // x) and dx (masked LoRA term); float16 inputs are widened a block at a time. dA
-  // accumulates over blocks in float32 for 16-bit inputs, rounded once at the end.
+  // accumulates over blocks in float32 for 16-bit inputs, rounded once at the end. On the CPU the
+  // blocks run in one parallel region, in fixed shares with a partial dA (and dB) each, added in
+  // share order: the same result whatever the number of threads.
   const at::Tensor lora_A_acc = lora_A.to(acc), lora_B_acc = lora_B.to(acc);
   const bool sixteen_bit = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  at::Tensor dA = at::zeros(lora_A.sizes(), x.options().dtype(sixteen_bit ? at::kFloat : x.scalar_type()));
+  const auto dA_type = sixteen_bit ? at::kFloat : x.scalar_type();
   at::Tensor dB = widen ? at::zeros(lora_B.sizes(), x.options().dtype(acc)) : scaled_mm(grad_y.t(), xa, scaling);
   const int64_t block = device.block_rows(std::max(x.size(1), widen ? grad_y.size(1) : 0));
-  for (int64_t m0 = 0; m0 < M; m0 += block) {
-    const int64_t rows = std::min(block, M - m0);
-    const at::Tensor grad_y_rows = grad_y.narrow(0, m0, rows).to(acc);
-    const at::Tensor gb_rows = scaled_mm(grad_y_rows, lora_B_acc, scaling);  // s · dy B
-    if (widen) dB.addmm_(grad_y_rows.t(), xa.narrow(0, m0, rows).to(acc));
-    at::Tensor x_rows = x.narrow(0, m0, rows);
-    at::Tensor mask;
-    if (dropout_p != 0.0) {
-      mask = device.mask_rows(x, row0 + m0, rows, dropout_p, seed);
-      x_rows = x_rows.mul(mask);  // float32 for 16-bit x (type promotion with the float32 mask)
-    }
-    dA.addmm_(gb_rows.t().to(dA.scalar_type()), x_rows.to(dA.scalar_type()));
-    if (need_dx) {
-      at::Tensor dx_rows = dx.narrow(0, m0, rows);
-      const at::Tensor lora_rows = at::mm(gb_rows, lora_A_acc);
-      // in place into dx's dtype: the sum is rounded once
-      if (mask.defined()) {
-        dx_rows.addcmul_(lora_rows, mask);
-      } else {
-        dx_rows.add_(lora_rows);
+  const int64_t blocks = (M + block - 1) / block;
+  const int64_t shares = block_shares(device, blocks);
+  std::vector<at::Tensor> dA_parts(shares), dB_parts(shares);
+  for (int64_t share = 0; share < shares; ++share) {
+    dA_parts[share] = at::zeros(lora_A.sizes(), x.options().dtype(dA_type));
+    dB_parts[share] = share == 0 || !widen ? dB : at::zeros_like(dB);
+  }
+  for_block_shares(device, blocks, [&](int64_t first, int64_t end, int64_t share) {
+    at::Tensor& dA_part = dA_parts[share];
+    at::Tensor& dB_part = dB_parts[share];
+    for (int64_t b = first; b < end; ++b) {
+      const int64_t m0 = b * block, rows = std::min(block, M - m0);
+      const at::Tensor grad_y_rows = grad_y.narrow(0, m0, rows).to(acc);
+      const at::Tensor gb_rows = scaled_mm(grad_y_rows, lora_B_acc, scaling);  // s · dy B
+      if (widen) dB_part.addmm_(grad_y_rows.t(), xa.narrow(0, m0, rows).to(acc));
+      at::Tensor x_rows = x.narrow(0, m0, rows);
+      at::Tensor mask;
+      if (dropout_p != 0.0) {
+        mask = device.mask_rows(x, row0 + m0, rows, dropout_p, seed);
+        x_rows = x_rows.mul(mask);  // float32 for 16-bit x (type promotion with the float32 mask)
+      }
+      dA_part.addmm_(gb_rows.t().to(dA_type), x_rows.to(dA_type));
+      if (need_dx) {
+        at::Tensor dx_rows = dx.narrow(0, m0, rows);
+        const at::Tensor lora_rows = at::mm(gb_rows, lora_A_acc);
+        // in place into dx's dtype: the sum is rounded once
+        if (mask.defined()) {
+          dx_rows.addcmul_(lora_rows, mask);
+        } else {
+          dx_rows.add_(lora_rows);
+        }
       }
     }
+  });
+  at::Tensor dA = dA_parts[0];
+  for (int64_t share = 1; share < shares; ++share) {
+    dA.add_(dA_parts[share]);
+    if (widen) dB.add_(dB_parts[share]);
   }
   if (widen) dB.mul_(scaling);
   return {dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type())};

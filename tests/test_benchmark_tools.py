@@ -99,11 +99,7 @@ def test_busy_processes_run_beside_the_block_and_stop_after_it():
 
     from benchmarks.__main__ import busy_processes
 
-    with busy_processes(2):
+    with busy_processes(2) as workers:
         time.sleep(0.5)
-        import multiprocessing
-
-        alive = [p for p in multiprocessing.active_children() if p.is_alive()]
-        assert len(alive) >= 2
-    time.sleep(0.2)
-    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+        assert len(workers) == 2 and all(w.poll() is None for w in workers)  # running
+    assert all(w.poll() is not None for w in workers)  # and stopped
