@@ -29,7 +29,7 @@ def tiny_llama() -> transformers.LlamaForCausalLM:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--out", help="where to save the adapter (default: a temporary directory)")
+    parser.add_argument("--out", help="where to save the adapter (default: a temporary directory, removed at the end)")
     args = parser.parse_args()
 
     model = lk.inject_lora(tiny_llama(), "all-linear", r=8, lora_alpha=16, lora_dropout=0.05)  # base frozen
@@ -49,7 +49,15 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         ours = model(batch).logits
-    out = args.out or tempfile.mkdtemp(prefix="lora_adapter_")
+    if args.out:
+        check_saved_adapter(model, args.out, batch, ours)
+    else:  # nothing left behind: the adapter goes to a temporary folder removed at the end
+        with tempfile.TemporaryDirectory(prefix="lora_adapter_") as out:
+            check_saved_adapter(model, out, batch, ours)
+
+
+def check_saved_adapter(model, out: str, batch, ours) -> None:
+    """Save the adapter as PEFT does, and load it back with PEFT (when installed): the same logits."""
     save_peft_adapter(model, out)
     print(f"adapter saved to {out} (adapter_config.json + adapter_model.safetensors)")
     try:

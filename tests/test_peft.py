@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -230,6 +231,13 @@ def test_finetune_example_runs_and_peft_loads_its_adapter(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "logits difference" in done.stdout  # the script asserts the difference is < 1e-4
     assert (tmp_path / "adapter_model.safetensors").is_file()
+    # without --out, the adapter goes to a temporary folder that is gone afterwards
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    done = subprocess.run([sys.executable, str(script), "--steps", "2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(scratch)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "adapter saved to" in done.stdout and not list(scratch.iterdir())
 
 
 def _three_adapters(make=_llama):

@@ -20,13 +20,12 @@ OPTIONAL = ("peft", "transformers", "safetensors")
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index, monkeypatch, tmp_path):
-    for block in BLOCKS[:index + 1]:
-        for module in OPTIONAL:
-            if re.search(rf"^\s*(from|import) {module}\b", block, flags=re.M):
-                pytest.importorskip(module)
+def test_readme_block_runs_alone(index, monkeypatch, tmp_path):
+    """Each block on its own, in a fresh namespace, as a reader pastes it; files it writes land in a temporary
+    folder."""
+    block = BLOCKS[index]
+    for module in OPTIONAL:
+        if re.search(rf"^\s*(from|import) {module}\b", block, flags=re.M):
+            pytest.importorskip(module)
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for block in BLOCKS[:index]:  # later blocks may use names defined by earlier ones
-        exec(compile(block, f"README.md block {index}", "exec"), namespace)
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)
+    exec(compile(block, f"README.md block {index}", "exec"), {"__name__": "__readme__"})
