@@ -49,7 +49,8 @@ def _providers(op: str, spec: dict, names: list[str]):
 
 def _measure(jobs: list[dict]) -> list[dict[str, float]]:
     out = []
-    for job in jobs:
+    for i, job in enumerate(jobs):
+        print(f"memory pass: case {i + 1} of {len(jobs)}", file=sys.stderr, flush=True)  # the parent shows it
         growth = {}
         for provider in _providers(job["op"], job["spec"], job["providers"]):
             provider.prepare()
@@ -78,10 +79,12 @@ def peak_rss_growth_mb(jobs: list[tuple[str, object]], providers: list[str]) -> 
     payload = [dict(op=op, spec=_spec(op, job), providers=providers) for op, job in jobs]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 << 10))
     env.pop("LORA_KERNELS_BACKEND", None)
+    # the child's progress and errors go straight to our stderr: a silent memory pass looked stuck (a first run
+    # took 2.5x the progress bar's estimate, which counts the timings only)
     child = subprocess.run([sys.executable, "-m", "benchmarks.peak_rss"], input=json.dumps(payload), cwd=ROOT,
-                           env=env, capture_output=True, text=True)
+                           env=env, stdout=subprocess.PIPE, text=True)
     if child.returncode != 0:
-        raise RuntimeError(f"peak RSS measurement failed:\n{child.stderr[-2000:]}")
+        raise RuntimeError("peak RSS measurement failed (its error is printed above)")
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 

@@ -92,7 +92,8 @@ def add_peak_rss(jobs, results: list[CaseResult], wanted: list[str]) -> None:
     if not sys.platform.startswith("linux"):
         print("peak RSS not measured: it is read from Linux's /proc", file=sys.stderr)
         return
-    print("measuring peak RSS per provider (fresh process)...", file=sys.stderr)
+    print(f"measuring peak RSS per provider (a second pass, in a fresh process: {len(jobs)} cases; the progress "
+          "bar above counted the timings only)...", file=sys.stderr)
     try:
         by_job = peak_rss_growth_mb(jobs, wanted)
     except RuntimeError as error:  # e.g. /proc/self/clear_refs not writable here: report the timings anyway
