@@ -360,7 +360,7 @@ def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed,
                  DROPOUT_SHRINK=shrink_in_loop and p > 0.0, DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
                  GROUPED_MASK=grouped_mask(K if shrink_in_loop else N),  # decode masks x, dx's epilogue dx
                  SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor), SOFT_BF16=soft_bf16(x.dtype),
-                 BLOCK_R=block_r(R) if shrink_in_loop else min(block_r(R), LORA_TILE_RANKS))
+                 BLOCK_R=block_r(R) if shrink_in_loop else LORA_TILE_RANKS)
     return (_fused_gemm_decode if shrink_in_loop else _fused_gemm), grid, args, flags
 
 
