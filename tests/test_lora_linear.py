@@ -40,7 +40,7 @@ def _run(fn, inputs, dropout_p, training, grad_y_seed=1):
     g = torch.Generator().manual_seed(grad_y_seed)
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
     wrt = [leaves[k] for k in ("x", "lora_A", "lora_B", "bias") if leaves[k] is not None]
-    grads = torch.autograd.grad(y, wrt, grad_y) if y.numel() else [torch.zeros_like(t) for t in wrt]
+    grads = torch.autograd.grad(y, wrt, grad_y)  # zero rows too: their backward must give zero gradients
     return y, grads
 
 

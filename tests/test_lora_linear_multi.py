@@ -75,8 +75,10 @@ def _run(fn, inputs, ids, ranks, dropout_p, training=True):
     g = torch.Generator().manual_seed(1)
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
     wrt = [leaves[k] for k in ("x", "lora_A", "lora_B", "bias")]
-    grads = torch.autograd.grad(y, wrt, grad_y) if y.numel() else [torch.zeros_like(t) for t in wrt]
-    return y, grads
+    # zero rows too: their backward must give zero gradients (the textbook formulas leave unused leaves out of
+    # the graph there: None, which is zero; a zero compared with a non-zero oracle still fails)
+    grads = torch.autograd.grad(y, wrt, grad_y, allow_unused=True)
+    return y, [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
 
 
 def _ours(t, ids, ranks, p, training):

@@ -374,7 +374,7 @@ def weight_grad_splits(M: int, N: int, programs_wanted: int, full: bool) -> tupl
     programs, each a whole number of row blocks (full: float32 dots, see weight_grad_tiles)."""
     block_m, block_n = weight_grad_tiles(full)
     splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(programs_wanted, max(1, triton.cdiv(N, block_n)))))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    rows_per_split = max(1, triton.cdiv(triton.cdiv(M, splits), block_m)) * block_m  # M = 0: one empty slice
     return max(1, triton.cdiv(M, rows_per_split)), rows_per_split
 
 
