@@ -52,25 +52,28 @@ inline constexpr DeviceParts kCuda{&dropout_mask_cuda, int64_t{64} << 20, false}
 // share order, so that results do not depend on how many threads ran them.
 inline constexpr int64_t kBlockShares = 8;
 
-// body(first_block, end_block, share) for the shares of `blocks` row blocks: on the CPU (threaded_blocks) in one
-// parallel region, one share per task; on a GPU in order, in one share (the launches are asynchronous anyway).
+// How many shares `blocks` row blocks are cut into: on the CPU up to kBlockShares, on a GPU one.
+inline int64_t block_shares(const DeviceParts& device, int64_t blocks) {
+  return device.threaded_blocks ? std::max<int64_t>(1, std::min(blocks, kBlockShares)) : 1;
+}
+
+// body(first_block, end_block, share) for each of the block_shares() shares of `blocks` row blocks: on the
+// CPU (threaded_blocks) in one parallel region, one share per task; on a GPU in order, in one share (the
+// launches are asynchronous anyway).
 template <typename Body>
 void for_block_shares(const DeviceParts& device, int64_t blocks, const Body& body) {
-  const int64_t shares = device.threaded_blocks ? std::min(blocks, kBlockShares) : 1;
+  if (blocks == 0) return;
+  const int64_t shares = block_shares(device, blocks);
   auto share_range = [&](int64_t share) {
     body(share * blocks / shares, (share + 1) * blocks / shares, share);
   };
-  if (shares <= 1) {
-    if (blocks > 0) share_range(0);
+  if (shares == 1) {
+    share_range(0);
     return;
   }
   at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
     for (int64_t share = begin; share < end; ++share) share_range(share);
   });
-}
-
-inline int64_t block_shares(const DeviceParts& device, int64_t blocks) {
-  return device.threaded_blocks ? std::max<int64_t>(1, std::min(blocks, kBlockShares)) : 1;
 }
 
 // s · (a b) with the scaling applied to the GEMM's accumulator (alpha), so a 16-bit

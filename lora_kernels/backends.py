@@ -224,16 +224,13 @@ def select(op: str, device: torch.device, dtype: torch.dtype | None = None,
 
 def available_implementation(op: str, name: str) -> object | None:
     """The loaded implementation of `op` by backend `name` when that backend can run here, else None (for a
-    choice made per call among the backends auto may pick, such as gpu_paths' per-shape one)."""
-    impl = _REGISTRY.get(op, {}).get(name)
-    if impl is None or _backend_problem(name) is not None:
-        return None
-    return _loaded(impl)
-
-
-@functools.lru_cache(maxsize=None)
-def _loaded(impl: Implementation) -> object:
-    return impl.load()
+    choice made per call among the backends auto may pick, such as gpu_paths' per-shape one). Memoised with
+    select's choices (and forgotten with them)."""
+    key = ("named", op, name, os.environ.get("TRITON_INTERPRET"))
+    if key not in _selected:
+        impl = _REGISTRY.get(op, {}).get(name)
+        _selected[key] = (name, None if impl is None or _backend_problem(name) is not None else impl.load())
+    return _selected[key][1]
 
 
 def _describe(dtype, adapter_dtype) -> str:

@@ -177,8 +177,9 @@ def adapter_batch(model: nn.Module, adapter_names):
         raise ValueError(f"the model has merged adapters ({sorted(set(merged[0].merged_adapters))}): a mixed batch "
                          "would serve every row on them; unmerge first")
     previous = {layer: layer.__dict__.get("_lora_kernels_batch_names") for layer in layers}
+    per_sample = _per_sample_wrapper()
     hooks = [wrapper.register_forward_pre_hook(_AdapterNames(names), with_kwargs=True)
-             for wrapper in model.modules() if _routes_per_sample(wrapper)]
+             for wrapper in model.modules() if isinstance(wrapper, per_sample)]
     for layer in layers:
         layer._lora_kernels_batch_names = names
     try:
@@ -203,12 +204,12 @@ class _AdapterNames:
         return args, {**kwargs, "adapter_names": self.names}
 
 
-def _routes_per_sample(module: nn.Module) -> bool:
-    """A PEFT wrapper that serves each sample on its adapter given adapter_names=: a modules_to_save copy."""
+def _per_sample_wrapper() -> type:
+    """PEFT's wrapper class that serves each sample on its adapter given adapter_names=: modules_to_save copies
+    (AuxiliaryTrainingWrapper in recent PEFT, ModulesToSaveWrapper before)."""
     from peft.utils import other
 
-    wrapper = getattr(other, "AuxiliaryTrainingWrapper", None) or getattr(other, "ModulesToSaveWrapper")
-    return isinstance(module, wrapper)
+    return getattr(other, "AuxiliaryTrainingWrapper", None) or other.ModulesToSaveWrapper
 
 
 class _FusedForward:
