@@ -9,6 +9,9 @@
 //   multi_backward           multi_backward_cpu        multi_backward_cuda     lora_linear_multi.cpp
 //   merge_kernel_            merge_cpu_                merge_cuda_             cpu/merge.cpp, cuda/merge.cu
 //   merge_nonfinite_count    merge_nonfinite_count_cpu merge_nonfinite_count_cuda
+//   fused_forward_4bit       fused_forward_4bit_cpu    -                       lora_linear_4bit.cpp
+//   fused_backward_4bit      fused_backward_4bit_cpu   -                       lora_linear_4bit.cpp
+//   dequantize_4bit          dequantize_4bit_cpu       -                       cpu/weight4bit.cpp
 //
 // lora_linear.cpp composes ATen (BLAS / cuBLAS) GEMMs; the per-device pieces it
 // needs are the dropout mask generators (cpu/dropout.cpp, cuda/dropout.cu).
@@ -45,6 +48,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
     const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed, bool need_dx);
+
+// ---- fused LoRA linear on a 4-bit base (lora_linear_4bit.cpp, cpu/weight4bit.cpp): W0 [out_features, in] as
+// bitsandbytes' packed codes [ceil(out·in/2)] uint8, absmax [blocks] float32 (or uint8 with nested_absmax
+// [ceil(blocks/256)], nested_code [256] and offset [1]: double quantization), code_table [16] float32
+std::tuple<at::Tensor, at::Tensor> fused_forward_4bit_cpu(
+    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const OptionalTensor& nested_absmax,
+    const OptionalTensor& nested_code, const OptionalTensor& offset, const at::Tensor& code_table,
+    int64_t out_features, int64_t blocksize, const OptionalTensor& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_4bit_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+    const OptionalTensor& nested_absmax, const OptionalTensor& nested_code, const OptionalTensor& offset,
+    const at::Tensor& code_table, int64_t out_features, int64_t blocksize, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx);
+at::Tensor dequantize_4bit_cpu(const at::Tensor& codes, const at::Tensor& absmax, const OptionalTensor& nested_absmax,
+                               const OptionalTensor& nested_code, const OptionalTensor& offset,
+                               const at::Tensor& code_table, int64_t out_features, int64_t in_features,
+                               int64_t blocksize, at::ScalarType dtype);
 
 // ---- dropout masks: rows row0 .. row0+rows-1 of the [M, cols] mask (philox.h) as float32
 // on the device of `options`: 1/(1-p) where kept, 0 where dropped.

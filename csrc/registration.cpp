@@ -23,6 +23,15 @@ TORCH_LIBRARY(lora_kernels, m) {
         "Tensor? sub_A, Tensor? sub_B, float sub_scaling) -> ()");
   m.def("merge_nonfinite_count(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, "
         "Tensor? sub_A, Tensor? sub_B, float sub_scaling) -> Tensor");
+  m.def("fused_forward_4bit(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+        "Tensor? offset, Tensor code_table, int out_features, int blocksize, Tensor? bias, Tensor lora_A, "
+        "Tensor lora_B, float scaling, float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("fused_backward_4bit(Tensor grad_y, Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, "
+        "Tensor? nested_code, Tensor? offset, Tensor code_table, int out_features, int blocksize, Tensor lora_A, "
+        "Tensor lora_B, Tensor xa, float scaling, float dropout_p, int seed, bool need_dx) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("dequantize_4bit(Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
+        "Tensor code_table, int out_features, int in_features, int blocksize, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
@@ -32,6 +41,9 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("multi_backward", &lora_kernels::multi_backward_cpu);
   m.impl("merge_kernel_", &lora_kernels::merge_cpu_);
   m.impl("merge_nonfinite_count", &lora_kernels::merge_nonfinite_count_cpu);
+  m.impl("fused_forward_4bit", &lora_kernels::fused_forward_4bit_cpu);
+  m.impl("fused_backward_4bit", &lora_kernels::fused_backward_4bit_cpu);
+  m.impl("dequantize_4bit", &lora_kernels::dequantize_4bit_cpu);
 }
 
 #ifdef LORA_KERNELS_WITH_CUDA

@@ -7,6 +7,7 @@ model level: inject_lora, mark_only_lora_as_trainable, lora_state_dict, load_lor
 unmerge_adapter, merge_and_unload, unload, disable_adapter, print_trainable_parameters;
 many adapters per layer, one per row of a batch: MultiLoRALinear, lora_linear_multi, inject_multi_lora,
 add_adapter, remove_adapter, set_adapter, adapter_batch;
+4-bit bases (QLoRA, bitsandbytes' NF4/FP4 layout): Weight4bit, LoRALinear4bit, inject_lora(..., quantize="nf4");
 PEFT's adapter format and PeftModels: lora_kernels.peft.
 The pure-PyTorch specification of every op is lora_kernels.reference.
 """
@@ -16,6 +17,8 @@ from .backends import available_backends, compiled_extension
 from .config import LoRAConfig
 from .functional import MergeRecord, lora_linear, lora_linear_multi, merge_, switch_, unmerge_
 from .modules import LoRALinear
+from .modules4bit import LoRALinear4bit
+from .weight4bit import Weight4bit
 from .multi import MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora, remove_adapter, set_adapter
 from .model_setup import (adapter_layers, disable_adapter, inject_lora, load_lora_state_dict, lora_layers,
                           lora_state_dict, mark_only_lora_as_trainable, merge_adapter, merge_and_unload,
@@ -28,6 +31,7 @@ compiled_extension()  # registers torch.ops.lora_kernels.* kernels when _C was b
 __all__ = [
     "LoRAConfig",
     "LoRALinear",
+    "LoRALinear4bit",
     "MultiLoRALinear",
     "MergeRecord",
     "adapter_batch",
@@ -54,4 +58,5 @@ __all__ = [
     "set_adapter",
     "switch_",
     "unmerge_",
+    "Weight4bit",
 ]

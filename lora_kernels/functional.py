@@ -19,6 +19,8 @@ from torch import Tensor
 from . import validation
 from .merge_record import MergeRecord, merge_exact_
 from .ops.lora_linear import lora_linear_op
+from .ops.lora_linear_4bit import lora_linear_4bit_op
+from .weight4bit import Weight4bit
 from .ops.lora_linear_multi import lora_linear_multi_op
 from .ops.merge import merge_op
 
@@ -60,7 +62,12 @@ def lora_linear(
     torch.manual_seed makes runs reproducible. Differentiable in x, lora_A,
     lora_B, bias (and weight, if it requires grad). Under torch.autocast it
     computes in the autocast dtype like nn.Linear does.
+
+    weight may be a Weight4bit (bitsandbytes' NF4/FP4 layout, QLoRA): the kernels then dequantize it a panel or
+    a tile at a time, in x's dtype, forward and backward; it is frozen (no gradient).
     """
+    if isinstance(weight, Weight4bit):
+        return _lora_linear_4bit(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     if not validation.plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         x, weight, bias, lora_A, lora_B = validation.check_and_autocast(x, weight, bias, lora_A, lora_B, scaling,
                                                                         dropout_p)
@@ -74,6 +81,16 @@ def lora_linear(
     # Not y.view(...): a view as the layer's output would let an in-place op on it slip
     # past autograd hooks on the output (FSDP2's pre-backward hook). nn.Linear does the same.
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], out_features))
+
+
+def _lora_linear_4bit(x, weight: Weight4bit, bias, lora_A, lora_B, scaling, dropout_p, training) -> Tensor:
+    x, bias, lora_A, lora_B = validation.check_4bit_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    seed = draw_seed(_seed_device(x)) if training and dropout_p > 0.0 else None
+    x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+    y, _ = lora_linear_4bit_op(x2d, *weight.kernel_args(), bias, lora_A, lora_B, scaling, float(dropout_p), seed)
+    if x.dim() == 2:
+        return y
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.out_features))
 
 
 def lora_linear_multi(

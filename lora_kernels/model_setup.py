@@ -78,7 +78,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def inject_lora(model: nn.Module, target_modules: str | Iterable[str], config: LoRAConfig | None = None, *,
                 modules_to_save: Iterable[str] | None = None, freeze_base: bool = True,
-                adapter_dtype: torch.dtype | None = None, **options) -> nn.Module:
+                adapter_dtype: torch.dtype | None = None, quantize: str | None = None, **options) -> nn.Module:
     """Replace every nn.Linear (or transformers Conv1D) that target_modules names by a LoRALinear sharing its weights.
 
     target_modules: a list (exact names or name suffixes), a regex string, or "all-linear"
@@ -87,8 +87,10 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], config: L
     freeze_base: freeze everything but the LoRA parameters (and modules_to_save), as PEFT does.
     modules_to_save: modules (names or suffixes: a classification head, say) that are trained
     fully and saved with the adapter by lora_state_dict. adapter_dtype: lora_A / lora_B dtype
-    (default: the base weight's; float32 on a 16-bit model is PEFT's default).
-    Returns the model (changed in place). Raises ValueError if nothing matched.
+    (default: the base weight's; float32 on a 16-bit model is PEFT's default). quantize="nf4" (or "fp4"):
+    the targets' weights are quantized to 4 bits (bitsandbytes' layout, double quantized, blocksize 64) and
+    served by the 4-bit kernels (QLoRA without bitsandbytes); bitsandbytes Linear4bit targets are wrapped as
+    they are. Returns the model (changed in place). Raises ValueError if nothing matched.
     """
     config = LoRAConfig.of(config, options)
     keep = []
@@ -100,7 +102,7 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], config: L
     names = [n for n in target_names(model, target_modules) if not any(n == k or n.startswith(k + ".") for k in keep)]
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear or Conv1D in the model")
-    inject_layers(model, {name: config for name in names}, adapter_dtype)
+    inject_layers(model, {name: config for name in names}, adapter_dtype, quantize)
     if keep:
         setattr(model, _MODULES_TO_SAVE, tuple(sorted(set(modules_to_save_of(model)) | set(keep))))
     if freeze_base:
@@ -108,11 +110,19 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], config: L
     return model
 
 
-def inject_layers(model: nn.Module, configs: dict[str, LoRAConfig], adapter_dtype=None) -> None:
-    """LoRALinear(config) in place of each named linear layer (per-layer configs: PEFT's rank_pattern)."""
+def inject_layers(model: nn.Module, configs: dict[str, LoRAConfig], adapter_dtype=None,
+                  quantize: str | None = None) -> None:
+    """LoRALinear(config) in place of each named linear layer (per-layer configs: PEFT's rank_pattern);
+    quantize: a LoRALinear4bit on the layer's weight quantized to that 4-bit type."""
+    from .modules4bit import LoRALinear4bit, is_bnb_linear4bit
+
     for name, config in configs.items():
-        replace_module(model, name, LoRALinear.from_linear(model.get_submodule(name), config,
-                                                           adapter_dtype=adapter_dtype))
+        linear = model.get_submodule(name)
+        if quantize is not None and isinstance(linear, nn.Linear) and not is_bnb_linear4bit(linear):
+            layer = LoRALinear4bit.quantize(linear, config, quant_type=quantize, adapter_dtype=adapter_dtype)
+        else:
+            layer = LoRALinear.from_linear(linear, config, adapter_dtype=adapter_dtype)
+        replace_module(model, name, layer)
 
 
 def modules_to_save_of(model: nn.Module) -> tuple[str, ...]:

@@ -98,11 +98,16 @@ class LoRALinear(nn.Module):
         (requires_grad=False). A transformers Conv1D (GPT-2), whose weight is
         [in, out], is read with fan_in_fan_out=True whatever the option says, and
         an nn.Linear with fan_in_fan_out=False: the option only matters for other
-        modules. merge_and_unload() gives back the wrapped module's class.
+        modules. merge_and_unload() gives back the wrapped module's class. A bitsandbytes Linear4bit gives a
+        LoRALinear4bit (lora_kernels.modules4bit) on its 4-bit weight.
         """
+        from .modules4bit import LoRALinear4bit, is_bnb_linear4bit
+
+        if is_bnb_linear4bit(linear):  # a 4-bit base (QLoRA): its own layer class, the codes shared
+            return LoRALinear4bit.from_bnb(linear, config, adapter_dtype=adapter_dtype, **options)
         config = LoRAConfig.of(config, options)
         weight = getattr(linear, "weight", None)
-        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2 or not weight.is_floating_point():
             raise TypeError(f"linear must have a 2-D weight Parameter, got {type(linear).__name__}")
         if is_conv1d(linear) or isinstance(linear, nn.Linear):
             config = config.replace(fan_in_fan_out=is_conv1d(linear))

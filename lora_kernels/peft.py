@@ -31,6 +31,8 @@ from .functional import lora_linear, lora_linear_multi
 from .model_setup import (_MODULES_TO_SAVE, inject_layers, lora_layers, mark_only_lora_as_trainable, matching_modules,
                           target_names)
 from .modules import LoRALinear, is_conv1d
+from .modules4bit import is_bnb_linear4bit
+from .weight4bit import Weight4bit
 from .multi import MultiLoRALinear, common_free_slot, multi_lora_layers
 
 __all__ = ["patch_peft_model", "unpatch_peft_model", "PatchReport", "adapter_batch", "load_peft_adapter",
@@ -69,14 +71,25 @@ class PatchReport:
         return "\n".join(lines)
 
 
+def _peft_4bit_class():
+    """PEFT's LoRA layer on a bitsandbytes Linear4bit (None when PEFT's bitsandbytes support is absent)."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return None
+    return Linear4bit
+
+
 def _unsupported_reason(layer) -> str | None:
     """Why a PEFT LoRA layer cannot compute through the fused op (None: it can)."""
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-    if type(layer) is not PeftLoraLinear:
-        return f"{type(layer).__module__}.{type(layer).__name__} (only plain Linear/Conv1D LoRA layers are fused)"
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear and not is_conv1d(base):
+    on_4bit = _peft_4bit_class() is not None and type(layer) is _peft_4bit_class() and is_bnb_linear4bit(base)
+    if type(layer) is not PeftLoraLinear and not on_4bit:
+        return (f"{type(layer).__module__}.{type(layer).__name__} (only plain Linear/Conv1D LoRA layers and "
+                "bitsandbytes 4-bit ones are fused)")
+    if not on_4bit and type(base) is not nn.Linear and not is_conv1d(base):
         return f"base layer {type(base).__name__} (quantized or custom layers stay on PEFT's path)"
     if getattr(layer, "lora_variant", None):
         return f"LoRA variant(s) {sorted(layer.lora_variant)} (DoRA & co.)"
@@ -113,6 +126,8 @@ def _fused_peft_forward(self, x, *args, **kwargs):
             raise ValueError(f"adapter_batch names {len(names)} samples, the batch has "
                              f"{x.shape[0] if x.dim() >= 2 else 1}: give one adapter name per sample")
     base = self.get_base_layer()
+    if is_bnb_linear4bit(base):
+        return _fused_peft_4bit_forward(self, base, x, args, kwargs)
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
     plain_call = (not args and not self.disable_adapters and not self.merged
                   and (x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type)))
@@ -126,6 +141,38 @@ def _fused_peft_forward(self, x, *args, **kwargs):
     name = active[0]
     return lora_linear(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                        self.scaling[name], _dropout_p(self, name), self.lora_dropout[name].training)
+
+
+def _fused_peft_4bit_forward(self, base, x, args, kwargs):
+    """PEFT's LoRA layer on a bitsandbytes Linear4bit through lora_linear on its Weight4bit (the codes read in
+    place), computing as PEFT does: the base in the Linear4bit's compute dtype, the LoRA branch from float32 (or
+    the adapter's dtype), the result in x's dtype. Mixed batches, several adapters, merged or disabled adapters
+    and calls it cannot serve run PEFT's own forward."""
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    compute = base.compute_dtype or x.dtype
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or not _is_plain(self, active[0])
+            or torch.is_autocast_enabled(x.device.type) or not x.is_floating_point()):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+    if lora_A.dtype != compute and not (lora_A.dtype == torch.float32 and compute in (torch.float16, torch.bfloat16)):
+        return type(self).forward(self, x, *args, **kwargs)
+    weight = _weight4bit_of(base)
+    bias = base.bias if base.bias is None or base.bias.dtype == compute else base.bias.to(compute)
+    y = lora_linear(x.to(compute), weight, bias, lora_A, lora_B, self.scaling[name], _dropout_p(self, name),
+                    self.lora_dropout[name].training)
+    return y.to(x.dtype)
+
+
+def _weight4bit_of(base: nn.Module) -> Weight4bit:
+    """The Weight4bit over a Linear4bit's Params4bit, kept on the layer while its data and quant_state stay."""
+    param = base.weight
+    cached = base.__dict__.get("_lora_kernels_weight4bit")
+    key = (param.data.data_ptr(), id(param.quant_state), param.quant_state.absmax.data_ptr())
+    if cached is None or cached[0] != key:
+        cached = (key, Weight4bit.from_bnb(param))
+        base.__dict__["_lora_kernels_weight4bit"] = cached
+    return cached[1]
 
 
 def _fused_mixed_batch(layer, x, weight, bias, names):
@@ -233,8 +280,9 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     The active adapter, its scaling (rsLoRA included), lora_dropout, fan_in_fan_out, the bias, the
     merged state, disable_adapter() and float32 adapters on a 16-bit base are honoured; mixed batches
     (adapter_names=, and adapter_batch() for training) run lora_linear_multi; what the
-    fused op cannot serve (DoRA and other variants, lora_bias, quantized bases, Embedding/Conv layers)
-    stays on PEFT's path and is listed in the report. The model keeps training, merging, saving
+    fused op cannot serve (DoRA and other variants, lora_bias, 8-bit bases, Embedding/Conv layers)
+    stays on PEFT's path and is listed in the report. QLoRA layers (a bitsandbytes Linear4bit base) run
+    lora_linear on the 4-bit weight read in place (Weight4bit.from_bnb). The model keeps training, merging, saving
     (save_pretrained) and compiling as before: only the layers' forward changes, no parameter or key.
     """
     report = PatchReport()

@@ -165,6 +165,48 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout
     return dx, d_lora_A, d_lora_B
 
 
+# ---- 4-bit base weights (bitsandbytes' layout: lora_kernels/weight4bit.py)
+
+NESTED_BLOCKSIZE = 256  # bitsandbytes' block of scales under double quantization
+
+
+def block_scales(absmax, nested_absmax=None, nested_code=None, offset=None):
+    """The float32 scale of every block: absmax itself, or, double quantized, nested_code[absmax] ·
+    nested_absmax[b // 256] + offset (two float32 roundings, as bitsandbytes decodes it)."""
+    if nested_absmax is None:
+        return absmax
+    per_block = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:absmax.numel()]
+    return nested_code[absmax.long()] * per_block + offset
+
+
+def dequantize_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, in_features,
+                    blocksize, dtype):
+    """The weight [out, in] in `dtype`: element e (of the row-major flattened weight) is
+    code_table[nibble e] · scale[e // blocksize] in float32, one rounding, then rounded to dtype; nibble e is the
+    high half of byte e // 2 for even e (bitsandbytes' dequantize_4bit)."""
+    n = out_features * in_features
+    scales = block_scales(absmax, nested_absmax, nested_code, offset)
+    nibbles = torch.stack([codes >> 4, codes & 15], dim=1).reshape(-1)[:n].long()
+    per_element = scales.repeat_interleave(blocksize)[:n]
+    return (code_table[nibbles] * per_element).to(dtype).view(out_features, in_features)
+
+
+def lora_linear_4bit(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize,
+                     bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
+    """lora_linear with a 4-bit base: W0 = dequantize_4bit(..., x.dtype), then lora_linear's formula and rounding."""
+    weight = dequantize_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, x.shape[1],
+                             blocksize, x.dtype)
+    return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def lora_linear_4bit_backward(grad_y, x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
+                              blocksize, lora_A, lora_B, xa, scaling, dropout_p=0.0, seed=None):
+    """lora_linear_backward with the 4-bit base dequantized in x's dtype: (dx, dA, dB)."""
+    weight = dequantize_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, x.shape[1],
+                             blocksize, x.dtype)
+    return lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed)
+
+
 def _adapter_rows(adapter_ids: torch.Tensor, n: int):
     """(adapter, row indices) for every adapter that has rows in the batch (ids of -1: no adapter)."""
     for a in range(n):

@@ -193,6 +193,19 @@ def check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     return x, weight, bias, lora_A, lora_B
 
 
+def check_4bit_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """lora_linear's checks with a 4-bit weight (a Weight4bit): every argument as for a dense weight of the same
+    shape, on the codes' device; returns the (autocast) x, bias, lora_A, lora_B."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    # a stand-in of the weight's shape, x's dtype and device (one element, expanded), for the shared checks
+    stand_in = x.new_empty(()).expand(weight.shape)
+    x, _, bias, lora_A, lora_B = check_and_autocast(x, stand_in, bias, lora_A, lora_B, scaling, dropout_p)
+    if weight.device != x.device:
+        raise ValueError(f"the 4-bit weight must be on x's device {x.device}, got {weight.device}")
+    return x, bias, lora_A, lora_B
+
+
 def _autocast(x, weight, bias, lora_A, lora_B):
     """As nn.Linear under autocast: every operand in the autocast dtype (float64 ones excepted); the
     casts are differentiable, so float32 parameters still receive float32 gradients."""

@@ -1,0 +1,131 @@
+// Fused LoRA linear on a 4-bit base (QLoRA): lora_linear.cpp's op with W0 in bitsandbytes' 4-bit layout.
+//
+//   forward   y  = bias + x W0ᵀ           Packed4bit::forward (cpu/weight4bit.cpp): W0 dequantized a panel at a
+//                                         time, or read once by the decode GEMV; never whole
+//             xa, y += s · xa Bᵀ           the 16-bit-weight op's LoRA part (add_lora_forward), unchanged
+//   backward  dx = dy W0 + LoRA term       Packed4bit::input_grad, then lora_backward: dA, dB and dx's LoRA term
+//
+// The rounding rules are lora_linear.cpp's, with W0 = dequantize(W0 in x's dtype) (reference.py).
+#include "fused_common.h"
+#include "weight4bit.h"
+
+namespace lora_kernels {
+namespace fused {
+namespace {
+
+void check_cpu_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+  LK_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  LK_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  LK_CHECK(t.numel() == numel && t.is_contiguous(), name, " must be a contiguous tensor of ", numel,
+           " elements, got ", t.sizes());
+}
+
+void check_lora_args(const at::Tensor& x, int64_t out_features, const OptionalTensor& bias, const at::Tensor& lora_A,
+                     const at::Tensor& lora_B, double dropout_p) {
+  LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
+  LK_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+           "x must be float32, bfloat16 or float16 on a 4-bit weight, got ", x.scalar_type());
+  LK_CHECK(lora_A.dim() == 2 && lora_A.size(1) == x.size(1), "lora_A must be [r, ", x.size(1), "], got ",
+           lora_A.sizes());
+  LK_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out_features && lora_B.size(1) == lora_A.size(0), "lora_B must be [",
+           out_features, ", ", lora_A.size(0), "], got ", lora_B.sizes());
+  if (is_mixed(x, lora_A)) {
+    check_same(lora_B, "lora_B", lora_A, "lora_A");
+    LK_CHECK(lora_A.device() == x.device(), "lora_A must be on x's device ", x.device(), ", got ", lora_A.device());
+  } else {
+    check_same(lora_A, "lora_A", x);
+    check_same(lora_B, "lora_B", x);
+  }
+  if (bias.has_value()) {
+    LK_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must be [", out_features, "], got ",
+             bias->sizes());
+    check_same(*bias, "bias", x);
+  }
+  LK_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+}
+
+}  // namespace
+
+Packed4bit packed_4bit(const at::Tensor& codes, const at::Tensor& absmax, const OptionalTensor& nested_absmax,
+                       const OptionalTensor& nested_code, const OptionalTensor& offset, const at::Tensor& code_table,
+                       int64_t out_features, int64_t in_features, int64_t blocksize) {
+  LK_CHECK(out_features >= 0 && in_features >= 0, "the 4-bit weight's shape must be non-negative, got [",
+           out_features, ", ", in_features, "]");
+  LK_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
+           "blocksize must be a power of two in [32, 4096], got ", blocksize);
+  const int64_t n = out_features * in_features, blocks = (n + blocksize - 1) / blocksize;
+  check_cpu_tensor(codes, "codes", at::kByte, (n + 1) / 2);
+  check_cpu_tensor(code_table, "code_table", at::kFloat, 16);
+  Packed4bit w;
+  w.codes = codes.data_ptr<uint8_t>();
+  w.out = out_features;
+  w.in = in_features;
+  w.blocksize = blocksize;
+  std::copy_n(code_table.data_ptr<float>(), 16, w.table);
+  const bool nested = nested_absmax.has_value();
+  LK_CHECK(nested == nested_code.has_value() && nested == offset.has_value(),
+           "nested_absmax, nested_code and offset come together (double quantization) or not at all");
+  if (nested) {
+    check_cpu_tensor(absmax, "absmax", at::kByte, blocks);
+    check_cpu_tensor(*nested_absmax, "nested_absmax", at::kFloat,
+                     (blocks + Packed4bit::kNestedBlock - 1) / Packed4bit::kNestedBlock);
+    check_cpu_tensor(*nested_code, "nested_code", at::kFloat, 256);
+    check_cpu_tensor(*offset, "offset", at::kFloat, 1);
+    w.absmax_codes = absmax.data_ptr<uint8_t>();
+    w.nested_absmax = nested_absmax->data_ptr<float>();
+    w.nested_code = nested_code->data_ptr<float>();
+    w.offset = offset->data_ptr<float>()[0];
+  } else {
+    check_cpu_tensor(absmax, "absmax", at::kFloat, blocks);
+    w.absmax = absmax.data_ptr<float>();
+  }
+  return w;
+}
+
+}  // namespace fused
+
+std::tuple<at::Tensor, at::Tensor> fused_forward_4bit_cpu(
+    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const OptionalTensor& nested_absmax,
+    const OptionalTensor& nested_code, const OptionalTensor& offset, const at::Tensor& code_table,
+    int64_t out_features, int64_t blocksize, const OptionalTensor& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed) {
+  fused::check_lora_args(x, out_features, bias, lora_A, lora_B, dropout_p);
+  const fused::Packed4bit w = fused::packed_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table,
+                                                 out_features, x.size(1), blocksize);
+  at::Tensor y = w.forward(x, bias);
+  at::Tensor xa = at::empty({x.size(0), lora_A.size(0)}, lora_A.options());
+  fused::add_lora_forward(fused::kCpu, x, y, xa, lora_A, lora_B, scaling, dropout_p, seed, 0);
+  return {y, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_4bit_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+    const OptionalTensor& nested_absmax, const OptionalTensor& nested_code, const OptionalTensor& offset,
+    const at::Tensor& code_table, int64_t out_features, int64_t blocksize, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx) {
+  fused::check_lora_args(x, out_features, c10::nullopt, lora_A, lora_B, dropout_p);
+  LK_CHECK(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == out_features, "grad_y must be [",
+           x.size(0), ", ", out_features, "], got ", grad_y.sizes());
+  LK_CHECK(xa.dim() == 2 && xa.size(0) == x.size(0) && xa.size(1) == lora_A.size(0), "xa must be [", x.size(0), ", ",
+           lora_A.size(0), "], got ", xa.sizes());
+  fused::check_same(grad_y, "grad_y", x);
+  fused::check_same(xa, "xa", lora_A, "lora_A");
+  const fused::Packed4bit w = fused::packed_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table,
+                                                 out_features, x.size(1), blocksize);
+  at::Tensor dx = need_dx ? w.input_grad(grad_y.contiguous()) : at::Tensor();
+  auto [dA, dB] = fused::lora_backward(fused::kCpu, grad_y, x, lora_A, lora_B, xa, scaling, dropout_p, seed, 0, dx);
+  return {need_dx ? dx : at::empty({0}, x.options()), dA, dB};
+}
+
+at::Tensor dequantize_4bit_cpu(const at::Tensor& codes, const at::Tensor& absmax, const OptionalTensor& nested_absmax,
+                               const OptionalTensor& nested_code, const OptionalTensor& offset,
+                               const at::Tensor& code_table, int64_t out_features, int64_t in_features,
+                               int64_t blocksize, at::ScalarType dtype) {
+  LK_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+           "dtype must be float32, bfloat16 or float16, got ", dtype);
+  return fused::packed_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, in_features,
+                            blocksize)
+      .dequantize(dtype);
+}
+
+}  // namespace lora_kernels

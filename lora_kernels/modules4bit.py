@@ -1,0 +1,250 @@
+"""LoRALinear4bit: LoRALinear on a frozen 4-bit base weight (QLoRA), served by the 4-bit kernels.
+
+    layer = LoRALinear4bit.quantize(nn.Linear(4096, 4096), r=16)     # quantized here (no bitsandbytes needed)
+    layer = LoRALinear.from_linear(bnb_linear4bit, r=16)              # a bitsandbytes Linear4bit, tensors shared
+    layer.merge_and_unload()                                          # a 16-bit nn.Linear holding W0 + s·BA
+
+The state dict is bitsandbytes' Linear4bit's (``weight`` the packed codes, ``weight.absmax``, ``weight.quant_map``,
+``weight.nested_*``, ``weight.quant_state.bitsandbytes__nf4``) plus ``lora_A`` / ``lora_B``: a transformers/PEFT
+QLoRA checkpoint reads it, and it reads theirs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import LoRAConfig
+from .functional import lora_linear, merge_
+from .modules import LoRALinear, linear_holding
+from .weight4bit import Weight4bit
+
+__all__ = ["LoRALinear4bit", "is_bnb_linear4bit"]
+
+_SCALE_BUFFERS = ("absmax", "nested_absmax", "offset")
+
+
+def is_bnb_linear4bit(module: nn.Module) -> bool:
+    """Whether module is a bitsandbytes Linear4bit (checked by its weight's class: no import of bitsandbytes)."""
+    weight = getattr(module, "weight", None)
+    return type(weight).__name__ == "Params4bit" and hasattr(weight, "quant_state")
+
+
+class LoRALinear4bit(LoRALinear):
+    """y = x W0ᵀ + b + scaling · B A dropout(x) with W0 a frozen Weight4bit (bitsandbytes' NF4/FP4 layout).
+
+    The codes are the Parameter ``weight`` (uint8 [out·in/2, 1], frozen, as bitsandbytes stores them, so that
+    .to() and optimizers see the layer as they see a Linear4bit); the scales are buffers. compute_dtype: the dtype
+    the layer computes in (x is cast to it and the result back, as bitsandbytes' Linear4bit does); None: x's.
+    Merging into the 4-bit weight requantizes it, so it is only done when asked (merge(requantize=True), which
+    records the error it introduces and keeps the original codes for an exact unmerge); merge_and_unload() gives a
+    16-bit nn.Linear instead (W0 dequantized, s·BA added in float64, one rounding): how QLoRA adapters ship.
+    """
+
+    def __init__(self, weight: Weight4bit, bias: Tensor | None = None, config: LoRAConfig | None = None, *,
+                 adapter_dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None, **options):
+        nn.Module.__init__(self)
+        config = LoRAConfig.of(config, options)
+        if config.fan_in_fan_out:
+            raise ValueError("fan_in_fan_out does not apply to a 4-bit weight (it is stored [out, in])")
+        if not isinstance(weight, Weight4bit):
+            raise TypeError(f"weight must be a Weight4bit, got {type(weight).__name__}")
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+        self.compute_dtype = compute_dtype
+        self._set_weight4bit(weight)
+        self._setup(weight.in_features, weight.out_features, self.weight, bias, config,
+                    adapter_dtype or compute_dtype or weight.dtype)
+        self.base_layer_type = nn.Linear
+        self._unmerged = None
+        self.merge_error = None
+        self.reset_lora_parameters()
+
+    # -- making one -----------------------------------------------------------------------------------------
+    @classmethod
+    def quantize(cls, linear: nn.Linear, config: LoRAConfig | None = None, *, blocksize: int = 64,
+                 quant_type: str = "nf4", double_quant: bool = True, adapter_dtype: torch.dtype | None = None,
+                 compute_dtype: torch.dtype | None = None, **options) -> "LoRALinear4bit":
+        """Quantize an nn.Linear's weight (bitsandbytes' bytes, Weight4bit.quantize) and wrap it; its bias is
+        shared."""
+        if not isinstance(linear, nn.Linear) or is_bnb_linear4bit(linear):
+            raise TypeError(f"linear must be a float nn.Linear, got {type(linear).__name__}")
+        weight = Weight4bit.quantize(linear.weight.detach(), blocksize, quant_type, double_quant)
+        return cls(weight, linear.bias, config, adapter_dtype=adapter_dtype, compute_dtype=compute_dtype, **options)
+
+    @classmethod
+    def from_bnb(cls, linear: nn.Module, config: LoRAConfig | None = None, *,
+                 adapter_dtype: torch.dtype | None = None, **options) -> "LoRALinear4bit":
+        """Wrap a bitsandbytes Linear4bit (quantized: moved to a device), sharing its codes, scales and bias; its
+        compute_dtype is kept."""
+        weight = Weight4bit.from_bnb(linear.weight)
+        compute_dtype = getattr(linear, "compute_dtype", None)
+        layer = cls(weight, linear.bias, config, adapter_dtype=adapter_dtype or compute_dtype or weight.dtype,
+                    compute_dtype=compute_dtype, **options)
+        layer.base_layer_type = type(linear)
+        return layer
+
+    def _set_weight4bit(self, weight: Weight4bit) -> None:
+        self.weight = nn.Parameter(weight.codes.view(-1, 1), requires_grad=False)
+        for name in _SCALE_BUFFERS:
+            self.register_buffer(f"weight_{name}", getattr(weight, name), persistent=False)  # in bnb's keys instead
+        self.weight_format = (weight.shape, weight.blocksize, weight.quant_type, weight.dtype)
+        self.__dict__["_weight4bit"] = weight
+
+    # -- the weight -----------------------------------------------------------------------------------------
+    def base_weight(self) -> Weight4bit:
+        """W0 as a Weight4bit over this layer's current tensors (rebuilt after .to(), a load or a merge)."""
+        cached = self.__dict__.get("_weight4bit")
+        if cached is None:
+            shape, blocksize, quant_type, dtype = self.weight_format
+            cached = Weight4bit(self.weight.data.reshape(-1), self.weight_absmax, shape, blocksize, quant_type, dtype,
+                                self.weight_nested_absmax, self.weight_offset)
+            self.__dict__["_weight4bit"] = cached
+        return cached
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.__dict__["_weight4bit"] = None  # the codes or scales may be new tensors
+        return self
+
+    @LoRALinear.scaling.setter
+    def scaling(self, value: float) -> None:
+        if self.__dict__.get("merged"):
+            raise RuntimeError("unmerge() before changing the scaling of a layer merged into its 4-bit weight")
+        LoRALinear.scaling.fset(self, value)
+
+    def switch_adapter(self, lora_A: Tensor, lora_B: Tensor, lora_alpha: float | None = None,
+                       safe: bool = False) -> None:
+        if self.merged:
+            raise RuntimeError("unmerge() before switching the adapter of a layer merged into its 4-bit weight")
+        super().switch_adapter(lora_A, lora_B, lora_alpha, safe)
+
+    def _reset_base_parameters(self) -> None:
+        raise RuntimeError("a 4-bit base weight is frozen; quantize a float layer instead (LoRALinear4bit.quantize)")
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        w4 = self.base_weight()
+        if self.merged or self.adapter_disabled:
+            (lora_A, lora_B), scaling = self._no_adapter(w4, x), 0.0
+        else:
+            lora_A, lora_B, scaling = self.lora_A, self.lora_B, self._scaling_for(x)
+        y = lora_linear(x, w4, bias, lora_A, lora_B, scaling, self.lora_dropout, self.training)
+        return y if y.dtype == dtype else y.to(dtype)
+
+    def _no_adapter(self, w4: Weight4bit, x: Tensor):
+        """A rank-1 zero adapter: the base layer alone through the same kernels (no whole dequantized weight)."""
+        key = (x.device, x.dtype)
+        zeros = self.__dict__.get("_zero_adapter")
+        if zeros is None or zeros[0] != key:
+            zeros = (key, (x.new_zeros(1, w4.in_features), x.new_zeros(w4.out_features, 1)))
+            self.__dict__["_zero_adapter"] = zeros
+        return zeros[1]
+
+    # -- merging --------------------------------------------------------------------------------------------
+    def merge(self, safe: bool = False, requantize: bool = False) -> None:
+        """Fold scaling · B A into the 4-bit weight: only with requantize=True (the merged weight is quantized
+        again; merge_error then holds the largest |requantized − (W0 + s·BA)|, and unmerge() restores the original
+        codes exactly). For a merged 16-bit model use merge_and_unload()."""
+        if self.merged:
+            return
+        if not requantize:
+            raise RuntimeError("merging into a 4-bit weight requantizes it (an error of up to half a 4-bit step "
+                               "per element): call merge(requantize=True) to accept it, or merge_and_unload() "
+                               "for a 16-bit layer holding W0 + s·BA exactly")
+        original = self.base_weight()
+        exact = self._merged_dense(torch.float32, safe)
+        merged = Weight4bit.quantize(exact, original.blocksize, original.quant_type, original.double_quant)
+        self.merge_error = float((merged.dequantize(torch.float32) - exact).abs().max()) if exact.numel() else 0.0
+        self._unmerged = original
+        self._replace_weight(merged.to(dtype=original.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Put the original codes and scales back (bit for bit)."""
+        if self.merged:
+            self._replace_weight(self._unmerged)
+            self._unmerged, self.merged, self.merge_error = None, False, None
+
+    def _replace_weight(self, weight: Weight4bit) -> None:
+        with torch.no_grad():
+            self.weight.data = weight.codes.view(-1, 1)
+            for name in _SCALE_BUFFERS:
+                setattr(self, f"weight_{name}", getattr(weight, name))
+        self.__dict__["_weight4bit"] = None
+
+    def _merged_dense(self, dtype: torch.dtype, safe: bool = False) -> Tensor:
+        """W0 + s·BA [out, in] in `dtype`: W0 dequantized (exact in float64), the product added in float64, one
+        rounding; W0 is the original weight when the layer is merged."""
+        original = self._unmerged if self.merged else self.base_weight()
+        dense = original.dequantize(torch.float32).double()
+        merge_(dense, self.lora_A.detach().double(), self.lora_B.detach().double(), self.scaling, safe=safe)
+        return dense.to(dtype)
+
+    def merged_adapter_tensors(self):
+        return None  # the state dict writes the original codes itself (_save_to_state_dict)
+
+    def _merge_token(self):
+        return None
+
+    def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """An nn.Linear in `dtype` (default: the 4-bit weight's dtype) holding W0 + s·BA, rounded once."""
+        dtype = dtype or self.weight_format[3]
+        weight = nn.Parameter(self._merged_dense(dtype), requires_grad=False)
+        bias = None if self.bias is None else nn.Parameter(self.bias.detach().to(dtype), self.bias.requires_grad)
+        return linear_holding(weight, bias)
+
+    def unload(self) -> nn.Module:
+        """The base layer without the adapter: a bitsandbytes Linear4bit holding the original codes (shared)."""
+        import bitsandbytes as bnb
+
+        self.unmerge()
+        w4 = self.base_weight()
+        layer = bnb.nn.Linear4bit(w4.in_features, w4.out_features, bias=self.bias is not None,
+                                  compute_dtype=self.compute_dtype, compress_statistics=w4.double_quant,
+                                  quant_type=w4.quant_type, device="meta")
+        layer.weight = w4.to_bnb()
+        layer.bias = self.bias
+        return layer
+
+    # -- state dict: bitsandbytes' keys ---------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w4 = self._unmerged if self.merged else self.base_weight()
+        for key, value in w4.state_dict_entries(prefix + "weight").items():
+            destination[key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        quantized = [k for k in state_dict if k.startswith(prefix + "weight.")]
+        merged = self.merged
+        if quantized:
+            if merged:
+                self.unmerge()
+            loaded = Weight4bit.from_state_dict(state_dict, prefix + "weight")
+            if (loaded.shape, loaded.blocksize, loaded.quant_type) != self.weight_format[:3] or \
+                    loaded.double_quant != self.base_weight().double_quant:
+                error_msgs.append(f"{prefix}weight: a {loaded} cannot be loaded into a layer holding "
+                                  f"{self.base_weight()}")
+                return
+            state_dict = {k: v for k, v in state_dict.items() if k not in quantized}
+            with torch.no_grad():
+                for name in _SCALE_BUFFERS:
+                    mine = getattr(self, f"weight_{name}")
+                    if mine is not None:
+                        mine.copy_(getattr(loaded, name))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.__dict__["_weight4bit"] = None
+        if merged and not self.merged:
+            self.merge(requantize=True)  # the loaded adapter, into the loaded weight
+
+    def extra_repr(self) -> str:
+        shape, blocksize, quant_type, dtype = self.weight_format
+        return (super().extra_repr() + f", base={quant_type} blocksize={blocksize}"
+                + (", double_quant" if self.weight_nested_absmax is not None else "")
+                + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype else ""))

@@ -1,0 +1,174 @@
+"""The fused LoRA linear op on a 4-bit base (QLoRA): its implementations per backend and its one definition.
+
+    lora_linear_4bit_op(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize,
+                        bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y [M, out], xa [M, r])
+
+The weight arrives as its parts (Weight4bit.kernel_args(): tensors and ints), so that it passes through
+torch.library like any argument; everything else is lora_linear's op (ops/lora_linear.py): the scaling as a float
+or a 0-d tensor, the seed as a 0-d int64 tensor or None, the same saved state (x, xa, seed: never drop(x), never
+the dequantized weight) and the same gradients. reference.lora_linear_4bit is the spec.
+
+Backends: cpu (lora_kernels._C: csrc/lora_linear_4bit.cpp, csrc/cpu/weight4bit.cpp) and reference (which
+dequantizes the whole weight: it is the spec, and what runs on a GPU until the Triton 4-bit kernels exist).
+
+    forward(x, w4, bias, lora_A, lora_B, scaling, p, seed) -> (y, xa)
+    backward(grad_y, x, w4, lora_A, lora_B, xa, scaling, p, seed, need_dx) -> (dx or [0], dA, dB)
+
+with w4 the weight's eight parts as a tuple.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backends import FLOAT32_ADAPTERS_ON_HALF, HALF_AND_FLOAT32, Implementation, compiled_extension, implementation, register
+from .definition import Backward, define_op, seed_value
+from .lora_linear import _dropout, _kernel_scaling
+
+OP = "lora_linear_4bit"
+
+
+class ReferenceBackend:
+    """reference.py in the backends' calling convention."""
+
+    @staticmethod
+    def forward(x, w4, bias, lora_A, lora_B, scaling, p, seed):
+        y, xa = reference.lora_linear_4bit(x, *w4, bias, lora_A, lora_B, scaling, p, seed_value(seed))
+        return y.contiguous(), xa.contiguous()
+
+    @staticmethod
+    def backward(grad_y, x, w4, lora_A, lora_B, xa, scaling, p, seed, need_dx):
+        dx, dA, dB = reference.lora_linear_4bit_backward(grad_y, x, *w4, lora_A, lora_B, xa, scaling, p,
+                                                         seed_value(seed))
+        return (dx.contiguous() if need_dx else x.new_empty(0)), dA.contiguous(), dB.contiguous()
+
+
+class CompiledBackend:
+    """lora_kernels._C's CPU kernels (a scaling in device memory is read here: CPU tensors only)."""
+
+    @staticmethod
+    def forward(x, w4, bias, lora_A, lora_B, scaling, p, seed):
+        return torch.ops.lora_kernels.fused_forward_4bit(x, *w4, bias, lora_A, lora_B, float(scaling), p,
+                                                         seed_value(seed))
+
+    @staticmethod
+    def backward(grad_y, x, w4, lora_A, lora_B, xa, scaling, p, seed, need_dx):
+        return torch.ops.lora_kernels.fused_backward_4bit(grad_y, x, *w4, lora_A, lora_B, xa, float(scaling), p,
+                                                          seed_value(seed), need_dx)
+
+
+register(Implementation(OP, "reference", "lora_kernels.ops.lora_linear_4bit:ReferenceBackend",
+                        mixed=FLOAT32_ADAPTERS_ON_HALF))
+register(Implementation(OP, "cpu", "lora_kernels.ops.lora_linear_4bit:CompiledBackend", devices=("cpu",),
+                        dtypes=HALF_AND_FLOAT32, mixed=FLOAT32_ADAPTERS_ON_HALF))
+
+
+def forward(x: Tensor, codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+            offset: Optional[Tensor], code_table: Tensor, out_features: int, blocksize: int, bias: Optional[Tensor],
+            lora_A: Tensor, lora_B: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor]
+            ) -> tuple[Tensor, Tensor]:
+    """(y, xa) on the backend selected for this call (the op's forward entry point)."""
+    p, seed = _dropout(dropout_p, seed)
+    w4 = (codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize)
+    return implementation(OP, x.device, x.dtype, lora_A.dtype).forward(x, w4, bias, lora_A, lora_B,
+                                                                       _kernel_scaling(scaling), p, seed)
+
+
+def _forward_fake(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize, bias,
+                  lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty(x.shape[0], out_features), lora_A.new_empty(x.shape[0], lora_A.shape[0])
+
+
+def backward(grad_y: Tensor, x: Tensor, codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
+             nested_code: Optional[Tensor], offset: Optional[Tensor], code_table: Tensor, out_features: int,
+             blocksize: int, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scaling: Tensor, dropout_p: float,
+             seed: Optional[Tensor], need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx or an empty tensor, dA, dB) on the backend selected for this call."""
+    p, seed = _dropout(dropout_p, seed)
+    w4 = (codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize)
+    return implementation(OP, x.device, x.dtype, lora_A.dtype).backward(grad_y, x, w4, lora_A, lora_B, xa,
+                                                                        _kernel_scaling(scaling), p, seed, need_dx)
+
+
+def _backward_fake(grad_y, x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize,
+                   lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+_W4 = slice(1, 9)  # the weight's parts among the op's inputs
+_BIAS, _A, _B = 9, 10, 11
+
+
+def _setup_context(ctx, inputs, output):
+    x, lora_A, lora_B, seed = inputs[0], inputs[_A], inputs[_B], inputs[14]
+    _, xa = output
+    codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize = inputs[_W4]
+    # x, xa [M, r], the seed and the packed weight (already held by the layer): no dequantized copy is kept
+    ctx.save_for_backward(x, codes, absmax, nested_absmax, nested_code, offset, code_table, lora_A, lora_B, xa, seed)
+    ctx.out_features, ctx.blocksize = out_features, blocksize
+    ctx.scaling, ctx.dropout_p = inputs[12], inputs[13]
+    ctx.mark_non_differentiable(xa)
+
+
+def _gradients(ctx, grad_outputs, run_backward):
+    """The gradients of every input: x, bias, lora_A and lora_B (the 4-bit weight is frozen)."""
+    grad_y = grad_outputs[0]
+    x, codes, absmax, nested_absmax, nested_code, offset, code_table, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    w4 = (codes, absmax, nested_absmax, nested_code, offset, code_table, ctx.out_features, ctx.blocksize)
+    need = ctx.needs_input_grad
+    grads = [None] * 15
+    if torch.is_grad_enabled():  # a graph of the backward (double backward): the reference, differentiated
+        wrt = [(i, t) for i, t in ((0, x), (_A, lora_A), (_B, lora_B)) if need[i]]
+        if wrt:
+            p, seed = _dropout(ctx.dropout_p, seed)
+            y, _ = reference.lora_linear_4bit(x, *w4, None, lora_A, lora_B, _kernel_scaling(ctx.scaling), p,
+                                              seed_value(seed))
+            for (i, _), g in zip(wrt, torch.autograd.grad(y, [t for _, t in wrt], grad_y, create_graph=True)):
+                grads[i] = g
+    else:
+        grad_y = grad_y.contiguous()
+        dx, dA, dB = run_backward(grad_y, x, *w4, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, need[0])
+        grads[0], grads[_A], grads[_B] = (dx if need[0] else None), (dA if need[_A] else None), \
+            (dB if need[_B] else None)
+    if need[_BIAS]:
+        grads[_BIAS] = grad_y.sum(0)
+    return tuple(grads)
+
+
+def _graph_args(args):
+    """Under torch.compile the scaling must be a graph input (a tensor), as for lora_linear (ops/lora_linear.py)."""
+    args = list(args)
+    if not isinstance(args[12], Tensor):
+        x = args[0]
+        device = x.device if x.is_cuda else torch.device("cpu")
+        args[12] = torch.ones((), dtype=torch.float64, device=device) * args[12]
+    return tuple(args)
+
+
+lora_linear_4bit_op = define_op(
+    OP, forward, _forward_fake,
+    backward=Backward(impl=backward, fake=_backward_fake, setup_context=_setup_context, gradients=_gradients),
+    graph_args=_graph_args,
+)
+
+if compiled_extension() is not None:  # fakes of the C++ kernels, so that opcheck and torch.compile see through them
+    @torch.library.register_fake("lora_kernels::fused_forward_4bit")
+    def _(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize, bias, lora_A,
+          lora_B, scaling, dropout_p, seed):
+        return _forward_fake(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
+                             blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+    @torch.library.register_fake("lora_kernels::fused_backward_4bit")
+    def _(grad_y, x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize, lora_A,
+          lora_B, xa, scaling, dropout_p, seed, need_dx):
+        return _backward_fake(grad_y, x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
+                              blocksize, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx)
+
+    @torch.library.register_fake("lora_kernels::dequantize_4bit")
+    def _(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, in_features, blocksize, dtype):
+        return codes.new_empty((out_features, in_features), dtype=dtype)

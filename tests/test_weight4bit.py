@@ -1,0 +1,462 @@
+"""4-bit base weights (QLoRA): bitsandbytes' layout byte for byte, the dequantization bit for bit, and lora_linear
+on a Weight4bit against reference.py on every backend and CPU ISA, outputs and gradients."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import reference
+from lora_kernels.functional import draw_seed
+from lora_kernels.weight4bit import Weight4bit, code_table, dynamic_code
+
+from conftest import DTYPES, assert_matches_reference, compiled_backends
+
+HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
+needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed (./run.sh setup installs it)")
+ISAS = ["avx512", "avx2", "scalar"]  # forced through LORA_KERNELS_CPU_ISA (a lower one than the CPU's is honoured)
+# (out, in): in not a multiple of the blocksize, blocks across rows, an odd element count, a single element
+WEIGHT_SHAPES = [(37, 129), (64, 64), (5, 7), (300, 1000), (1, 1), (33, 96)]
+
+
+def _weight(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 0.05).to(dtype)
+
+
+def _bnb_reference_kernel(op):
+    """bitsandbytes' reference (PyTorch) backend of `op`, which its CUDA kernels follow: its CPU library kernels
+    differ in two places (test_bnb_cpu_library_differences)."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    return lambda *args: op.redispatch(keys, *args)
+
+
+# ---- the layout, against bitsandbytes --------------------------------------------------------------------------
+
+
+@needs_bnb
+def test_tables_are_bitsandbytes():
+    import bitsandbytes.functional as F
+
+    assert torch.equal(code_table("nf4"), F.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(code_table("fp4"), F.get_4bit_type("fp4", device="cpu"))
+    assert torch.equal(dynamic_code(), F.create_dynamic_map())
+
+
+@needs_bnb
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 128, 32])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_writes_bitsandbytes_bytes(dtype, blocksize, quant_type, double_quant):
+    import bitsandbytes.functional as F
+
+    quantize_blockwise = _bnb_reference_kernel(torch.ops.bitsandbytes.quantize_blockwise.default)
+    for shape in WEIGHT_SHAPES:
+        w = _weight(shape, dtype)
+        packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                        compress_statistics=double_quant)
+        ours = Weight4bit.quantize(w, blocksize, quant_type, double_quant)
+        assert torch.equal(ours.codes, packed.view(-1)), shape
+        assert ours.shape == tuple(state.shape) and ours.dtype == state.dtype
+        if not double_quant:
+            assert torch.equal(ours.absmax, state.absmax), shape
+            continue
+        assert torch.equal(ours.offset, state.offset)
+        # the library kernel stores 0 where the reference stores its 1e-38 floor (an all-zero partial block)
+        torch.testing.assert_close(ours.nested_absmax, state.state2.absmax, rtol=0, atol=1e-37)
+        _, absmax = torch.ops.bitsandbytes.quantize_4bit.default(w, blocksize, quant_type, torch.uint8)
+        codes, nested_absmax = quantize_blockwise(absmax - absmax.mean(), F.create_dynamic_map(), 256)
+        assert torch.equal(ours.absmax, codes) and torch.equal(ours.nested_absmax, nested_absmax), shape
+
+
+@needs_bnb
+def test_bnb_cpu_library_differences():
+    """What bitsandbytes 0.50's CPU library does differently from its own reference backend (and from us), pinned
+    so that a change on either side is noticed: (1) its 8-bit search codes ~0.1% of double-quantized scales one
+    step off near midpoints; (2) its dequantize_4bit is wrong when a block spans rows (blocksize > in_features)."""
+    import bitsandbytes.functional as F
+
+    w = _weight((257, 3001))
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    ours = Weight4bit.quantize(w, 64, "nf4", True)
+    steps = (state.absmax.int() - ours.absmax.int()).abs()
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01
+    # the values we decode from bitsandbytes' own bytes are its dequantize_4bit's, bit for bit
+    theirs = Weight4bit.from_bnb(_Params(packed, state))
+    assert torch.equal(theirs.dequantize(torch.float32), F.dequantize_4bit(packed, state))
+    w = _weight((64, 64))
+    packed, state = F.quantize_4bit(w, blocksize=128, quant_type="nf4")
+    dequantize = _bnb_reference_kernel(torch.ops.bitsandbytes.dequantize_4bit.default)
+    ref = dequantize(packed, state.absmax, 128, "nf4", (64, 64), torch.float32)
+    assert torch.equal(Weight4bit.quantize(w, 128).dequantize(torch.float32), ref)
+
+
+class _Params:
+    """The two attributes of a bitsandbytes Params4bit that from_bnb reads."""
+
+    def __init__(self, data, quant_state):
+        self.data, self.quant_state = data, quant_state
+
+
+@needs_bnb
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_dequantize_is_bitsandbytes_bit_for_bit(blocksize, quant_type, double_quant):
+    import bitsandbytes.functional as F
+
+    dequantize = _bnb_reference_kernel(torch.ops.bitsandbytes.dequantize_4bit.default)
+    for shape in WEIGHT_SHAPES:
+        packed, state = F.quantize_4bit(_weight(shape), blocksize=blocksize, quant_type=quant_type,
+                                        compress_statistics=double_quant)
+        ours = Weight4bit.from_bnb(_Params(packed, state))
+        scales = ours.scales()
+        if double_quant:  # bitsandbytes' decoding of double-quantized scales
+            nested = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            assert torch.equal(scales, nested)
+        for dtype in DTYPES:
+            expected = dequantize(packed, scales, blocksize, quant_type, shape, dtype)
+            assert torch.equal(ours.dequantize(dtype), expected), (shape, dtype)
+            if shape[1] % blocksize == 0:  # the public function (its CPU library kernel) too, where that one is right
+                state.dtype = dtype
+                assert torch.equal(ours.dequantize(dtype), F.dequantize_4bit(packed, state)), (shape, dtype)
+
+
+@needs_bnb
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bitsandbytes_round_trip_shares_memory(double_quant):
+    import bitsandbytes as bnb
+
+    # in_features a multiple of the blocksize: bitsandbytes' CPU kernels are wrong when blocks span rows
+    layer = bnb.nn.Linear4bit(128, 33, bias=True, compress_statistics=double_quant, quant_type="nf4",
+                              compute_dtype=torch.float32)
+    layer.load_state_dict({"weight": _weight((33, 128)), "bias": torch.zeros(33)})
+    layer = layer.to("cpu")  # bitsandbytes quantizes on the move
+    ours = Weight4bit.from_bnb(layer.weight)
+    assert ours.codes.data_ptr() == layer.weight.data.data_ptr()
+    assert ours.absmax.data_ptr() == layer.weight.quant_state.absmax.data_ptr()
+    back = ours.to_bnb()
+    assert back.data.data_ptr() == layer.weight.data.data_ptr()
+    x = torch.randn(5, 128)
+    assert torch.equal(bnb.functional.dequantize_4bit(back.data, back.quant_state), ours.dequantize(torch.float32))
+    # the state dict bitsandbytes writes, read by us; ours, read by bitsandbytes' QuantState
+    state = layer.state_dict()
+    assert torch.equal(Weight4bit.from_state_dict(state).dequantize(), ours.dequantize())
+    entries = ours.state_dict_entries("weight")
+    assert set(entries) == {k for k in state if k.startswith("weight")}
+    # what transformers does with a saved 4-bit checkpoint: Params4bit.from_prequantized
+    loaded = bnb.nn.Params4bit.from_prequantized(
+        entries["weight"], {k.removeprefix("weight."): v for k, v in entries.items() if k != "weight"}, device="cpu")
+    assert torch.equal(bnb.functional.dequantize_4bit(loaded.data, loaded.quant_state), ours.dequantize())
+    torch.testing.assert_close(layer(x), x @ ours.dequantize().t() + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_nbytes_per_weight():
+    w4 = Weight4bit.quantize(_weight((512, 1024)), 64, "nf4", double_quant=True)
+    assert w4.nbytes() / (512 * 1024) <= 0.517
+    assert Weight4bit.quantize(_weight((512, 1024)), 64).nbytes() / (512 * 1024) == 0.5625
+
+
+# ---- the CPU kernels' dequantization -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(lk.compiled_extension() is None, reason="lora_kernels._C is not built")
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_dequantize_is_the_reference_bit_for_bit(isa, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_CPU_ISA", isa)
+    for shape in WEIGHT_SHAPES:
+        for blocksize, double_quant in ((32, False), (64, True), (128, False)):
+            w4 = Weight4bit.quantize(_weight(shape), blocksize, "nf4", double_quant)
+            for dtype in DTYPES:
+                ours = torch.ops.lora_kernels.dequantize_4bit(*w4.kernel_args()[:6], *shape, blocksize, dtype)
+                assert torch.equal(ours, w4.dequantize(dtype)), (shape, blocksize, dtype)
+
+
+# ---- lora_linear on a 4-bit weight ------------------------------------------------------------------------------
+
+SCALING = 1.5
+# (leading dims of x, in, out, r, blocksize, double_quant)
+SHAPES = [((0,), 96, 33, 4, 64, True), ((1,), 129, 37, 3, 64, True), ((37,), 129, 37, 16, 32, False),
+          ((5, 7), 64, 70, 8, 128, True), ((3,), 1000, 300, 4, 64, False)]
+
+
+def _inputs(lead, in_f, out_f, r, blocksize, double_quant, dtype, adapter_dtype=None):
+    g = torch.Generator().manual_seed(3)
+    adapter_dtype = adapter_dtype or dtype
+    w4 = Weight4bit.quantize((torch.randn(out_f, in_f, generator=g) * 0.05), blocksize, "nf4", double_quant)
+    return {"x": torch.randn(*lead, in_f, generator=g).to(dtype), "weight": w4,
+            "bias": (torch.randn(out_f, generator=g) * 0.1).to(dtype),
+            "lora_A": (torch.randn(r, in_f, generator=g) * 0.1).to(adapter_dtype),
+            "lora_B": (torch.randn(out_f, r, generator=g) * 0.1).to(adapter_dtype)}
+
+
+def _run(t, dropout_p, oracle=None):
+    """y and the gradients of (x, lora_A, lora_B, bias) under a fixed dropout seed. oracle: None (ours), "plain"
+    (the reference on the weight dequantized in x's dtype) or "exact" (the same in float64)."""
+    cast = (lambda v: v.double()) if oracle == "exact" else (lambda v: v)
+    leaves = {k: cast(v).detach().clone().requires_grad_() for k, v in t.items() if k != "weight"}
+    torch.manual_seed(1234)
+    if oracle is None:
+        y = lk.lora_linear(leaves["x"], t["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], SCALING,
+                           dropout_p, training=True)
+    else:
+        seed = int(draw_seed()) if dropout_p else None
+        weight = cast(t["weight"].dequantize(t["x"].dtype))
+        x2d = leaves["x"].reshape(-1, leaves["x"].shape[-1])
+        y, _ = reference.lora_linear(x2d, weight, leaves["bias"], leaves["lora_A"], leaves["lora_B"], SCALING,
+                                     dropout_p, seed)
+        y = y.view(*leaves["x"].shape[:-1], t["weight"].out_features)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
+    return y, torch.autograd.grad(y, [leaves[k] for k in ("x", "lora_A", "lora_B", "bias")], grad_y)
+
+
+def _check(t, dropout_p):
+    y, grads = _run(t, dropout_p)
+    y_exact, grads_exact = _run(t, dropout_p, "exact")
+    y_plain, grads_plain = _run(t, dropout_p, "plain")
+    assert_matches_reference(y, y_exact, y_plain, "y")
+    for name, ours, exact, plain in zip(("dx", "dA", "dB", "dbias"), grads, grads_exact, grads_plain):
+        assert_matches_reference(ours, exact, plain, name)
+
+
+def _backend_isa_cases():
+    yield "reference", None
+    if "cpu" in compiled_backends():
+        for isa in ISAS:
+            yield "cpu", isa
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("backend,isa", list(_backend_isa_cases()), ids=str)
+def test_lora_linear_4bit_matches_reference(backend, isa, shape, dtype, dropout_p, use_backend, monkeypatch):
+    use_backend(backend)
+    if isa:
+        monkeypatch.setenv("LORA_KERNELS_CPU_ISA", isa)
+    _check(_inputs(*shape, dtype), dropout_p)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in compiled_backends() if b == "cpu"])
+def test_float32_adapters_on_a_16bit_compute_dtype(backend, dtype, use_backend):
+    use_backend(backend)
+    _check(_inputs((37,), 129, 37, 4, 64, True, dtype, adapter_dtype=torch.float32), 0.25)
+
+
+def test_decode_takes_the_fused_path_and_matches():
+    """M = 1 float32 (the GEMV that reads the packed weight once) against the panel path at M = 2."""
+    t = _inputs((2,), 1000, 300, 4, 64, True, torch.float32)
+    with torch.no_grad():
+        both = lk.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], SCALING)
+        one = lk.lora_linear(t["x"][:1], t["weight"], t["bias"], t["lora_A"], t["lora_B"], SCALING)
+    torch.testing.assert_close(one, both[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_weight_is_never_dequantized_whole_by_the_cpu_kernels(monkeypatch):
+    """The op never calls Weight4bit.dequantize / reference.dequantize_4bit on the cpu backend."""
+    if "cpu" not in compiled_backends():
+        pytest.skip("lora_kernels._C is not built")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "cpu")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole weight was dequantized")
+
+    monkeypatch.setattr(reference, "dequantize_4bit", refuse)
+    t = _inputs((37,), 129, 37, 4, 64, True, torch.float32)
+    x = t["x"].requires_grad_()
+    lk.lora_linear(x, t["weight"], t["bias"], t["lora_A"], t["lora_B"], SCALING, 0.1, True).sum().backward()
+    assert x.grad is not None
+
+
+def test_bad_4bit_weights_get_clear_errors():
+    w4 = Weight4bit.quantize(_weight((33, 96)), 64, "nf4", True)
+    with pytest.raises(ValueError, match="codes must hold"):
+        Weight4bit(w4.codes[:-1], w4.absmax, w4.shape, 64, "nf4", torch.float32, w4.nested_absmax, w4.offset)
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        Weight4bit(w4.codes, w4.absmax, w4.shape, 48)
+    with pytest.raises(ValueError, match="absmax must be float32"):
+        Weight4bit(w4.codes, w4.absmax, w4.shape, 64)  # uint8 scales without their nested absmax
+    with pytest.raises(ValueError, match="absmax must be uint8"):
+        Weight4bit(w4.codes, w4.absmax[:-1], w4.shape, 64, "nf4", torch.float32, w4.nested_absmax, w4.offset)
+    with pytest.raises(ValueError, match="quant_type"):
+        Weight4bit.quantize(_weight((4, 4)), 64, "int4")
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        Weight4bit.quantize(_weight((4, 4)).double(), 64)
+    x, A, B = torch.randn(3, 95), torch.randn(2, 96), torch.randn(33, 2)
+    with pytest.raises(ValueError, match="in_features=96"):
+        lk.lora_linear(x, w4, None, A, B, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        lk.lora_linear(torch.randn(3, 96), w4, None, A, torch.randn(32, 2), 1.0)
+    with pytest.raises(ValueError, match="bias"):
+        lk.lora_linear(torch.randn(3, 96), w4, torch.randn(32), A, B, 1.0)
+
+
+@pytest.mark.skipif(lk.compiled_extension() is None, reason="lora_kernels._C is not built")
+def test_opcheck_4bit_op():
+    from lora_kernels.ops.lora_linear_4bit import lora_linear_4bit_op
+
+    t = _inputs((5,), 96, 33, 4, 64, True, torch.float32)
+    args = (t["x"].requires_grad_(), *t["weight"].kernel_args(), t["bias"], t["lora_A"].requires_grad_(),
+            t["lora_B"].requires_grad_(), torch.tensor(1.5, dtype=torch.float64), 0.1, draw_seed())
+    torch.library.opcheck(lora_linear_4bit_op.custom_op, args)
+
+
+def test_compiles_fullgraph_without_recompiles_when_the_adapter_changes():
+    t = _inputs((5,), 96, 33, 4, 64, True, torch.float32)
+    w4 = t["weight"]
+    counts = {"n": 0}
+
+    def backend(gm, example_inputs):
+        counts["n"] += 1
+        return gm.forward
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def step(x, bias, A, B, scaling):
+        return lk.lora_linear(x, w4, bias, A, B, scaling, 0.1, training=True)
+
+    x = t["x"].requires_grad_()
+    for alpha in (1.0, 3.0):
+        y = step(x, t["bias"], torch.randn(4, 96), torch.randn(33, 4), torch.tensor(alpha, dtype=torch.float64))
+        y.sum().backward()
+    assert counts["n"] == 1
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def infer(x, A, B, scaling):
+        return lk.lora_linear(x, w4, t["bias"], A, B, scaling)
+
+    A, B = torch.randn(4, 96), torch.randn(33, 4)
+    torch.testing.assert_close(infer(t["x"], A, B, torch.tensor(2.0, dtype=torch.float64)),
+                               lk.lora_linear(t["x"], w4, t["bias"], A, B, 2.0))
+
+
+# ---- modules and interop ------------------------------------------------------------------------------------
+
+
+def test_lora_linear4bit_module_trains_merges_and_unloads():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 33)
+    layer = lk.LoRALinear4bit.quantize(linear, r=4, lora_alpha=8)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 128)
+    w0 = layer.base_weight().dequantize(torch.float32)
+    expected = x @ w0.t() + linear.bias + 2.0 * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    y = layer(x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None and layer.bias.grad is not None
+    assert not layer.weight.requires_grad and layer.weight.dtype == torch.uint8
+    with pytest.raises(RuntimeError, match="requantize"):
+        layer.merge()
+    merged = layer.merge_and_unload()
+    assert type(merged) is torch.nn.Linear
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
+    codes = layer.weight.detach().clone()
+    exact = merged.weight.detach()
+    layer.merge(requantize=True)
+    requantized = layer.base_weight().dequantize(torch.float32)
+    assert layer.merge_error == float((requantized - exact).abs().max()) > 0
+    torch.testing.assert_close(layer(x), x @ requantized.t() + linear.bias, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.state_dict()["weight"], codes)  # the state dict keeps W0's codes
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.scaling = 3.0
+    layer.unmerge()
+    assert torch.equal(layer.weight, codes) and torch.equal(layer.base_weight().dequantize(), w0)
+    layer.adapter_disabled = True
+    torch.testing.assert_close(layer(x), x @ w0.t() + linear.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_linear4bit_state_dict_round_trip():
+    torch.manual_seed(0)
+    a = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 33), r=4)
+    torch.nn.init.normal_(a.lora_B)
+    b = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 33), r=4)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 128)
+    assert torch.equal(a(x), b(x))
+    wrong = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 33), r=4, blocksize=128)
+    with pytest.raises(RuntimeError, match="cannot be loaded"):
+        wrong.load_state_dict(a.state_dict())
+
+
+def test_inject_lora_quantize_nf4_without_bitsandbytes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32))
+    dense = [m.weight.detach().clone() for m in model if isinstance(m, torch.nn.Linear)]
+    lk.inject_lora(model, "all-linear", r=4, quantize="nf4")
+    layers = [m for m in model if isinstance(m, lk.LoRALinear4bit)]
+    assert len(layers) == 2
+    for layer, w in zip(layers, dense):
+        assert torch.equal(layer.base_weight().codes, Weight4bit.quantize(w, 64, "nf4", True).codes)
+    x = torch.randn(7, 64)
+    model(x).sum().backward()
+    assert all(layer.lora_A.grad is not None for layer in layers)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
+
+
+def _qlora_models(compute_dtype, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+
+    def build():
+        model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
+                                                              device_map="cpu")
+        torch.manual_seed(1)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        return model
+
+    return build(), build()
+
+
+@needs_bnb
+@pytest.mark.parametrize("compute_dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=str)
+def test_patch_peft_serves_qlora_layers_as_peft_computes_them(compute_dtype, tolerance, tmp_path):
+    """A transformers QLoRA model (BitsAndBytesConfig nf4 + double quant, on CPU) wrapped by PEFT: every LoRA layer
+    is patched, and logits and every gradient match PEFT's own (within the compute dtype's rounding)."""
+    from lora_kernels.peft import patch_peft_model
+
+    ours, theirs = _qlora_models(compute_dtype, tmp_path)
+    report = patch_peft_model(ours)
+    assert len(report.patched) == 14 and not report.skipped, report
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    out_ours, out_theirs = ours(ids, labels=ids), theirs(ids, labels=ids)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=tolerance, atol=tolerance)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    assert grads and {n for n, p in ours.named_parameters() if p.grad is not None} == set(grads)
+    for name, p in ours.named_parameters():
+        if p.grad is not None:
+            scale = grads[name].abs().max()
+            torch.testing.assert_close(p.grad / scale, grads[name] / scale, rtol=tolerance, atol=tolerance,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+@needs_bnb
+def test_lora_from_a_bitsandbytes_linear4bit_shares_it():
+    import bitsandbytes as bnb
+
+    base = bnb.nn.Linear4bit(128, 33, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    base.load_state_dict({"weight": _weight((33, 128)), "bias": torch.zeros(33)})
+    base = base.to("cpu")
+    layer = lk.LoRALinear.from_linear(base, r=4)
+    assert isinstance(layer, lk.LoRALinear4bit) and layer.weight.data_ptr() == base.weight.data_ptr()
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(layer(x), base(x), rtol=1e-5, atol=1e-5)  # B = 0: the base layer
+    unloaded = layer.unload()
+    assert type(unloaded) is bnb.nn.Linear4bit
+    torch.testing.assert_close(unloaded(x), base(x), rtol=0, atol=0)
