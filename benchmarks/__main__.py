@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default=None, help="only cases whose label contains this text")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--provider", default=None,
-                        help="comma list from base,reference,peft,loralib,ours,floor,gemm,ours-safe (default: all; "
-                             "loralib only with --full)")
+                        help="comma list from base,reference,peft,loralib,ours,floor,gemm,ours-safe,ours-dense,"
+                             "dequant (default: all; loralib only with --full; the last two in QLoRA cases)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
     parser.add_argument("--out", type=Path, default=None,
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.provider:
         wanted = args.provider.split(",")
     else:  # loralib only in --full: the quick run must stay under 2 minutes on 2 cores
-        wanted = ["base", "reference", "peft", "ours", "floor", "gemm", "ours-safe"] + (["loralib"] if args.full else [])
+        wanted = (["base", "reference", "peft", "ours", "floor", "gemm", "ours-safe", "ours-dense", "dequant"]
+                  + (["loralib"] if args.full else []))
     if "linear" in ops and "base" not in wanted:
         wanted.append("base")  # ratios need the floor
     if "merge" in ops and "floor" not in wanted:

@@ -16,6 +16,7 @@ class LinearCase:
     dtype: torch.dtype
     train: bool
     dropout: float
+    quantized: str | None = None  # "nf4": a QLoRA case (the base weight in 4 bits; base = F.linear on float32)
 
     @property
     def mode(self) -> str:
@@ -25,7 +26,8 @@ class LinearCase:
 
     @property
     def label(self) -> str:
-        return f"M={self.M} {self.d_in}->{self.d_out} r={self.r} {str(self.dtype)[6:]} {self.mode}"
+        base = f" {self.quantized} base" if self.quantized else ""
+        return f"M={self.M} {self.d_in}->{self.d_out} r={self.r} {str(self.dtype)[6:]}{base} {self.mode}"
 
     @property
     def lora_alpha(self) -> int:
@@ -39,6 +41,8 @@ class LinearCase:
     def target(self, device: str) -> float | None:
         """The ratio ours / base the design aims for (None where none is set)."""
         f = self.lora_share()
+        if self.quantized:  # the QLoRA issue's decode targets (M = 2048 is judged against ours on float32 W0)
+            return {1: 0.6, 16: 0.8}.get(self.M) if device == "cpu" and not self.train else None
         if device == "cpu" and self.dtype == torch.float32 and self.r == 16:
             # 1.5x the LoRA flop share (1.5 f in training, so 2.25 f) + 1 point; dropout + 5 points
             share = 1.5 * f if not self.train else 1.5 * 1.5 * f
@@ -62,6 +66,9 @@ def linear_cases(device: str, full: bool) -> list[LinearCase]:
             cases += [LinearCase(M, i, o, r, torch.float32, t, 0.0) for (M, i, o) in shapes[:3] for r in (8, 64, 128)
                       for t in (False, True)]
             cases += [LinearCase(M, i, o, 16, torch.bfloat16, t, 0.0) for (M, i, o) in shapes[:3] for t in (False, True)]
+        # QLoRA: NF4 base (double quantized, blocksize 64), float32 compute
+        cases += [LinearCase(M, 4096, 4096, 16, torch.float32, t, 0.0, quantized="nf4") for M in (1, 16, 2048)
+                  for t in (False, True)]
         return cases
     sizes = [(4096, 4096), (4096, 14336), (14336, 4096)]
     ranks = (16, 64) if not full else (8, 16, 64, 128)

@@ -6,6 +6,10 @@ LoRA linear providers (same weights, same inputs):
   peft       peft.tuners.lora.Linear (when peft is installed)
   loralib    loralib.Linear (when loralib is installed)
   ours       lora_kernels.LoRALinear on the automatic backend; ours[<backend>] forces one
+QLoRA cases (a 4-bit NF4 base, double quantized): base stays F.linear on the float32 weight; ours is
+  LoRALinear4bit, peft PEFT's LoRA layer on a bitsandbytes Linear4bit holding the same bytes, ours-dense our
+  LoRALinear on the float32 weight, dequant "dequantize the whole W (our kernel), F.linear, LoRA" (unsloth's
+  and torchao's way, autograd keeping W for dx).
 Merge providers: ours (merge_), ours-safe, peft (LoraLayer.merge), gemm (one B @ A), floor (the weight read
 and written once, in place: the memory traffic any in-place merge needs).
 """
@@ -44,8 +48,10 @@ def ours_names(device: str) -> list[str]:
     return ["ours"] + [f"ours[{b}]" for b in extra if b in lora_kernels.available_backends()]
 
 
-def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, wanted, lora_alpha=None) -> list[Provider]:
-    """Providers computing one LoRA linear (forward, or forward + backward when train)."""
+def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, wanted, lora_alpha=None,
+                          quantized=None) -> list[Provider]:
+    """Providers computing one LoRA linear (forward, or forward + backward when train); quantized="nf4": the
+    QLoRA providers (module docstring)."""
     torch.manual_seed(0)
     lora_alpha = 2 * r if lora_alpha is None else lora_alpha
     scaling = lora_alpha / r
@@ -75,6 +81,9 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
     if "base" in wanted:
         providers.append(Provider("base", step(lambda x: F.linear(x, base.weight, base.bias)), default_prepare,
                                   list(base.parameters())))
+    if quantized:
+        return providers + _qlora_providers(base, r, lora_alpha, dropout, train, quantized, wanted, step,
+                                            default_prepare, lora_params)
     if "reference" in wanted:
         ref_A, ref_B = nn.Parameter(lora_A.clone()), nn.Parameter(lora_B.clone())
         trainable.extend([ref_A, ref_B])
@@ -111,6 +120,46 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
         backend = name[5:-1] if name.startswith("ours[") else None
         providers.append(Provider(name, step(layer), _chain(_with_backend(backend), clear_grads),
                                   list(layer.parameters())))
+    return providers
+
+
+def _qlora_providers(base, r, lora_alpha, dropout, train, quant_type, wanted, step, prepare, lora_params):
+    from lora_kernels import LoRALinear4bit, Weight4bit
+
+    w4 = Weight4bit.quantize(base.weight.detach(), 64, quant_type, double_quant=True)
+    providers = []
+    if "ours" in wanted:
+        layer = LoRALinear4bit(w4, base.bias, r=r, lora_alpha=lora_alpha, lora_dropout=dropout).train(train)
+        lora_params(layer.lora_A, layer.lora_B)
+        providers.append(Provider("ours", step(layer), prepare, list(layer.parameters())))
+    if "ours-dense" in wanted:
+        layer = LoRALinear.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=dropout).train(train)
+        lora_params(layer.lora_A, layer.lora_B)
+        providers.append(Provider("ours-dense", step(layer), prepare, list(layer.parameters())))
+    if "peft" in wanted and have("peft") and have("bitsandbytes"):
+        import bitsandbytes as bnb
+        from peft.tuners.lora import LoraConfig
+        from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+        base4 = bnb.nn.Linear4bit(base.in_features, base.out_features, compute_dtype=base.weight.dtype,
+                                  compress_statistics=True, quant_type=quant_type, device="meta")
+        base4.weight, base4.bias = w4.to_bnb(), base.bias
+        layer = PeftLinear4bit(base4, "default", config=LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout),
+                               r=r, lora_alpha=lora_alpha, lora_dropout=dropout).train(train)
+        lora_params(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+        providers.append(Provider("peft", step(layer), prepare, list(layer.parameters())))
+    if "dequant" in wanted:
+        A, B = nn.Parameter(torch.empty(r, base.in_features)), nn.Parameter(torch.empty(base.out_features, r))
+        lora_params(A, B)
+        scaling = lora_alpha / r
+        args = w4.kernel_args()
+
+        def dequantize_then_linear(x):
+            with torch.no_grad():  # the whole W0, in x's dtype (a frozen tensor: autograd keeps it for dx)
+                weight = torch.ops.lora_kernels.dequantize_4bit(*args[:6], *w4.shape, w4.blocksize, x.dtype)
+            return F.linear(x, weight, base.bias) + F.linear(F.linear(F.dropout(x, dropout, train), A), B) * scaling
+
+        providers.append(Provider("dequant", step(dequantize_then_linear), prepare, [A, B]))
     return providers
 
 

@@ -85,8 +85,9 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
              f"{info['date']}, commit {info['git_commit']}.", ""]
     lines += summary_lines(results, info)
     linear = [r for r in results if r.op == "linear"]
-    if linear:
-        names = [n for n in dict.fromkeys(n for r in linear for n in r.timings) if n != "base"]
+    dense = [r for r in linear if not r.params.get("quantized")]
+    if dense:
+        names = [n for n in dict.fromkeys(n for r in dense for n in r.timings) if n != "base"]
         ours = info.get("ours_backend")
         lines += [f"{LINEAR_TIME_HEADING} (lower is better), and its ratio to the base layer (F.linear, same "
                   "weight: the floor) measured in the same run. *ours* is lora_kernels"
@@ -96,13 +97,30 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
                   "of the flops, plus 1 point, and 5 more with dropout); *met*: ours / base ≤ target.", "",
                   "| case | base | " + " | ".join(names) + " | target | met |",
                   "|---|---|" + "---|" * len(names) + "---|---|"]
-        for r in linear:
+        for r in dense:
             target = r.params.get("target")
             ratio = r.ratio("ours")
             met = "—" if target is None or ratio is None else ("yes" if ratio <= target else "no")
             cells = [_fmt_ratio(r, n, "base") for n in names]
             lines.append(f"| {r.case} | {_fmt_ratio(r, 'base', 'base')} | " + " | ".join(cells) +
                          f" | {target if target is not None else '—'} | {met} |")
+        lines.append("")
+    qlora = [r for r in linear if r.params.get("quantized")]
+    if qlora:
+        names = [n for n in dict.fromkeys(n for r in qlora for n in r.timings) if n != "base"]
+        lines += ["QLoRA: the base weight in 4 bits (NF4, double quantized, blocksize 64, bitsandbytes' layout), "
+                  "float32 compute; ratios to F.linear on the float32 weight. *ours*: LoRALinear4bit; *peft*: "
+                  "PEFT's LoRA layer on a bitsandbytes Linear4bit holding the same bytes; *ours-dense*: our "
+                  "LoRALinear on the float32 weight; *dequant*: the whole weight dequantized (our kernel), then "
+                  "F.linear and the LoRA branch (unsloth's and torchao's way). *target* (decode): ours / base.", "",
+                  "| case | base | " + " | ".join(names) + " | target | met |",
+                  "|---|---|" + "---|" * len(names) + "---|---|"]
+        for r in qlora:
+            target, ratio = r.params.get("target"), r.ratio("ours")
+            met = "—" if target is None or ratio is None else ("yes" if ratio <= target else "no")
+            lines.append(f"| {r.case} | {_fmt_ratio(r, 'base', 'base')} | "
+                         + " | ".join(_fmt_ratio(r, n, "base") for n in names)
+                         + f" | {target if target is not None else '—'} | {met} |")
         lines.append("")
     with_memory = [r for r in linear if r.extra.get("memory")]
     if with_memory:

@@ -110,6 +110,21 @@ inline bool is_mixed(const at::Tensor& x, const at::Tensor& lora_A) {
          (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
 }
 
+struct Packed4bit;  // weight4bit.h
+
+// The frozen base layer W0 [out, in] of a fused op: a dense weight (its products are BLAS / cuBLAS GEMMs) or,
+// on the CPU, a packed 4-bit one (weight4bit.h), whose products dequantize it a panel at a time.
+struct Base {
+  at::Tensor dense;
+  const Packed4bit* packed = nullptr;
+
+  int64_t out_features() const;
+  int64_t in_features() const;
+  at::Tensor forward(const at::Tensor& x, const OptionalTensor& bias) const;  // bias + x W0ᵀ
+  at::Tensor input_grad(const at::Tensor& grad_y) const;                      // dy W0
+  void check(const at::Tensor& x) const;  // a dense weight has x's dtype and device
+};
+
 // lora_linear in parts, so that the multi-adapter op can run the LoRA part per adapter on views of its
 // batch: base_forward is bias + x W0ᵀ; add_lora_forward writes xa = drop(x) Aᵀ and adds s · xa Bᵀ to y
 // (y and xa may be views); lora_backward returns (dA, dB) and adds dx's LoRA term to dx (when defined).

@@ -11,6 +11,8 @@
 //   merge_nonfinite_count    merge_nonfinite_count_cpu merge_nonfinite_count_cuda
 //   fused_forward_4bit       fused_forward_4bit_cpu    -                       lora_linear_4bit.cpp
 //   fused_backward_4bit      fused_backward_4bit_cpu   -                       lora_linear_4bit.cpp
+//   multi_forward_4bit       multi_forward_4bit_cpu    -                       lora_linear_multi.cpp
+//   multi_backward_4bit      multi_backward_4bit_cpu   -                       lora_linear_multi.cpp
 //   dequantize_4bit          dequantize_4bit_cpu       -                       cpu/weight4bit.cpp
 //
 // lora_linear.cpp composes ATen (BLAS / cuBLAS) GEMMs; the per-device pieces it
@@ -62,6 +64,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_4bit_cpu(
     const OptionalTensor& nested_absmax, const OptionalTensor& nested_code, const OptionalTensor& offset,
     const at::Tensor& code_table, int64_t out_features, int64_t blocksize, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx);
+std::tuple<at::Tensor, at::Tensor> multi_forward_4bit_cpu(
+    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const OptionalTensor& nested_absmax,
+    const OptionalTensor& nested_code, const OptionalTensor& offset, const at::Tensor& code_table,
+    int64_t out_features, int64_t blocksize, const OptionalTensor& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& scalings, const at::Tensor& adapter_ids, const OptionalTensor& ranks,
+    const at::Tensor& dropouts, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_4bit_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+    const OptionalTensor& nested_absmax, const OptionalTensor& nested_code, const OptionalTensor& offset,
+    const at::Tensor& code_table, int64_t out_features, int64_t blocksize, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
+    const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed, bool need_dx);
 at::Tensor dequantize_4bit_cpu(const at::Tensor& codes, const at::Tensor& absmax, const OptionalTensor& nested_absmax,
                                const OptionalTensor& nested_code, const OptionalTensor& offset,
                                const at::Tensor& code_table, int64_t out_features, int64_t in_features,

@@ -82,6 +82,30 @@ Packed4bit packed_4bit(const at::Tensor& codes, const at::Tensor& absmax, const 
   return w;
 }
 
+int64_t Base::out_features() const { return packed != nullptr ? packed->out : dense.size(0); }
+int64_t Base::in_features() const { return packed != nullptr ? packed->in : dense.size(1); }
+
+at::Tensor Base::forward(const at::Tensor& x, const OptionalTensor& bias) const {
+  return packed != nullptr ? packed->forward(x, bias) : base_forward(x, dense, bias);
+}
+
+at::Tensor Base::input_grad(const at::Tensor& grad_y) const {
+  return packed != nullptr ? packed->input_grad(grad_y) : at::mm(grad_y, dense);
+}
+
+void Base::check(const at::Tensor& x) const {
+  if (packed != nullptr) {
+    LK_CHECK(packed->in == x.size(1), "the 4-bit weight must be [out, ", x.size(1), "], got [", packed->out, ", ",
+             packed->in, "]");
+    LK_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+             "x must be float32, bfloat16 or float16 on a 4-bit weight, got ", x.scalar_type());
+    return;
+  }
+  LK_CHECK(dense.dim() == 2 && dense.size(1) == x.size(1), "weight must be [out, ", x.size(1), "], got ",
+           dense.sizes());
+  check_same(dense, "weight", x);
+}
+
 }  // namespace fused
 
 std::tuple<at::Tensor, at::Tensor> fused_forward_4bit_cpu(

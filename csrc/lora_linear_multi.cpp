@@ -21,6 +21,7 @@
 // by lora_linear's rule with p_a, so a batch on one adapter is lora_linear exactly.
 // Rounding follows reference.lora_linear_multi, which follows lora_linear.
 #include "fused_common.h"
+#include "weight4bit.h"
 
 #include <c10/util/accumulate.h>
 
@@ -49,18 +50,17 @@ struct Grouping {
   int64_t adapters() const { return static_cast<int64_t>(ranks.size()); }
 };
 
-void check_multi_args(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias,
+void check_multi_args(const at::Tensor& x, const fused::Base& base, const OptionalTensor& bias,
                       const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scalings,
                       const at::Tensor& ids, const OptionalTensor& ranks, const at::Tensor& dropouts) {
   LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
-  LK_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "weight must be [out, ", x.size(1), "], got ",
-           weight.sizes());
+  base.check(x);
   LK_CHECK(lora_A.dim() == 3 && lora_A.size(0) >= 1 && lora_A.size(1) >= 1 && lora_A.size(2) == x.size(1),
            "lora_A must be [n, r_max, ", x.size(1), "], got ", lora_A.sizes());
   const int64_t n = lora_A.size(0), r_max = lora_A.size(1);
-  LK_CHECK(lora_B.dim() == 3 && lora_B.size(0) == n && lora_B.size(1) == weight.size(0) && lora_B.size(2) == r_max,
-           "lora_B must be [", n, ", ", weight.size(0), ", ", r_max, "], got ", lora_B.sizes());
-  fused::check_same(weight, "weight", x);
+  const int64_t out = base.out_features();
+  LK_CHECK(lora_B.dim() == 3 && lora_B.size(0) == n && lora_B.size(1) == out && lora_B.size(2) == r_max,
+           "lora_B must be [", n, ", ", out, ", ", r_max, "], got ", lora_B.sizes());
   if (fused::is_mixed(x, lora_A)) {
     fused::check_same(lora_B, "lora_B", lora_A, "lora_A");
   } else {
@@ -69,8 +69,7 @@ void check_multi_args(const at::Tensor& x, const at::Tensor& weight, const Optio
   }
   LK_CHECK(lora_A.device() == x.device(), "lora_A must be on x's device ", x.device());
   if (bias.has_value()) {
-    LK_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [", weight.size(0), "], got ",
-             bias->sizes());
+    LK_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must be [", out, "], got ", bias->sizes());
     fused::check_same(*bias, "bias", x);
   }
   LK_CHECK(scalings.dim() == 1 && scalings.size(0) == n && scalings.is_floating_point(),
@@ -233,14 +232,14 @@ at::ScalarType accumulation(const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_forward(const DeviceParts& device, const at::Tensor& x,
-                                                 const at::Tensor& weight, const OptionalTensor& bias,
+                                                 const fused::Base& base, const OptionalTensor& bias,
                                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                  const at::Tensor& scalings, const at::Tensor& ids,
                                                  const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed) {
-  check_multi_args(x, weight, bias, lora_A, lora_B, scalings, ids, ranks, dropouts);
+  check_multi_args(x, base, bias, lora_A, lora_B, scalings, ids, ranks, dropouts);
   const int64_t M = x.size(0), n = lora_A.size(0), r_max = lora_A.size(1);
   const Grouping g = group_rows(ids, scalings, ranks, dropouts, n, r_max);
-  at::Tensor y = fused::base_forward(x, weight, bias);
+  at::Tensor y = base.forward(x, bias);
   at::Tensor xa = at::zeros({M, r_max}, lora_A.options());
   if (g.count(-1) == M) return {y, xa};
   if (g.grouped) {
@@ -272,20 +271,20 @@ std::tuple<at::Tensor, at::Tensor> multi_forward(const DeviceParts& device, cons
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward(
-    const DeviceParts& device, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const DeviceParts& device, const at::Tensor& grad_y, const at::Tensor& x, const fused::Base& base,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings,
     const at::Tensor& ids, const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed, bool need_dx) {
-  check_multi_args(x, weight, c10::nullopt, lora_A, lora_B, scalings, ids, ranks, dropouts);
+  check_multi_args(x, base, c10::nullopt, lora_A, lora_B, scalings, ids, ranks, dropouts);
   const int64_t M = x.size(0), n = lora_A.size(0), r_max = lora_A.size(1);
-  LK_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == weight.size(0), "grad_y must be [", M,
-           ", ", weight.size(0), "], got ", grad_y.sizes());
+  LK_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == base.out_features(), "grad_y must be [",
+           M, ", ", base.out_features(), "], got ", grad_y.sizes());
   LK_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == r_max, "xa must be [", M, ", ", r_max, "], got ",
            xa.sizes());
   fused::check_same(grad_y, "grad_y", x);
   fused::check_same(xa, "xa", lora_A, "lora_A");
   const Grouping g = group_rows(ids, scalings, ranks, dropouts, n, r_max);
   if (g.grouped) {
-    at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::Tensor();
+    at::Tensor dx = need_dx ? base.input_grad(grad_y) : at::Tensor();
     at::Tensor dA = at::zeros_like(lora_A), dB = at::zeros_like(lora_B);
     for (int64_t a = 0; a < n; ++a) {
       const int64_t count = g.count(a), r = g.ranks[a], row0 = g.first_row[a];
@@ -302,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward(
   // Scattered rows: x (dropped) and dy in grouped order, each adapter's gradients from views of them,
   // dx's LoRA term formed in grouped order and added (masked, with dropout) at the end.
   const auto acc = accumulation(x);
-  at::Tensor dx = need_dx ? at::mm(grad_y, weight) : at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? base.input_grad(grad_y) : at::empty({0}, x.options());
   at::Tensor dA = at::zeros(lora_A.sizes(), lora_A.options().dtype(acc));
   at::Tensor dB = at::zeros(lora_B.sizes(), lora_B.options().dtype(acc));
   if (g.count(-1) == M) return {dx, dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type())};
@@ -351,15 +350,44 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(const at::Tensor& x, const 
                                                      const at::Tensor& lora_B, const at::Tensor& scalings,
                                                      const at::Tensor& adapter_ids, const OptionalTensor& ranks,
                                                      const at::Tensor& dropouts, int64_t seed) {
-  return multi_forward(fused::kCpu, x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed);
+  return multi_forward(fused::kCpu, x, fused::Base{weight}, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
     const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed, bool need_dx) {
-  return multi_backward(fused::kCpu, grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts,
+  return multi_backward(fused::kCpu, grad_y, x, fused::Base{weight}, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts,
                         seed, need_dx);
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_forward_4bit_cpu(
+    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const OptionalTensor& nested_absmax,
+    const OptionalTensor& nested_code, const OptionalTensor& offset, const at::Tensor& code_table,
+    int64_t out_features, int64_t blocksize, const OptionalTensor& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& scalings, const at::Tensor& adapter_ids, const OptionalTensor& ranks,
+    const at::Tensor& dropouts, int64_t seed) {
+  LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
+  const fused::Packed4bit w = fused::packed_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table,
+                                                 out_features, x.size(1), blocksize);
+  fused::Base base;
+  base.packed = &w;
+  return multi_forward(fused::kCpu, x, base, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_4bit_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+    const OptionalTensor& nested_absmax, const OptionalTensor& nested_code, const OptionalTensor& offset,
+    const at::Tensor& code_table, int64_t out_features, int64_t blocksize, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
+    const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed, bool need_dx) {
+  LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
+  const fused::Packed4bit w = fused::packed_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table,
+                                                 out_features, x.size(1), blocksize);
+  fused::Base base;
+  base.packed = &w;
+  return multi_backward(fused::kCpu, grad_y.contiguous(), x, base, lora_A, lora_B, xa, scalings, adapter_ids, ranks,
+                        dropouts, seed, need_dx);
 }
 
 #ifdef LORA_KERNELS_WITH_CUDA
@@ -368,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(const at::Tensor& x, const
                                                       const at::Tensor& lora_B, const at::Tensor& scalings,
                                                       const at::Tensor& adapter_ids, const OptionalTensor& ranks,
                                                       const at::Tensor& dropouts, int64_t seed) {
-  return multi_forward(fused::kCuda, x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts,
+  return multi_forward(fused::kCuda, x, fused::Base{weight}, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts,
                        seed);
 }
 
@@ -376,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, const at::Tensor& scalings, const at::Tensor& adapter_ids,
     const OptionalTensor& ranks, const at::Tensor& dropouts, int64_t seed, bool need_dx) {
-  return multi_backward(fused::kCuda, grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks,
+  return multi_backward(fused::kCuda, grad_y, x, fused::Base{weight}, lora_A, lora_B, xa, scalings, adapter_ids, ranks,
                         dropouts, seed, need_dx);
 }
 #endif

@@ -30,6 +30,14 @@ TORCH_LIBRARY(lora_kernels, m) {
         "Tensor? nested_code, Tensor? offset, Tensor code_table, int out_features, int blocksize, Tensor lora_A, "
         "Tensor lora_B, Tensor xa, float scaling, float dropout_p, int seed, bool need_dx) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("multi_forward_4bit(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+        "Tensor? offset, Tensor code_table, int out_features, int blocksize, Tensor? bias, Tensor lora_A, "
+        "Tensor lora_B, Tensor scalings, Tensor adapter_ids, Tensor? ranks, Tensor dropouts, int seed) "
+        "-> (Tensor, Tensor)");
+  m.def("multi_backward_4bit(Tensor grad_y, Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, "
+        "Tensor? nested_code, Tensor? offset, Tensor code_table, int out_features, int blocksize, Tensor lora_A, "
+        "Tensor lora_B, Tensor xa, Tensor scalings, Tensor adapter_ids, Tensor? ranks, Tensor dropouts, int seed, "
+        "bool need_dx) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_4bit(Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
         "Tensor code_table, int out_features, int in_features, int blocksize, ScalarType dtype) -> Tensor");
 }
@@ -43,6 +51,8 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("merge_nonfinite_count", &lora_kernels::merge_nonfinite_count_cpu);
   m.impl("fused_forward_4bit", &lora_kernels::fused_forward_4bit_cpu);
   m.impl("fused_backward_4bit", &lora_kernels::fused_backward_4bit_cpu);
+  m.impl("multi_forward_4bit", &lora_kernels::multi_forward_4bit_cpu);
+  m.impl("multi_backward_4bit", &lora_kernels::multi_backward_4bit_cpu);
   m.impl("dequantize_4bit", &lora_kernels::dequantize_4bit_cpu);
 }
 

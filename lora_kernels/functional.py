@@ -19,7 +19,7 @@ from torch import Tensor
 from . import validation
 from .merge_record import MergeRecord, merge_exact_
 from .ops.lora_linear import lora_linear_op
-from .ops.lora_linear_4bit import lora_linear_4bit_op
+from .ops.lora_linear_4bit import lora_linear_4bit_op, lora_linear_multi_4bit_op
 from .weight4bit import Weight4bit
 from .ops.lora_linear_multi import lora_linear_multi_op
 from .ops.merge import merge_op
@@ -115,9 +115,15 @@ def lora_linear_multi(
     tensor [n]), applied only when training, by lora_linear's rule (a batch on one adapter gets
     lora_linear's mask for the same seed). Returns [..., out]. Differentiable in x, lora_A, lora_B,
     bias (and weight); adapters with no rows get zero gradients. reference.lora_linear_multi is the spec.
+    weight may be a Weight4bit (one 4-bit base, many adapters), as for lora_linear.
     """
+    w4 = weight if isinstance(weight, Weight4bit) else None
+    if w4 is not None:  # the shared checks on a stand-in of the weight's shape (one element, expanded)
+        weight = x.new_empty(()).expand(w4.shape) if isinstance(x, Tensor) else weight
     x, weight, bias, lora_A, lora_B, scalings, ids, ranks, dropouts = validation.check_multi_args(
         x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropout_p)
+    if w4 is not None and w4.device != x.device:
+        raise ValueError(f"the 4-bit weight must be on x's device {x.device}, got {w4.device}")
     # a seed whenever some adapter drops (under torch.compile, whenever training: reading a tensor's
     # values would break the graph, and a seed with nothing to drop costs nothing)
     if isinstance(dropout_p, (int, float)):
@@ -126,8 +132,12 @@ def lora_linear_multi(
         some_dropout = torch.compiler.is_compiling() or bool(dropouts.any())
     seed = draw_seed(_seed_device(x)) if training and some_dropout else None
     x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
-    y, _ = lora_linear_multi_op(x2d, weight, bias, lora_A, lora_B, scalings, ids, ranks,
-                                dropouts if seed is not None else None, seed)
+    drops = dropouts if seed is not None else None
+    if w4 is not None:
+        y, _ = lora_linear_multi_4bit_op(x2d, *w4.kernel_args(), bias, lora_A, lora_B, scalings, ids, ranks, drops,
+                                         seed)
+    else:
+        y, _ = lora_linear_multi_op(x2d, weight, bias, lora_A, lora_B, scalings, ids, ranks, drops, seed)
     if x.dim() == 2:
         return y
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))

@@ -460,3 +460,46 @@ def test_lora_from_a_bitsandbytes_linear4bit_shares_it():
     unloaded = layer.unload()
     assert type(unloaded) is bnb.nn.Linear4bit
     torch.testing.assert_close(unloaded(x), base(x), rtol=0, atol=0)
+
+
+# ---- many adapters on one 4-bit base ---------------------------------------------------------------------------
+
+
+def _multi_run(w4, t, ids, ranks, dropout_p, oracle=None):
+    cast = (lambda v: v.double()) if oracle == "exact" else (lambda v: v)
+    leaves = {k: cast(v).detach().clone().requires_grad_() for k, v in t.items()}
+    scalings = torch.tensor([1.5, 0.5, 2.0], dtype=torch.float64)
+    torch.manual_seed(1234)
+    if oracle is None:
+        y = lk.lora_linear_multi(leaves["x"], w4, leaves["bias"], leaves["lora_A"], leaves["lora_B"], scalings, ids,
+                                 ranks, dropout_p, training=True)
+    else:
+        seed = int(draw_seed()) if dropout_p else None
+        dropouts = torch.full((3,), float(dropout_p), dtype=torch.float64)
+        y, _ = reference.lora_linear_multi(leaves["x"], cast(w4.dequantize(t["x"].dtype)), leaves["bias"],
+                                           leaves["lora_A"], leaves["lora_B"], scalings, ids, ranks, dropouts, seed)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
+    return y, torch.autograd.grad(y, [leaves[k] for k in ("x", "lora_A", "lora_B", "bias")], grad_y)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "scattered"])
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in compiled_backends() if b == "cpu"])
+def test_lora_linear_multi_on_a_4bit_base(backend, grouped, dtype, dropout_p, use_backend):
+    use_backend(backend)
+    g = torch.Generator().manual_seed(5)
+    M, in_f, out_f, n, r_max = 37, 129, 37, 3, 8
+    w4 = Weight4bit.quantize(torch.randn(out_f, in_f, generator=g) * 0.05, 64, "nf4", True)
+    t = {"x": torch.randn(M, in_f, generator=g).to(dtype), "bias": (torch.randn(out_f, generator=g) * 0.1).to(dtype),
+         "lora_A": (torch.randn(n, r_max, in_f, generator=g) * 0.1).to(dtype),
+         "lora_B": (torch.randn(n, out_f, r_max, generator=g) * 0.1).to(dtype)}
+    ids = torch.tensor([a for a in (-1, 0, 1, 2) for _ in range(10)][:M]) if grouped else \
+        torch.randint(-1, n, (M,), generator=g)
+    ranks = torch.tensor([8, 3, 5])
+    y, grads = _multi_run(w4, t, ids, ranks, dropout_p)
+    y_exact, grads_exact = _multi_run(w4, t, ids, ranks, dropout_p, "exact")
+    y_plain, grads_plain = _multi_run(w4, t, ids, ranks, dropout_p, "plain")
+    assert_matches_reference(y, y_exact, y_plain, "y")
+    for name, ours, exact, plain in zip(("dx", "dA", "dB", "dbias"), grads, grads_exact, grads_plain):
+        assert_matches_reference(ours, exact, plain, name)

@@ -3,16 +3,20 @@
 //
 //   M <= 16, float32 one pass over the packed weight: 32 codes at a time are looked up in the 16-entry
 //                    table (one AVX-512 permute, two AVX2 permutes and a blend), scaled, and multiplied with every
-//                    row of x in registers. Decode is memory-bound: it reads 1/8 of the float32 weight's bytes.
+//                    row of x in registers; for dx each of 8 fixed shares of W0's rows adds dy[m, o] times row
+//                    o, dequantized in L1, to its own dx. Decode is memory-bound: it reads 1/8 of the float32
+//                    weight's bytes.
 //   otherwise        panels of W0 (rows for y = x W0ᵀ, columns for dx = dy W0) are dequantized into one
-//                    ~4 MB buffer in the compute dtype and fed to BLAS, which keeps the GEMM at its own speed;
-//                    panels are dequantized in parallel, one parallel region each.
+//                    buffer (4-16 MB: panel_bytes) in the compute dtype and fed to BLAS, which keeps the GEMM at
+//                    its own speed; panels are dequantized in parallel, one parallel region each.
 //
 // An element is table[code] · scale in float32 (one rounding), then rounded to the compute dtype: bitsandbytes'
 // dequantize_4bit. With double quantization a block's scale is nested_code[q] · nested_absmax[b / 256] + offset,
 // two float32 roundings, as bitsandbytes decodes it. The vector paths are chosen at run time from the CPU's ISA
 // (LORA_KERNELS_CPU_ISA=avx512|avx2|scalar forces one, for tests and for measuring each on one machine).
+#include "../fused_common.h"
 #include "../weight4bit.h"
+#include "multiversion.h"
 
 #include <ATen/Parallel.h>
 
@@ -114,24 +118,27 @@ __attribute__((target("avx512f,avx512bw"))) void dequantize_chunks_avx512(const 
   }
 }
 
-// sums[r] += Σ W0 element · x[r·ldx + k] over the chunks, for R rows of x at once: each chunk is decoded once and
+// sums[r] += Σ W0 element · x[r, k] over the chunks, for R rows of x at once: each chunk is decoded once and
 // multiplied with every row (R accumulators in registers).
+//
+// x is packed chunk-major (xpack below): chunk c of row r at x + c·(R_total·32) + r·32, so that the rows' loads
+// are at fixed offsets from one pointer (row-major rows a power of two apart also share L1 sets).
 template <int R>
 __attribute__((target("avx512f,avx512bw"))) void dot_chunks_avx512(const Packed4bit& w, int64_t e, int64_t chunks,
-                                                                  const float* x, int64_t ldx, float* sums) {
+                                                                  const float* x, int64_t cstride, float* sums) {
   const __m512 table = _mm512_loadu_ps(w.table);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   BlockScale block_scale(w);
-  for (int64_t c = 0; c < chunks; ++c, e += kChunk, x += kChunk) {
+  for (int64_t c = 0; c < chunks; ++c, e += kChunk, x += cstride) {
     const __m512 scale = _mm512_set1_ps(block_scale(e));
     __m128i first, second;
     nibbles_in_order(w.codes + (e >> 1), first, second);
     const __m512 v0 = _mm512_mul_ps(lookup16_avx512(first, table), scale);
     const __m512 v1 = _mm512_mul_ps(lookup16_avx512(second, table), scale);
     for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + r * ldx), acc[r]);
-      acc[r] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + r * ldx + 16), acc[r]);
+      acc[r] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + r * kChunk), acc[r]);
+      acc[r] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + r * kChunk + 16), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) sums[r] += _mm512_reduce_add_ps(acc[r]);
@@ -177,18 +184,18 @@ __attribute__((target("avx2,fma"))) inline float sum8_avx2(__m256 v) {
 
 template <int R>
 __attribute__((target("avx2,fma"))) void dot_chunks_avx2(const Packed4bit& w, int64_t e, int64_t chunks,
-                                                        const float* x, int64_t ldx, float* sums) {
+                                                        const float* x, int64_t cstride, float* sums) {
   const __m256 table_lo = _mm256_loadu_ps(w.table), table_hi = _mm256_loadu_ps(w.table + 8);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   BlockScale block_scale(w);
-  for (int64_t c = 0; c < chunks; ++c, e += kChunk, x += kChunk) {
+  for (int64_t c = 0; c < chunks; ++c, e += kChunk, x += cstride) {
     const __m256 scale = _mm256_set1_ps(block_scale(e));
     __m256 v[4];
     lookup32_avx2(w.codes + (e >> 1), table_lo, table_hi, v);
     for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(v[i], scale);
     for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) acc[r] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + r * ldx + 8 * i), acc[r]);
+      for (int i = 0; i < 4; ++i) acc[r] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + r * kChunk + 8 * i), acc[r]);
   }
   for (int r = 0; r < R; ++r) sums[r] += sum8_avx2(acc[r]);
 }
@@ -198,12 +205,13 @@ void dequantize_chunks_scalar(const Packed4bit& w, int64_t e, int64_t chunks, fl
   for (int64_t i = 0; i < chunks * kChunk; ++i) out[i] = element(w, e + i);
 }
 
-void dot_chunks_scalar(const Packed4bit& w, int64_t e, int64_t chunks, const float* x, int64_t ldx, int64_t rows,
-                       float* sums) {
-  for (int64_t i = 0; i < chunks * kChunk; ++i) {
-    const float value = element(w, e + i);
-    for (int64_t r = 0; r < rows; ++r) sums[r] += value * x[r * ldx + i];
-  }
+void dot_chunks_scalar(const Packed4bit& w, int64_t e, int64_t chunks, const float* x, int64_t cstride,
+                       int64_t rows, float* sums) {
+  for (int64_t c = 0; c < chunks; ++c, x += cstride)
+    for (int64_t i = 0; i < kChunk; ++i) {
+      const float value = element(w, e + c * kChunk + i);
+      for (int64_t r = 0; r < rows; ++r) sums[r] += value * x[r * kChunk + i];
+    }
 }
 
 // Elements e0 .. e0+count-1 of the flattened weight: [head][whole chunks][tail], the chunks vectorised.
@@ -233,34 +241,49 @@ void dequantize_span(const Packed4bit& w, Isa isa, int64_t e0, int64_t count, fl
 
 // R rows of x at a time, in groups of the vector kernels' sizes (AVX2 has 16 registers: at most 8 rows).
 template <int R>
-void dot_chunks(const Packed4bit& w, Isa isa, int64_t e, int64_t chunks, const float* x, int64_t ldx, float* sums) {
+void dot_chunks(const Packed4bit& w, Isa isa, int64_t e, int64_t chunks, const float* x, int64_t cstride,
+                float* sums) {
 #ifdef LK_X86
-  if (isa == Isa::kAvx512) return dot_chunks_avx512<R>(w, e, chunks, x, ldx, sums);
-  if (isa == Isa::kAvx2 && R <= 8) return dot_chunks_avx2<R <= 8 ? R : 8>(w, e, chunks, x, ldx, sums);
+  if (isa == Isa::kAvx512) return dot_chunks_avx512<R>(w, e, chunks, x, cstride, sums);
+  if (isa == Isa::kAvx2 && R <= 8) return dot_chunks_avx2<R <= 8 ? R : 8>(w, e, chunks, x, cstride, sums);
 #endif
-  dot_chunks_scalar(w, e, chunks, x, ldx, R, sums);
+  dot_chunks_scalar(w, e, chunks, x, cstride, R, sums);
 }
 
-// sums[r] = Σ_k W0 element (e0 + k) · x[r·ldx + k], k < count, for `rows` (≤ kFusedRows) rows of x.
-void dot_span(const Packed4bit& w, Isa isa, int64_t e0, int64_t count, const float* x, int64_t ldx, int64_t rows,
-              float* sums) {
-  const Span s(e0, count);
-  for (int64_t r = 0; r < rows; ++r) {
-    sums[r] = 0.0f;
-    for (int64_t i = 0; i < s.head; ++i) sums[r] += element(w, e0 + i) * x[r * ldx + i];
+// x [rows, in] packed chunk-major for the fused forward: element (r, k) at ((k / 32)·rows + r)·32 + k % 32, the
+// last chunk zero-padded.
+struct PackedX {
+  std::vector<float> data;
+  int64_t rows, chunks;
+  PackedX(const float* x, int64_t rows_, int64_t in) : rows(rows_), chunks((in + kChunk - 1) / kChunk) {
+    data.assign(chunks * rows * kChunk, 0.0f);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < in; ++k) data[((k / kChunk) * rows + r) * kChunk + k % kChunk] = x[r * in + k];
   }
-  const int64_t e = e0 + s.head;
-  const float* xc = x + s.head;
+  float at(int64_t r, int64_t k) const { return data[((k / kChunk) * rows + r) * kChunk + k % kChunk]; }
+};
+
+// sums[r] = Σ_k W0[o, k] · x[r, k] for the `rows` (≤ kFusedRows) rows of x. The vector chunks need the row to
+// start on a chunk (in a multiple of 32); other rows take the head/tail elements one at a time.
+void dot_row(const Packed4bit& w, Isa isa, int64_t o, const PackedX& x, float* sums) {
+  const int64_t e0 = o * w.in, rows = x.rows;
+  const Span s(e0, w.in);
+  for (int64_t r = 0; r < rows; ++r) sums[r] = 0.0f;
+  if (s.head != 0 || w.in % kChunk != 0) {  // the chunks of W0's row and of x do not line up: one at a time
+    for (int64_t k = 0; k < w.in; ++k) {
+      const float value = element(w, e0 + k);
+      for (int64_t r = 0; r < rows; ++r) sums[r] += value * x.at(r, k);
+    }
+    return;
+  }
+  const int64_t cstride = rows * kChunk;
   int64_t r = 0;
-  const int64_t group = isa == Isa::kAvx512 ? 16 : 8;
-  for (; rows - r >= group && group == 16; r += 16) dot_chunks<16>(w, isa, e, s.chunks, xc + r * ldx, ldx, sums + r);
-  for (; rows - r >= 8; r += 8) dot_chunks<8>(w, isa, e, s.chunks, xc + r * ldx, ldx, sums + r);
-  for (; rows - r >= 4; r += 4) dot_chunks<4>(w, isa, e, s.chunks, xc + r * ldx, ldx, sums + r);
-  for (; rows - r >= 2; r += 2) dot_chunks<2>(w, isa, e, s.chunks, xc + r * ldx, ldx, sums + r);
-  for (; r < rows; ++r) dot_chunks<1>(w, isa, e, s.chunks, xc + r * ldx, ldx, sums + r);
-  const int64_t tail0 = s.head + s.chunks * kChunk;
-  for (int64_t q = 0; q < rows; ++q)
-    for (int64_t i = 0; i < s.tail; ++i) sums[q] += element(w, e0 + tail0 + i) * x[q * ldx + tail0 + i];
+  const float* xp = x.data.data();
+  for (; rows - r >= 16 && isa == Isa::kAvx512; r += 16) dot_chunks<16>(w, isa, e0, s.chunks, xp + r * kChunk, cstride, sums + r);
+  for (; rows - r >= 8; r += 8) dot_chunks<8>(w, isa, e0, s.chunks, xp + r * kChunk, cstride, sums + r);
+  for (; rows - r >= 4; r += 4) dot_chunks<4>(w, isa, e0, s.chunks, xp + r * kChunk, cstride, sums + r);
+  for (; rows - r >= 2; r += 2) dot_chunks<2>(w, isa, e0, s.chunks, xp + r * kChunk, cstride, sums + r);
+  for (; r < rows; ++r) dot_chunks<1>(w, isa, e0, s.chunks, xp + r * kChunk, cstride, sums + r);
 }
 
 // Row i of a panel: W0's elements e0 .. e0+cols-1 in the compute dtype (16-bit: through a float32 row, each
@@ -289,14 +312,37 @@ void dequantize_panel(const Packed4bit& w, Isa isa, int64_t row0, int64_t rows, 
   });
 }
 
-// Rows of x up to which the forward reads the packed weight directly (decode); above, panels feed BLAS.
-constexpr int64_t kFusedRows = 16;
+// a[j] += g · v[j] (the fused backward's inner loop, built for AVX-512, AVX2 and baseline x86-64)
+LK_MULTIVERSIONED void axpy(float g, const float* v, float* a, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) a[j] += g * v[j];
+}
 
-// Bytes of the panel buffer: ~4 MB (6% of a 4096² float32 weight), at least one 32-element chunk per row.
-constexpr int64_t kPanelBytes = int64_t{4} << 20;
+// Rows of x (dy) up to which the forward (dx) reads the packed weight directly (decode); above, panels feed BLAS.
+// (Measured on a 2-core Xeon, 4096², float32: the fused forward re-reads x from L2 for every row of W0, and ties
+// with the panels at M = 8, loses at 16; the fused dx wins up to 8. benchmarks/NOTES.md.)
+constexpr int64_t kFusedRows = 8;
 
-int64_t panel_extent(int64_t other, int64_t element_size, int64_t total) {
-  const int64_t fit = kPanelBytes / std::max<int64_t>(1, other * element_size);
+// y_part (a column range o0.. of y) = bias[o0..] + x · panelᵀ
+void add_base_product(at::Tensor y_part, const OptionalTensor& bias, int64_t o0, const at::Tensor& x,
+                      const at::Tensor& panel_t) {
+  if (bias.has_value()) {
+    at::addmm_out(y_part, bias->narrow(0, o0, y_part.size(1)), x, panel_t);
+  } else {
+    at::mm_out(y_part, x, panel_t);
+  }
+}
+
+// The panel buffer's bytes: half the bytes of x (dy) itself, within [4 MB, 16 MB]. Each panel's GEMM re-reads
+// (BLAS re-packs) all of x, so the panel count is what costs at large M: 4096², M = 2048, float32 measured 1.32x
+// our dense layer's forward with 4 MB panels, 1.20x with 8 MB, 1.03x with 16 MB (benchmarks/NOTES.md). At half
+// of x the panel is never the call's largest temporary; the 4 MB floor keeps small batches' panels few.
+int64_t panel_bytes(int64_t x_bytes) {
+  return std::min<int64_t>(int64_t{16} << 20, std::max<int64_t>(int64_t{4} << 20, x_bytes / 2));
+}
+
+// Rows (or columns) of W0 per panel when each holds `other` elements of `element_size` bytes.
+int64_t panel_extent(int64_t bytes, int64_t other, int64_t element_size, int64_t total) {
+  const int64_t fit = bytes / std::max<int64_t>(1, other * element_size);
   return std::min(total, std::max<int64_t>(kChunk, fit / kChunk * kChunk));
 }
 
@@ -312,31 +358,26 @@ at::Tensor Packed4bit::forward(const at::Tensor& x, const OptionalTensor& bias) 
     // decode: one pass over the packed weight, each 32-code chunk decoded once for all M rows of x; output
     // rows in parallel
     const at::Tensor xc = x.contiguous();
+    const PackedX xpack(xc.data_ptr<float>(), M, in);
     const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-    const float* xp = xc.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
     at::parallel_for(0, out, std::max<int64_t>(1, 65536 / in), [&](int64_t begin, int64_t end) {
       float sums[kFusedRows];
       for (int64_t o = begin; o < end; ++o) {
-        dot_span(*this, isa, o * in, in, xp, in, M, sums);
+        dot_row(*this, isa, o, xpack, sums);
         for (int64_t m = 0; m < M; ++m) yp[m * out + o] = sums[m] + (bp ? bp[o] : 0.0f);
       }
     });
     return y;
   }
-  const int64_t rows = panel_extent(in, x.element_size(), out);
+  const int64_t rows = panel_extent(panel_bytes(x.numel() * x.element_size()), in, x.element_size(), out);
   at::Tensor panel = at::empty({rows, in}, x.options());
   for (int64_t o0 = 0; o0 < out; o0 += rows) {
     const int64_t count = std::min(rows, out - o0);
     at::Tensor part = panel.narrow(0, 0, count);
     dequantize_panel(*this, isa, o0, count, 0, in, part);
-    at::Tensor y_part = y.narrow(1, o0, count);
-    if (bias.has_value()) {
-      at::addmm_out(y_part, bias->narrow(0, o0, count), x, part.t());
-    } else {
-      at::mm_out(y_part, x, part.t());
-    }
+    add_base_product(y.narrow(1, o0, count), bias, o0, x, part.t());
   }
   return y;
 }
@@ -347,7 +388,27 @@ at::Tensor Packed4bit::input_grad(const at::Tensor& grad_y) const {
   if (M == 0 || in == 0) return dx;
   if (out == 0) return dx.zero_();
   const Isa isa = chosen_isa();
-  const int64_t cols = panel_extent(out, grad_y.element_size(), in);
+  if (M <= kFusedRows && grad_y.scalar_type() == at::kFloat) {
+    // one pass over the packed weight: the rows of W0 in kBlockShares fixed shares (one parallel region), each
+    // share dequantizing its rows one at a time (in L1) and adding dy[m, o] times row o to its own float32 dx,
+    // the shares' sums added in share order (the same result whatever the number of threads)
+    const at::Tensor dy = grad_y.contiguous();
+    const float* dyp = dy.data_ptr<float>();
+    const int64_t shares = block_shares(kCpu, out);
+    at::Tensor partial = at::zeros({shares, M, in}, dy.options());
+    float* pp = partial.data_ptr<float>();
+    for_block_shares(kCpu, out, [&](int64_t first, int64_t end, int64_t share) {
+      std::vector<float> row(in);
+      float* acc = pp + share * M * in;
+      for (int64_t o = first; o < end; ++o) {
+        dequantize_span(*this, isa, o * in, in, row.data());
+        for (int64_t m = 0; m < M; ++m) axpy(dyp[m * out + o], row.data(), acc + m * in, in);
+      }
+    });
+    return shares == 1 ? partial[0] : partial.sum(0);
+  }
+  const int64_t cols = panel_extent(panel_bytes(grad_y.numel() * grad_y.element_size()), out,
+                                    grad_y.element_size(), in);
   at::Tensor buffer = at::empty({out * cols}, grad_y.options());
   for (int64_t c0 = 0; c0 < in; c0 += cols) {
     const int64_t count = std::min(cols, in - c0);

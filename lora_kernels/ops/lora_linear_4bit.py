@@ -172,3 +172,149 @@ if compiled_extension() is not None:  # fakes of the C++ kernels, so that opchec
     @torch.library.register_fake("lora_kernels::dequantize_4bit")
     def _(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, in_features, blocksize, dtype):
         return codes.new_empty((out_features, in_features), dtype=dtype)
+
+
+# ---- many adapters in one batch on one 4-bit base (the serving case) --------------------------------------------
+#
+#   lora_linear_multi_4bit_op(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
+#                             blocksize, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed)
+#       -> (y [M, out], xa [M, r_max])
+#
+# lora_linear_multi's op (ops/lora_linear_multi.py) with the weight's parts in place of `weight`; its spec is
+# reference.lora_linear_multi on the weight dequantized in x's dtype.
+
+MULTI_OP = "lora_linear_multi_4bit"
+
+
+def _dense(x, w4):
+    """The spec's W0: the whole weight dequantized in x's dtype (the reference backend only)."""
+    codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize = w4
+    return reference.dequantize_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
+                                     x.shape[1], blocksize, x.dtype)
+
+
+class MultiReferenceBackend:
+    @staticmethod
+    def forward(x, w4, *rest):
+        from .lora_linear_multi import ReferenceBackend as Dense
+
+        return Dense.forward(x, _dense(x, w4), *rest)
+
+    @staticmethod
+    def backward(grad_y, x, w4, *rest):
+        from .lora_linear_multi import ReferenceBackend as Dense
+
+        return Dense.backward(grad_y, x, _dense(x, w4), *rest)
+
+
+class MultiCompiledBackend:
+    @staticmethod
+    def forward(x, w4, *rest):
+        *head, seed = rest
+        return torch.ops.lora_kernels.multi_forward_4bit(x, *w4, *head, seed_value(seed))
+
+    @staticmethod
+    def backward(grad_y, x, w4, *rest):
+        *head, seed, need_dx = rest
+        return torch.ops.lora_kernels.multi_backward_4bit(grad_y, x, *w4, *head, seed_value(seed), need_dx)
+
+
+register(Implementation(MULTI_OP, "reference", "lora_kernels.ops.lora_linear_4bit:MultiReferenceBackend",
+                        mixed=FLOAT32_ADAPTERS_ON_HALF))
+register(Implementation(MULTI_OP, "cpu", "lora_kernels.ops.lora_linear_4bit:MultiCompiledBackend", devices=("cpu",),
+                        dtypes=HALF_AND_FLOAT32, mixed=FLOAT32_ADAPTERS_ON_HALF))
+
+
+def multi_forward(x: Tensor, codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
+                  nested_code: Optional[Tensor], offset: Optional[Tensor], code_table: Tensor, out_features: int,
+                  blocksize: int, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scalings: Tensor,
+                  adapter_ids: Tensor, ranks: Optional[Tensor], dropouts: Optional[Tensor], seed: Optional[Tensor]
+                  ) -> tuple[Tensor, Tensor]:
+    from .lora_linear_multi import _dropout as multi_dropout
+
+    p, seed = multi_dropout(dropouts, seed, lora_A.shape[0])
+    w4 = (codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize)
+    return implementation(MULTI_OP, x.device, x.dtype, lora_A.dtype).forward(
+        x, w4, bias, lora_A, lora_B, scalings, adapter_ids, ranks, p, seed)
+
+
+def _multi_forward_fake(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize,
+                        bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed):
+    return x.new_empty(x.shape[0], out_features), lora_A.new_empty(x.shape[0], lora_A.shape[1])
+
+
+def multi_backward(grad_y: Tensor, x: Tensor, codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
+                   nested_code: Optional[Tensor], offset: Optional[Tensor], code_table: Tensor, out_features: int,
+                   blocksize: int, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scalings: Tensor, adapter_ids: Tensor,
+                   ranks: Optional[Tensor], dropouts: Optional[Tensor], seed: Optional[Tensor], need_dx: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    from .lora_linear_multi import _dropout as multi_dropout
+
+    p, seed = multi_dropout(dropouts, seed, lora_A.shape[0])
+    w4 = (codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize)
+    return implementation(MULTI_OP, x.device, x.dtype, lora_A.dtype).backward(
+        grad_y, x, w4, lora_A, lora_B, xa, scalings, adapter_ids, ranks, p, seed, need_dx)
+
+
+def _multi_backward_fake(grad_y, x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
+                         blocksize, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _multi_setup_context(ctx, inputs, output):
+    x = inputs[0]
+    # x, the packed weight, the adapters, xa and the routing: never drop(x), never the dequantized weight
+    ctx.save_for_backward(x, *inputs[1:7], *inputs[_A:], output[1])
+    ctx.out_features, ctx.blocksize = inputs[7], inputs[8]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _multi_gradients(ctx, grad_outputs, run_backward):
+    """The gradients of every input: x, bias, lora_A and lora_B (the 4-bit weight is frozen)."""
+    grad_y = grad_outputs[0]
+    x, codes, absmax, nested_absmax, nested_code, offset, code_table, lora_A, lora_B, scalings, adapter_ids, ranks, \
+        dropouts, seed, xa = ctx.saved_tensors
+    w4 = (codes, absmax, nested_absmax, nested_code, offset, code_table, ctx.out_features, ctx.blocksize)
+    need = ctx.needs_input_grad
+    grads = [None] * 17
+    if torch.is_grad_enabled():  # double backward: the reference, differentiated
+        from .lora_linear_multi import _dropout as multi_dropout
+
+        wrt = [(i, t) for i, t in ((0, x), (_A, lora_A), (_B, lora_B)) if need[i]]
+        if wrt:
+            p, seed = multi_dropout(dropouts, seed, lora_A.shape[0])
+            y, _ = reference.lora_linear_multi(x, _dense(x, w4), None, lora_A, lora_B, scalings, adapter_ids, ranks,
+                                               p, seed_value(seed))
+            found = torch.autograd.grad(y, [t for _, t in wrt], grad_y, create_graph=True, allow_unused=True)
+            for (i, t), g in zip(wrt, found):
+                grads[i] = g if g is not None else torch.zeros_like(t)
+    else:
+        dx, dA, dB = run_backward(grad_y.contiguous(), x, *w4, lora_A, lora_B, xa, scalings, adapter_ids, ranks,
+                                  dropouts, seed, need[0])
+        grads[0], grads[_A], grads[_B] = (dx if need[0] else None), (dA if need[_A] else None), \
+            (dB if need[_B] else None)
+    if need[_BIAS]:
+        grads[_BIAS] = grad_y.sum(0)
+    return tuple(grads)
+
+
+lora_linear_multi_4bit_op = define_op(
+    MULTI_OP, multi_forward, _multi_forward_fake,
+    backward=Backward(impl=multi_backward, fake=_multi_backward_fake, setup_context=_multi_setup_context,
+                      gradients=_multi_gradients),
+)
+
+if compiled_extension() is not None:
+    @torch.library.register_fake("lora_kernels::multi_forward_4bit")
+    def _(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize, bias, lora_A,
+          lora_B, scalings, adapter_ids, ranks, dropouts, seed):
+        return _multi_forward_fake(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
+                                   blocksize, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed)
+
+    @torch.library.register_fake("lora_kernels::multi_backward_4bit")
+    def _(grad_y, x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize, lora_A,
+          lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx):
+        return _multi_backward_fake(grad_y, x, codes, absmax, nested_absmax, nested_code, offset, code_table,
+                                    out_features, blocksize, lora_A, lora_B, xa, scalings, adapter_ids, ranks,
+                                    dropouts, seed, need_dx)
