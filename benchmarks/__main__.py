@@ -1,6 +1,6 @@
 """The benchmark's command line (cases.py: what is timed; runners.py: how; tables.py: the report).
 
-    python -m benchmarks                 # --quick: the CPU comparison table (< 2 min on 2 cores)
+    python -m benchmarks                 # --quick: the CPU comparison table (about 4 min on 2 cores, QLoRA cases included)
     python -m benchmarks --full          # more shapes, ranks, dtypes, loralib; drift
     python -m benchmarks --op merge --provider ours,peft --shape 4096
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the default: the main comparison, < 2 min on CPU")
+    size.add_argument("--quick", action="store_true", help="the default: the main comparison, about 4 min on CPU")
     size.add_argument("--full", action="store_true", help="all shapes, ranks and dtypes, loralib, drift")
     parser.add_argument("--op", default=None, help="comma list of linear,merge,drift (default: linear,merge; "
                                                    "--full adds drift)")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     ops = args.op.split(",") if args.op else (["linear", "merge", "drift"] if args.full else ["linear", "merge"])
     if args.provider:
         wanted = args.provider.split(",")
-    else:  # loralib only in --full: the quick run must stay under 2 minutes on 2 cores
+    else:  # loralib only in --full: the quick run must stay a few minutes on 2 cores
         wanted = (["base", "reference", "peft", "ours", "floor", "gemm", "ours-safe", "ours-dense", "dequant"]
                   + (["loralib"] if args.full else []))
     if "linear" in ops and "base" not in wanted:
