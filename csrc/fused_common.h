@@ -125,6 +125,11 @@ struct Base {
   void check(const at::Tensor& x) const;  // a dense weight has x's dtype and device
 };
 
+// The fused op's argument checks (lora_linear.cpp), for a dense or a packed base: x [M, in], lora_A [r, in],
+// lora_B [out, r] in x's dtype (or float32 on a 16-bit x), bias [out], dropout_p in [0, 1).
+void check_lora_args(const at::Tensor& x, const Base& base, const OptionalTensor& bias, const at::Tensor& lora_A,
+                     const at::Tensor& lora_B, double dropout_p);
+
 // lora_linear in parts, so that the multi-adapter op can run the LoRA part per adapter on views of its
 // batch: base_forward is bias + x W0ᵀ; add_lora_forward writes xa = drop(x) Aᵀ and adds s · xa Bᵀ to y
 // (y and xa may be views); lora_backward returns (dA, dB) and adds dx's LoRA term to dx (when defined).

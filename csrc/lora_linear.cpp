@@ -32,20 +32,16 @@
 
 namespace lora_kernels {
 namespace fused {
-namespace {
 
-void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
-                        const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                        const at::Tensor& lora_B, double dropout_p) {
+void check_lora_args(const at::Tensor& x, const Base& base, const OptionalTensor& bias, const at::Tensor& lora_A,
+                     const at::Tensor& lora_B, double dropout_p) {
   LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
-  LK_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "weight must be [out, ",
-           x.size(1), "], got ", weight.sizes());
+  base.check(x);
+  const int64_t out = base.out_features();
   LK_CHECK(lora_A.dim() == 2 && lora_A.size(1) == x.size(1), "lora_A must be [r, ", x.size(1),
            "], got ", lora_A.sizes());
-  LK_CHECK(lora_B.dim() == 2 && lora_B.size(0) == weight.size(0) &&
-               lora_B.size(1) == lora_A.size(0),
-           "lora_B must be [", weight.size(0), ", ", lora_A.size(0), "], got ", lora_B.sizes());
-  check_same(weight, "weight", x);
+  LK_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == lora_A.size(0),
+           "lora_B must be [", out, ", ", lora_A.size(0), "], got ", lora_B.sizes());
   if (is_mixed(x, lora_A)) {
     check_same(lora_B, "lora_B", lora_A, "lora_A");
     LK_CHECK(lora_A.device() == x.device(), "lora_A must be on x's device ", x.device(), ", got ", lora_A.device());
@@ -54,14 +50,11 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight,
     check_same(lora_B, "lora_B", x);
   }
   if (bias.has_value()) {
-    LK_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [",
-             weight.size(0), "], got ", bias->sizes());
+    LK_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must be [", out, "], got ", bias->sizes());
     check_same(*bias, "bias", x);
   }
   LK_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
 }
-
-}  // namespace
 
 at::Tensor base_forward(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias) {
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
@@ -111,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, cons
                                                  const at::Tensor& weight, const OptionalTensor& bias,
                                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                  double scaling, double dropout_p, int64_t seed) {
-  check_forward_args(x, weight, bias, lora_A, lora_B, dropout_p);
+  check_lora_args(x, Base{weight}, bias, lora_A, lora_B, dropout_p);
   at::Tensor y = base_forward(x, weight, bias);
   at::Tensor xa = at::empty({x.size(0), lora_A.size(0)}, lora_A.options());
   add_lora_forward(device, x, y, xa, lora_A, lora_B, scaling, dropout_p, seed, 0);
@@ -196,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const DeviceParts& device, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
     double dropout_p, int64_t seed, bool need_dx) {
-  check_forward_args(x, weight, c10::nullopt, lora_A, lora_B, dropout_p);
+  check_lora_args(x, Base{weight}, c10::nullopt, lora_A, lora_B, dropout_p);
   LK_CHECK(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == weight.size(0),
            "grad_y must be [", x.size(0), ", ", weight.size(0), "], got ", grad_y.sizes());
   LK_CHECK(xa.dim() == 2 && xa.size(0) == x.size(0) && xa.size(1) == lora_A.size(0),

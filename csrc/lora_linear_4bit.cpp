@@ -20,30 +20,6 @@ void check_cpu_tensor(const at::Tensor& t, const char* name, at::ScalarType dtyp
            " elements, got ", t.sizes());
 }
 
-void check_lora_args(const at::Tensor& x, int64_t out_features, const OptionalTensor& bias, const at::Tensor& lora_A,
-                     const at::Tensor& lora_B, double dropout_p) {
-  LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
-  LK_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-           "x must be float32, bfloat16 or float16 on a 4-bit weight, got ", x.scalar_type());
-  LK_CHECK(lora_A.dim() == 2 && lora_A.size(1) == x.size(1), "lora_A must be [r, ", x.size(1), "], got ",
-           lora_A.sizes());
-  LK_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out_features && lora_B.size(1) == lora_A.size(0), "lora_B must be [",
-           out_features, ", ", lora_A.size(0), "], got ", lora_B.sizes());
-  if (is_mixed(x, lora_A)) {
-    check_same(lora_B, "lora_B", lora_A, "lora_A");
-    LK_CHECK(lora_A.device() == x.device(), "lora_A must be on x's device ", x.device(), ", got ", lora_A.device());
-  } else {
-    check_same(lora_A, "lora_A", x);
-    check_same(lora_B, "lora_B", x);
-  }
-  if (bias.has_value()) {
-    LK_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must be [", out_features, "], got ",
-             bias->sizes());
-    check_same(*bias, "bias", x);
-  }
-  LK_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
-}
-
 }  // namespace
 
 Packed4bit packed_4bit(const at::Tensor& codes, const at::Tensor& absmax, const OptionalTensor& nested_absmax,
@@ -113,9 +89,10 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_4bit_cpu(
     const OptionalTensor& nested_code, const OptionalTensor& offset, const at::Tensor& code_table,
     int64_t out_features, int64_t blocksize, const OptionalTensor& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed) {
-  fused::check_lora_args(x, out_features, bias, lora_A, lora_B, dropout_p);
+  LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
   const fused::Packed4bit w = fused::packed_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table,
                                                  out_features, x.size(1), blocksize);
+  fused::check_lora_args(x, fused::Base{at::Tensor(), &w}, bias, lora_A, lora_B, dropout_p);
   at::Tensor y = w.forward(x, bias);
   at::Tensor xa = at::empty({x.size(0), lora_A.size(0)}, lora_A.options());
   fused::add_lora_forward(fused::kCpu, x, y, xa, lora_A, lora_B, scaling, dropout_p, seed, 0);
@@ -127,15 +104,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_4bit_cpu(
     const OptionalTensor& nested_absmax, const OptionalTensor& nested_code, const OptionalTensor& offset,
     const at::Tensor& code_table, int64_t out_features, int64_t blocksize, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx) {
-  fused::check_lora_args(x, out_features, c10::nullopt, lora_A, lora_B, dropout_p);
+  LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
+  const fused::Packed4bit w = fused::packed_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table,
+                                                 out_features, x.size(1), blocksize);
+  fused::check_lora_args(x, fused::Base{at::Tensor(), &w}, c10::nullopt, lora_A, lora_B, dropout_p);
   LK_CHECK(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == out_features, "grad_y must be [",
            x.size(0), ", ", out_features, "], got ", grad_y.sizes());
   LK_CHECK(xa.dim() == 2 && xa.size(0) == x.size(0) && xa.size(1) == lora_A.size(0), "xa must be [", x.size(0), ", ",
            lora_A.size(0), "], got ", xa.sizes());
   fused::check_same(grad_y, "grad_y", x);
   fused::check_same(xa, "xa", lora_A, "lora_A");
-  const fused::Packed4bit w = fused::packed_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table,
-                                                 out_features, x.size(1), blocksize);
   at::Tensor dx = need_dx ? w.input_grad(grad_y.contiguous()) : at::Tensor();
   auto [dA, dB] = fused::lora_backward(fused::kCpu, grad_y, x, lora_A, lora_B, xa, scaling, dropout_p, seed, 0, dx);
   return {need_dx ? dx : at::empty({0}, x.options()), dA, dB};

@@ -202,10 +202,15 @@ def _graph_args(args):
     value and recompile for every new alpha), on x's device when that is a GPU (a CPU tensor in
     the graph would keep Inductor from using CUDA graphs)."""
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = args
-    if not isinstance(scaling, Tensor):
-        device = x.device if x.is_cuda else torch.device("cpu")
-        scaling = torch.ones((), dtype=torch.float64, device=device) * scaling
-    return x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
+    return x, weight, bias, lora_A, lora_B, scaling_graph_input(x, scaling), dropout_p, seed
+
+
+def scaling_graph_input(x: Tensor, scaling):
+    """The scaling as a 0-d float64 tensor for a compiled graph (see _graph_args); a tensor passes as it is."""
+    if isinstance(scaling, Tensor):
+        return scaling
+    device = x.device if x.is_cuda else torch.device("cpu")
+    return torch.ones((), dtype=torch.float64, device=device) * scaling
 
 
 lora_linear_op = define_op(

@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import FLOAT32_ADAPTERS_ON_HALF, HALF_AND_FLOAT32, Implementation, compiled_extension, implementation, register
 from .definition import Backward, define_op, seed_value
-from .lora_linear import _dropout, _kernel_scaling
+from .lora_linear import _dropout, _kernel_scaling, scaling_graph_input
 
 OP = "lora_linear_4bit"
 
@@ -142,12 +142,7 @@ def _gradients(ctx, grad_outputs, run_backward):
 
 def _graph_args(args):
     """Under torch.compile the scaling must be a graph input (a tensor), as for lora_linear (ops/lora_linear.py)."""
-    args = list(args)
-    if not isinstance(args[12], Tensor):
-        x = args[0]
-        device = x.device if x.is_cuda else torch.device("cpu")
-        args[12] = torch.ones((), dtype=torch.float64, device=device) * args[12]
-    return tuple(args)
+    return (*args[:12], scaling_graph_input(args[0], args[12]), *args[13:])
 
 
 lora_linear_4bit_op = define_op(
