@@ -85,6 +85,8 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& codes, const at::Tensor& absmax
 // on the device of `options`: 1/(1-p) where kept, 0 where dropped.
 at::Tensor dropout_mask_cpu(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
                             at::TensorOptions options);
+// The whole mask of x [M, in] (the op dropout_mask, which DoRA's second product with W0 needs).
+at::Tensor dropout_mask_of_cpu(const at::Tensor& x, double dropout_p, int64_t seed);
 
 // ---- in-place merge: W = round(W + s · B A - s' · B' A'), the two products accumulated
 // in fp32 (fp64 for fp64 weights), one rounding per element; the subtracted adapter
@@ -118,6 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx);
 at::Tensor dropout_mask_cuda(int64_t row0, int64_t rows, int64_t cols, double p, int64_t seed,
                              at::TensorOptions options);
+at::Tensor dropout_mask_of_cuda(const at::Tensor& x, double dropout_p, int64_t seed);
 void merge_cuda_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
                  const OptionalTensor& sub_A, const OptionalTensor& sub_B, double sub_scaling);
 at::Tensor merge_nonfinite_count_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,

@@ -201,7 +201,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   return {need_dx ? dx : at::empty({0}, x.options()), dA, dB};
 }
 
+at::Tensor dropout_mask_of(const DeviceParts& device, const at::Tensor& x, double dropout_p, int64_t seed) {
+  LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
+  LK_CHECK(dropout_p > 0.0 && dropout_p < 1.0, "dropout_p must be in (0, 1), got ", dropout_p);
+  return device.dropout_mask(0, x.size(0), x.size(1), dropout_p, seed, x.options());
+}
+
 }  // namespace fused
+
+at::Tensor dropout_mask_of_cpu(const at::Tensor& x, double dropout_p, int64_t seed) {
+  return fused::dropout_mask_of(fused::kCpu, x, dropout_p, seed);
+}
 
 std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                      const OptionalTensor& bias, const at::Tensor& lora_A,
@@ -217,6 +227,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
 }
 
 #ifdef LORA_KERNELS_WITH_CUDA
+at::Tensor dropout_mask_of_cuda(const at::Tensor& x, double dropout_p, int64_t seed) {
+  return fused::dropout_mask_of(fused::kCuda, x, dropout_p, seed);
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                       const OptionalTensor& bias, const at::Tensor& lora_A,
                                                       const at::Tensor& lora_B, double scaling, double dropout_p,

@@ -38,6 +38,7 @@ TORCH_LIBRARY(lora_kernels, m) {
         "Tensor? nested_code, Tensor? offset, Tensor code_table, int out_features, int blocksize, Tensor lora_A, "
         "Tensor lora_B, Tensor xa, Tensor scalings, Tensor adapter_ids, Tensor? ranks, Tensor dropouts, int seed, "
         "bool need_dx) -> (Tensor, Tensor, Tensor)");
+  m.def("dropout_mask(Tensor x, float dropout_p, int seed) -> Tensor");
   m.def("dequantize_4bit(Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
         "Tensor code_table, int out_features, int in_features, int blocksize, ScalarType dtype) -> Tensor");
 }
@@ -54,6 +55,7 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("multi_forward_4bit", &lora_kernels::multi_forward_4bit_cpu);
   m.impl("multi_backward_4bit", &lora_kernels::multi_backward_4bit_cpu);
   m.impl("dequantize_4bit", &lora_kernels::dequantize_4bit_cpu);
+  m.impl("dropout_mask", &lora_kernels::dropout_mask_of_cpu);
 }
 
 #ifdef LORA_KERNELS_WITH_CUDA
@@ -64,6 +66,7 @@ TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   m.impl("multi_backward", &lora_kernels::multi_backward_cuda);
   m.impl("merge_kernel_", &lora_kernels::merge_cuda_);
   m.impl("merge_nonfinite_count", &lora_kernels::merge_nonfinite_count_cuda);
+  m.impl("dropout_mask", &lora_kernels::dropout_mask_of_cuda);
 }
 #endif
 

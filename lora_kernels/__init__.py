@@ -7,6 +7,7 @@ model level: inject_lora, mark_only_lora_as_trainable, lora_state_dict, load_lor
 unmerge_adapter, merge_and_unload, unload, disable_adapter, print_trainable_parameters;
 many adapters per layer, one per row of a batch: MultiLoRALinear, lora_linear_multi, inject_multi_lora,
 add_adapter, remove_adapter, set_adapter, adapter_batch;
+DoRA (weight-decomposed LoRA): dora_linear, dora_weight_norm, dora_merge_/dora_unmerge_, LoRALinear(use_dora=True);
 4-bit bases (QLoRA, bitsandbytes' NF4/FP4 layout): Weight4bit, LoRALinear4bit, inject_lora(..., quantize="nf4");
 PEFT's adapter format and PeftModels: lora_kernels.peft.
 The pure-PyTorch specification of every op is lora_kernels.reference.
@@ -15,7 +16,9 @@ The pure-PyTorch specification of every op is lora_kernels.reference.
 from . import reference
 from .backends import available_backends, compiled_extension
 from .config import LoRAConfig
-from .functional import MergeRecord, lora_linear, lora_linear_multi, merge_, switch_, unmerge_
+from .functional import (MergeRecord, dora_linear, dora_weight_norm, lora_linear, lora_linear_multi, merge_, switch_,
+                         unmerge_)
+from .dora_merge import DoRAMerge, dora_merge_, dora_unmerge_
 from .modules import LoRALinear
 from .modules4bit import LoRALinear4bit
 from .weight4bit import Weight4bit
@@ -39,6 +42,11 @@ __all__ = [
     "add_adapter",
     "available_backends",
     "disable_adapter",
+    "dora_linear",
+    "dora_merge_",
+    "dora_unmerge_",
+    "dora_weight_norm",
+    "DoRAMerge",
     "inject_lora",
     "inject_multi_lora",
     "load_lora_state_dict",

@@ -12,7 +12,8 @@ class LoRAConfig:
     """r: rank (int >= 1); lora_alpha: the scaling's numerator; lora_dropout: dropout probability
     on the LoRA branch's input, in [0, 1); use_rslora: scaling = lora_alpha / √r instead of / r;
     fan_in_fan_out: the base weight is stored [in, out] (GPT-2's Conv1D); merge_weights: merge in
-    eval(), unmerge in train() (loralib's behaviour)."""
+    eval(), unmerge in train() (loralib's behaviour); use_dora: DoRA (weight-decomposed LoRA, PEFT's use_dora), a
+    trained magnitude per output row rescaling W0 + s·BA to unit-norm rows."""
 
     r: int = 8
     lora_alpha: float = 8
@@ -20,6 +21,7 @@ class LoRAConfig:
     use_rslora: bool = False
     fan_in_fan_out: bool = False
     merge_weights: bool = False
+    use_dora: bool = False
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -30,6 +32,9 @@ class LoRAConfig:
         if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
                 or not 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        for flag in ("use_rslora", "fan_in_fan_out", "merge_weights", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
 
     @property
     def scaling(self) -> float:

@@ -6,6 +6,9 @@
     merge_(weight, lora_A, lora_B, scaling, safe=False, exact=False)
     unmerge_(weight, lora_A, lora_B, scaling, record=None)
     switch_(weight, lora_A, lora_B, scaling, new_A, new_B, new_scaling, safe=False)
+    dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False,
+                weight_norm=None)
+    dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm=None)
 
 Every check runs before anything is computed or written, so a call that raises
 leaves every tensor as it was.
@@ -23,8 +26,10 @@ from .ops.lora_linear_4bit import lora_linear_4bit_op, lora_linear_multi_4bit_op
 from .weight4bit import Weight4bit
 from .ops.lora_linear_multi import lora_linear_multi_op
 from .ops.merge import merge_op
+from .ops.dora_linear import dora_linear_op, dora_weight_norm_op, norm_dtype
 
-__all__ = ["lora_linear", "lora_linear_multi", "merge_", "unmerge_", "switch_", "MergeRecord"]
+__all__ = ["lora_linear", "lora_linear_multi", "merge_", "unmerge_", "switch_", "MergeRecord", "dora_linear",
+           "dora_weight_norm"]
 
 
 def draw_seed(device: torch.device | str | None = None) -> Tensor:
@@ -91,6 +96,71 @@ def _lora_linear_4bit(x, weight: Weight4bit, bias, lora_A, lora_B, scaling, drop
     if x.dim() == 2:
         return y
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.out_features))
+
+
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float | Tensor,
+                     weight_sq_norm: Tensor | None = None) -> Tensor:
+    """n = ‖W0 + s · B A‖ of every output row, [out] in float32 (float64 for float64 tensors), without gradient.
+
+    weight [out, in], lora_A [r, in], lora_B [out, r]. Computed as ‖W0_o‖² + 2s (W0 Aᵀ)_o · B_o + s² B_o (A Aᵀ)
+    B_oᵀ, with no [out, in] temporary; rows where those terms cancel are computed densely (ops/dora_linear.py).
+    weight_sq_norm: ‖W0_o‖² [out] when known (LoRALinear caches it while W0 is unchanged).
+    """
+    validation.check_float_tensor("weight", weight, 2)
+    validation.check_adapter(weight, lora_A, lora_B)
+    validation.check_same_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
+    validation.check_adapter_dtype(weight, lora_A, lora_B, "weight")
+    if not (isinstance(scaling, Tensor) and (scaling.device.type != "cpu" or torch.compiler.is_compiling())):
+        scaling = validation.check_scaling("scaling", scaling)
+    if weight_sq_norm is not None:
+        validation.check_weight_norm(weight_sq_norm, weight)
+    with torch.no_grad():
+        return dora_weight_norm_op(weight, lora_A, lora_B, scaling, weight_sq_norm)
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    scaling: float | Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    weight_norm: Tensor | None = None,
+) -> Tensor:
+    """DoRA (weight-decomposed LoRA, PEFT's use_dora=True), fused, with no [out, in] temporary:
+
+        y = x W0ᵀ + b + (g − 1) ⊙ (x̃ W0ᵀ) + g ⊙ s · (x̃ Aᵀ) Bᵀ,   g = m / ‖W0 + s·BA‖ (per output row),
+
+    x̃ = dropout(x) (when training and dropout_p > 0; otherwise y = g ⊙ (x W0ᵀ + s · x Aᵀ Bᵀ) + b). x [..., in],
+    weight [out, in], bias [out] or None, lora_A [r, in], lora_B [out, r], magnitude m [out] (lora_A's dtype);
+    returns [..., out]. The norm is a constant (no gradient through it, as in PEFT and the DoRA paper): weight_norm
+    gives it precomputed (dora_weight_norm; LoRALinear reuses it in eval while nothing changes), else it is
+    computed here. Differentiable in x, lora_A, lora_B, magnitude, bias (and weight, if it requires grad); the
+    dropout mask is lora_linear's. reference.dora_linear is the spec.
+    """
+    if isinstance(weight, Weight4bit):
+        raise NotImplementedError("dora_linear on a 4-bit weight (QDoRA) is not implemented yet: dequantize it "
+                                  "(Weight4bit.dequantize()) or use LoRA on the 4-bit base")
+    adapter_dtype = getattr(lora_A, "dtype", None)  # before autocast, which may cast the adapter
+    x, weight, bias, lora_A, lora_B = validation.check_and_autocast(x, weight, bias, lora_A, lora_B, scaling,
+                                                                    dropout_p)
+    validation.check_magnitude(magnitude, weight, adapter_dtype)
+    if weight_norm is None:
+        weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    else:
+        validation.check_weight_norm(weight_norm, weight)
+        weight_norm = weight_norm.to(norm_dtype(weight, lora_A))
+    seed = draw_seed(_seed_device(x)) if training and dropout_p > 0.0 else None
+    keep_z = torch.is_grad_enabled() and magnitude.requires_grad  # z [M, out] is what the magnitude's gradient needs
+    x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+    y, _, _ = dora_linear_op(x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, float(dropout_p),
+                             seed, keep_z)
+    if x.dim() == 2:
+        return y
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def lora_linear_multi(

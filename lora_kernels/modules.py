@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LoRAConfig
-from .functional import lora_linear, merge_, switch_, unmerge_
+from .dora_merge import DoRAMerge, dora_merge_, dora_unmerge_
+from .functional import dora_linear, dora_weight_norm, lora_linear, merge_, switch_, unmerge_
+from .ops.dora_linear import norm_dtype, row_sq_norms
 from .validation import check_adapter, check_scaling
 
 __all__ = ["LoRALinear"]
@@ -36,6 +38,13 @@ class LoRALinear(nn.Module):
     adapter_dtype: the dtype of lora_A and lora_B (default: the weight's); float32
     on a float16/bfloat16 weight is PEFT's default and computes the LoRA branch
     from float32 adapters (see lora_kernels.reference.lora_linear).
+
+    use_dora=True: DoRA (PEFT's use_dora), y = g ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b with g = m / ‖W0 + s·BA‖ per
+    output row (lora_kernels.dora_linear; dropout as PEFT applies it). ``lora_magnitude`` [out] (adapter dtype,
+    trained) starts as ‖W0 + s·BA‖, so a new layer equals its base layer. ‖W0‖² is cached while the weight is
+    unchanged, and in eval the norm too while W0, A, B and the scaling are (tracked by their version counters:
+    a write through ``.data`` is not seen; call ``clear_dora_cache()`` after one). merge() folds
+    g ⊙ (W0 + s·BA) into the weight.
     """
 
     def __init__(
@@ -52,9 +61,10 @@ class LoRALinear(nn.Module):
         device=None,
         dtype=None,
         adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ):
         super().__init__()
-        config = LoRAConfig(r, lora_alpha, lora_dropout, use_rslora, fan_in_fan_out, merge_weights)
+        config = LoRAConfig(r, lora_alpha, lora_dropout, use_rslora, fan_in_fan_out, merge_weights, use_dora)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -77,6 +87,11 @@ class LoRALinear(nn.Module):
         factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, config.r, **factory))
+        self.use_dora = config.use_dora
+        if config.use_dora:
+            self.lora_magnitude = nn.Parameter(torch.empty(out_features, **factory))
+        self._dora_merged: DoRAMerge | None = None
+        self.clear_dora_cache()
         self.merged = False
         self.adapter_disabled = False
         self.base_layer_type = nn.Linear  # what merge_and_unload() / unload() give back
@@ -86,7 +101,7 @@ class LoRALinear(nn.Module):
     def config(self) -> LoRAConfig:
         """This layer's options as a LoRAConfig."""
         return LoRAConfig(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.fan_in_fan_out,
-                          self.merge_weights)
+                          self.merge_weights, self.use_dora)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, config: LoRAConfig | None = None, *,
@@ -129,9 +144,49 @@ class LoRALinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def reset_lora_parameters(self) -> None:
-        """A ~ kaiming-uniform(a=√5), B = 0 (loralib / PEFT)."""
+        """A ~ kaiming-uniform(a=√5), B = 0 (loralib / PEFT); DoRA's magnitude = ‖W0 + s·BA‖ = ‖W0‖ per row."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.use_dora:
+            self.reset_dora_magnitude()
+
+    @torch.no_grad()
+    def reset_dora_magnitude(self) -> None:
+        """magnitude = ‖W0 + s·BA‖ per row (PEFT's initialisation): the layer then computes what plain LoRA does."""
+        if self.merged:
+            raise RuntimeError("reset_dora_magnitude on a merged layer: unmerge() first")
+        norm = dora_weight_norm(self.base_weight(), self.lora_A, self.lora_B, self.scaling)
+        self.lora_magnitude.copy_(norm.to(self.lora_magnitude.dtype))
+
+    # -- DoRA's cached norms ------------------------------------------------
+
+    def clear_dora_cache(self) -> None:
+        """Forget the cached ‖W0‖² and eval norm (needed only after writing a tensor through .data)."""
+        self.__dict__["_dora_sq_norm"] = (None, None)
+        self.__dict__["_dora_eval_norm"] = (None, None)
+
+    @staticmethod
+    def _state_of(*tensors) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+
+    def _dora_norm(self) -> Tensor | None:
+        """The row norm ‖W0 + s·BA‖ for this forward, or None to let the op compute it (under torch.compile).
+        ‖W0‖² is reused while W0 is unchanged; in eval the norm itself while W0, A, B and s are."""
+        if torch.compiler.is_compiling():
+            return None
+        weight = self.base_weight()
+        key = self._state_of(weight, self.lora_A, self.lora_B) + (self._scaling,)
+        if not self.training and self._dora_eval_norm[0] == key:
+            return self._dora_eval_norm[1]
+        weight_key = self._state_of(weight)
+        if self._dora_sq_norm[0] != weight_key:
+            with torch.no_grad():
+                sq = row_sq_norms(weight, norm_dtype(weight, self.lora_A))
+            self.__dict__["_dora_sq_norm"] = (weight_key, sq)
+        norm = dora_weight_norm(weight, self.lora_A, self.lora_B, self._scaling, self._dora_sq_norm[1])
+        if not self.training:
+            self.__dict__["_dora_eval_norm"] = (key, norm)
+        return norm
 
     @property
     def scaling(self) -> float:
@@ -150,6 +205,11 @@ class LoRALinear(nn.Module):
     def scaling(self, value: float) -> None:
         # Checked here, on the host: on a GPU the kernels read the tensor below, and nothing else looks at it.
         value = check_scaling("scaling", value)
+        if self.__dict__.get("merged") and value != self._scaling and self.use_dora:
+            self.unmerge()  # g depends on s: out with the old merge, in with a new one
+            self._store_scaling(value)
+            self.merge()
+            return
         if self.__dict__.get("merged") and value != self._scaling:
             # the weight holds s·BA with the old s: out with the old, in with the new, one rounding (switch_)
             switch_(self.base_weight(), self.lora_A, self.lora_B, self._scaling, self.lora_A, self.lora_B, value)
@@ -188,6 +248,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.adapter_disabled:
             return F.linear(x, self.base_weight(), self.bias)
+        if self.use_dora:
+            return dora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self.lora_magnitude,
+                               self._scaling_for(x), self.lora_dropout, self.training, weight_norm=self._dora_norm())
         return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self._scaling_for(x),
                            self.lora_dropout, self.training)
 
@@ -204,26 +267,40 @@ class LoRALinear(nn.Module):
     # -- merging ------------------------------------------------------------
 
     def merge(self, safe: bool = False) -> None:
-        """Fold scaling · B A into the weight in place; forward then costs one plain GEMM."""
+        """Fold scaling · B A (DoRA: W ← g ⊙ (W0 + s·BA)) into the weight in place; forward then costs one plain
+        GEMM."""
         if not self.merged:
-            merge_(self.base_weight(), self.lora_A, self.lora_B, self.scaling, safe=safe)
+            if self.use_dora:
+                self._dora_merged = dora_merge_(self.base_weight(), self.lora_A, self.lora_B, self.lora_magnitude,
+                                                self.scaling, safe=safe)
+            else:
+                merge_(self.base_weight(), self.lora_A, self.lora_B, self.scaling, safe=safe)
             self.merged = True
 
     def unmerge(self) -> None:
-        """Take scaling · B A out of the weight again."""
+        """Take scaling · B A (DoRA: the gain and s·BA) out of the weight again."""
         if self.merged:
-            unmerge_(self.base_weight(), self.lora_A, self.lora_B, self.scaling)
+            if self.use_dora:
+                dora_unmerge_(self.base_weight(), self.lora_A, self.lora_B, self.scaling, self._dora_merged)
+                self._dora_merged = None
+            else:
+                unmerge_(self.base_weight(), self.lora_A, self.lora_B, self.scaling)
             self.merged = False
 
     # what the state-dict hooks (register_merge_hooks) ask of a layer
     def merged_adapter_tensors(self):
-        return (self.lora_A, self.lora_B, self.scaling) if self.merged else None
+        if not self.merged:
+            return None
+        if self.use_dora:
+            return self.lora_A, self.lora_B, self.scaling, self._dora_merged
+        return self.lora_A, self.lora_B, self.scaling
 
     def _merge_token(self):
         return True if self.merged else None
 
     def _forget_merge(self) -> None:
         self.merged = False
+        self._dora_merged = None
 
     def _merge_again(self, token) -> None:
         self.merge()
@@ -237,6 +314,9 @@ class LoRALinear(nn.Module):
         an optimizer built before keeps training them. Another rank: they are replaced by
         new Parameters (a UserWarning says so: optimizers must be rebuilt).
         """
+        if self.use_dora:
+            raise ValueError("switch_adapter does not apply to a DoRA layer (use_dora=True): an adapter there is "
+                             "lora_A, lora_B and lora_magnitude; load it with load_state_dict")
         lora_alpha = self.lora_alpha if lora_alpha is None else lora_alpha
         r = lora_A.shape[0] if lora_A.dim() == 2 else 0
         if r < 1:
@@ -296,7 +376,7 @@ class LoRALinear(nn.Module):
         text = (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
                 f"bias={self.bias is not None}")
-        for flag in ("fan_in_fan_out", "use_rslora", "merge_weights", "merged", "adapter_disabled"):
+        for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "merge_weights", "merged", "adapter_disabled"):
             if getattr(self, flag):
                 text += f", {flag}=True"
         return text
@@ -333,7 +413,11 @@ def _unmerged_weight_in_state_dict(module: nn.Module, state: dict, prefix: str, 
     merged = module.merged_adapter_tensors()
     if merged is not None and key in state:
         weight = state[key].detach().clone()
-        unmerge_(weight.t() if getattr(module, "fan_in_fan_out", False) else weight, *merged)
+        target = weight.t() if getattr(module, "fan_in_fan_out", False) else weight
+        if isinstance(merged[-1], DoRAMerge):
+            dora_unmerge_(target, *merged)
+        else:
+            unmerge_(target, *merged)
         state[key] = weight
 
 
@@ -346,14 +430,14 @@ def _take_adapter_out_before_load(module: nn.Module, state: dict, prefix: str, *
     token = module._merge_token()
     if token is None:
         return
-    for name in ("weight", "bias", "lora_A", "lora_B"):
+    for name in ("weight", "bias", "lora_A", "lora_B", "lora_magnitude"):
         mine = getattr(module, name, None)
         theirs = state.get(prefix + name)
         if isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor) and theirs.shape != mine.shape:
             raise RuntimeError(f"load_state_dict into a merged layer: {prefix + name} has shape "
                                f"{tuple(theirs.shape)}, the layer's is {tuple(mine.shape)}; nothing of this layer "
                                "was changed")
-    if any(prefix + name in state for name in ("weight", "lora_A", "lora_B", "_extra_state")):
+    if any(prefix + name in state for name in ("weight", "lora_A", "lora_B", "lora_magnitude", "_extra_state")):
         if prefix + "weight" in state:
             module._forget_merge()
         else:

@@ -29,6 +29,9 @@ __all__ = [
     "accumulation_dtype",
     "lora_linear",
     "lora_linear_backward",
+    "dora_weight_norm",
+    "dora_linear",
+    "dora_merge",
     "lora_linear_multi",
     "lora_linear_multi_backward",
     "merge_",
@@ -163,6 +166,44 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout
     d_lora_A = (scaling * (gb.t() @ _dropped(x.to(acc), dropout_p, seed))).to(lora_A.dtype)
     d_lora_B = (scaling * (grad_y_acc.t() @ xa.to(acc))).to(lora_B.dtype)
     return dx, d_lora_A, d_lora_B
+
+
+# ---- DoRA (weight-decomposed LoRA, PEFT's use_dora=True)
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling):
+    """n = ‖W0 + s · B A‖ of every output row [out], as PEFT computes it: from the dense W0 + s·BA, in the dtype
+    W0 and the adapter promote to. No gradient (DoRA detaches the norm: the paper's §4.3 and PEFT)."""
+    with torch.no_grad():
+        return torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, seed=None, weight_norm=None):
+    """DoRA: y = x W0ᵀ + b + (g − 1) ⊙ (x̃ W0ᵀ) + g ⊙ s · (x̃ Aᵀ) Bᵀ, with g = m / ‖W0 + s·BA‖ (per output row)
+    and x̃ = drop(x); without dropout y = g ⊙ (x W0ᵀ + s · x Aᵀ Bᵀ) + b.
+
+    x [M, in], weight [out, in], bias [out] or None, lora_A [r, in], lora_B [out, r], magnitude m [out] (the
+    adapter's dtype). weight_norm: n [out] if already known (else dora_weight_norm). Computed as PEFT's DoRA layer
+    does, term by term, in the dtype x and the adapter promote to, rounded to x's dtype at the end; differentiable
+    by autograd (the norm a constant). Returns y [M, out].
+    """
+    norm = dora_weight_norm(weight, lora_A, lora_B, scaling) if weight_norm is None else weight_norm
+    gain = magnitude / norm
+    base = x @ weight.t()
+    x_dropped = _dropped(x, dropout_p, seed)
+    dropped_base = base if x_dropped is x else x_dropped @ weight.t()
+    lora = (x_dropped.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t()
+    y = base + (gain - 1) * dropped_base + gain * scaling * lora
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+def dora_merge(weight, lora_A, lora_B, magnitude, scaling):
+    """g ⊙ (W0 + s · B A) with g = m / ‖W0 + s·BA‖ (rows): the merged DoRA weight, computed in float64 and rounded
+    once to weight's dtype (not in place)."""
+    merged = weight.double() + scaling * (lora_B.double() @ lora_A.double())
+    gain = magnitude.double() / torch.linalg.norm(merged, dim=1)
+    return (gain[:, None] * merged).to(weight.dtype)
 
 
 # ---- 4-bit base weights (bitsandbytes' layout: lora_kernels/weight4bit.py)

@@ -193,6 +193,27 @@ def check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     return x, weight, bias, lora_A, lora_B
 
 
+def check_magnitude(magnitude, weight: Tensor, adapter_dtype: torch.dtype, name: str = "magnitude") -> None:
+    """DoRA's magnitude m: a 1-D floating tensor [out_features] with lora_A's dtype, on the weight's device."""
+    check_float_tensor(name, magnitude, 1)
+    if magnitude.shape[0] != weight.shape[0]:
+        raise ValueError(f"{name} must be [out_features={weight.shape[0]}], got {tuple(magnitude.shape)}")
+    if magnitude.dtype != adapter_dtype:
+        raise TypeError(f"{name} must have lora_A's dtype {adapter_dtype}, got {magnitude.dtype}")
+    check_same_device("weight", weight, **{name: magnitude})
+    check_not_distributed_tensor(**{name: magnitude})
+
+
+def check_weight_norm(weight_norm, weight: Tensor) -> None:
+    """A precomputed DoRA row norm: a 1-D floating tensor [out_features] on the weight's device, without gradient."""
+    check_float_tensor("weight_norm", weight_norm, 1)
+    if weight_norm.shape[0] != weight.shape[0]:
+        raise ValueError(f"weight_norm must be [out_features={weight.shape[0]}], got {tuple(weight_norm.shape)}")
+    if weight_norm.requires_grad:
+        raise ValueError("weight_norm must not require grad: DoRA's norm is a constant (see dora_weight_norm)")
+    check_same_device("weight", weight, weight_norm=weight_norm)
+
+
 def check_4bit_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     """lora_linear's checks with a 4-bit weight (a Weight4bit): every argument as for a dense weight of the same
     shape, on the codes' device; returns the (autocast) x, bias, lora_A, lora_B."""

@@ -1,0 +1,108 @@
+"""DoRA merge and unmerge, in place: W ← g ⊙ (W0 + s·BA) with g = m / ‖W0 + s·BA‖, and back.
+
+    merged = dora_merge_(weight, lora_A, lora_B, magnitude, scaling, safe=False, exact=False)
+    dora_unmerge_(weight, lora_A, lora_B, scaling, merged)
+
+A block of rows at a time, in float32 (float64 for float64 weights), one rounding per element: temporaries stay
+near 2**20 elements whatever the weight's size. The gain g used is kept in the returned DoRAMerge (a merged weight
+no longer tells it), so that unmerge computes W0 = W / g − s·BA; with exact=True the DoRAMerge also remembers
+the elements whose round trip is inexact (a MergeRecord) and unmerge restores W0 bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import validation
+from .merge_record import MergeRecord, _bits
+from .ops.dora_linear import _row_blocks, dora_weight_norm_op
+
+
+@dataclass
+class DoRAMerge:
+    """What dora_merge_ returns and dora_unmerge_ needs: the gain g [out] that was applied (norm dtype) and, for
+    an exact merge, the record of elements to restore."""
+
+    gain: Tensor
+    record: MergeRecord | None = None
+
+
+def _check(weight, lora_A, lora_B, scaling) -> float:
+    scaling = validation.check_merge_args(weight, lora_A, lora_B, scaling)
+    validation.check_no_shared_elements("weight", weight)
+    return scaling
+
+
+@torch.no_grad()
+def dora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
+                safe: bool = False, exact: bool = False) -> DoRAMerge:
+    """weight ← g ⊙ (weight + s · lora_B @ lora_A), g = magnitude / ‖weight + s·BA‖ per row; in place.
+
+    weight [out, in], lora_A [r, in], lora_B [out, r], magnitude [out]. A gain that is zero or not finite
+    (a zero magnitude or norm) is refused: the merged rows could not be unmerged. safe=True: raise
+    RuntimeError, weight untouched, if any merged value would be NaN/Inf. exact=True: the returned DoRAMerge
+    lets dora_unmerge_ restore the weight bit for bit (it records the elements whose round trip is inexact,
+    typically most of them: a DoRA merge rescales every element).
+    """
+    scaling = _check(weight, lora_A, lora_B, scaling)
+    validation.check_magnitude(magnitude, weight, lora_A.dtype)
+    lora_A, lora_B = validation.unaliased(lora_A, weight), validation.unaliased(lora_B, weight)
+    magnitude = validation.unaliased(magnitude, weight)
+    norm = dora_weight_norm_op(weight, lora_A, lora_B, scaling, None)
+    gain = magnitude.to(norm.dtype) / norm
+    bad = ~torch.isfinite(gain) | (gain == 0)
+    if bool(bad.any()):
+        raise ValueError(f"dora_merge_: the gain magnitude / ‖W0 + s·BA‖ is zero or not finite in "
+                         f"{int(bad.sum())} rows (first: {int(bad.nonzero()[0])}); such rows cannot be unmerged, "
+                         "nothing was changed")
+    A, sB = lora_A.to(gain.dtype), lora_B.to(gain.dtype) * scaling
+    blocks = _row_blocks(weight)
+    if safe:  # every block is checked before any is written
+        for rows in blocks:
+            merged = ((weight[rows].to(gain.dtype) + sB[rows] @ A) * gain[rows, None]).to(weight.dtype)
+            if not bool(torch.isfinite(merged).all()):
+                raise RuntimeError("dora_merge_(safe=True): the merged weight would have NaN/Inf values; "
+                                   "nothing was changed")
+    index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
+    indices, values = [], []
+    for rows in blocks:
+        original = weight[rows].clone() if exact else None
+        weight[rows] = ((weight[rows].to(gain.dtype) + sB[rows] @ A) * gain[rows, None]).to(weight.dtype)
+        if exact:
+            back = _unmerged_rows(weight[rows], A, sB[rows], gain[rows])
+            r, c = torch.nonzero(_bits(back) != _bits(original), as_tuple=True)
+            indices.append(((r + rows.start) * weight.shape[1] + c).to(index_dtype))
+            values.append(original[r, c])
+    record = None
+    if exact:
+        record = MergeRecord(weight.shape, torch.cat(indices) if indices else
+                             torch.empty(0, dtype=index_dtype, device=weight.device),
+                             torch.cat(values) if values else weight.new_empty(0))
+    return DoRAMerge(gain, record)
+
+
+def _unmerged_rows(block: Tensor, A: Tensor, sB_rows: Tensor, gain_rows: Tensor) -> Tensor:
+    """W0 rows = W / g − s·B A, rounded once to the block's dtype."""
+    return (block.to(gain_rows.dtype) / gain_rows[:, None] - sB_rows @ A).to(block.dtype)
+
+
+@torch.no_grad()
+def dora_unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, merged: DoRAMerge) -> None:
+    """weight ← weight / g − s · lora_B @ lora_A in place, with the gain g of dora_merge_'s DoRAMerge; with an
+    exact merge's record, the original weight bit for bit."""
+    scaling = _check(weight, lora_A, lora_B, scaling)
+    if not isinstance(merged, DoRAMerge):
+        raise TypeError(f"merged must be the DoRAMerge dora_merge_ returned, got {type(merged).__name__}")
+    if merged.gain.shape != (weight.shape[0],) or merged.gain.device != weight.device:
+        raise ValueError(f"merged was made for a weight of {merged.gain.shape[0]} rows on {merged.gain.device}, "
+                         f"got {tuple(weight.shape)} on {weight.device}")
+    lora_A, lora_B = validation.unaliased(lora_A, weight), validation.unaliased(lora_B, weight)
+    gain = merged.gain
+    A, sB = lora_A.to(gain.dtype), lora_B.to(gain.dtype) * scaling
+    for rows in _row_blocks(weight):
+        weight[rows] = _unmerged_rows(weight[rows], A, sB[rows], gain[rows])
+    if merged.record is not None:
+        merged.record.restore_(weight)

@@ -1,0 +1,275 @@
+"""DoRA, the weight-decomposed LoRA linear: its row norms, its implementation over the LoRA kernels, one definition.
+
+    dora_weight_norm_op(weight, lora_A, lora_B, scaling, weight_sq_norm) -> n [out]
+    dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z)
+        -> (y [M, out], xa [M, r], z [M, out], or [0] when keep_z is False)
+
+The norm n = ‖W0 + s·BA‖ of every output row never builds an [out, in] tensor:
+
+    n² = ‖W0_o‖² + 2s · (W0 Aᵀ)_o · B_o + s² · B_o (A Aᵀ) B_oᵀ
+
+‖W0_o‖² is given (the layer caches it while W0 is unchanged) or computed; W0 Aᵀ [out, r] costs what the LoRA
+shrink of `out` rows does; A Aᵀ is r × r. The three terms cancel when W0_o and s·B_o A nearly do: where n² is
+below 1/16 (2^-20 in float64) of its scale (‖W0_o‖ + |s|·‖B_o A‖)², its error would grow past a few times the
+dense computation's, and those rows are computed densely (a block of rows at a time). Float32 throughout
+(float64 for float64 tensors), whatever the weight's dtype.
+
+The op, with g = m / n [out] (the norm a constant, as in PEFT and the DoRA paper's §4.3):
+
+    p = 0:  (z, xa) = the fused LoRA forward without bias: z = x W0ᵀ + s · xa Bᵀ, one pass over y
+            y = g ⊙ z + b
+    p > 0:  (z, xa) = the fused LoRA forward of x̃ = drop(x): z = x̃ W0ᵀ + s · xa Bᵀ, xa = x̃ Aᵀ
+            y = x W0ᵀ + b + (g − 1) ⊙ z + s · xa Bᵀ           (PEFT's terms, regrouped)
+
+and its backward (z is what dm needs; nothing [out, in] is ever built):
+
+    (dx', dA, dB) = the fused LoRA backward of g ⊙ dy (with the forward's dropout mask)
+    p = 0:  dx = dx'
+    p > 0:  dx = dx' + (1 − mask/(1−p)) ⊙ (((1 − g) ⊙ dy) W0)
+    dm = Σ_rows dy ⊙ z / n,   db = Σ_rows dy
+
+The LoRA kernels are those lora_linear's backend choice picks for the call (cpu, cuda, triton or reference), so
+DoRA runs wherever LoRA does. With dropout, x̃ W0ᵀ and x W0ᵀ are two GEMMs, and dx one more: PEFT's function
+needs the second product with W0, the cost a DoRA layer with dropout pays (benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backends import compiled_extension, requested_backend
+from .definition import Backward, define_op, seed_value
+from .lora_linear import _backend, _dropout, _kernel_scaling, scaling_graph_input
+
+# Rows per block where the norm is computed densely (or a 16-bit weight widened): temporaries stay near this size.
+_BLOCK_ELEMENTS = 1 << 20
+# n² below this fraction of its scale is recomputed densely (see the module docstring).
+_CANCELLATION = {torch.float32: 2.0**-4, torch.float64: 2.0**-20}
+
+
+def norm_dtype(weight: Tensor, lora_A: Tensor) -> torch.dtype:
+    """The dtype of the row norms, the gain g and DoRA's epilogue: float64 for float64 tensors, else float32."""
+    return torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype) else torch.float32
+
+
+def _row_blocks(weight: Tensor):
+    rows = max(1, _BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    return [slice(r0, r0 + rows) for r0 in range(0, weight.shape[0], rows)]
+
+
+def row_sq_norms(weight: Tensor, acc: torch.dtype) -> Tensor:
+    """‖W0_o‖² of every row [out] in acc (a 16-bit weight widened a block of rows at a time)."""
+    if weight.dtype == acc:
+        return torch.linalg.vector_norm(weight, dim=1).square()
+    return torch.cat([torch.linalg.vector_norm(weight[rows].to(acc), dim=1) for rows in _row_blocks(weight)]).square()
+
+
+def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, weight_sq_norm: Optional[Tensor]) -> Tensor:
+    """n = ‖W0 + s·BA‖ per output row, [out] in norm_dtype (see the module docstring)."""
+    acc = norm_dtype(weight, lora_A)
+    s = _kernel_scaling(scaling)
+    A, B = lora_A.to(acc), lora_B.to(acc)
+    sq = row_sq_norms(weight, acc) if weight_sq_norm is None else weight_sq_norm.to(acc)
+    if weight.dtype == acc:
+        cross = weight @ A.t()
+    else:  # a 16-bit weight, widened a block of rows at a time
+        cross = torch.cat([weight[rows].to(acc) @ A.t() for rows in _row_blocks(weight)])
+    lora_sq = ((B @ (A @ A.t())) * B).sum(1)  # ‖B_o A‖²
+    n2 = sq + 2 * s * (cross * B).sum(1) + s * s * lora_sq
+    scale = (sq.sqrt() + abs(s) * lora_sq.clamp_min(0).sqrt()).square()
+    cancelled = ~(n2 >= scale * _CANCELLATION[acc])  # NaN included
+    if bool(cancelled.any()):
+        _dense_rows_(n2, cancelled.nonzero().squeeze(1), weight, A, B, s)
+    return n2.clamp_min(0).sqrt()
+
+
+def _dense_rows_(n2: Tensor, rows: Tensor, weight: Tensor, A: Tensor, B: Tensor, s) -> None:
+    """n2[rows] = ‖W0_o + s·B_o A‖², from the dense rows, a block at a time."""
+    per_block = max(1, _BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    for i in range(0, rows.numel(), per_block):
+        some = rows[i:i + per_block]
+        dense = weight[some].to(A.dtype) + (B[some] * s) @ A
+        n2[some] = torch.linalg.vector_norm(dense, dim=1).square()
+
+
+def _weight_norm_fake(weight, lora_A, lora_B, scaling, weight_sq_norm):
+    return weight.new_empty(weight.shape[0], dtype=norm_dtype(weight, lora_A))
+
+
+def _norm_graph_args(args):
+    weight, lora_A, lora_B, scaling, weight_sq_norm = args
+    return weight, lora_A, lora_B, scaling_graph_input(weight, scaling), weight_sq_norm
+
+
+# A custom op of its own so that torch.compile does not trace (and break its graph on) the data-dependent
+# choice of dense rows.
+dora_weight_norm_op = define_op("dora_weight_norm", weight_norm, _weight_norm_fake, graph_args=_norm_graph_args)
+
+
+# ---- dropout mask, the forward and the backward
+
+def keep_scale(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    """mask / (1 − p) of x [M, in] (the mask every backend draws from this seed), float32 (float64 for float64 x)."""
+    if _mask_kernel_for(x.device.type) and requested_backend() != "reference":
+        mask = torch.ops.lora_kernels.dropout_mask(x, p, seed_value(seed))
+        return mask if x.dtype != torch.float64 else mask.ne(0).to(torch.float64).mul_(1.0 / (1.0 - p))
+    keep = reference.dropout_mask(seed_value(seed), x.shape[0], x.shape[1], p, device=x.device)
+    return keep.to(torch.float64 if x.dtype == torch.float64 else torch.float32).mul_(1.0 / (1.0 - p))
+
+
+def _mask_kernel_for(device_type: str) -> bool:
+    """Whether lora_kernels._C has the dropout_mask kernel for this device (an extension built before it had not)."""
+    ext = compiled_extension()
+    return (ext is not None and hasattr(torch.ops.lora_kernels, "dropout_mask")
+            and (device_type == "cpu" or (device_type == "cuda" and ext.with_cuda)))
+
+
+def _dropped(x: Tensor, scale: Tensor) -> Tensor:
+    """drop(x) in x's dtype (one rounding of x · mask/(1−p))."""
+    return (x * scale).to(x.dtype)
+
+
+def _rows_scaled(t: Tensor, gain: Tensor) -> Tensor:
+    """t ⊙ gain (per column: t [M, out], gain [out]), computed in gain's dtype and rounded once to t's."""
+    return (t * gain).to(t.dtype)
+
+
+def _gained(z: Tensor, gain: Tensor, bias: Optional[Tensor], in_place: bool) -> Tensor:
+    """y = g ⊙ z + b, one rounding; in place into z when z is not kept."""
+    if z.dtype != gain.dtype:  # a 16-bit z: the epilogue in float32
+        y = z.to(gain.dtype).mul_(gain)
+        return (y.add_(bias) if bias is not None else y).to(z.dtype)
+    if in_place:
+        y = z.mul_(gain)
+        return y.add_(bias) if bias is not None else y
+    return torch.addcmul(bias, z, gain) if bias is not None else z * gain
+
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+            weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor], keep_z: bool
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, xa, z or an empty tensor): the op's forward entry point (see the module docstring)."""
+    p, seed = _dropout(dropout_p, seed)
+    s = _kernel_scaling(scaling)
+    lora = _backend("forward", x, weight, lora_A, 0.0)  # the LoRA forward runs without dropout (on x̃ when p > 0)
+    gain = magnitude.to(weight_norm.dtype) / weight_norm
+    if p == 0.0:
+        z, xa = lora.forward(x, weight, None, lora_A, lora_B, s, 0.0, None)
+        y = _gained(z, gain, bias, in_place=not keep_z)
+    else:
+        z, xa = lora.forward(_dropped(x, keep_scale(x, p, seed)), weight, None, lora_A, lora_B, s, 0.0, None)
+        acc = gain.dtype
+        y = (torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()).to(acc)
+        y.addcmul_(z.to(acc), gain - 1)
+        y.addmm_(xa.to(acc), (lora_B.to(acc) * s).t())
+        y = y.to(x.dtype)
+    return y, xa, (z if keep_z else z.new_empty(0))
+
+
+def _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z):
+    M, out = x.shape[0], weight.shape[0]
+    return x.new_empty(M, out), lora_A.new_empty(M, lora_A.shape[0]), x.new_empty((M, out) if keep_z else (0,))
+
+
+def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, z: Tensor,
+             magnitude: Tensor, weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor],
+             need_dx: bool, need_dm: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx or an empty tensor, dA, dB, dm or an empty tensor) (see the module docstring)."""
+    p, seed = _dropout(dropout_p, seed)
+    s = _kernel_scaling(scaling)
+    gain = magnitude.to(weight_norm.dtype) / weight_norm
+    lora = _backend("backward", x, weight, lora_A, p)
+    dx, dA, dB = lora.backward(_rows_scaled(grad_y, gain), x, weight, lora_A, lora_B, xa, s, p, seed, need_dx)
+    if p > 0.0 and need_dx:
+        kept = keep_scale(x, p, seed)
+        base_part = _rows_scaled(grad_y, 1 - gain) @ weight
+        dx = torch.addcmul(dx.to(kept.dtype), base_part.to(kept.dtype), 1 - kept).to(x.dtype)
+    dm = magnitude.new_empty(0)
+    if need_dm:
+        acc = gain.dtype
+        dm = ((grad_y.to(acc) * z.to(acc)).sum(0) / weight_norm).to(magnitude.dtype)
+    return dx, dA, dB, dm
+
+
+def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, z, magnitude, weight_norm, scaling, dropout_p, seed,
+                   need_dx, need_dm):
+    return (x.new_empty(x.shape if need_dx else (0,)), lora_A.new_empty(lora_A.shape),
+            lora_B.new_empty(lora_B.shape), magnitude.new_empty(magnitude.shape if need_dm else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z = inputs
+    _, xa, z = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.mark_non_differentiable(xa, z)
+
+
+def _gradients(ctx, grad_outputs, run_backward):
+    """The gradients of (x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z).
+    The norm is a constant (DoRA's detached norm): it gets none."""
+    grad_y = grad_outputs[0]
+    if torch.is_grad_enabled():
+        return _differentiable_gradients(ctx, grad_y)
+    x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_b_lora, need_m = ctx.needs_input_grad[:6]
+    if need_m and z.numel() != grad_y.numel():
+        raise RuntimeError("dora_linear: the magnitude needs a gradient but the forward did not keep z "
+                           "(called with keep_z=False)")
+    grad_y = grad_y.contiguous()
+    dx, dA, dB, dm = run_backward(grad_y, x, weight, lora_A, lora_B, xa, z, magnitude, weight_norm, ctx.scaling,
+                                  ctx.dropout_p, seed, need_x, need_m)
+    d_weight = _weight_gradient(grad_y, x, magnitude, weight_norm, ctx.dropout_p, seed) if need_w else None
+    d_bias = grad_y.sum(0) if need_b else None
+    return (dx if need_x else None, d_weight, d_bias, dA if need_a else None, dB if need_b_lora else None,
+            dm if need_m else None, None, None, None, None, None)
+
+
+def _weight_gradient(grad_y, x, magnitude, weight_norm, dropout_p, seed) -> Tensor:
+    """d W0 (a trainable base weight; the norm a constant): dyᵀ x + ((g − 1) ⊙ dy)ᵀ x̃."""
+    p, seed = _dropout(dropout_p, seed)
+    gain = magnitude.to(weight_norm.dtype) / weight_norm
+    if p == 0.0:
+        return _rows_scaled(grad_y, gain).t() @ x
+    return grad_y.t() @ x + _rows_scaled(grad_y, gain - 1).t() @ _dropped(x, keep_scale(x, p, seed))
+
+
+def _differentiable_gradients(ctx, grad_y):
+    """Double backward: the first derivatives as a graph of plain PyTorch ops (reference.dora_linear on the saved
+    inputs and norm, differentiated with create_graph=True). Only taken when a graph of the backward is asked for."""
+    x, weight, lora_A, lora_B, magnitude, weight_norm, _, _, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_b_lora, need_m = ctx.needs_input_grad[:6]
+    inputs = (x, weight, lora_A, lora_B, magnitude)
+    wanted = [i for i, need in enumerate((need_x, need_w, need_a, need_b_lora, need_m)) if need]
+    grads = [None] * 5
+    if wanted:
+        p, seed = _dropout(ctx.dropout_p, seed)
+        y = reference.dora_linear(x, weight, None, lora_A, lora_B, magnitude, _kernel_scaling(ctx.scaling), p,
+                                  seed_value(seed) if seed is not None else None, weight_norm=weight_norm)
+        found = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, create_graph=True)
+        for i, g in zip(wanted, found):
+            grads[i] = g
+    d_bias = grad_y.sum(0) if need_b else None
+    return grads[0], grads[1], d_bias, grads[2], grads[3], grads[4], None, None, None, None, None
+
+
+def _graph_args(args):
+    x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z = args
+    return (x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling_graph_input(x, scaling), dropout_p, seed,
+            keep_z)
+
+
+dora_linear_op = define_op(
+    "dora_linear", forward, _forward_fake,
+    backward=Backward(impl=backward, fake=_backward_fake, setup_context=_setup_context, gradients=_gradients),
+    graph_args=_graph_args,
+)
+
+if _mask_kernel_for("cpu"):
+    @torch.library.register_fake("lora_kernels::dropout_mask")
+    def _(x, dropout_p, seed):
+        return x.new_empty(x.shape, dtype=torch.float32)

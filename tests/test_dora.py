@@ -1,0 +1,357 @@
+"""DoRA: dora_linear on every backend against reference.py (float64 oracle), outputs and every gradient, all
+dtypes, dropout, odd shapes; the row norm's accuracy where W0 and s·BA cancel; merge/unmerge; LoRALinear(use_dora);
+opcheck, gradcheck, torch.compile; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora_kernels as lk
+from lora_kernels import reference, testing
+from lora_kernels.functional import draw_seed
+from lora_kernels.ops.dora_linear import dora_linear_op
+
+from conftest import DEVICE, DTYPES, assert_matches_reference, compiled_backends, make_lora_inputs
+
+SCALING = 1.5
+SHAPES = [((0,), 33, 70, 3), ((1,), 33, 70, 1), ((37,), 70, 33, 16), ((300,), 100, 65, 64), ((4, 9), 33, 70, 3)]
+TRITON_SHAPES = [((1,), 33, 70, 1), ((7,), 70, 100, 3), ((3, 5), 33, 40, 3)]
+NAMES = ("x", "lora_A", "lora_B", "magnitude", "bias")
+
+
+def _cases():
+    for backend in ["reference"] + compiled_backends():
+        for shape in TRITON_SHAPES if backend == "triton" else SHAPES:
+            yield backend, shape
+
+
+def make_dora_inputs(lead, in_f, out_f, r, dtype, adapter_dtype=None, bias=True, seed=0):
+    """make_lora_inputs plus a magnitude m = ‖W0 + s·BA‖ · (1 + N(0, 0.2²)): a trained-looking gain g ≠ 1."""
+    t = make_lora_inputs(lead, in_f, out_f, r, dtype, bias=bias, seed=seed)
+    if adapter_dtype is not None:
+        t["lora_A"], t["lora_B"] = t["lora_A"].to(adapter_dtype), t["lora_B"].to(adapter_dtype)
+    norm = reference.dora_weight_norm(t["weight"].double(), t["lora_A"].double(), t["lora_B"].double(), SCALING)
+    g = torch.Generator().manual_seed(seed + 1)
+    jitter = 1 + 0.2 * torch.randn(out_f, generator=g, dtype=torch.float64)
+    t["magnitude"] = (norm.cpu() * jitter).to(device=t["lora_A"].device, dtype=t["lora_A"].dtype)
+    return t
+
+
+def _run(fn, inputs, dropout_p, training=True):
+    leaves = {k: v.detach().clone().requires_grad_(k != "weight") if v is not None else None
+              for k, v in inputs.items()}
+    torch.manual_seed(1234)
+    y = fn(leaves, dropout_p, training)
+    g = torch.Generator().manual_seed(1)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
+    wrt = [leaves[k] for k in NAMES if leaves[k] is not None]
+    return y, torch.autograd.grad(y, wrt, grad_y)
+
+
+def _ours(t, dropout_p, training):
+    return lk.dora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["magnitude"], SCALING,
+                          dropout_p, training)
+
+
+def _reference(t, dropout_p, training):
+    torch.manual_seed(1234)
+    seed = int(draw_seed()) if training and dropout_p > 0 else None
+    x2d = t["x"].reshape(-1, t["x"].shape[-1])
+    y = reference.dora_linear(x2d, t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["magnitude"], SCALING,
+                              dropout_p, seed)
+    return y.view(*t["x"].shape[:-1], t["weight"].shape[0])
+
+
+def _check(inputs, dropout_p, training=True):
+    y, grads = _run(_ours, inputs, dropout_p, training)
+    exact = {k: v.double() if v is not None else None for k, v in inputs.items()}
+    y_exact, grads_exact = _run(_reference, exact, dropout_p, training)
+    y_plain, grads_plain = _run(_reference, inputs, dropout_p, training)
+    assert_matches_reference(y, y_exact, y_plain, "y")
+    names = [n for n in NAMES if inputs[n] is not None]
+    for name, ours, e, plain in zip(names, grads, grads_exact, grads_plain):
+        assert_matches_reference(ours, e, plain, "d" + name)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,shape", list(_cases()), ids=str)
+def test_matches_reference(backend, shape, dtype, dropout_p, use_backend):
+    use_backend(backend)
+    lead, in_f, out_f, r = shape
+    _check(make_dora_inputs(lead, in_f, out_f, r, dtype), dropout_p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_float32_adapter_and_magnitude_on_16bit_base(backend, dtype, use_backend):
+    use_backend(backend)
+    inputs = make_dora_inputs((9,), 40, 36, 4, dtype, adapter_dtype=torch.float32)
+    _check(inputs, 0.0)
+    _check(inputs, 0.3)
+    y, grads = _run(_ours, inputs, 0.3)
+    assert y.dtype == dtype and grads[1].dtype == grads[2].dtype == grads[3].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_eval_ignores_dropout_and_no_grad_matches(backend, use_backend):
+    use_backend(backend)
+    t = make_dora_inputs((5,), 33, 70, 3, torch.float32)
+    y_eval = _ours(t, 0.5, False)
+    with torch.no_grad():  # the in-place epilogue of a call that keeps nothing for backward
+        y_nograd = _ours(t, 0.0, True)
+    y_train = _run(_ours, t, 0.0)[0]
+    torch.testing.assert_close(y_eval, y_train)
+    torch.testing.assert_close(y_nograd, y_train)
+
+
+def _norm_oracle(weight, lora_A, lora_B, s):
+    return reference.dora_weight_norm(weight.double(), lora_A.double(), lora_B.double(), s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_norm_accuracy_when_w0_and_s_ba_cancel_or_s_ba_dominates(dtype):
+    """Rows where W0 + s·BA nearly vanishes (cancellation in n² = ‖W0‖² + 2s W0·BA + s²‖BA‖²) and rows where s·BA
+    is 1000× W0: each row's norm within a few times the error of the dense computation in the same dtype."""
+    out_f, in_f, r, s = 64, 96, 8, 2.0
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(r, in_f, generator=g, dtype=torch.float64) / in_f**0.5
+    B = torch.randn(out_f, r, generator=g, dtype=torch.float64)
+    W = torch.randn(out_f, in_f, generator=g, dtype=torch.float64) / in_f**0.5
+    W[:16] = -s * (B[:16] @ A) + 1e-4 * torch.randn(16, in_f, generator=g, dtype=torch.float64)  # near zero
+    W[16:24] = 0.0  # W0 row zero: n = |s|·‖B_o A‖
+    W[24:32] *= 1e-3  # s·BA dominates
+    adapter = torch.float32 if dtype == torch.bfloat16 else dtype
+    Wd, Ad, Bd = W.to(dtype), A.to(adapter), B.to(adapter)
+    exact = _norm_oracle(Wd, Ad, Bd, s)
+    ours = lk.dora_weight_norm(Wd, Ad, Bd, s).double()
+    dense = reference.dora_weight_norm(Wd.to(adapter), Ad, Bd, s).double()  # plain PyTorch in the working dtype
+    eps = torch.finfo(adapter).eps
+    budget = 4 * (dense - exact).abs() + 16 * eps * exact
+    assert torch.isfinite(ours).all()
+    bad = (ours - exact).abs() > budget
+    assert not bad.any(), f"rows {bad.nonzero().flatten().tolist()}: {(ours - exact)[bad]} vs budget {budget[bad]}"
+
+
+def test_zero_init_b_gives_exactly_the_base_layer():
+    torch.manual_seed(0)
+    layer = lk.LoRALinear(33, 70, r=4, lora_alpha=8, use_dora=True, device=DEVICE)
+    x = torch.randn(2, 5, 33, device=DEVICE)
+    base = F.linear(x, layer.weight, layer.bias)
+    for mode in (True, False):
+        layer.train(mode)
+        torch.testing.assert_close(layer(x), base, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(layer.lora_magnitude, torch.linalg.vector_norm(layer.weight, dim=1))
+
+
+def _trained_dora_layer(dtype=torch.float32, adapter_dtype=None, **options):
+    torch.manual_seed(0)
+    layer = lk.LoRALinear(40, 36, r=4, lora_alpha=8, use_dora=True, device=DEVICE, dtype=dtype,
+                          adapter_dtype=adapter_dtype, **options)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+        layer.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(layer.lora_magnitude))
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_merge_matches_forward_and_unmerge_restores(dtype):
+    layer = _trained_dora_layer(dtype)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(7, 40, device=DEVICE, dtype=dtype)
+    layer.eval()
+    y = layer(x)
+    layer.merge()
+    expected = reference.dora_merge(w0, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling)
+    # accumulated in float32 (float64): a few roundings of the terms' scale g·(|W0| + |s·BA|), one to dtype
+    lora = layer.scaling * (layer.lora_B.double() @ layer.lora_A.double())
+    gain = (expected.double().norm(dim=1) / (w0.double() + lora).norm(dim=1))[:, None]
+    terms = gain * (w0.double().abs() + lora.abs())
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    budget = testing.ulp(expected, dtype) + 4 * testing.ulp(terms, acc)
+    assert ((layer.weight.double() - expected.double()).abs() <= budget).all()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(layer(x), y, rtol=tol, atol=tol * y.abs().max().item())
+    layer.unmerge()
+    # unmerge: W / g − s·BA, a few roundings of the same terms' scale
+    budget = 2 * testing.ulp(w0, dtype) + 4 * testing.ulp(terms / gain, acc) + 2 * testing.ulp(expected / gain, dtype)
+    assert ((layer.weight.double() - w0.double()).abs() <= budget).all()
+    torch.testing.assert_close(layer(x), y, rtol=tol, atol=tol * y.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_exact_merge_restores_bit_for_bit(dtype):
+    layer = _trained_dora_layer(dtype)
+    weight = layer.weight.detach().clone()
+    w0 = weight.clone()
+    merged = lk.dora_merge_(weight, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling, exact=True)
+    assert not torch.equal(weight, w0)
+    lk.dora_unmerge_(weight, layer.lora_A, layer.lora_B, layer.scaling, merged)
+    assert torch.equal(weight, w0)
+
+
+def test_merge_refuses_what_cannot_be_unmerged_and_safe_leaves_weight():
+    layer = _trained_dora_layer()
+    weight = layer.weight.detach().clone()
+    magnitude = layer.lora_magnitude.detach().clone()
+    magnitude[3] = 0.0
+    with pytest.raises(ValueError, match="zero or not finite"):
+        lk.dora_merge_(weight, layer.lora_A, layer.lora_B, magnitude, layer.scaling)
+    assert torch.equal(weight, layer.weight)
+    # a merged row's norm is its magnitude: a float16 weight overflows where m is past float16's range
+    half = _trained_dora_layer(torch.float16, adapter_dtype=torch.float32)
+    weight = half.weight.detach().clone()
+    magnitude = half.lora_magnitude.detach().clone()
+    magnitude[3] = 1e6
+    with pytest.raises(RuntimeError, match="NaN/Inf"):
+        lk.dora_merge_(weight, half.lora_A, half.lora_B, magnitude, half.scaling, safe=True)
+    assert torch.equal(weight, half.weight)
+
+
+def test_merged_state_dict_holds_w0_and_load_remerges():
+    layer = _trained_dora_layer()
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    state = layer.state_dict()
+    assert set(state) == {"weight", "bias", "lora_A", "lora_B", "lora_magnitude"}
+    torch.testing.assert_close(state["weight"], w0)
+    fresh = lk.LoRALinear(40, 36, r=4, lora_alpha=8, use_dora=True, device=DEVICE)
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 40, device=DEVICE)
+    torch.testing.assert_close(fresh.eval()(x), layer.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_scaling_change_while_merged_remerges():
+    layer = _trained_dora_layer()
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    layer.scaling = 5.0
+    expected = reference.dora_merge(w0, layer.lora_A, layer.lora_B, layer.lora_magnitude, 5.0)
+    torch.testing.assert_close(layer.weight, expected, rtol=1e-5, atol=1e-6)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_caches_the_norm_until_something_changes(monkeypatch):
+    from lora_kernels.ops import dora_linear as dora_ops
+
+    layer = _trained_dora_layer().eval()
+    calls = []
+    original = dora_ops.dora_weight_norm_op.impl
+    monkeypatch.setattr(dora_ops.dora_weight_norm_op, "impl", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(4, 40, device=DEVICE)
+    with torch.no_grad():
+        y1 = layer(x)
+        y2 = layer(x)
+        assert len(calls) == 1 and torch.equal(y1, y2)
+        layer.lora_B.add_(0.1)  # an in-place change (what an optimizer step does): the cache must notice
+        y3 = layer(x)
+        assert len(calls) == 2
+        layer.scaling = 3.0
+        y4 = layer(x)
+        assert len(calls) == 3
+    expected = reference.dora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude,
+                                     3.0)
+    torch.testing.assert_close(y4, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y3, y1)
+
+
+def test_training_step_matches_peft_formula_and_trains_magnitude():
+    layer = _trained_dora_layer(lora_dropout=0.0)
+    x = torch.randn(6, 40, device=DEVICE)
+    y = layer.train()(x)
+    y.square().sum().backward()
+    leaves = {n: getattr(layer, n).detach().clone().requires_grad_() for n in ("lora_A", "lora_B", "lora_magnitude")}
+    ref = reference.dora_linear(x, layer.weight, layer.bias, leaves["lora_A"], leaves["lora_B"],
+                                leaves["lora_magnitude"], layer.scaling)
+    ref.square().sum().backward()
+    for name, leaf in leaves.items():
+        torch.testing.assert_close(getattr(layer, name).grad, leaf.grad, rtol=1e-4, atol=1e-5)
+    assert layer.weight.grad is None
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_gradcheck_float64(dropout_p):
+    t = make_dora_inputs((6,), 7, 5, 2, torch.float64)
+    seed = torch.tensor(77, dtype=torch.int64)
+    norm = lk.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], SCALING)
+
+    def fn(x, weight, bias, A, B, m):
+        return dora_linear_op(x, weight, bias, A, B, m, norm, SCALING, dropout_p, seed if dropout_p else None,
+                              True)[0]
+
+    args = tuple(t[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias", "lora_A", "lora_B",
+                                                                  "magnitude"))
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_opcheck(backend, use_backend):
+    if backend == "triton":
+        pytest.skip("opcheck's many calls are too slow under Triton's interpreter")
+    use_backend(backend)
+    t = make_dora_inputs((5,), 12, 10, 3, torch.float32)
+    norm = lk.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], SCALING)
+    s = torch.tensor(SCALING, dtype=torch.float64)
+    for p, seed in ((0.0, None), (0.2, torch.tensor(5, dtype=torch.int64))):
+        args = (t["x"].requires_grad_(), t["weight"], t["bias"], t["lora_A"].requires_grad_(),
+                t["lora_B"].requires_grad_(), t["magnitude"].requires_grad_(), norm, s, p, seed, True)
+        torch.library.opcheck(dora_linear_op.custom_op, args)
+
+
+def test_torch_compile_fullgraph_module_forward_and_backward():
+    layer = _trained_dora_layer(lora_dropout=0.1)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 40, device=DEVICE, requires_grad=True)
+    torch.manual_seed(5)
+    y = compiled(x)
+    y.sum().backward()
+    grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude)] + [x.grad.clone()]
+    for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
+        p.grad = None
+    x.grad = None
+    torch.manual_seed(5)
+    y_eager = layer(x)
+    y_eager.sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for g, e in zip(grads, [p.grad for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude)] + [x.grad]):
+        torch.testing.assert_close(g, e)
+
+
+def test_double_backward_matches_reference():
+    t = make_dora_inputs((5,), 12, 10, 3, torch.float64)
+
+    def penalty(fn):
+        leaves = {k: v.detach().clone().requires_grad_(k in NAMES) for k, v in t.items()}
+        torch.manual_seed(1234)  # the seed _reference draws
+        y = fn(leaves)
+        (gx,) = torch.autograd.grad(y.pow(2).sum(), leaves["x"], create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), [leaves[k] for k in NAMES], allow_unused=True)
+
+    ours = penalty(lambda v: _ours(v, 0.3, True))
+    exact = penalty(lambda v: _reference(v, 0.3, True))
+    for name, a, b in zip(NAMES, ours, exact):
+        a = torch.zeros(()) if a is None else a
+        b = torch.zeros(()) if b is None else b
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_bad_input_is_refused_by_name_and_changes_nothing():
+    t = make_dora_inputs((5,), 12, 10, 3, torch.float32)
+    m = t["magnitude"]
+    for bad, message in ((m[:-1], "magnitude must be \\[out_features=10\\]"),
+                         (m.double(), "magnitude must have lora_A's dtype"),
+                         (m[None], "magnitude"),
+                         (m.to(torch.int64), "magnitude")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            lk.dora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], bad, SCALING)
+    with pytest.raises(ValueError, match="weight_norm"):
+        lk.dora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], m, SCALING,
+                       weight_norm=torch.ones(9))
+    layer = _trained_dora_layer()
+    with pytest.raises(ValueError, match="DoRA"):
+        layer.switch_adapter(layer.lora_A.detach(), layer.lora_B.detach())
+    with pytest.raises(ValueError, match="use_dora must be a bool"):
+        lk.LoRAConfig(use_dora="yes")
