@@ -18,7 +18,7 @@ from .backends import available_backends, compiled_extension
 from .config import LoRAConfig
 from .functional import (MergeRecord, dora_linear, dora_weight_norm, lora_linear, lora_linear_multi, merge_, switch_,
                          unmerge_)
-from .dora_merge import DoRAMerge, dora_merge_, dora_unmerge_
+from .dora import DoRAMerge, dora_merge_, dora_unmerge_
 from .modules import LoRALinear
 from .modules4bit import LoRALinear4bit
 from .weight4bit import Weight4bit

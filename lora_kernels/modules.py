@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LoRAConfig
-from .dora_merge import DoRAMerge, dora_merge_, dora_unmerge_
+from .dora import DoRAMerge, DoRANormCache, dora_merge_, dora_unmerge_
 from .functional import dora_linear, dora_weight_norm, lora_linear, merge_, switch_, unmerge_
-from .ops.dora_linear import norm_dtype, row_sq_norms
 from .validation import check_adapter, check_scaling
 
 __all__ = ["LoRALinear"]
@@ -158,35 +157,9 @@ class LoRALinear(nn.Module):
         norm = dora_weight_norm(self.base_weight(), self.lora_A, self.lora_B, self.scaling)
         self.lora_magnitude.copy_(norm.to(self.lora_magnitude.dtype))
 
-    # -- DoRA's cached norms ------------------------------------------------
-
     def clear_dora_cache(self) -> None:
         """Forget the cached ‖W0‖² and eval norm (needed only after writing a tensor through .data)."""
-        self.__dict__["_dora_sq_norm"] = (None, None)
-        self.__dict__["_dora_eval_norm"] = (None, None)
-
-    @staticmethod
-    def _state_of(*tensors) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
-
-    def _dora_norm(self) -> Tensor | None:
-        """The row norm ‖W0 + s·BA‖ for this forward, or None to let the op compute it (under torch.compile).
-        ‖W0‖² is reused while W0 is unchanged; in eval the norm itself while W0, A, B and s are."""
-        if torch.compiler.is_compiling():
-            return None
-        weight = self.base_weight()
-        key = self._state_of(weight, self.lora_A, self.lora_B) + (self._scaling,)
-        if not self.training and self._dora_eval_norm[0] == key:
-            return self._dora_eval_norm[1]
-        weight_key = self._state_of(weight)
-        if self._dora_sq_norm[0] != weight_key:
-            with torch.no_grad():
-                sq = row_sq_norms(weight, norm_dtype(weight, self.lora_A))
-            self.__dict__["_dora_sq_norm"] = (weight_key, sq)
-        norm = dora_weight_norm(weight, self.lora_A, self.lora_B, self._scaling, self._dora_sq_norm[1])
-        if not self.training:
-            self.__dict__["_dora_eval_norm"] = (key, norm)
-        return norm
+        self.__dict__["_dora_norms"] = DoRANormCache()
 
     @property
     def scaling(self) -> float:
@@ -249,8 +222,10 @@ class LoRALinear(nn.Module):
         if self.merged or self.adapter_disabled:
             return F.linear(x, self.base_weight(), self.bias)
         if self.use_dora:
-            return dora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self.lora_magnitude,
-                               self._scaling_for(x), self.lora_dropout, self.training, weight_norm=self._dora_norm())
+            weight = self.base_weight()
+            norm = self._dora_norms.norm(weight, self.lora_A, self.lora_B, self._scaling, self.training)
+            return dora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude,
+                               self._scaling_for(x), self.lora_dropout, self.training, weight_norm=norm)
         return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self._scaling_for(x),
                            self.lora_dropout, self.training)
 

@@ -47,6 +47,9 @@ class LoRALinear4bit(LoRALinear):
         config = LoRAConfig.of(config, options)
         if config.fan_in_fan_out:
             raise ValueError("fan_in_fan_out does not apply to a 4-bit weight (it is stored [out, in])")
+        if config.use_dora:
+            raise NotImplementedError("use_dora=True on a 4-bit base (QDoRA) is not implemented yet: the DoRA layer "
+                                      "needs a dense base weight (quantize=None)")
         if not isinstance(weight, Weight4bit):
             raise TypeError(f"weight must be a Weight4bit, got {type(weight).__name__}")
         if bias is not None and not isinstance(bias, nn.Parameter):

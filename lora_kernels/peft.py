@@ -10,7 +10,8 @@
 peft is imported only by patch_peft_model; the adapter files need safetensors. PEFT's format:
 adapter_config.json (LoraConfig's fields) and adapter_model.safetensors with keys
 ``base_model.model.<module>.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r] (plus whole
-tensors of modules_to_save, and biases when bias != "none").
+tensors of modules_to_save, and biases when bias != "none"); a DoRA adapter (use_dora=True) adds
+``...lora_magnitude_vector`` [out] per layer.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoRAConfig
-from .functional import lora_linear, lora_linear_multi
+from .dora import DoRANormCache
+from .functional import dora_linear, lora_linear, lora_linear_multi
 from .model_setup import (_MODULES_TO_SAVE, inject_layers, lora_layers, mark_only_lora_as_trainable, matching_modules,
                           target_names)
 from .modules import LoRALinear, is_conv1d
@@ -49,7 +51,7 @@ COMMON_LAYERS_PATTERN = ("layers", "h", "block", "blocks", "layer")
 # LoraConfig fields that change what the adapter computes and that load_peft_adapter cannot honour, with the
 # value that is fine
 _UNSUPPORTED = {
-    "use_dora": False, "lora_bias": False, "layer_replication": None, "use_qalora": False,
+    "lora_bias": False, "layer_replication": None, "use_qalora": False,
     "target_parameters": None, "alora_invocation_tokens": None, "trainable_token_indices": None,
     "megatron_config": None,
 }
@@ -91,10 +93,11 @@ def _unsupported_reason(layer) -> str | None:
                 "bitsandbytes 4-bit ones are fused)")
     if not on_4bit and type(base) is not nn.Linear and not is_conv1d(base):
         return f"base layer {type(base).__name__} (quantized or custom layers stay on PEFT's path)"
-    if getattr(layer, "lora_variant", None):
-        return f"LoRA variant(s) {sorted(layer.lora_variant)} (DoRA & co.)"
-    if any(getattr(layer, "use_dora", {}).values()):
-        return "DoRA"
+    others = [name for name in layer.lora_A if name in getattr(layer, "lora_variant", {}) and not _is_dora(layer, name)]
+    if others:
+        return f"LoRA variant(s) {sorted(others)} (other than DoRA)"
+    if on_4bit and any(_is_dora(layer, name) for name in layer.lora_A):
+        return "DoRA on a 4-bit base (QDoRA: not fused yet)"
     if any(getattr(layer, "lora_bias", {}).values()):
         return "lora_bias=True"
     return None
@@ -104,6 +107,14 @@ def _is_plain(layer, name: str) -> bool:
     """Whether the layer's adapter `name` is vanilla LoRA (no variant such as DoRA, no lora_bias)."""
     return (name in layer.lora_A and name not in getattr(layer, "lora_variant", {})
             and not getattr(layer, "lora_bias", {}).get(name))
+
+
+def _is_dora(layer, name: str) -> bool:
+    """Whether the layer's adapter `name` is DoRA (PEFT's DoraLinearVariant, or use_dora in older PEFT)."""
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None:
+        return type(variant).__name__ == "DoraLinearVariant"
+    return bool(getattr(layer, "use_dora", {}).get(name))
 
 
 def _dropout_p(layer, name: str) -> float:
@@ -136,11 +147,31 @@ def _fused_peft_forward(self, x, *args, **kwargs):
         if y is not None:
             return y
     active = [name for name in self.active_adapters if name in self.lora_A]
-    if not plain_call or kwargs or len(active) != 1 or not _is_plain(self, active[0]):
+    if not plain_call or kwargs or len(active) != 1 or not (_is_plain(self, active[0]) or _peft_dora(self, active[0])):
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
+    if _peft_dora(self, name):
+        return _fused_peft_dora_forward(self, x, weight, base.bias, name)
     return lora_linear(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                        self.scaling[name], _dropout_p(self, name), self.lora_dropout[name].training)
+
+
+def _peft_dora(layer, name: str) -> bool:
+    """A DoRA adapter the fused op serves: PEFT's variant, without lora_bias."""
+    return _is_dora(layer, name) and not getattr(layer, "lora_bias", {}).get(name)
+
+
+def _fused_peft_dora_forward(layer, x, weight, bias, name: str):
+    """PEFT's DoRA layer through lora_kernels.dora_linear: its magnitude, scaling and lora_dropout; the norm cached
+    on the layer (‖W0‖² while W0 is unchanged; in eval, the norm while nothing changes)."""
+    lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    magnitude = layer.lora_magnitude_vector[name].weight
+    scaling = layer.scaling[name]
+    training = layer.lora_dropout[name].training
+    cache = layer.__dict__.setdefault("_lora_kernels_dora_norms", {}).setdefault(name, DoRANormCache())
+    norm = cache.norm(weight, lora_A, lora_B, scaling, training)
+    return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, _dropout_p(layer, name), training,
+                       weight_norm=norm)
 
 
 def _fused_peft_4bit_forward(self, base, x, args, kwargs):
@@ -280,8 +311,9 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     The active adapter, its scaling (rsLoRA included), lora_dropout, fan_in_fan_out, the bias, the
     merged state, disable_adapter() and float32 adapters on a 16-bit base are honoured; mixed batches
     (adapter_names=, and adapter_batch() for training) run lora_linear_multi; what the
-    fused op cannot serve (DoRA and other variants, lora_bias, 8-bit bases, Embedding/Conv layers)
-    stays on PEFT's path and is listed in the report. QLoRA layers (a bitsandbytes Linear4bit base) run
+    fused op cannot serve (variants other than DoRA, lora_bias, 8-bit bases, Embedding/Conv layers, DoRA on a
+    4-bit base) stays on PEFT's path and is listed in the report. DoRA adapters run lora_kernels.dora_linear (no
+    dense W0 + s·BA; mixed batches with a DoRA adapter run PEFT's path). QLoRA layers (a bitsandbytes Linear4bit base) run
     lora_linear on the 4-bit weight read in place (Weight4bit.from_bnb). The model keeps training, merging, saving
     (save_pretrained) and compiling as before: only the layers' forward changes, no parameter or key.
     """
@@ -363,7 +395,9 @@ def _model_key(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
-_LORA_KEY = re.compile(r"^(?P<module>.*)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+# lora_A / lora_B weights, and DoRA's magnitude (saved by PEFT as <module>.lora_magnitude_vector)
+_LORA_KEY = re.compile(r"^(?P<module>.*)\.(?:lora_(?P<which>[AB])(?:\.[^.]+)?\.weight"
+                       r"|lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?)$")
 
 
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
@@ -393,7 +427,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     for key, value in tensors.items():
         found = _LORA_KEY.match(key)
         if found:
-            adapters[found["module"]][found["which"]] = value
+            adapters[found["module"]][found["which"] or "magnitude"] = value
         else:
             others[key] = value
 
@@ -404,16 +438,18 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     if layers_to_transform is not None:
         wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
         names = {n for n in names if _layer_index(n, config.get("layers_pattern")) in wanted}
-    missing = sorted(n for n in names if set(adapters.get(n, {})) != {"A", "B"})
+    use_dora = bool(config.get("use_dora", False))
+    expected = {"A", "B", "magnitude"} if use_dora else {"A", "B"}
+    missing = sorted(n for n in names if set(adapters.get(n, {})) != expected)
     unexpected = sorted(set(adapters) - names)
     if missing or unexpected:
-        raise ValueError(f"{path}: the adapter does not fit the model: layers its config targets without lora_A/"
-                         f"lora_B in the file: {missing[:5]}{' ...' if len(missing) > 5 else ''}; LoRA tensors of "
+        raise ValueError(f"{path}: the adapter does not fit the model: layers its config targets without "
+                         f"{'lora_A/lora_B/lora_magnitude_vector' if use_dora else 'lora_A/lora_B'} in the file: {missing[:5]}{' ...' if len(missing) > 5 else ''}; LoRA tensors of "
                          f"layers the model lacks or the config does not target: {unexpected[:5]}")
 
     base_config = LoRAConfig(r=int(config.get("r", 8)), lora_alpha=config.get("lora_alpha", 8),
                              lora_dropout=float(config.get("lora_dropout", 0.0)),
-                             use_rslora=bool(config.get("use_rslora", False)))
+                             use_rslora=bool(config.get("use_rslora", False)), use_dora=use_dora)
     # Every check first, so that an adapter that does not fit leaves the model as it was.
     state = model.state_dict(keep_vars=True)
     for key, value in others.items():
@@ -434,8 +470,16 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
         if isinstance(module, MultiLoRALinear) and (adapter_name in module.slots or r > module.r_max):
             raise ValueError(f"{path}: {name} (MultiLoRALinear) cannot take adapter {adapter_name!r} of rank {r}: "
                              f"{'the name is taken' if adapter_name in module.slots else f'r_max={module.r_max}'}")
+        if use_dora and isinstance(module, MultiLoRALinear):
+            raise ValueError(f"{path}: {name} is a MultiLoRALinear, which holds no DoRA adapters (use_dora=True)")
+        if use_dora and tuple(adapters[name]["magnitude"].shape) != (out_features,):
+            raise ValueError(f"{path}: {name}: expected lora_magnitude_vector [{out_features}], the file holds "
+                             f"{tuple(adapters[name]['magnitude'].shape)}")
         if isinstance(module, LoRALinear):
             _check_adapter_name(module, adapter_name)
+            if module.use_dora != use_dora or (use_dora and r != module.r):
+                raise ValueError(f"{path}: {name} is a LoRALinear with use_dora={module.use_dora}, r={module.r}; the "
+                                 f"adapter has use_dora={use_dora}, r={r}: load it into the base model instead")
         plans[name] = (module, base_config.replace(r=r, lora_alpha=alpha))
     plain = sorted(name for name, (module, _) in plans.items() if not isinstance(module, (LoRALinear, MultiLoRALinear)))
     if plain and any(isinstance(m, MultiLoRALinear) for m in model.modules()):
@@ -455,6 +499,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
             module.add_adapter(adapter_name, layer_config.r, layer_config.lora_alpha, layer_config.use_rslora,
                                lora_A=A.to(module.lora_A.dtype), lora_B=B.to(module.lora_B.dtype), slot=slot,
                                lora_dropout=layer_config.lora_dropout)
+        elif isinstance(module, LoRALinear) and use_dora:
+            _load_dora_adapter(module, layer_config, A, B, adapters[name]["magnitude"])
         elif isinstance(module, LoRALinear):
             module.switch_adapter(A, B, lora_alpha=layer_config.lora_alpha)
             module.lora_dropout, module.use_rslora = layer_config.lora_dropout, layer_config.use_rslora
@@ -467,6 +513,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
             with torch.no_grad():
                 layer.lora_A.copy_(A)
                 layer.lora_B.copy_(B)
+                if use_dora:
+                    layer.lora_magnitude.copy_(adapters[name]["magnitude"])
             layer.adapter_name = adapter_name
     with torch.no_grad():
         for key, value in others.items():
@@ -480,6 +528,20 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     else:
         model.requires_grad_(False)
     return model
+
+
+@torch.no_grad()
+def _load_dora_adapter(layer: LoRALinear, config: LoRAConfig, lora_A, lora_B, magnitude) -> None:
+    """A DoRA adapter into a DoRA LoRALinear of the same rank: out of the weight first if merged, in again after."""
+    merged = layer.merged
+    layer.unmerge()
+    layer.lora_A.copy_(lora_A)
+    layer.lora_B.copy_(lora_B)
+    layer.lora_magnitude.copy_(magnitude)
+    layer.lora_alpha, layer.lora_dropout, layer.use_rslora = config.lora_alpha, config.lora_dropout, config.use_rslora
+    layer.scaling = config.scaling
+    if merged:
+        layer.merge()
 
 
 def _in_out_features(module: nn.Module) -> tuple[int, int]:
@@ -509,6 +571,7 @@ class _AdapterEntry:
     fan_in_fan_out: bool
     lora_A: torch.Tensor  # [r, in]
     lora_B: torch.Tensor  # [out, r]
+    magnitude: torch.Tensor | None = None  # [out], DoRA's
 
 
 def _adapter_entries(model: nn.Module, adapter_name: str | None) -> dict[str, _AdapterEntry]:
@@ -518,7 +581,8 @@ def _adapter_entries(model: nn.Module, adapter_name: str | None) -> dict[str, _A
         if adapter_name is not None:
             _check_adapter_name(layer, adapter_name)
         entries[name] = _AdapterEntry(layer, layer.r, layer.lora_alpha, layer.use_rslora, layer.lora_dropout,
-                                      layer.fan_in_fan_out, layer.lora_A, layer.lora_B)
+                                      layer.fan_in_fan_out, layer.lora_A, layer.lora_B,
+                                      layer.lora_magnitude if layer.use_dora else None)
     for name, layer in multi_lora_layers(model):
         if adapter_name is None:
             raise ValueError("the model has MultiLoRALinear layers: name the adapter to save (adapter_name=...)")
@@ -566,6 +630,10 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
         values = {getattr(entry, option) for entry in entries.values()}
         if len(values) > 1:
             raise ValueError(f"PEFT's format has one {option} per adapter; the layers use {sorted(values)}")
+    use_dora = {entry.magnitude is not None for entry in entries.values()}
+    if len(use_dora) > 1:
+        raise ValueError("PEFT's format has one use_dora per adapter; some layers are DoRA layers, others not: "
+                         f"{sorted(n for n, e in entries.items() if e.magnitude is not None)[:5]}")
     first = next(iter(entries.values()))
     r = collections.Counter(e.r for e in entries.values()).most_common(1)[0][0]
     alpha = collections.Counter(e.alpha for e in entries.values()).most_common(1)[0][0]
@@ -574,6 +642,8 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     for name, entry in entries.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = entry.lora_A.detach()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = entry.lora_B.detach()
+        if entry.magnitude is not None:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = entry.magnitude.detach()
     saved_modules = list(getattr(model, _MODULES_TO_SAVE, ()))
     # the biases trained (a modules_to_save copy is written whole anyway: its bias trains, others need not), or
     # those of the adapter this model loaded, even frozen since
@@ -613,7 +683,7 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": use_dora == {True},
     }
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)

@@ -119,10 +119,10 @@ def test_float32_adapters_on_a_bfloat16_model():
 
 
 def test_unsupported_layers_stay_on_peft_and_are_reported():
-    model = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    model = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
     report = patch_peft_model(model)
     assert not report.patched and len(report.skipped) == 2
-    assert all("DoRA" in why or "variant" in why for why in report.skipped.values())
+    assert all("lora_bias" in why for why in report.skipped.values())
     assert "left on PEFT's path" in str(report)
 
 
@@ -210,9 +210,9 @@ def test_save_gpt2_and_bert_with_modules_to_save(tmp_path):
 
 
 def test_bad_adapters_are_refused_by_name(tmp_path):
-    _peft_adapter(tmp_path / "dora", _llama, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(ValueError, match="use_dora"):
-        load_peft_adapter(_llama(), tmp_path / "dora")
+    _peft_adapter(tmp_path / "bias", _llama, peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
+    with pytest.raises(ValueError, match="lora_bias"):
+        load_peft_adapter(_llama(), tmp_path / "bias")
     _peft_adapter(tmp_path / "gpt2", _gpt2, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     with pytest.raises(ValueError, match="does not fit"):
         load_peft_adapter(_llama(), tmp_path / "gpt2")
