@@ -17,6 +17,7 @@ class LinearCase:
     train: bool
     dropout: float
     quantized: str | None = None  # "nf4": a QLoRA case (the base weight in 4 bits; base = F.linear on float32)
+    dora: bool = False  # a DoRA case: our DoRA layer against our LoRA layer and PEFT's DoRA layer
 
     @property
     def mode(self) -> str:
@@ -27,7 +28,8 @@ class LinearCase:
     @property
     def label(self) -> str:
         base = f" {self.quantized} base" if self.quantized else ""
-        return f"M={self.M} {self.d_in}->{self.d_out} r={self.r} {str(self.dtype)[6:]}{base} {self.mode}"
+        dora = " DoRA" if self.dora else ""
+        return f"M={self.M} {self.d_in}->{self.d_out} r={self.r} {str(self.dtype)[6:]}{base}{dora} {self.mode}"
 
     @property
     def lora_alpha(self) -> int:
@@ -39,8 +41,10 @@ class LinearCase:
         return self.r * (self.d_in + self.d_out) / (self.d_in * self.d_out)
 
     def target(self, device: str) -> float | None:
-        """The ratio ours / base the design aims for (None where none is set)."""
+        """The ratio ours / base the design aims for (None where none is set); DoRA cases: see dora_targets."""
         f = self.lora_share()
+        if self.dora:
+            return None
         if self.quantized:  # the QLoRA issue's decode targets (M = 2048 is judged against ours on float32 W0)
             return {1: 0.6, 16: 0.8}.get(self.M) if device == "cpu" and not self.train else None
         if device == "cpu" and self.dtype == torch.float32 and self.r == 16:
@@ -52,6 +56,18 @@ class LinearCase:
                 return 1.05 if self.M >= 2048 else 1.10 if self.M <= 16 else None
             return 1.10 if self.M >= 2048 else None
         return None
+
+
+    def dora_targets(self, device: str) -> dict[str, float]:
+        """The DoRA issue's targets (CPU, float32, r = 16): {"ours/ours-lora": at most, "peft/ours": at least}."""
+        if not self.dora or device != "cpu" or self.dtype != torch.float32 or self.r != 16:
+            return {}
+        if not self.train:
+            return {"ours/ours-lora": 1.05 if self.M == 1 else 1.02}
+        if self.M < 2048:
+            return {}
+        return {"ours/ours-lora": 1.10, "peft/ours": 1.0} if self.dropout == 0 else \
+            {"ours/ours-lora": 1.60, "peft/ours": 1.25}
 
 
 def _modes(dropouts=(0.0, 0.1)):
@@ -69,6 +85,11 @@ def linear_cases(device: str, full: bool) -> list[LinearCase]:
         # QLoRA: NF4 base (double quantized, blocksize 64), float32 compute
         cases += [LinearCase(M, 4096, 4096, 16, torch.float32, t, 0.0, quantized="nf4") for M in (1, 16, 2048)
                   for t in (False, True)]
+        # DoRA: decode and the M = 2048 step (quick); every M at both sizes (full)
+        dora_shapes = [(M, d, d) for d in (1024, 4096) for M in (1, 16, 2048)] if full else \
+            [(1, 4096, 4096), (2048, 1024, 1024)]
+        cases += [LinearCase(M, i, o, 16, torch.float32, t, p, dora=True) for (M, i, o) in dora_shapes
+                  for t, p in (_modes() if M == 2048 or full else [(False, 0.0)])]
         return cases
     sizes = [(4096, 4096), (4096, 14336), (14336, 4096)]
     ranks = (16, 64) if not full else (8, 16, 64, 128)

@@ -44,7 +44,7 @@ def _providers(op: str, spec: dict, names: list[str]):
     if op == "linear":
         return prov.lora_linear_providers(spec["M"], spec["d_in"], spec["d_out"], spec["r"], dtype, spec["dropout"],
                                           spec["train"], "cpu", names, lora_alpha=spec["lora_alpha"],
-                                          quantized=spec.get("quantized"))
+                                          quantized=spec.get("quantized"), dora=spec.get("dora", False))
     return prov.merge_providers(spec["d_out"], spec["d_in"], spec["r"], dtype, "cpu", names)
 
 
@@ -70,7 +70,7 @@ def _measure(jobs: list[dict]) -> list[dict[str, float]]:
 def _spec(op: str, job) -> dict:
     if op == "linear":
         return dict(M=job.M, d_in=job.d_in, d_out=job.d_out, r=job.r, dtype=str(job.dtype)[6:], dropout=job.dropout,
-                    train=job.train, lora_alpha=job.lora_alpha, quantized=job.quantized)
+                    train=job.train, lora_alpha=job.lora_alpha, quantized=job.quantized, dora=job.dora)
     d_out, d_in, r, dtype = job
     return dict(d_out=d_out, d_in=d_in, r=r, dtype=str(dtype)[6:])
 

@@ -10,6 +10,8 @@ QLoRA cases (a 4-bit NF4 base, double quantized): base stays F.linear on the flo
   LoRALinear4bit, peft PEFT's LoRA layer on a bitsandbytes Linear4bit holding the same bytes, ours-dense our
   LoRALinear on the float32 weight, dequant "dequantize the whole W (our kernel), F.linear, LoRA" (unsloth's
   and torchao's way, autograd keeping W for dx).
+DoRA cases: ours is LoRALinear(use_dora=True), ours-lora our plain LoRA layer, peft PEFT's DoRA layer (use_dora=True),
+  all with the same A, B and magnitude (‖W0 + s·BA‖ off by ~10% per row: a trained-looking gain).
 Merge providers: ours (merge_), ours-safe, peft (LoraLayer.merge), gemm (one B @ A), floor (the weight read
 and written once, in place: the memory traffic any in-place merge needs).
 """
@@ -49,7 +51,7 @@ def ours_names(device: str) -> list[str]:
 
 
 def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, wanted, lora_alpha=None,
-                          quantized=None) -> list[Provider]:
+                          quantized=None, dora=False) -> list[Provider]:
     """Providers computing one LoRA linear (forward, or forward + backward when train); quantized="nf4": the
     QLoRA providers (module docstring)."""
     torch.manual_seed(0)
@@ -81,6 +83,9 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
     if "base" in wanted:
         providers.append(Provider("base", step(lambda x: F.linear(x, base.weight, base.bias)), default_prepare,
                                   list(base.parameters())))
+    if dora:
+        return providers + _dora_providers(base, r, lora_alpha, dropout, train, wanted, step, default_prepare,
+                                           lora_params, trainable)
     if quantized:
         return providers + _qlora_providers(base, r, lora_alpha, dropout, train, quantized, wanted, step,
                                             default_prepare, lora_params)
@@ -163,7 +168,37 @@ def _qlora_providers(base, r, lora_alpha, dropout, train, quant_type, wanted, st
     return providers
 
 
-def peft_linear(base: nn.Linear, r: int, lora_alpha: float, dropout: float = 0.0):
+def _dora_providers(base, r, lora_alpha, dropout, train, wanted, step, prepare, lora_params, trainable):
+    providers = []
+    magnitude = None
+    for name in ("ours", "ours-lora"):
+        if name not in wanted and not (name == "ours-lora" and "ours" in wanted):
+            continue
+        layer = LoRALinear.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=dropout,
+                                       use_dora=name == "ours").train(train)
+        lora_params(layer.lora_A, layer.lora_B)
+        if name == "ours":
+            with torch.no_grad():
+                layer.reset_dora_magnitude()
+                jitter = torch.randn(layer.out_features, generator=torch.Generator().manual_seed(1)) * 0.1
+                layer.lora_magnitude.mul_(1 + jitter.to(layer.lora_magnitude))
+            magnitude = layer.lora_magnitude.detach().clone()
+            trainable.append(layer.lora_magnitude)
+        providers.append(Provider(name, step(layer), prepare, list(layer.parameters())))
+    layer = peft_linear(base, r, lora_alpha, dropout, use_dora=True) if "peft" in wanted else None
+    if layer is not None:
+        layer.train(train)
+        lora_params(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+        peft_magnitude = layer.lora_magnitude_vector["default"].weight
+        if magnitude is not None:
+            with torch.no_grad():
+                peft_magnitude.copy_(magnitude)
+        trainable.append(peft_magnitude)
+        providers.append(Provider("peft", step(layer), prepare, list(layer.parameters())))
+    return providers
+
+
+def peft_linear(base: nn.Linear, r: int, lora_alpha: float, dropout: float = 0.0, use_dora: bool = False):
     """A PEFT LoRA layer around `base`, or None (with a note) when peft is missing or its constructor
     does not take these arguments: PEFT's Linear gained a required `config` in 0.14-era releases, and
     a provider that cannot be built must not cost the case its other providers."""
@@ -174,9 +209,9 @@ def peft_linear(base: nn.Linear, r: int, lora_alpha: float, dropout: float = 0.0
 
     attempts = (
         lambda: PeftLinear(base, "default", config=LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout,
-                                                              target_modules=["base"]),
-                           r=r, lora_alpha=lora_alpha, lora_dropout=dropout),
-        lambda: PeftLinear(base, "default", r=r, lora_alpha=lora_alpha, lora_dropout=dropout),
+                                                              target_modules=["base"], use_dora=use_dora),
+                           r=r, lora_alpha=lora_alpha, lora_dropout=dropout, use_dora=use_dora),
+        lambda: PeftLinear(base, "default", r=r, lora_alpha=lora_alpha, lora_dropout=dropout, use_dora=use_dora),
     )
     errors = []
     for attempt in attempts:

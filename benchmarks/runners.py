@@ -21,13 +21,13 @@ def _reps(base_ms: float, n_providers: int, budget_s: float) -> int:
 def run_linear(case: LinearCase, device: str, wanted: list[str], budget_s: float) -> CaseResult:
     providers = prov.lora_linear_providers(case.M, case.d_in, case.d_out, case.r, case.dtype, case.dropout,
                                            case.train, device, wanted, lora_alpha=case.lora_alpha,
-                                           quantized=case.quantized)
+                                           quantized=case.quantized, dora=case.dora)
     probe = time_providers([p for p in providers if p.name == "base"], device, reps=2, warmup=1)
     reps = _reps(probe["base"].median_ms, len(providers), budget_s) if probe else 5
     timings = time_providers(providers, device, reps=reps)
     params = dict(M=case.M, d_in=case.d_in, d_out=case.d_out, r=case.r, dtype=str(case.dtype), mode=case.mode,
                   dropout=case.dropout, lora_share=case.lora_share(), target=case.target(device),
-                  quantized=case.quantized)
+                  quantized=case.quantized, dora=case.dora, dora_targets=case.dora_targets(device))
     result = CaseResult("linear", case.label, params, timings)
     result.extra["memory"] = {p.name: memory_profile(p, device) for p in providers}
     return result

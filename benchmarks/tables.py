@@ -78,6 +78,29 @@ LINEAR_TIME_HEADING = "Median time per call"
 LINEAR_MEMORY_HEADING = "Memory per call"
 
 
+def dora_table(dora: list[CaseResult]) -> list[str]:
+    """DoRA cases: ours (DoRA) against our LoRA layer and PEFT's DoRA layer, with the DoRA issue's targets."""
+    if not dora:
+        return []
+    lines = ["DoRA: *ours* is LoRALinear(use_dora=True), *ours-lora* our plain LoRA layer on the same weights, *peft* "
+             "PEFT's DoRA layer; ratios to the base layer. *targets*: ours / ours-lora at most, and peft / ours at "
+             "least (PEFT slower by that factor).", "",
+             "| case | base | ours-lora | ours | peft | ours / ours-lora | peft / ours | targets | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in dora:
+        got = {"ours/ours-lora": r.ratio("ours", "ours-lora"), "peft/ours": r.ratio("peft", "ours")}
+        targets = r.params.get("dora_targets") or {}
+        met = [("ok" if got[k] is not None and (got[k] <= v if k == "ours/ours-lora" else got[k] >= v) else "no")
+               for k, v in targets.items()]
+        fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+        target_text = ", ".join(f"{k} {'≤' if k == 'ours/ours-lora' else '≥'} {v}" for k, v in targets.items())
+        lines.append(f"| {r.case} | {_fmt_ratio(r, 'base', 'base')} | "
+                     + " | ".join(_fmt_ratio(r, n, "base") for n in ("ours-lora", "ours", "peft"))
+                     + f" | {fmt(got['ours/ours-lora'])} | {fmt(got['peft/ours'])} | {target_text or '—'} | "
+                     + (" ".join(met) if met else "—") + " |")
+    return lines + [""]
+
+
 def markdown_report(results: list[CaseResult], info: dict) -> str:
     where = info.get("gpu") or f"{info['cpu']}, {info['cpu_cores']} cores"
     isa = f", {info['cpu_isa']}" if info.get("cpu_isa") and info["device"] == "cpu" else ""
@@ -85,7 +108,7 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
              f"{info['date']}, commit {info['git_commit']}.", ""]
     lines += summary_lines(results, info)
     linear = [r for r in results if r.op == "linear"]
-    dense = [r for r in linear if not r.params.get("quantized")]
+    dense = [r for r in linear if not r.params.get("quantized") and not r.params.get("dora")]
     if dense:
         names = [n for n in dict.fromkeys(n for r in dense for n in r.timings) if n != "base"]
         ours = info.get("ours_backend")
@@ -122,6 +145,7 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
                          + " | ".join(_fmt_ratio(r, n, "base") for n in names)
                          + f" | {target if target is not None else '—'} | {met} |")
         lines.append("")
+    lines += dora_table([r for r in linear if r.params.get("dora")])
     with_memory = [r for r in linear if r.extra.get("memory")]
     if with_memory:
         names = list(dict.fromkeys(n for r in with_memory for n in r.extra["memory"]))
