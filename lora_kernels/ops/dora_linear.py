@@ -29,15 +29,9 @@ and its backward (z is what dm needs; nothing [out, in] is ever built):
     dm = Σ_rows dy ⊙ z / n,   db = Σ_rows dy
 
 The LoRA kernels are those lora_linear's backend choice picks for the call (cpu, cuda, triton or reference), so
-DoRA runs wherever LoRA does. With dropout, PEFT's function needs a second product with W0, x̃ W0ᵀ (and dx one
-more). On the cpu backend (float32) it costs about p of a GEMM instead: with d = 1 − keep, x̃ = (x − x⊙d)/(1−p),
-only the dropped elements differ from x (csrc/cpu/dora_dropped.cpp):
-
-    P = x W0ᵀ + b,  Q = b + (x⊙d) W0ᵀ  (the dropped elements only),  xa = x̃ Aᵀ
-    z = (P − Q) / (1 − p) + s · xa Bᵀ = x̃ W0ᵀ + s · xa Bᵀ,           y = P + (g − 1) ⊙ z + s · xa Bᵀ
-    dx = (dy ⊙ (g − p)/(1 − p)) W0 + mask/(1−p) ⊙ (s (g⊙dy) B A) + d ⊙ (((1 − g) ⊙ dy) W0) / (1 − p)
-
-(the last term only at the dropped elements). Elsewhere (GPU, 16-bit, float64) the two GEMMs run.
+DoRA runs wherever LoRA does. With dropout PEFT's function needs a second product with W0, x̃ W0ᵀ (and dx one
+more): two GEMMs where LoRA has one, the cost of DoRA with dropout. (A product over the dropped elements only,
+x̃ = (x − x⊙(1−keep))/(1−p), was built and measured: no faster on a 2-core CPU; benchmarks/NOTES.md.)
 """
 
 from __future__ import annotations
@@ -135,13 +129,6 @@ def _mask_kernel_for(device_type: str) -> bool:
             and (device_type == "cpu" or (device_type == "cuda" and ext.with_cuda)))
 
 
-def _dropped_kernels_for(x: Tensor, weight: Tensor, lora_A: Tensor, p: float) -> bool:
-    """Whether this dropout call takes the products of dropped elements only (float32 on the cpu backend)."""
-    return (0.0 < p <= 0.5 and x.device.type == "cpu" and x.dtype == weight.dtype == lora_A.dtype == torch.float32
-            and requested_backend() in ("auto", "cpu") and compiled_extension() is not None
-            and hasattr(torch.ops.lora_kernels, "dora_dropped_product"))
-
-
 def _dropped(x: Tensor, scale: Tensor) -> Tensor:
     """drop(x) in x's dtype (one rounding of x · mask/(1−p))."""
     return (x * scale).to(x.dtype)
@@ -174,15 +161,6 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     if p == 0.0:
         z, xa = lora.forward(x, weight, None, lora_A, lora_B, s, 0.0, None)
         y = _gained(z, gain, bias, in_place=not keep_z)
-    elif _dropped_kernels_for(x, weight, lora_A, p):
-        x = x.contiguous()
-        keep = keep_scale(x, p, seed)  # the mask, drawn once for the shrink and the dropped elements' product
-        xa = (x * keep) @ lora_A.t()
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()  # x W0ᵀ + b
-        z = torch.ops.lora_kernels.dora_dropped_product(x, weight, bias, keep)  # (x⊙d) W0ᵀ + b
-        torch.sub(y, z, out=z)
-        z.addmm_(xa, lora_B.t(), beta=1.0 / (1.0 - p), alpha=s)  # x̃ W0ᵀ + s · xa Bᵀ
-        y.addcmul_(z, gain - 1).addmm_(xa, lora_B.t(), alpha=s)
     else:
         z, xa = lora.forward(_dropped(x, keep_scale(x, p, seed)), weight, None, lora_A, lora_B, s, 0.0, None)
         acc = gain.dtype
@@ -205,9 +183,6 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
     p, seed = _dropout(dropout_p, seed)
     s = _kernel_scaling(scaling)
     gain = magnitude.to(weight_norm.dtype) / weight_norm
-    if _dropped_kernels_for(x, weight, lora_A, p):
-        dx, dA, dB = _dropped_backward(grad_y, x, weight, lora_A, lora_B, xa, gain, s, p, seed, need_dx)
-        return dx, dA, dB, _magnitude_gradient(grad_y, z, magnitude, weight_norm, need_dm)
     lora = _backend("backward", x, weight, lora_A, p)
     dx, dA, dB = lora.backward(_rows_scaled(grad_y, gain), x, weight, lora_A, lora_B, xa, s, p, seed, need_dx)
     if p > 0.0 and need_dx:
@@ -223,22 +198,6 @@ def _magnitude_gradient(grad_y, z, magnitude, weight_norm, need_dm: bool) -> Ten
         return magnitude.new_empty(0)
     acc = weight_norm.dtype
     return ((grad_y.to(acc) * z.to(acc)).sum(0) / weight_norm).to(magnitude.dtype)
-
-
-def _dropped_backward(grad_y, x, weight, lora_A, lora_B, xa, gain, s: float, p: float, seed, need_dx: bool):
-    """(dx, dA, dB) with dropout from one dense GEMM and the dropped elements' product (module docstring)."""
-    keep = keep_scale(x, p, seed)
-    g_dy = grad_y * gain
-    gb = (g_dy @ lora_B).mul_(s)
-    dB = (g_dy.t() @ xa).mul_(s)
-    dA = gb.t() @ (x * keep)
-    if not need_dx:
-        return x.new_empty(0), dA, dB
-    dx = (grad_y * ((gain - p) / (1.0 - p))) @ weight
-    dx.addcmul_(gb @ lora_A, keep)
-    torch.ops.lora_kernels.dora_dropped_gradient_(dx, (grad_y * (1 - gain)).contiguous(), weight, keep,
-                                                  1.0 / (1.0 - p))
-    return dx, dA, dB
 
 
 def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, z, magnitude, weight_norm, scaling, dropout_p, seed,
@@ -319,12 +278,3 @@ if _mask_kernel_for("cpu"):
     @torch.library.register_fake("lora_kernels::dropout_mask")
     def _(x, dropout_p, seed):
         return x.new_empty(x.shape, dtype=torch.float32)
-
-if compiled_extension() is not None and hasattr(torch.ops.lora_kernels, "dora_dropped_product"):
-    @torch.library.register_fake("lora_kernels::dora_dropped_product")
-    def _(x, weight, bias, keep):
-        return x.new_empty(x.shape[0], weight.shape[0])
-
-    @torch.library.register_fake("lora_kernels::dora_dropped_gradient_")
-    def _(dx, h, weight, keep, scale):
-        return None
