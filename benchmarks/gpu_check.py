@@ -197,6 +197,58 @@ def validate_multi(backend: str, device: str, shapes, log) -> list[dict]:
     return rows
 
 
+def validate_dora(backend: str, device: str, shapes, log) -> list[dict]:
+    """dora_linear on `backend`: y and the gradients of x, bias, lora_A, lora_B and the magnitude against the float64
+    reference (autograd through reference.dora_linear), dropout off and on, float32 adapters on bfloat16 too."""
+    import lora_kernels as lk
+    from lora_kernels import reference
+    from lora_kernels.functional import draw_seed
+
+    rows = []
+    os.environ["LORA_KERNELS_BACKEND"] = backend
+    dtypes = [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+              (torch.bfloat16, torch.float32)]
+    s = 1.5
+    for dtype, adapter_dtype in dtypes:
+        for (M, d_in, d_out, r) in shapes:
+            for p in (0.0, 0.3):
+                g = torch.Generator().manual_seed(M * 3 + r)
+                rand = lambda *shape, scale=1.0, dt=dtype: (torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+                                                            * scale).to(device, dt)
+                x, w, bias = rand(M, d_in), rand(d_out, d_in, scale=d_in**-0.5), rand(d_out)
+                A = rand(r, d_in, scale=d_in**-0.5, dt=adapter_dtype)
+                B = rand(d_out, r, scale=r**-0.5, dt=adapter_dtype)
+                norm = reference.dora_weight_norm(w.double(), A.double(), B.double(), s)
+                m = (norm * (1 + 0.2 * rand(d_out, dt=torch.float64))).to(adapter_dtype)
+                grad_y = rand(M, d_out)
+
+                def run(fn, tensors):
+                    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+                    torch.manual_seed(99)
+                    y = fn(*leaves)
+                    return [y, *torch.autograd.grad(y, leaves, grad_y.to(y.dtype))]
+
+                ours = run(lambda x_, b_, A_, B_, m_: lk.dora_linear(x_, w, b_, A_, B_, m_, s, p, True),
+                           (x, bias, A, B, m))
+                torch.manual_seed(99)
+                seed = int(draw_seed(device)) if p else None
+                d = lambda t: t.double()  # noqa: E731
+                exact = run(lambda x_, b_, A_, B_, m_: reference.dora_linear(x_, d(w), b_, A_, B_, m_, s, p, seed),
+                            [d(t) for t in (x, bias, A, B, m)])
+                plain = run(lambda x_, b_, A_, B_, m_: reference.dora_linear(x_, w, b_, A_, B_, m_, s, p, seed),
+                            (x, bias, A, B, m))
+                for name, o, e, pl in zip(("y", "dx", "dbias", "dA", "dB", "dmagnitude"), ours, exact, plain):
+                    ok, why = _error_ok(o, e, pl)
+                    rows.append(dict(op="dora_linear", backend=backend, dtype=str(dtype)[6:],
+                                     adapter_dtype=str(adapter_dtype)[6:], shape=[M, d_in, d_out, r], dropout=p,
+                                     output=name, ok=ok, detail=why))
+                    if not ok:
+                        log(f"FAIL dora {backend} {dtype}/{adapter_dtype} M={M} {d_in}->{d_out} r={r} p={p} {name}: "
+                            f"{why}")
+    os.environ.pop("LORA_KERNELS_BACKEND", None)
+    return rows
+
+
 def time_multi(device: str, reps: int, progress) -> None:
     """benchmarks/multi_adapter.py's cases (bfloat16 on CUDA), each recorded as it finishes."""
     from .harness import CaseResult, time_providers
@@ -594,6 +646,7 @@ def main(argv=None) -> int:
     multi_shapes = [(37, 40, 33, 3, 16)] if args.dry_run else [(1, 33, 70, 2, 4), (37, 100, 33, 5, 16),
                                                                 (2048, 1024, 1024, 32, 16), (32, 4096, 4096, 32, 64)]
     cycles = 12 if args.dry_run else 50
+    dora_shapes = [(7, 33, 40, 3)] if args.dry_run else [(1, 33, 70, 1), (37, 100, 33, 16), (2048, 1024, 1024, 16)]
 
     def section(name: str, run) -> None:
         """One section, skipped once the deadline has passed; the summary is rewritten after it."""
@@ -651,6 +704,15 @@ def main(argv=None) -> int:
                 lambda b=backend: progress.add_checks(validate_multi(b, device, multi_shapes, log)))
     if not args.skip_timing:
         section("multi-adapter timings", lambda: time_multi(device, 3 if args.dry_run else 10, progress))
+    for backend in backends:
+        section(f"DoRA validation {backend}",
+                lambda b=backend: progress.add_checks(validate_dora(b, device, dora_shapes, log)))
+    if not args.skip_timing:  # DoRA against our LoRA layer and PEFT's DoRA (the GPU target: train <= 1.15x LoRA)
+        dora_cases = ([LinearCase(37, 64, 96, 16, torch.float32, True, p, dora=True) for p in (0.0, 0.1)]
+                      if args.dry_run else
+                      [LinearCase(M, 4096, 4096, 16, torch.bfloat16, t, p, dora=True)
+                       for M, t, p in ((16, False, 0.0), (2048, False, 0.0), (2048, True, 0.0), (2048, True, 0.1))])
+        section("DoRA timings", lambda: time_cases(dora_cases, ["base", "ours", "ours-lora", "peft"]))
     if not args.skip_timing and not args.dry_run:
         rest = [c for c in linear_cases("cuda", full=False) if c not in headline]
         section("remaining timings", lambda: time_cases(rest, ["base", "reference", "peft", "ours"]))
