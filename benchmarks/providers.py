@@ -184,7 +184,9 @@ def _dora_providers(base, r, lora_alpha, dropout, train, wanted, step, prepare, 
                 layer.lora_magnitude.mul_(1 + jitter.to(layer.lora_magnitude))
             magnitude = layer.lora_magnitude.detach().clone()
             trainable.append(layer.lora_magnitude)
-        providers.append(Provider(name, step(layer), prepare, list(layer.parameters())))
+        # an optimizer step between two timed steps: the DoRA layer must recompute its cached norm
+        layer_prepare = _chain(prepare, _optimizer_step_of(layer)) if train and name == "ours" else prepare
+        providers.append(Provider(name, step(layer), layer_prepare, list(layer.parameters())))
     layer = peft_linear(base, r, lora_alpha, dropout, use_dora=True) if "peft" in wanted else None
     if layer is not None:
         layer.train(train)
@@ -196,6 +198,16 @@ def _dora_providers(base, r, lora_alpha, dropout, train, wanted, step, prepare, 
         trainable.append(peft_magnitude)
         providers.append(Provider("peft", step(layer), prepare, list(layer.parameters())))
     return providers
+
+
+def _optimizer_step_of(layer):
+    """A prepare hook changing the layer's adapter in place, as an optimizer step does (the values barely move)."""
+    def step() -> None:
+        with torch.no_grad():
+            layer.lora_A.mul_(1.0)
+            layer.lora_B.mul_(1.0)
+
+    return step
 
 
 def peft_linear(base: nn.Linear, r: int, lora_alpha: float, dropout: float = 0.0, use_dora: bool = False):

@@ -3,7 +3,7 @@ and the cache of row norms a layer reuses between forwards.
 
     merged = dora_merge_(weight, lora_A, lora_B, magnitude, scaling, safe=False, exact=False)
     dora_unmerge_(weight, lora_A, lora_B, scaling, merged)
-    cache = DoRANormCache(); cache.norm(weight, lora_A, lora_B, scaling, training)
+    cache = DoRANormCache(); cache.norm(weight, lora_A, lora_B, scaling)
 
 A block of rows at a time, in float32 (float64 for float64 weights), one rounding per element: temporaries stay
 near 2**20 elements whatever the weight's size. The gain g used is kept in the returned DoRAMerge (a merged weight
@@ -111,23 +111,25 @@ def dora_unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
 
 
 class DoRANormCache:
-    """The row norms a DoRA layer reuses: ‖W0_o‖² while W0 is unchanged (training recomputes only the adapter's
-    terms of the norm), and in eval the norm ‖W0 + s·BA‖ itself while W0, A, B and s are. A tensor counts as
-    unchanged while its data pointer, version counter, dtype, device and shape are: in-place updates (an
-    optimizer step, load_state_dict, merge) are seen; a write through ``.data`` is not (clear() after one)."""
+    """The row norms a DoRA layer reuses: ‖W0_o‖² while W0 is unchanged, and the norm ‖W0 + s·BA‖ itself while W0,
+    A, B and s are: every forward in eval, and in training every forward between two optimizer steps (gradient
+    accumulation, activation checkpointing's recomputed forward); a step changes A and B, and the next forward
+    recomputes the adapter's terms (W0 Aᵀ: one more read of W0). A tensor counts as unchanged while its data
+    pointer, version counter, dtype, device and shape are: in-place updates (an optimizer step, load_state_dict,
+    merge) are seen; a write through ``.data`` is not (clear() after one)."""
 
     def __init__(self):
         self.clear()
 
     def clear(self) -> None:
         self._sq_norm = (None, None)
-        self._eval_norm = (None, None)
+        self._norm = (None, None)
 
     @staticmethod
     def _state_of(*tensors) -> tuple:
         return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
 
-    def norm(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, training: bool) -> Tensor | None:
+    def norm(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor | None:
         """‖W0 + s·BA‖ per row for this forward, or None under torch.compile (the op then computes it in the
         graph: reading version counters there would break it)."""
         from .functional import dora_weight_norm
@@ -135,12 +137,12 @@ class DoRANormCache:
         if torch.compiler.is_compiling():
             return None
         key = self._state_of(weight, lora_A, lora_B) + (float(scaling),)
-        if not training and self._eval_norm[0] == key:
-            return self._eval_norm[1]
+        if self._norm[0] == key:
+            return self._norm[1]
         weight_key = self._state_of(weight)
         if self._sq_norm[0] != weight_key:
             with torch.no_grad():
                 self._sq_norm = (weight_key, row_sq_norms(weight, norm_dtype(weight, lora_A)))
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling, self._sq_norm[1])
-        self._eval_norm = (key, norm) if not training else (None, None)
+        self._norm = (key, norm)
         return norm

@@ -145,8 +145,9 @@ def dora_linear(
         raise NotImplementedError("dora_linear on a 4-bit weight (QDoRA) is not implemented yet: dequantize it "
                                   "(Weight4bit.dequantize()) or use LoRA on the 4-bit base")
     adapter_dtype = getattr(lora_A, "dtype", None)  # before autocast, which may cast the adapter
-    x, weight, bias, lora_A, lora_B = validation.check_and_autocast(x, weight, bias, lora_A, lora_B, scaling,
-                                                                    dropout_p)
+    if not validation.plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+        x, weight, bias, lora_A, lora_B = validation.check_and_autocast(x, weight, bias, lora_A, lora_B, scaling,
+                                                                        dropout_p)
     validation.check_magnitude(magnitude, weight, adapter_dtype)
     if weight_norm is None:
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling)

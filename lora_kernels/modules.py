@@ -40,9 +40,9 @@ class LoRALinear(nn.Module):
 
     use_dora=True: DoRA (PEFT's use_dora), y = g ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b with g = m / ‖W0 + s·BA‖ per
     output row (lora_kernels.dora_linear; dropout as PEFT applies it). ``lora_magnitude`` [out] (adapter dtype,
-    trained) starts as ‖W0 + s·BA‖, so a new layer equals its base layer. ‖W0‖² is cached while the weight is
-    unchanged, and in eval the norm too while W0, A, B and the scaling are (tracked by their version counters:
-    a write through ``.data`` is not seen; call ``clear_dora_cache()`` after one). merge() folds
+    trained) starts as ‖W0 + s·BA‖, so a new layer equals its base layer. The norm is cached while W0, A, B and
+    the scaling are unchanged (eval, and training between optimizer steps; ‖W0‖² while W0 is), tracked by their
+    version counters: a write through ``.data`` is not seen; call ``clear_dora_cache()`` after one. merge() folds
     g ⊙ (W0 + s·BA) into the weight.
     """
 
@@ -158,7 +158,7 @@ class LoRALinear(nn.Module):
         self.lora_magnitude.copy_(norm.to(self.lora_magnitude.dtype))
 
     def clear_dora_cache(self) -> None:
-        """Forget the cached ‖W0‖² and eval norm (needed only after writing a tensor through .data)."""
+        """Forget the cached norms (needed only after writing a tensor through .data)."""
         self.__dict__["_dora_norms"] = DoRANormCache()
 
     @property
@@ -223,7 +223,7 @@ class LoRALinear(nn.Module):
             return F.linear(x, self.base_weight(), self.bias)
         if self.use_dora:
             weight = self.base_weight()
-            norm = self._dora_norms.norm(weight, self.lora_A, self.lora_B, self._scaling, self.training)
+            norm = self._dora_norms.norm(weight, self.lora_A, self.lora_B, self._scaling)
             return dora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude,
                                self._scaling_for(x), self.lora_dropout, self.training, weight_norm=norm)
         return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self._scaling_for(x),

@@ -106,7 +106,14 @@ class LoRALinear4bit(LoRALinear):
         return cached
 
     def _apply(self, fn, *args, **kwargs):
+        # The scales stay float32 through dtype casts (.half(), .to(torch.bfloat16)): bitsandbytes keeps them so,
+        # the kernels read them so, and a 16-bit copy would round them. A device move still moves them.
+        scales = {name: self._buffers.get(f"weight_{name}") for name in _SCALE_BUFFERS}
         super()._apply(fn, *args, **kwargs)
+        for name, before in scales.items():
+            now = self._buffers.get(f"weight_{name}")
+            if before is not None and now is not None and now.dtype != before.dtype:
+                self._buffers[f"weight_{name}"] = before.to(device=now.device)
         self.__dict__["_weight4bit"] = None  # the codes or scales may be new tensors
         return self
 

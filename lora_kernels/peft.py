@@ -163,13 +163,13 @@ def _peft_dora(layer, name: str) -> bool:
 
 def _fused_peft_dora_forward(layer, x, weight, bias, name: str):
     """PEFT's DoRA layer through lora_kernels.dora_linear: its magnitude, scaling and lora_dropout; the norm cached
-    on the layer (‖W0‖² while W0 is unchanged; in eval, the norm while nothing changes)."""
+    on the layer while W0, A, B and the scaling are unchanged (DoRANormCache)."""
     lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
     magnitude = layer.lora_magnitude_vector[name].weight
     scaling = layer.scaling[name]
     training = layer.lora_dropout[name].training
     cache = layer.__dict__.setdefault("_lora_kernels_dora_norms", {}).setdefault(name, DoRANormCache())
-    norm = cache.norm(weight, lora_A, lora_B, scaling, training)
+    norm = cache.norm(weight, lora_A, lora_B, scaling)
     return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, _dropout_p(layer, name), training,
                        weight_norm=norm)
 

@@ -258,6 +258,31 @@ def test_eval_caches_the_norm_until_something_changes(monkeypatch):
     assert not torch.allclose(y3, y1)
 
 
+def test_training_reuses_the_norm_between_optimizer_steps_only(monkeypatch):
+    """Gradient accumulation: forwards between two optimizer steps share one norm; after a step (A, B changed in
+    place) the next forward recomputes it, and the outputs and gradients are the reference's."""
+    from lora_kernels.ops import dora_linear as dora_ops
+
+    layer = _trained_dora_layer().train()
+    optimizer = torch.optim.SGD([layer.lora_A, layer.lora_B, layer.lora_magnitude], lr=0.1)
+    calls = []
+    original = dora_ops.dora_weight_norm_op.impl
+    monkeypatch.setattr(dora_ops.dora_weight_norm_op, "impl", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(4, 40, device=DEVICE)
+    for step in range(3):
+        optimizer.zero_grad()
+        for _ in range(2):  # two micro-batches
+            layer(x).square().sum().backward()
+        assert len(calls) == step + 1
+        leaves = {n: getattr(layer, n).detach().clone().requires_grad_() for n in ("lora_A", "lora_B", "lora_magnitude")}
+        ref = reference.dora_linear(x, layer.weight, layer.bias, leaves["lora_A"], leaves["lora_B"],
+                                    leaves["lora_magnitude"], layer.scaling)
+        (2 * ref.square().sum()).backward()
+        for name, leaf in leaves.items():
+            torch.testing.assert_close(getattr(layer, name).grad, leaf.grad, rtol=1e-4, atol=1e-5)
+        optimizer.step()
+
+
 def test_training_step_matches_peft_formula_and_trains_magnitude():
     layer = _trained_dora_layer(lora_dropout=0.0)
     x = torch.randn(6, 40, device=DEVICE)

@@ -503,3 +503,22 @@ def test_lora_linear_multi_on_a_4bit_base(backend, grouped, dtype, dropout_p, us
     assert_matches_reference(y, y_exact, y_plain, "y")
     for name, ours, exact, plain in zip(("dx", "dA", "dB", "dbias"), grads, grads_exact, grads_plain):
         assert_matches_reference(ours, exact, plain, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_dtype_casts_keep_the_4bit_scales_in_float32(dtype):
+    """layer.half() / .to(bf16) casts the adapter and bias, never the float32 scales (a 16-bit copy would round
+    them, and the kernels read them as float32): the cast layer computes what the float32 one does, in dtype."""
+    torch.manual_seed(0)
+    layer = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 96), r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(5, 128)
+    expected = layer(x)
+    scales = {n: b.clone() for n, b in layer.named_buffers() if n.startswith("weight_")}
+    cast = layer.half() if dtype == torch.float16 else layer.to(dtype)
+    for name, buffer in cast.named_buffers():
+        if name in scales:
+            assert buffer.dtype == scales[name].dtype and torch.equal(buffer, scales[name]), name
+    assert cast.lora_A.dtype == dtype
+    torch.testing.assert_close(cast(x.to(dtype)).float(), expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
