@@ -153,7 +153,8 @@ def dora_linear(
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
     else:
         validation.check_weight_norm(weight_norm, weight)
-        weight_norm = weight_norm.to(norm_dtype(weight, lora_A))
+        if weight_norm.dtype != norm_dtype(weight, lora_A):
+            weight_norm = weight_norm.to(norm_dtype(weight, lora_A))
     seed = draw_seed(_seed_device(x)) if training and dropout_p > 0.0 else None
     keep_z = torch.is_grad_enabled() and magnitude.requires_grad  # z [M, out] is what the magnitude's gradient needs
     x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)

@@ -134,6 +134,11 @@ def _dropped(x: Tensor, scale: Tensor) -> Tensor:
     return (x * scale).to(x.dtype)
 
 
+def _gain(magnitude: Tensor, weight_norm: Tensor) -> Tensor:
+    """g = m / n [out], in the norm's dtype."""
+    return (magnitude if magnitude.dtype == weight_norm.dtype else magnitude.to(weight_norm.dtype)) / weight_norm
+
+
 def _rows_scaled(t: Tensor, gain: Tensor) -> Tensor:
     """t ⊙ gain (per column: t [M, out], gain [out]), computed in gain's dtype and rounded once to t's."""
     return (t * gain).to(t.dtype)
@@ -157,7 +162,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     p, seed = _dropout(dropout_p, seed)
     s = _kernel_scaling(scaling)
     lora = _backend("forward", x, weight, lora_A, 0.0)  # the LoRA forward runs without dropout (on x̃ when p > 0)
-    gain = magnitude.to(weight_norm.dtype) / weight_norm
+    gain = _gain(magnitude, weight_norm)
     if p == 0.0:
         z, xa = lora.forward(x, weight, None, lora_A, lora_B, s, 0.0, None)
         y = _gained(z, gain, bias, in_place=not keep_z)
@@ -182,7 +187,7 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
     """(dx or an empty tensor, dA, dB, dm or an empty tensor) (see the module docstring)."""
     p, seed = _dropout(dropout_p, seed)
     s = _kernel_scaling(scaling)
-    gain = magnitude.to(weight_norm.dtype) / weight_norm
+    gain = _gain(magnitude, weight_norm)
     lora = _backend("backward", x, weight, lora_A, p)
     dx, dA, dB = lora.backward(_rows_scaled(grad_y, gain), x, weight, lora_A, lora_B, xa, s, p, seed, need_dx)
     if p > 0.0 and need_dx:
@@ -237,7 +242,7 @@ def _gradients(ctx, grad_outputs, run_backward):
 def _weight_gradient(grad_y, x, magnitude, weight_norm, dropout_p, seed) -> Tensor:
     """d W0 (a trainable base weight; the norm a constant): dyᵀ x + ((g − 1) ⊙ dy)ᵀ x̃."""
     p, seed = _dropout(dropout_p, seed)
-    gain = magnitude.to(weight_norm.dtype) / weight_norm
+    gain = _gain(magnitude, weight_norm)
     if p == 0.0:
         return _rows_scaled(grad_y, gain).t() @ x
     return grad_y.t() @ x + _rows_scaled(grad_y, gain - 1).t() @ _dropped(x, keep_scale(x, p, seed))
