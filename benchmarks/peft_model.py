@@ -1,13 +1,15 @@
 """Model-level benchmark: a small Llama (transformers, built from a config) with LoRA on every linear layer.
 
-    python -m benchmarks.peft_model [--hidden 1024 --layers 2 --tokens 512 --reps 15 --dtype float32]
+    python -m benchmarks.peft_model [--hidden 1024 --layers 2 --tokens 512 --reps 15 --dtype float32] [--use-dora]
 
 Providers, timed interleaved in one run (medians), each a separate model with the same weights:
     base      the model without LoRA (the floor)
     peft      PEFT's LoraModel (get_peft_model)
     patched   the same PEFT model after lora_kernels.peft.patch_peft_model
     ours      lora_kernels.inject_lora on the plain model
-Modes: forward (eval, no grad) and a training step's forward + backward (lora_dropout 0.05).
+Modes: forward (eval, no grad) and a training step's forward + backward (lora_dropout 0.05). --use-dora: DoRA
+adapters everywhere (PEFT's use_dora=True, inject_lora(use_dora=True)); between timed training steps every
+trainable parameter is changed in place, as an optimizer step does (a DoRA layer then recomputes its norm).
 Prints a table of median times and ratios to the base model; --json writes the numbers.
 """
 
@@ -43,11 +45,13 @@ def _models(args, dtype, dropout):
     # the floor of a training step is the backward through every layer's activations (a LoRA model needs
     # dx everywhere): a trainable input embedding makes the base model's step do it
     base.get_input_embeddings().weight.requires_grad_(True)
-    config = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=dropout, target_modules=TARGETS)
+    config = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=dropout, target_modules=TARGETS,
+                             use_dora=args.use_dora)
     peft_model = peft.get_peft_model(_llama(args, dtype), config)
     patched = peft.get_peft_model(_llama(args, dtype), config)
     patch_peft_model(patched)
     ours = lk.inject_lora(_llama(args, dtype), TARGETS, r=args.r, lora_alpha=2 * args.r, lora_dropout=dropout,
+                          use_dora=args.use_dora,
                           adapter_dtype=peft_model.base_model.model.model.layers[0].self_attn.q_proj
                           .lora_A["default"].weight.dtype)
     return {"base": base, "peft": peft_model, "patched": patched, "ours": ours}
@@ -63,6 +67,10 @@ def _providers(models, ids, train: bool):
 
             def zero(model=model):
                 model.zero_grad(set_to_none=True)
+                with torch.no_grad():  # an optimizer step's in-place update (values unchanged)
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.mul_(1.0)
 
             providers.append(Provider(name, step, zero))
         else:
@@ -82,6 +90,7 @@ def main(argv=None) -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--use-dora", action="store_true", help="DoRA adapters (PEFT's use_dora=True)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -96,7 +105,8 @@ def main(argv=None) -> None:
         cells = " | ".join(f"{timings[n].median_ms:.0f} ms ({timings[n].median_ms / base:.3f}x)"
                            for n in ("base", "peft", "patched", "ours"))
         if len(rows) == 1:
-            print(f"Llama {args.layers} layers, hidden {args.hidden}, {args.tokens} tokens, LoRA r={args.r} on 7 "
+            print(f"Llama {args.layers} layers, hidden {args.hidden}, {args.tokens} tokens, "
+                  f"{'DoRA' if args.use_dora else 'LoRA'} r={args.r} on 7 "
                   f"projections per layer, {args.dtype}; {info['cpu']} ({info['cpu_isa']}), torch {info['torch']}, "
                   f"peft {info['peft']}, {info['date']}, commit {info['git_commit']}")
             print("| mode | base | peft | patched peft | ours (inject_lora) |\n|---|---|---|---|---|")

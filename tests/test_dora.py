@@ -84,11 +84,14 @@ def test_matches_reference(backend, shape, dtype, dropout_p, use_backend):
     _check(make_dora_inputs(lead, in_f, out_f, r, dtype), dropout_p)
 
 
+@pytest.mark.parametrize("shape", [((9,), 40, 36, 4), ((7,), 33, 40, 3), ((2, 5), 64, 48, 8)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
-def test_float32_adapter_and_magnitude_on_16bit_base(backend, dtype, use_backend):
+def test_float32_adapter_and_magnitude_on_16bit_base(backend, dtype, shape, use_backend):
+    """PEFT's default: dA, dB and dm as accurate as float32 allows (g ⊙ dy is never rounded to 16 bits)."""
     use_backend(backend)
-    inputs = make_dora_inputs((9,), 40, 36, 4, dtype, adapter_dtype=torch.float32)
+    lead, in_f, out_f, r = shape
+    inputs = make_dora_inputs(lead, in_f, out_f, r, dtype, adapter_dtype=torch.float32)
     _check(inputs, 0.0)
     _check(inputs, 0.3)
     y, grads = _run(_ours, inputs, 0.3)

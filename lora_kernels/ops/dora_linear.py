@@ -29,7 +29,9 @@ and its backward (z is what dm needs; nothing [out, in] is ever built):
     dm = Σ_rows dy ⊙ z / n,   db = Σ_rows dy
 
 The LoRA kernels are those lora_linear's backend choice picks for the call (cpu, cuda, triton or reference), so
-DoRA runs wherever LoRA does. With dropout PEFT's function needs a second product with W0, x̃ W0ᵀ (and dx one
+DoRA runs wherever LoRA does. float32 adapters on a 16-bit base (PEFT's default) take ATen ops instead, with the
+LoRA terms, z and g ⊙ dy in float32 (_mixed_forward / _mixed_backward): the LoRA kernels take the gradient in
+x's dtype, and g ⊙ dy rounded to 16 bits would cost dA and dB their float32 accuracy. With dropout PEFT's function needs a second product with W0, x̃ W0ᵀ (and dx one
 more): two GEMMs where LoRA has one, the cost of DoRA with dropout. (A product over the dropped elements only,
 x̃ = (x − x⊙(1−keep))/(1−p), was built and measured: no faster on a 2-core CPU; benchmarks/NOTES.md.)
 """
@@ -161,8 +163,10 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     """(y, xa, z or an empty tensor): the op's forward entry point (see the module docstring)."""
     p, seed = _dropout(dropout_p, seed)
     s = _kernel_scaling(scaling)
-    lora = _backend("forward", x, weight, lora_A, 0.0)  # the LoRA forward runs without dropout (on x̃ when p > 0)
     gain = _gain(magnitude, weight_norm)
+    if lora_A.dtype != x.dtype:
+        return _mixed_forward(x, weight, bias, lora_A, lora_B, gain, s, p, seed, keep_z)
+    lora = _backend("forward", x, weight, lora_A, 0.0)  # the LoRA forward runs without dropout (on x̃ when p > 0)
     if p == 0.0:
         z, xa = lora.forward(x, weight, None, lora_A, lora_B, s, 0.0, None)
         y = _gained(z, gain, bias, in_place=not keep_z)
@@ -188,6 +192,9 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
     p, seed = _dropout(dropout_p, seed)
     s = _kernel_scaling(scaling)
     gain = _gain(magnitude, weight_norm)
+    if lora_A.dtype != x.dtype:
+        dx, dA, dB = _mixed_backward(grad_y, x, weight, lora_A, lora_B, xa, gain, s, p, seed, need_dx)
+        return dx, dA, dB, _magnitude_gradient(grad_y, z, magnitude, weight_norm, need_dm)
     lora = _backend("backward", x, weight, lora_A, p)
     dx, dA, dB = lora.backward(_rows_scaled(grad_y, gain), x, weight, lora_A, lora_B, xa, s, p, seed, need_dx)
     if p > 0.0 and need_dx:
@@ -195,6 +202,44 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
         base_part = _rows_scaled(grad_y, 1 - gain) @ weight
         dx = torch.addcmul(dx.to(kept.dtype), base_part.to(kept.dtype), 1 - kept).to(x.dtype)
     return dx, dA, dB, _magnitude_gradient(grad_y, z, magnitude, weight_norm, need_dm)
+
+
+def _mixed_forward(x, weight, bias, lora_A, lora_B, gain, s, p: float, seed, keep_z: bool):
+    """float32 adapters on a 16-bit x: the base GEMMs in x's dtype, the LoRA terms and z in float32, y rounded once."""
+    acc = lora_A.dtype
+    keep = keep_scale(x, p, seed) if p > 0.0 else None
+    x_acc = x.to(acc) if keep is None else x.to(acc) * keep  # drop(x), exact in float32
+    xa = x_acc @ lora_A.t()
+    lora = (xa @ lora_B.t()) * s
+    if keep is None:
+        z = (x @ weight.t()).to(acc).add_(lora)
+        y = z * gain
+    else:
+        z = (_dropped(x, keep) @ weight.t()).to(acc).add_(lora)  # x̃ W0ᵀ + s · xa Bᵀ
+        y = (x @ weight.t()).to(acc).addcmul_(z, gain - 1).add_(lora)
+    if bias is not None:
+        y.add_(bias)
+    return y.to(x.dtype), xa, (z if keep_z else z.new_empty(0))
+
+
+def _mixed_backward(grad_y, x, weight, lora_A, lora_B, xa, gain, s, p: float, seed, need_dx: bool):
+    """(dx, dA, dB) of _mixed_forward: g ⊙ dy, gb = s · (g ⊙ dy) B, dA and dB in float32; the base GEMMs in x's
+    dtype; dx rounded once."""
+    acc = lora_A.dtype
+    keep = keep_scale(x, p, seed) if p > 0.0 else None
+    g_dy = grad_y.to(acc) * gain
+    gb = (g_dy @ lora_B.to(acc)) * s
+    dB = (g_dy.t() @ xa) * s
+    dA = gb.t() @ (x.to(acc) if keep is None else x.to(acc) * keep)
+    if not need_dx:
+        return x.new_empty(0), dA, dB
+    lora_dx = gb @ lora_A
+    if keep is None:
+        dx = (g_dy.to(x.dtype) @ weight).to(acc).add_(lora_dx)
+    else:  # dy W0 + mask/(1−p) ⊙ (((g − 1) ⊙ dy) W0 + s (g ⊙ dy) B A)
+        dropped_part = (_rows_scaled(grad_y, gain - 1) @ weight).to(acc).add_(lora_dx).mul_(keep)
+        dx = (grad_y @ weight).to(acc).add_(dropped_part)
+    return dx.to(x.dtype), dA, dB
 
 
 def _magnitude_gradient(grad_y, z, magnitude, weight_norm, need_dm: bool) -> Tensor:
