@@ -320,13 +320,14 @@ def test_opcheck(backend, use_backend):
     if backend == "triton":
         pytest.skip("opcheck's many calls are too slow under Triton's interpreter")
     use_backend(backend)
-    t = make_dora_inputs((5,), 12, 10, 3, torch.float32)
-    norm = lk.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], SCALING)
     s = torch.tensor(SCALING, dtype=torch.float64)
-    for p, seed in ((0.0, None), (0.2, torch.tensor(5, dtype=torch.int64))):
-        args = (t["x"].requires_grad_(), t["weight"], t["bias"], t["lora_A"].requires_grad_(),
-                t["lora_B"].requires_grad_(), t["magnitude"].requires_grad_(), norm, s, p, seed, True)
-        torch.library.opcheck(dora_linear_op.custom_op, args)
+    for dtype, adapter_dtype in ((torch.float32, None), (torch.bfloat16, torch.float32)):
+        t = make_dora_inputs((5,), 12, 10, 3, dtype, adapter_dtype=adapter_dtype)
+        norm = lk.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], SCALING)
+        for p, seed in ((0.0, None), (0.2, torch.tensor(5, dtype=torch.int64))):
+            args = (t["x"].requires_grad_(), t["weight"], t["bias"], t["lora_A"].requires_grad_(),
+                    t["lora_B"].requires_grad_(), t["magnitude"].requires_grad_(), norm, s, p, seed, True)
+            torch.library.opcheck(dora_linear_op.custom_op, args)
 
 
 def test_torch_compile_fullgraph_module_forward_and_backward():

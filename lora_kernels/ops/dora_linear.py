@@ -31,9 +31,11 @@ and its backward (z is what dm needs; nothing [out, in] is ever built):
 The LoRA kernels are those lora_linear's backend choice picks for the call (cpu, cuda, triton or reference), so
 DoRA runs wherever LoRA does. float32 adapters on a 16-bit base (PEFT's default) take ATen ops instead, with the
 LoRA terms, z and g ⊙ dy in float32 (_mixed_forward / _mixed_backward): the LoRA kernels take the gradient in
-x's dtype, and g ⊙ dy rounded to 16 bits would cost dA and dB their float32 accuracy. With dropout PEFT's function needs a second product with W0, x̃ W0ᵀ (and dx one
-more): two GEMMs where LoRA has one, the cost of DoRA with dropout. (A product over the dropped elements only,
-x̃ = (x − x⊙(1−keep))/(1−p), was built and measured: no faster on a 2-core CPU; benchmarks/NOTES.md.)
+x's dtype, and g ⊙ dy rounded to 16 bits would cost dA and dB their float32 accuracy.
+
+With dropout PEFT's function needs a second product with W0, x̃ W0ᵀ (and dx one more): two GEMMs where LoRA has
+one, the cost of DoRA with dropout. (A product over the dropped elements only, x̃ = (x − x⊙(1−keep))/(1−p), was
+built and measured: no faster on a 2-core CPU; benchmarks/NOTES.md.)
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def row_sq_norms(weight: Tensor, acc: torch.dtype) -> Tensor:
     return torch.cat([torch.linalg.vector_norm(weight[rows].to(acc), dim=1) for rows in _row_blocks(weight)]).square()
 
 
-def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, weight_sq_norm: Optional[Tensor]) -> Tensor:
+def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
+                weight_sq_norm: Optional[Tensor]) -> Tensor:
     """n = ‖W0 + s·BA‖ per output row, [out] in norm_dtype (see the module docstring)."""
     acc = norm_dtype(weight, lora_A)
     s = _kernel_scaling(scaling)
@@ -181,8 +184,8 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
 
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z):
-    M, out = x.shape[0], weight.shape[0]
-    return x.new_empty(M, out), lora_A.new_empty(M, lora_A.shape[0]), x.new_empty((M, out) if keep_z else (0,))
+    M, out = x.shape[0], weight.shape[0]  # z has the adapter's dtype (float32 for float32 adapters on 16 bits)
+    return x.new_empty(M, out), lora_A.new_empty(M, lora_A.shape[0]), lora_A.new_empty((M, out) if keep_z else (0,))
 
 
 def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, z: Tensor,
