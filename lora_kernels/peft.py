@@ -546,8 +546,8 @@ def _load_dora_adapter(layer: LoRALinear, config: LoRAConfig, lora_A, lora_B, ma
 
 def _in_out_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a layer an adapter can go into."""
-    if isinstance(module, (LoRALinear, MultiLoRALinear)):
-        return module.in_features, module.out_features
+    if isinstance(module, (LoRALinear, MultiLoRALinear)) or is_bnb_linear4bit(module):
+        return module.in_features, module.out_features  # a Linear4bit's weight is its packed codes [n, 1]
     weight = module.weight
     return tuple(weight.shape) if is_conv1d(module) else tuple(weight.shape[::-1])
 

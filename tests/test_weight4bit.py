@@ -399,19 +399,25 @@ def test_inject_lora_quantize_nf4_without_bitsandbytes():
         "0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
 
 
-def _qlora_models(compute_dtype, tmp_path):
+def _qlora_base(compute_dtype, tmp_path):
+    """A builder of a tiny transformers Llama loaded in 4 bits by bitsandbytes (nf4, double quant, on CPU)."""
     transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
     quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    return lambda: transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
+                                                                 device_map="cpu")
+
+
+def _qlora_models(compute_dtype, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = _qlora_base(compute_dtype, tmp_path)
 
     def build():
-        model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
-                                                              device_map="cpu")
+        model = base()
         torch.manual_seed(1)
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
         for name, p in model.named_parameters():
@@ -420,6 +426,34 @@ def _qlora_models(compute_dtype, tmp_path):
         return model
 
     return build(), build()
+
+
+@needs_bnb
+def test_peft_qlora_adapters_load_into_and_save_from_a_4bit_model(tmp_path):
+    """A PEFT QLoRA adapter into a bitsandbytes 4-bit model (LoRALinear4bit layers, sized by the layers' features,
+    not by the packed weight's shape), and written back for PeftModel.from_pretrained: PEFT's logits both ways."""
+    from lora_kernels.peft import load_peft_adapter, save_peft_adapter
+
+    peft = pytest.importorskip("peft")
+    base = _qlora_base(torch.float32, tmp_path / "base")
+    model = peft.get_peft_model(base(), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+        plain = base()(ids).logits
+        ours = load_peft_adapter(base(), tmp_path / "peft").eval()
+        assert isinstance(ours.model.layers[0].mlp.down_proj, lk.LoRALinear4bit)
+        got = ours(ids).logits
+        assert (expected - plain).abs().max() > 1e-3  # the adapter matters
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        save_peft_adapter(ours, tmp_path / "ours")
+        again = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
+        torch.testing.assert_close(again(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 @needs_bnb
