@@ -129,6 +129,7 @@ def dora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
     weight_norm: Tensor | None = None,
+    norm_gradient: bool = False,
 ) -> Tensor:
     """DoRA (weight-decomposed LoRA, PEFT's use_dora=True), fused, with no [out, in] temporary:
 
@@ -139,7 +140,9 @@ def dora_linear(
     returns [..., out]. The norm is a constant (no gradient through it, as in PEFT and the DoRA paper): weight_norm
     gives it precomputed (dora_weight_norm; LoRALinear reuses it in eval while nothing changes), else it is
     computed here. Differentiable in x, lora_A, lora_B, magnitude, bias (and weight, if it requires grad); the
-    dropout mask is lora_linear's. reference.dora_linear is the spec.
+    dropout mask is lora_linear's. norm_gradient=True also differentiates the norm (in lora_A, lora_B and a
+    trainable weight; two more passes over W0 in the backward, no [out, in] tensor): the full gradient of
+    m ⊙ (W0 + s·BA)/‖W0 + s·BA‖, which the DoRA paper and PEFT do not take. reference.dora_linear is the spec.
     """
     if isinstance(weight, Weight4bit):
         raise NotImplementedError("dora_linear on a 4-bit weight (QDoRA) is not implemented yet: dequantize it "
@@ -156,10 +159,12 @@ def dora_linear(
         if weight_norm.dtype != norm_dtype(weight, lora_A):
             weight_norm = weight_norm.to(norm_dtype(weight, lora_A))
     seed = draw_seed(_seed_device(x)) if training and dropout_p > 0.0 else None
-    keep_z = torch.is_grad_enabled() and magnitude.requires_grad  # z [M, out] is what the magnitude's gradient needs
+    # z [M, out] is what the magnitude's gradient (and the norm's) needs
+    keep_z = torch.is_grad_enabled() and (magnitude.requires_grad or (norm_gradient and (
+        lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad)))
     x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
     y, _, _ = dora_linear_op(x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, float(dropout_p),
-                             seed, keep_z)
+                             seed, keep_z, bool(norm_gradient))
     if x.dim() == 2:
         return y
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))

@@ -43,7 +43,8 @@ class LoRALinear(nn.Module):
     trained) starts as ‖W0 + s·BA‖, so a new layer equals its base layer. The norm is cached while W0, A, B and
     the scaling are unchanged (eval, and training between optimizer steps; ‖W0‖² while W0 is), tracked by their
     version counters: a write through ``.data`` is not seen; call ``clear_dora_cache()`` after one. merge() folds
-    g ⊙ (W0 + s·BA) into the weight.
+    g ⊙ (W0 + s·BA) into the weight. ``dora_norm_gradient = True`` also differentiates the norm (DoRA and PEFT
+    detach it).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, config.r, **factory))
         self.use_dora = config.use_dora
+        self.dora_norm_gradient = False  # True: the gradient through ‖W0 + s·BA‖ too (dora_linear(norm_gradient=))
         if config.use_dora:
             self.lora_magnitude = nn.Parameter(torch.empty(out_features, **factory))
         self._dora_merged: DoRAMerge | None = None
@@ -225,7 +227,8 @@ class LoRALinear(nn.Module):
             weight = self.base_weight()
             norm = self._dora_norms.norm(weight, self.lora_A, self.lora_B, self._scaling)
             return dora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude,
-                               self._scaling_for(x), self.lora_dropout, self.training, weight_norm=norm)
+                               self._scaling_for(x), self.lora_dropout, self.training, weight_norm=norm,
+                               norm_gradient=self.dora_norm_gradient)
         return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self._scaling_for(x),
                            self.lora_dropout, self.training)
 

@@ -177,16 +177,21 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling):
         return torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)
 
 
-def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, seed=None, weight_norm=None):
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, seed=None, weight_norm=None,
+                norm_gradient=False):
     """DoRA: y = x W0ᵀ + b + (g − 1) ⊙ (x̃ W0ᵀ) + g ⊙ s · (x̃ Aᵀ) Bᵀ, with g = m / ‖W0 + s·BA‖ (per output row)
     and x̃ = drop(x); without dropout y = g ⊙ (x W0ᵀ + s · x Aᵀ Bᵀ) + b.
 
     x [M, in], weight [out, in], bias [out] or None, lora_A [r, in], lora_B [out, r], magnitude m [out] (the
     adapter's dtype). weight_norm: n [out] if already known (else dora_weight_norm). Computed as PEFT's DoRA layer
     does, term by term, in the dtype x and the adapter promote to, rounded to x's dtype at the end; differentiable
-    by autograd (the norm a constant). Returns y [M, out].
+    by autograd (the norm a constant; norm_gradient=True: the norm too, differentiated in A, B and W0, and
+    weight_norm is not used). Returns y [M, out].
     """
-    norm = dora_weight_norm(weight, lora_A, lora_B, scaling) if weight_norm is None else weight_norm
+    if norm_gradient:
+        norm = torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)
+    else:
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling) if weight_norm is None else weight_norm
     gain = magnitude / norm
     base = x @ weight.t()
     x_dropped = _dropped(x, dropout_p, seed)

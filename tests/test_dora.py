@@ -300,15 +300,19 @@ def test_training_step_matches_peft_formula_and_trains_magnitude():
     assert layer.weight.grad is None
 
 
+@pytest.mark.parametrize("norm_gradient", [False, True])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_gradcheck_float64(dropout_p):
+def test_gradcheck_float64(dropout_p, norm_gradient):
+    """The detached norm (a constant for the numerical gradient too), and norm_gradient=True (the norm recomputed
+    from the perturbed inputs: the full derivative)."""
     t = make_dora_inputs((6,), 7, 5, 2, torch.float64)
     seed = torch.tensor(77, dtype=torch.int64)
-    norm = lk.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], SCALING)
+    fixed = lk.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], SCALING)
 
     def fn(x, weight, bias, A, B, m):
+        norm = lk.dora_weight_norm(weight.detach(), A.detach(), B.detach(), SCALING) if norm_gradient else fixed
         return dora_linear_op(x, weight, bias, A, B, m, norm, SCALING, dropout_p, seed if dropout_p else None,
-                              True)[0]
+                              True, norm_gradient)[0]
 
     args = tuple(t[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias", "lora_A", "lora_B",
                                                                   "magnitude"))
@@ -326,8 +330,9 @@ def test_opcheck(backend, use_backend):
         norm = lk.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], SCALING)
         for p, seed in ((0.0, None), (0.2, torch.tensor(5, dtype=torch.int64))):
             args = (t["x"].requires_grad_(), t["weight"], t["bias"], t["lora_A"].requires_grad_(),
-                    t["lora_B"].requires_grad_(), t["magnitude"].requires_grad_(), norm, s, p, seed, True)
+                    t["lora_B"].requires_grad_(), t["magnitude"].requires_grad_(), norm, s, p, seed, True, False)
             torch.library.opcheck(dora_linear_op.custom_op, args)
+            torch.library.opcheck(dora_linear_op.custom_op, (*args[:-1], True))
 
 
 def test_torch_compile_fullgraph_module_forward_and_backward():
@@ -347,6 +352,51 @@ def test_torch_compile_fullgraph_module_forward_and_backward():
     torch.testing.assert_close(y, y_eager)
     for g, e in zip(grads, [p.grad for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude)] + [x.grad]):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_norm_gradient_matches_autograd_through_the_norm(backend, dtype, use_backend):
+    """norm_gradient=True: every gradient equals autograd's through ‖W0 + s·BA‖ (float64 oracle), a trainable
+    weight's too; the layer option does the same."""
+    use_backend(backend)
+    adapter = torch.float32 if dtype == torch.bfloat16 else None
+    t = make_dora_inputs((2, 7), 24, 20, 4, dtype, adapter_dtype=adapter)
+
+    def ours(v, p, training):
+        return lk.dora_linear(v["x"], v["weight"], v["bias"], v["lora_A"], v["lora_B"], v["magnitude"], SCALING, p,
+                              training, norm_gradient=True)
+
+    def theirs(v, p, training):
+        torch.manual_seed(1234)
+        seed = int(draw_seed()) if training and p > 0 else None
+        x2d = v["x"].reshape(-1, v["x"].shape[-1])
+        y = reference.dora_linear(x2d, v["weight"], v["bias"], v["lora_A"], v["lora_B"], v["magnitude"], SCALING, p,
+                                  seed, norm_gradient=True)
+        return y.view(*v["x"].shape[:-1], v["weight"].shape[0])
+
+    for p in (0.0, 0.25):
+        leaves = lambda src: {k: v.detach().clone().requires_grad_() for k, v in src.items()}  # noqa: E731
+        mine, exact = leaves(t), leaves({k: v.double() for k, v in t.items()})
+        plain = leaves(t)
+        outs = []
+        for fn, v in ((ours, mine), (theirs, exact), (theirs, plain)):
+            torch.manual_seed(1234)
+            y = fn(v, p, True)
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
+            names = ("x", "weight", "lora_A", "lora_B", "magnitude", "bias")
+            outs.append([y, *torch.autograd.grad(y, [v[n] for n in names], g)])
+        for name, a, e, pl in zip(("y", "dx", "dweight", "dA", "dB", "dm", "dbias"), *outs):
+            assert_matches_reference(a, e, pl, name)
+    layer = _trained_dora_layer()
+    layer.dora_norm_gradient = True
+    x = torch.randn(3, 40, device=DEVICE)
+    layer(x).square().sum().backward()
+    leaves = {n: getattr(layer, n).detach().clone().requires_grad_() for n in ("lora_A", "lora_B", "lora_magnitude")}
+    reference.dora_linear(x, layer.weight, layer.bias, leaves["lora_A"], leaves["lora_B"], leaves["lora_magnitude"],
+                          layer.scaling, norm_gradient=True).square().sum().backward()
+    for name, leaf in leaves.items():
+        torch.testing.assert_close(getattr(layer, name).grad, leaf.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_double_backward_matches_reference():

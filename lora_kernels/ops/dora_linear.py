@@ -1,8 +1,8 @@
 """DoRA, the weight-decomposed LoRA linear: its row norms, its implementation over the LoRA kernels, one definition.
 
     dora_weight_norm_op(weight, lora_A, lora_B, scaling, weight_sq_norm) -> n [out]
-    dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z)
-        -> (y [M, out], xa [M, r], z [M, out], or [0] when keep_z is False)
+    dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z,
+                   norm_gradient) -> (y [M, out], xa [M, r], z [M, out], or [0] when keep_z is False)
 
 The norm n = ‖W0 + s·BA‖ of every output row never builds an [out, in] tensor:
 
@@ -27,6 +27,10 @@ and its backward (z is what dm needs; nothing [out, in] is ever built):
     p = 0:  dx = dx'
     p > 0:  dx = dx' + (1 − mask/(1−p)) ⊙ (((1 − g) ⊙ dy) W0)
     dm = Σ_rows dy ⊙ z / n,   db = Σ_rows dy
+
+norm_gradient=True differentiates the norm too (the DoRA paper and PEFT detach it): with w = −dm ⊙ g / n [out]
+and V = W0 + s·BA, ∂L/∂V = diag(w) V, so dB += s · diag(w) (W0 Aᵀ + s · B (A Aᵀ)) and dA += s · ((w⊙B)ᵀ W0 +
+s · (w⊙B)ᵀ B A): two more passes over W0 ([out, r] and [r, in] products), no [out, in] tensor.
 
 The LoRA kernels are those lora_linear's backend choice picks for the call (cpu, cuda, triton or reference), so
 DoRA runs wherever LoRA does. float32 adapters on a 16-bit base (PEFT's default) take ATen ops instead, with the
@@ -73,6 +77,20 @@ def row_sq_norms(weight: Tensor, acc: torch.dtype) -> Tensor:
     return torch.cat([torch.linalg.vector_norm(weight[rows].to(acc), dim=1) for rows in _row_blocks(weight)]).square()
 
 
+def _weight_times(weight: Tensor, A_t: Tensor) -> Tensor:
+    """W0 @ A_t in A_t's dtype (a 16-bit weight widened a block of rows at a time): [out, k]."""
+    if weight.dtype == A_t.dtype:
+        return weight @ A_t
+    return torch.cat([weight[rows].to(A_t.dtype) @ A_t for rows in _row_blocks(weight)])
+
+
+def _times_weight(C: Tensor, weight: Tensor) -> Tensor:
+    """Cᵀ @ W0 for C [out, k], in C's dtype (a 16-bit weight widened a block of rows at a time): [k, in]."""
+    if weight.dtype == C.dtype:
+        return C.t() @ weight
+    return sum(C[rows].t() @ weight[rows].to(C.dtype) for rows in _row_blocks(weight))
+
+
 def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
                 weight_sq_norm: Optional[Tensor]) -> Tensor:
     """n = ‖W0 + s·BA‖ per output row, [out] in norm_dtype (see the module docstring)."""
@@ -80,10 +98,7 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
     s = _kernel_scaling(scaling)
     A, B = lora_A.to(acc), lora_B.to(acc)
     sq = row_sq_norms(weight, acc) if weight_sq_norm is None else weight_sq_norm.to(acc)
-    if weight.dtype == acc:
-        cross = weight @ A.t()
-    else:  # a 16-bit weight, widened a block of rows at a time
-        cross = torch.cat([weight[rows].to(acc) @ A.t() for rows in _row_blocks(weight)])
+    cross = _weight_times(weight, A.t())
     lora_sq = ((B @ (A @ A.t())) * B).sum(1)  # ‖B_o A‖²
     n2 = sq + 2 * s * (cross * B).sum(1) + s * s * lora_sq
     scale = (sq.sqrt() + abs(s) * lora_sq.clamp_min(0).sqrt()).square()
@@ -161,8 +176,8 @@ def _gained(z: Tensor, gain: Tensor, bias: Optional[Tensor], in_place: bool) -> 
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-            weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor], keep_z: bool
-            ) -> tuple[Tensor, Tensor, Tensor]:
+            weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor], keep_z: bool,
+            norm_gradient: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(y, xa, z or an empty tensor): the op's forward entry point (see the module docstring)."""
     p, seed = _dropout(dropout_p, seed)
     s = _kernel_scaling(scaling)
@@ -183,28 +198,42 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     return y, xa, (z if keep_z else z.new_empty(0))
 
 
-def _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z):
+def _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z,
+                  norm_gradient):
     M, out = x.shape[0], weight.shape[0]  # z has the adapter's dtype (float32 for float32 adapters on 16 bits)
     return x.new_empty(M, out), lora_A.new_empty(M, lora_A.shape[0]), lora_A.new_empty((M, out) if keep_z else (0,))
 
 
 def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, z: Tensor,
              magnitude: Tensor, weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor],
-             need_dx: bool, need_dm: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             need_dx: bool, need_dm: bool, norm_gradient: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx or an empty tensor, dA, dB, dm or an empty tensor) (see the module docstring)."""
     p, seed = _dropout(dropout_p, seed)
     s = _kernel_scaling(scaling)
     gain = _gain(magnitude, weight_norm)
     if lora_A.dtype != x.dtype:
         dx, dA, dB = _mixed_backward(grad_y, x, weight, lora_A, lora_B, xa, gain, s, p, seed, need_dx)
-        return dx, dA, dB, _magnitude_gradient(grad_y, z, magnitude, weight_norm, need_dm)
-    lora = _backend("backward", x, weight, lora_A, p)
-    dx, dA, dB = lora.backward(_rows_scaled(grad_y, gain), x, weight, lora_A, lora_B, xa, s, p, seed, need_dx)
-    if p > 0.0 and need_dx:
-        kept = keep_scale(x, p, seed)
-        base_part = _rows_scaled(grad_y, 1 - gain) @ weight
-        dx = torch.addcmul(dx.to(kept.dtype), base_part.to(kept.dtype), 1 - kept).to(x.dtype)
-    return dx, dA, dB, _magnitude_gradient(grad_y, z, magnitude, weight_norm, need_dm)
+    else:
+        lora = _backend("backward", x, weight, lora_A, p)
+        dx, dA, dB = lora.backward(_rows_scaled(grad_y, gain), x, weight, lora_A, lora_B, xa, s, p, seed, need_dx)
+        if p > 0.0 and need_dx:
+            kept = keep_scale(x, p, seed)
+            base_part = _rows_scaled(grad_y, 1 - gain) @ weight
+            dx = torch.addcmul(dx.to(kept.dtype), base_part.to(kept.dtype), 1 - kept).to(x.dtype)
+    dm = _magnitude_gradient(grad_y, z, weight_norm) if need_dm or norm_gradient else None
+    if norm_gradient:
+        dA_norm, dB_norm = _norm_gradients(weight, lora_A, lora_B, -dm * gain / weight_norm, s)
+        dA, dB = (dA + dA_norm).to(dA.dtype), (dB + dB_norm).to(dB.dtype)
+    return dx, dA, dB, (dm.to(magnitude.dtype) if need_dm else magnitude.new_empty(0))
+
+
+def _norm_gradients(weight, lora_A, lora_B, w: Tensor, s) -> tuple[Tensor, Tensor]:
+    """(dA, dB) through the norm for ∂L/∂V = diag(w) V, V = W0 + s·BA (module docstring), in w's dtype."""
+    A, B = lora_A.to(w.dtype), lora_B.to(w.dtype)
+    wB = w[:, None] * B
+    dB = (_weight_times(weight, A.t()) + (B @ (A @ A.t())) * s) * (s * w[:, None])
+    dA = (_times_weight(wB, weight) + ((wB.t() @ B) @ A) * s) * s
+    return dA, dB
 
 
 def _mixed_forward(x, weight, bias, lora_A, lora_B, gain, s, p: float, seed, keep_z: bool):
@@ -245,46 +274,52 @@ def _mixed_backward(grad_y, x, weight, lora_A, lora_B, xa, gain, s, p: float, se
     return dx.to(x.dtype), dA, dB
 
 
-def _magnitude_gradient(grad_y, z, magnitude, weight_norm, need_dm: bool) -> Tensor:
-    """dm = Σ_rows dy ⊙ z / n (an empty tensor when not needed)."""
-    if not need_dm:
-        return magnitude.new_empty(0)
+def _magnitude_gradient(grad_y, z, weight_norm) -> Tensor:
+    """dm = Σ_rows dy ⊙ z / n [out], in the norm's dtype."""
     acc = weight_norm.dtype
-    return ((grad_y.to(acc) * z.to(acc)).sum(0) / weight_norm).to(magnitude.dtype)
+    return (grad_y.to(acc) * z.to(acc)).sum(0) / weight_norm
 
 
 def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, z, magnitude, weight_norm, scaling, dropout_p, seed,
-                   need_dx, need_dm):
+                   need_dx, need_dm, norm_gradient):
     return (x.new_empty(x.shape if need_dx else (0,)), lora_A.new_empty(lora_A.shape),
             lora_B.new_empty(lora_B.shape), magnitude.new_empty(magnitude.shape if need_dm else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z = inputs
+    x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z, norm_gradient = inputs
     _, xa, z = output
     ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.scaling, ctx.dropout_p, ctx.norm_gradient = scaling, dropout_p, norm_gradient
     ctx.mark_non_differentiable(xa, z)
 
 
 def _gradients(ctx, grad_outputs, run_backward):
-    """The gradients of (x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z).
-    The norm is a constant (DoRA's detached norm): it gets none."""
+    """The gradients of (x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z,
+    norm_gradient). weight_norm gets none: it is a value (with norm_gradient, its gradient reaches A, B and W0)."""
     grad_y = grad_outputs[0]
     if torch.is_grad_enabled():
         return _differentiable_gradients(ctx, grad_y)
     x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, seed = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_b_lora, need_m = ctx.needs_input_grad[:6]
-    if need_m and z.numel() != grad_y.numel():
-        raise RuntimeError("dora_linear: the magnitude needs a gradient but the forward did not keep z "
+    norm_gradient = ctx.norm_gradient
+    if (need_m or norm_gradient) and z.numel() != grad_y.numel():
+        raise RuntimeError("dora_linear: the magnitude or the norm needs a gradient but the forward did not keep z "
                            "(called with keep_z=False)")
     grad_y = grad_y.contiguous()
     dx, dA, dB, dm = run_backward(grad_y, x, weight, lora_A, lora_B, xa, z, magnitude, weight_norm, ctx.scaling,
-                                  ctx.dropout_p, seed, need_x, need_m)
-    d_weight = _weight_gradient(grad_y, x, magnitude, weight_norm, ctx.dropout_p, seed) if need_w else None
+                                  ctx.dropout_p, seed, need_x, need_m, norm_gradient)
+    d_weight = None
+    if need_w:
+        d_weight = _weight_gradient(grad_y, x, magnitude, weight_norm, ctx.dropout_p, seed)
+        if norm_gradient:  # + diag(w) (W0 + s·BA), w = −dm g / n
+            w = -_magnitude_gradient(grad_y, z, weight_norm) * _gain(magnitude, weight_norm) / weight_norm
+            s = _kernel_scaling(ctx.scaling)
+            V = weight.to(w.dtype) + (lora_B.to(w.dtype) * s) @ lora_A.to(w.dtype)
+            d_weight = (d_weight + w[:, None] * V).to(d_weight.dtype)
     d_bias = grad_y.sum(0) if need_b else None
     return (dx if need_x else None, d_weight, d_bias, dA if need_a else None, dB if need_b_lora else None,
-            dm if need_m else None, None, None, None, None, None)
+            dm if need_m else None, None, None, None, None, None, None)
 
 
 def _weight_gradient(grad_y, x, magnitude, weight_norm, dropout_p, seed) -> Tensor:
@@ -307,18 +342,19 @@ def _differentiable_gradients(ctx, grad_y):
     if wanted:
         p, seed = _dropout(ctx.dropout_p, seed)
         y = reference.dora_linear(x, weight, None, lora_A, lora_B, magnitude, _kernel_scaling(ctx.scaling), p,
-                                  seed_value(seed) if seed is not None else None, weight_norm=weight_norm)
+                                  seed_value(seed) if seed is not None else None, weight_norm=weight_norm,
+                                  norm_gradient=ctx.norm_gradient)
         found = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, create_graph=True)
         for i, g in zip(wanted, found):
             grads[i] = g
     d_bias = grad_y.sum(0) if need_b else None
-    return grads[0], grads[1], d_bias, grads[2], grads[3], grads[4], None, None, None, None, None
+    return grads[0], grads[1], d_bias, grads[2], grads[3], grads[4], None, None, None, None, None, None
 
 
 def _graph_args(args):
-    x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z = args
+    x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z, norm_gradient = args
     return (x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling_graph_input(x, scaling), dropout_p, seed,
-            keep_z)
+            keep_z, norm_gradient)
 
 
 dora_linear_op = define_op(
