@@ -1,6 +1,7 @@
 """One rank of the distributed tests (tests/test_distributed.py starts two of them on gloo).
 
-    python tests/distributed_worker.py {ddp|fsdp2} OUT_DIR      (RANK, WORLD_SIZE, MASTER_ADDR/PORT set)
+    python tests/distributed_worker.py {ddp|fsdp2} OUT_DIR      (RANK, WORLD_SIZE, MASTER_ADDR/PORT set;
+                                                                 LORA_KERNELS_TEST_DORA=1: DoRA layers)
 
 Trains the small model of `build_model` for STEPS steps on this rank's shard of a
 fixed global batch, with dropout on, then merges every LoRA layer and saves the
@@ -26,10 +27,10 @@ class TinyModel(nn.Module):
     """Two LoRA layers with dropout and an in-place op on the first one's output (h.mul_),
     the pattern that loses FSDP2's pre-backward hook when a layer returns a view."""
 
-    def __init__(self):
+    def __init__(self, use_dora: bool = False):
         super().__init__()
-        self.up = lora_kernels.LoRALinear(D_IN, D_HIDDEN, r=4, lora_alpha=8, lora_dropout=0.1)
-        self.down = lora_kernels.LoRALinear(D_HIDDEN, D_OUT, r=4, lora_alpha=8, lora_dropout=0.1)
+        self.up = lora_kernels.LoRALinear(D_IN, D_HIDDEN, r=4, lora_alpha=8, lora_dropout=0.1, use_dora=use_dora)
+        self.down = lora_kernels.LoRALinear(D_HIDDEN, D_OUT, r=4, lora_alpha=8, lora_dropout=0.1, use_dora=use_dora)
 
     def forward(self, x):
         h = self.up(x)
@@ -38,8 +39,9 @@ class TinyModel(nn.Module):
 
 
 def build_model() -> TinyModel:
+    """DoRA layers when LORA_KERNELS_TEST_DORA=1 (their norm cache must see FSDP2's re-gathered parameters)."""
     torch.manual_seed(0)
-    model = TinyModel()
+    model = TinyModel(use_dora=os.environ.get("LORA_KERNELS_TEST_DORA") == "1")
     for layer in (model.up, model.down):
         nn.init.normal_(layer.lora_B, std=0.1)  # not the zero init: gradients reach lora_A from step one
     return model

@@ -74,9 +74,11 @@ def _single_process_replay() -> dict:
     return {"params": params, "merged": worker.merged_weights(model)}
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_training_across_two_ranks(mode, tmp_path, monkeypatch):
+def test_training_across_two_ranks(mode, use_dora, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "cpu")
+    monkeypatch.setenv("LORA_KERNELS_TEST_DORA", "1" if use_dora else "0")
     ranks = _run_ranks(mode, tmp_path)
     for key in ranks[0]["params"]:
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), f"{key} differs between ranks"
