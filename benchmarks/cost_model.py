@@ -31,6 +31,16 @@ def rows():
                        gflop=round(p.gflops, 3), us=round(p.us, 2), vs_base=round(p.us / base, 3))
 
 
+def dora_rows():
+    for M in (16, 2048, 8192):
+        for train, dropout in ((False, False), (True, False), (True, True)):
+            for path in ("triton", "cuda"):
+                lora = cost_model.predict(path, M, 4096, 4096, 16, train).us
+                p = cost_model.predict_dora(path, M, 4096, 4096, 16, train, dropout)
+                yield dict(M=M, out=4096, inp=4096, train=train, dropout=dropout, path=path, launches=p.launches,
+                           mb=round(p.megabytes, 2), us=round(p.us, 2), vs_lora=round(p.us / lora, 3))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
@@ -45,9 +55,18 @@ def main(argv=None) -> int:
         shape = f"M={row['M']} {row['inp']}->{row['out']}"
         print(f"{shape:<24}{'train' if row['train'] else 'fwd':<7}{row['path']:<8}{row['launches']:>9}"
               f"{row['mb']:>9.1f}{row['gflop']:>9.2f}{row['us']:>10.1f}{row['vs_base']:>8.3f}")
+    dora = list(dora_rows())
+    print("\nDoRA as built (dora_linear: the LoRA path's kernels + ATen epilogues), against the LoRA step on the same path"
+          " (the DoRA issue's GPU target: train <= 1.15x at M >= 2048):")
+    print(f"{'shape':<24}{'step':<14}{'path':<8}{'launches':>9}{'MB':>9}{'us':>10}{'x LoRA':>8}")
+    for row in dora:
+        shape = f"M={row['M']} {row['inp']}->{row['out']}"
+        step = ("train" if row["train"] else "fwd") + (" p>0" if row["dropout"] else "")
+        print(f"{shape:<24}{step:<14}{row['path']:<8}{row['launches']:>9}{row['mb']:>9.1f}{row['us']:>10.1f}"
+              f"{row['vs_lora']:>8.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=cost_model.H200.name, rows=table), f, indent=1)
+            json.dump(dict(device=cost_model.H200.name, rows=table, dora=dora), f, indent=1)
     return 0
 
 

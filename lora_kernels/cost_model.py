@@ -2,6 +2,7 @@
 
     predict("triton", M, out, in, r)      -> Prediction (microseconds, kernels)
     predict("cuda", M, out, in, r, train=True)
+    predict_dora("cuda", M, out, in, r, train=True, dropout=True)   dora_linear as built (ops/dora_linear.py)
 
 Paths: "triton" (this package's fused kernels: the launchers' own grids and tiles), "cuda" (the C++
 backend's cuBLAS composition: addmm + two skinny GEMMs), and, for comparison, "peft" (PEFT's layer: base,
@@ -245,3 +246,44 @@ def step_us(step: str, path: str, M: int, out_features: int, in_features: int, r
     if step == "forward":
         return forward
     return predict(path, M, out_features, in_features, r, train=True).us - forward
+
+
+# ---- DoRA (ops/dora_linear.py as built: the LoRA path's kernels plus ATen epilogues) ----------------------------
+
+def _elementwise(name: str, elements: int, bytes_per_element: float) -> Kernel:
+    """An ATen elementwise kernel (or reduction) over `elements`, moving bytes_per_element each."""
+    return Kernel(name, elements * bytes_per_element, library=True)
+
+
+def _dora_extra(M, N, K, R, e, train: bool, dropout: bool) -> list[Kernel]:
+    """What dora_linear adds to the LoRA op: the row norm (training: A and B changed since the last step), the gain
+    g ⊙ z + b in float32 (a 16-bit z widened, scaled, biased, rounded: four passes), with dropout the mask, x̃ and
+    the second product x W0ᵀ; in the backward g ⊙ dy, dm = Σ dy ⊙ z and, with dropout, ((1 − g) ⊙ dy) W0 masked."""
+    f32 = 4
+    kernels = []
+    if train:
+        kernels += [_gemm("norm: W0 Aᵀ", N, R, K, e, e, f32), Kernel("norm: [out] terms", 12 * N * f32, library=True)]
+    if dropout:
+        kernels += [_elementwise("dropout mask", M * K, f32), _elementwise("x̃ = x ⊙ mask", M * K, 2 * e + f32),
+                    _gemm("x W0ᵀ (second product)", M, N, K, e, e, e),
+                    _elementwise("y = P + (g−1) z + s·xa Bᵀ (fp32)", M * N, 2 * e + 3 * f32 + e)]
+    else:
+        kernels += [_elementwise("z → float32", M * N, e + f32), _elementwise("g ⊙ z", M * N, 2 * f32),
+                    _elementwise("+ b", M * N, 2 * f32), _elementwise("→ 16 bits", M * N, f32 + e)]
+    if train:
+        kernels += [_elementwise("g ⊙ dy", M * N, e + f32 + f32 + e), _elementwise("dy ⊙ z", M * N, 2 * e + 2 * f32),
+                    _elementwise("Σ rows (dm)", M * N, f32)]
+        if dropout:
+            kernels += [_elementwise("dropout mask", M * K, f32), _elementwise("(1 − g) ⊙ dy", M * N, 2 * e + f32),
+                        _gemm("((1 − g) dy) W0", M, K, N, e, e, e),
+                        _elementwise("dx += (1 − mask) ⊙ ... (fp32)", M * K, 2 * e + 3 * f32 + e)]
+    return kernels
+
+
+def predict_dora(path: str, M: int, out_features: int, in_features: int, r: int, train: bool = False,
+                 dropout: bool = False, element_bytes: int = 2, device: Device = H200) -> Prediction:
+    """The predicted GPU time of dora_linear (16-bit tensors and adapters) on a LoRA path ("triton" or "cuda"):
+    the LoRA op's kernels (with dropout, on x̃) plus _dora_extra. Unmeasured, like everything here."""
+    lora = predict(path, M, out_features, in_features, r, train, element_bytes, device=device)
+    extra = _dora_extra(M, out_features, in_features, r, element_bytes, train, dropout)
+    return Prediction(f"dora on {path}", lora.kernels + extra, device)

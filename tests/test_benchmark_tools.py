@@ -103,3 +103,18 @@ def test_busy_processes_run_beside_the_block_and_stop_after_it():
         time.sleep(0.5)
         assert len(workers) == 2 and all(w.poll() is None for w in workers)  # running
     assert all(w.poll() is not None for w in workers)  # and stopped
+
+
+def test_dora_cost_model_counts_what_dora_adds():
+    """predict_dora = the LoRA path's kernels + DoRA's: never cheaper than LoRA, dropout's second product with W0
+    adds about one GEMM forward and one backward (its flops appear in the prediction)."""
+    from lora_kernels import cost_model
+
+    for path in ("triton", "cuda"):
+        lora = cost_model.predict(path, 2048, 4096, 4096, 16, train=True)
+        plain = cost_model.predict_dora(path, 2048, 4096, 4096, 16, train=True)
+        dropped = cost_model.predict_dora(path, 2048, 4096, 4096, 16, train=True, dropout=True)
+        assert lora.us < plain.us < dropped.us
+        gemm_flops = 2 * 2048 * 4096 * 4096
+        assert dropped.gflops - plain.gflops >= 2 * gemm_flops / 1e9 * 0.99
+        assert plain.launches > lora.launches
