@@ -257,7 +257,7 @@ def _elementwise(name: str, elements: int, bytes_per_element: float) -> Kernel:
 
 def _dora_extra(M, N, K, R, e, train: bool, dropout: bool) -> list[Kernel]:
     """What dora_linear adds to the LoRA op: the row norm (training: A and B changed since the last step), the gain
-    g ⊙ z + b in float32 (a 16-bit z widened, scaled, biased, rounded: four passes), with dropout the mask, x̃ and
+    g ⊙ z + b computed in float32 and rounded to 16 bits (two passes), with dropout the mask, x̃ and
     the second product x W0ᵀ; in the backward g ⊙ dy, dm = Σ dy ⊙ z and, with dropout, ((1 − g) ⊙ dy) W0 masked."""
     f32 = 4
     kernels = []
@@ -268,8 +268,7 @@ def _dora_extra(M, N, K, R, e, train: bool, dropout: bool) -> list[Kernel]:
                     _gemm("x W0ᵀ (second product)", M, N, K, e, e, e),
                     _elementwise("y = P + (g−1) z + s·xa Bᵀ (fp32)", M * N, 2 * e + 3 * f32 + e)]
     else:
-        kernels += [_elementwise("z → float32", M * N, e + f32), _elementwise("g ⊙ z", M * N, 2 * f32),
-                    _elementwise("+ b", M * N, 2 * f32), _elementwise("→ 16 bits", M * N, f32 + e)]
+        kernels += [_elementwise("g ⊙ z + b (float32)", M * N, e + f32), _elementwise("→ 16 bits", M * N, f32 + e)]
     if train:
         kernels += [_elementwise("g ⊙ dy", M * N, e + f32 + f32 + e), _elementwise("dy ⊙ z", M * N, 2 * e + 2 * f32),
                     _elementwise("Σ rows (dm)", M * N, f32)]

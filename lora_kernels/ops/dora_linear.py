@@ -166,9 +166,9 @@ def _rows_scaled(t: Tensor, gain: Tensor) -> Tensor:
 
 def _gained(z: Tensor, gain: Tensor, bias: Optional[Tensor], in_place: bool) -> Tensor:
     """y = g ⊙ z + b, one rounding; in place into z when z is not kept."""
-    if z.dtype != gain.dtype:  # a 16-bit z: the epilogue in float32
-        y = z.to(gain.dtype).mul_(gain)
-        return (y.add_(bias) if bias is not None else y).to(z.dtype)
+    if z.dtype != gain.dtype:  # a 16-bit z: one kernel computes in float32 (type promotion), one rounds to 16 bits
+        y = torch.addcmul(bias, z, gain) if bias is not None else z * gain
+        return y.to(z.dtype)
     if in_place:
         y = z.mul_(gain)
         return y.add_(bias) if bias is not None else y
