@@ -60,6 +60,18 @@ def _error_ok(ours, exact, plain) -> tuple[bool, str]:
     return err <= budget, f"err {err:.3g} budget {budget:.3g}"
 
 
+def _judged(outputs, log, label: str, **fields) -> list[dict]:
+    """A check row (fields + output, ok, detail) per (name, ours, exact, plain) output, under _error_ok's rule; a
+    "FAIL <label> <name>" line for each that misses."""
+    rows = []
+    for name, ours, exact, plain in outputs:
+        ok, why = _error_ok(ours, exact, plain)
+        rows.append(dict(fields, output=name, ok=ok, detail=why))
+        if not ok:
+            log(f"FAIL {label} {name}: {why}")
+    return rows
+
+
 def validate_linear(backend: str, device: str, shapes, log, scalings=("number",)) -> list[dict]:
     """lora_linear on `backend`: y, xa, dx, dA, dB against the float64 reference, every dtype, dropout and
     bias on and off; scalings: "number" (a float argument) and/or "in memory" (a 0-d tensor on the device,
@@ -89,15 +101,11 @@ def validate_linear(backend: str, device: str, shapes, log, scalings=("number",)
                 edx, edA, edB = reference.lora_linear_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, 2.0, p, sv)
                 py, pxa = reference.lora_linear(x, w, bias, A, B, 2.0, p, sv)
                 pdx, pdA, pdB = reference.lora_linear_backward(grad_y, x, w, A, B, pxa, 2.0, p, sv)
-                for name, ours, exact, plain in (("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx),
-                                                 ("dA", dA, edA, pdA), ("dB", dB, edB, pdB)):
-                    ok, why = _error_ok(ours, exact, plain)
-                    rows.append(dict(op="lora_linear", backend=backend, dtype=str(dtype)[6:],
-                                     shape=[M, d_in, d_out, r], dropout=p, bias=has_bias, scaling=kind,
-                                     output=name, ok=ok, detail=why))
-                    if not ok:
-                        log(f"FAIL {backend} {dtype} M={M} {d_in}->{d_out} r={r} p={p} bias={has_bias} "
-                            f"scaling {kind} {name}: {why}")
+                rows += _judged((("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx), ("dA", dA, edA, pdA),
+                                 ("dB", dB, edB, pdB)), log,
+                                f"{backend} {dtype} M={M} {d_in}->{d_out} r={r} p={p} bias={has_bias} scaling {kind}",
+                                op="lora_linear", backend=backend, dtype=str(dtype)[6:], shape=[M, d_in, d_out, r],
+                                dropout=p, bias=has_bias, scaling=kind)
     os.environ.pop("LORA_KERNELS_BACKEND", None)
     return rows
 
@@ -184,15 +192,11 @@ def validate_multi(backend: str, device: str, shapes, log) -> list[dict]:
                 py, pxa = reference.lora_linear_multi(x, w, bias, A, B, scalings, ids, ranks, dropouts, sv)
                 pdx, pdA, pdB = reference.lora_linear_multi_backward(grad_y, x, w, A, B, pxa, scalings, ids, ranks,
                                                                      dropouts, sv)
-                for name, ours, exact, plain in (("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx),
-                                                 ("dA", dA, edA, pdA), ("dB", dB, edB, pdB)):
-                    ok, why = _error_ok(ours, exact, plain)
-                    rows.append(dict(op="lora_linear_multi", backend=backend, dtype=str(dtype)[6:],
-                                     adapter_dtype=str(adapter_dtype)[6:], shape=[M, d_in, d_out, n, r_max],
-                                     dropout=p, output=name, ok=ok, detail=why))
-                    if not ok:
-                        log(f"FAIL multi {backend} {dtype}/{adapter_dtype} M={M} {d_in}->{d_out} n={n} r_max={r_max} "
-                            f"p={p} {name}: {why}")
+                rows += _judged((("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx), ("dA", dA, edA, pdA),
+                                 ("dB", dB, edB, pdB)), log,
+                                f"multi {backend} {dtype}/{adapter_dtype} M={M} {d_in}->{d_out} n={n} r_max={r_max} p={p}",
+                                op="lora_linear_multi", backend=backend, dtype=str(dtype)[6:],
+                                adapter_dtype=str(adapter_dtype)[6:], shape=[M, d_in, d_out, n, r_max], dropout=p)
     os.environ.pop("LORA_KERNELS_BACKEND", None)
     return rows
 
@@ -237,14 +241,10 @@ def validate_dora(backend: str, device: str, shapes, log) -> list[dict]:
                             [d(t) for t in (x, bias, A, B, m)])
                 plain = run(lambda x_, b_, A_, B_, m_: reference.dora_linear(x_, w, b_, A_, B_, m_, s, p, seed),
                             (x, bias, A, B, m))
-                for name, o, e, pl in zip(("y", "dx", "dbias", "dA", "dB", "dmagnitude"), ours, exact, plain):
-                    ok, why = _error_ok(o, e, pl)
-                    rows.append(dict(op="dora_linear", backend=backend, dtype=str(dtype)[6:],
-                                     adapter_dtype=str(adapter_dtype)[6:], shape=[M, d_in, d_out, r], dropout=p,
-                                     output=name, ok=ok, detail=why))
-                    if not ok:
-                        log(f"FAIL dora {backend} {dtype}/{adapter_dtype} M={M} {d_in}->{d_out} r={r} p={p} {name}: "
-                            f"{why}")
+                rows += _judged(zip(("y", "dx", "dbias", "dA", "dB", "dmagnitude"), ours, exact, plain), log,
+                                f"dora {backend} {dtype}/{adapter_dtype} M={M} {d_in}->{d_out} r={r} p={p}",
+                                op="dora_linear", backend=backend, dtype=str(dtype)[6:],
+                                adapter_dtype=str(adapter_dtype)[6:], shape=[M, d_in, d_out, r], dropout=p)
     os.environ.pop("LORA_KERNELS_BACKEND", None)
     return rows
 

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from . import validation
-from .merge_record import MergeRecord, _bits
+from .functional import dora_weight_norm
+from .merge_record import InexactElements, MergeRecord
 from .ops.dora_linear import _row_blocks, dora_weight_norm_op, norm_dtype, row_sq_norms
 
 
@@ -68,22 +69,13 @@ def dora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tenso
             if not bool(torch.isfinite(merged).all()):
                 raise RuntimeError("dora_merge_(safe=True): the merged weight would have NaN/Inf values; "
                                    "nothing was changed")
-    index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
-    indices, values = [], []
+    inexact = InexactElements(weight) if exact else None
     for rows in blocks:
         original = weight[rows].clone() if exact else None
         weight[rows] = ((weight[rows].to(gain.dtype) + sB[rows] @ A) * gain[rows, None]).to(weight.dtype)
         if exact:
-            back = _unmerged_rows(weight[rows], A, sB[rows], gain[rows])
-            r, c = torch.nonzero(_bits(back) != _bits(original), as_tuple=True)
-            indices.append(((r + rows.start) * weight.shape[1] + c).to(index_dtype))
-            values.append(original[r, c])
-    record = None
-    if exact:
-        record = MergeRecord(weight.shape, torch.cat(indices) if indices else
-                             torch.empty(0, dtype=index_dtype, device=weight.device),
-                             torch.cat(values) if values else weight.new_empty(0))
-    return DoRAMerge(gain, record)
+            inexact.add(rows.start, original, _unmerged_rows(weight[rows], A, sB[rows], gain[rows]))
+    return DoRAMerge(gain, inexact.record() if exact else None)
 
 
 def _unmerged_rows(block: Tensor, A: Tensor, sB_rows: Tensor, gain_rows: Tensor) -> Tensor:
@@ -132,8 +124,6 @@ class DoRANormCache:
     def norm(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor | None:
         """‖W0 + s·BA‖ per row for this forward, or None under torch.compile (the op then computes it in the
         graph: reading version counters there would break it)."""
-        from .functional import dora_weight_norm
-
         if torch.compiler.is_compiling():
             return None
         key = self._state_of(weight, lora_A, lora_B) + (float(scaling),)

@@ -106,10 +106,7 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
     B_oᵀ, with no [out, in] temporary; rows where those terms cancel are computed densely (ops/dora_linear.py).
     weight_sq_norm: ‖W0_o‖² [out] when known (LoRALinear caches it while W0 is unchanged).
     """
-    validation.check_float_tensor("weight", weight, 2)
-    validation.check_adapter(weight, lora_A, lora_B)
-    validation.check_same_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
-    validation.check_adapter_dtype(weight, lora_A, lora_B, "weight")
+    validation.check_weight_and_adapter(weight, lora_A, lora_B)  # DTensor shards refused: a norm of a shard is wrong
     if not (isinstance(scaling, Tensor) and (scaling.device.type != "cpu" or torch.compiler.is_compiling())):
         scaling = validation.check_scaling("scaling", scaling)
     if weight_sq_norm is not None:
@@ -156,8 +153,9 @@ def dora_linear(
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
     else:
         validation.check_weight_norm(weight_norm, weight)
-        if weight_norm.dtype != norm_dtype(weight, lora_A):
-            weight_norm = weight_norm.to(norm_dtype(weight, lora_A))
+        dtype = norm_dtype(weight, lora_A)
+        if weight_norm.dtype != dtype:
+            weight_norm = weight_norm.to(dtype)
     seed = draw_seed(_seed_device(x)) if training and dropout_p > 0.0 else None
     # z [M, out] is what the magnitude's gradient (and the norm's) needs
     keep_z = torch.is_grad_enabled() and (magnitude.requires_grad or (norm_gradient and (

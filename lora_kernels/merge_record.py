@@ -57,6 +57,29 @@ def _bits(t: Tensor) -> Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+class InexactElements:
+    """The elements of a weight whose merge/unmerge round trip is not exact, gathered a block of rows at a time
+    (add), then as the weight's MergeRecord (record)."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+        self.index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
+        self.indices: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def add(self, r0: int, original: Tensor, round_trip: Tensor) -> None:
+        """Rows r0 .. of the weight: `original` before the merge, `round_trip` after merge and unmerge."""
+        rows, cols = torch.nonzero(_bits(round_trip) != _bits(original), as_tuple=True)
+        self.indices.append(((rows + r0) * self.weight.shape[1] + cols).to(self.index_dtype))
+        self.values.append(original[rows, cols])
+
+    def record(self) -> MergeRecord:
+        weight = self.weight
+        empty_index = torch.empty(0, dtype=self.index_dtype, device=weight.device)
+        return MergeRecord(weight.shape, torch.cat(self.indices) if self.indices else empty_index,
+                           torch.cat(self.values) if self.values else weight.new_empty(0))
+
+
 def merge_exact_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, safe: bool) -> MergeRecord:
     """merge_ that also returns the MergeRecord of elements whose round trip is inexact.
 
@@ -69,20 +92,12 @@ def merge_exact_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
         raise_if_not_finite(weight, lora_A, lora_B, scaling)
     out_features, in_features = weight.shape
     rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, in_features))
-    index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
-    indices, values = [], []
+    inexact = InexactElements(weight)
     for r0 in range(0, out_features, rows_per_block):
         block = weight[r0 : r0 + rows_per_block]
         original = block.clone()
         merge_op(block, lora_A, lora_B[r0 : r0 + rows_per_block], scaling, None, None, 0.0, False)
         round_trip = block.clone()
         merge_op(round_trip, lora_A, lora_B[r0 : r0 + rows_per_block], -scaling, None, None, 0.0, False)
-        rows, cols = torch.nonzero(_bits(round_trip) != _bits(original), as_tuple=True)
-        indices.append(((rows + r0) * in_features + cols).to(index_dtype))
-        values.append(original[rows, cols])
-    empty_index = torch.empty(0, dtype=index_dtype, device=weight.device)
-    return MergeRecord(
-        weight.shape,
-        torch.cat(indices) if indices else empty_index,
-        torch.cat(values) if values else weight.new_empty(0),
-    )
+        inexact.add(r0, original, round_trip)
+    return inexact.record()

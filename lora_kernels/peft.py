@@ -443,9 +443,10 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
     missing = sorted(n for n in names if set(adapters.get(n, {})) != expected)
     unexpected = sorted(set(adapters) - names)
     if missing or unexpected:
+        tensors_needed = "lora_A/lora_B/lora_magnitude_vector" if use_dora else "lora_A/lora_B"
         raise ValueError(f"{path}: the adapter does not fit the model: layers its config targets without "
-                         f"{'lora_A/lora_B/lora_magnitude_vector' if use_dora else 'lora_A/lora_B'} in the file: {missing[:5]}{' ...' if len(missing) > 5 else ''}; LoRA tensors of "
-                         f"layers the model lacks or the config does not target: {unexpected[:5]}")
+                         f"{tensors_needed} in the file: {missing[:5]}{' ...' if len(missing) > 5 else ''}; LoRA "
+                         f"tensors of layers the model lacks or the config does not target: {unexpected[:5]}")
 
     base_config = LoRAConfig(r=int(config.get("r", 8)), lora_alpha=config.get("lora_alpha", 8),
                              lora_dropout=float(config.get("lora_dropout", 0.0)),

@@ -174,7 +174,11 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling):
     """n = ‖W0 + s · B A‖ of every output row [out], as PEFT computes it: from the dense W0 + s·BA, in the dtype
     W0 and the adapter promote to. No gradient (DoRA detaches the norm: the paper's §4.3 and PEFT)."""
     with torch.no_grad():
-        return torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)
+        return _dense_row_norm(weight, lora_A, lora_B, scaling)
+
+
+def _dense_row_norm(weight, lora_A, lora_B, scaling):
+    return torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, seed=None, weight_norm=None,
@@ -189,7 +193,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     weight_norm is not used). Returns y [M, out].
     """
     if norm_gradient:
-        norm = torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)
+        norm = _dense_row_norm(weight, lora_A, lora_B, scaling)
     else:
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling) if weight_norm is None else weight_norm
     gain = magnitude / norm

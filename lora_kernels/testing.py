@@ -35,6 +35,12 @@ def assert_matches_reference(ours: torch.Tensor, exact: torch.Tensor, plain: tor
     assert err <= budget, f"{name}: max error {err:.3g} > budget {budget:.3g} (plain PyTorch: {plain_err:.3g})"
 
 
+def assert_all_match_reference(names, ours, exact, plain) -> None:
+    """assert_matches_reference for each output: names[i] of ours[i] against exact[i] (float64) and plain[i]."""
+    for name, o, e, p in zip(names, ours, exact, plain, strict=True):
+        assert_matches_reference(o, e, p, name)
+
+
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Spacing of `dtype` floats at |values| (float64), subnormal range included."""
     _, exponent = torch.frexp(values.double().abs())

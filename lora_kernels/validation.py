@@ -262,16 +262,22 @@ def check_no_shared_elements(name: str, t: Tensor) -> None:
         span = stride * size
 
 
+def check_weight_and_adapter(weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> None:
+    """weight [out, in] and its adapter lora_A [r, in], lora_B [out, r]: shapes, device, dtypes, no DTensor shards."""
+    check_float_tensor("weight", weight, 2)
+    check_adapter(weight, lora_A, lora_B)
+    check_same_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
+    check_adapter_dtype(weight, lora_A, lora_B, "weight")
+    check_not_distributed_tensor(weight=weight, lora_A=lora_A, lora_B=lora_B)
+
+
 def check_merge_args(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling) -> float:
     check_float_tensor("weight", weight, 2)
     check_no_shared_elements("weight", weight)
     if weight.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError("weight is an inference tensor (created under torch.inference_mode()): like torch's own "
                            "in-place ops, merge_/unmerge_/switch_ update it only inside torch.inference_mode()")
-    check_adapter(weight, lora_A, lora_B)
-    check_same_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
-    check_adapter_dtype(weight, lora_A, lora_B, "weight")
-    check_not_distributed_tensor(weight=weight, lora_A=lora_A, lora_B=lora_B)
+    check_weight_and_adapter(weight, lora_A, lora_B)
     return check_scaling("scaling", scaling)
 
 

@@ -13,7 +13,7 @@ from lora_kernels import reference, testing
 from lora_kernels.functional import draw_seed
 from lora_kernels.ops.dora_linear import dora_linear_op
 
-from conftest import DEVICE, DTYPES, assert_matches_reference, compiled_backends, make_lora_inputs
+from conftest import DEVICE, DTYPES, compiled_backends, make_lora_inputs
 
 SCALING = 1.5
 SHAPES = [((0,), 33, 70, 3), ((1,), 33, 70, 1), ((37,), 70, 33, 16), ((300,), 100, 65, 64), ((4, 9), 33, 70, 3)]
@@ -69,10 +69,8 @@ def _check(inputs, dropout_p, training=True):
     exact = {k: v.double() if v is not None else None for k, v in inputs.items()}
     y_exact, grads_exact = _run(_reference, exact, dropout_p, training)
     y_plain, grads_plain = _run(_reference, inputs, dropout_p, training)
-    assert_matches_reference(y, y_exact, y_plain, "y")
-    names = [n for n in NAMES if inputs[n] is not None]
-    for name, ours, e, plain in zip(names, grads, grads_exact, grads_plain):
-        assert_matches_reference(ours, e, plain, "d" + name)
+    names = ["y"] + ["d" + n for n in NAMES if inputs[n] is not None]
+    testing.assert_all_match_reference(names, (y, *grads), (y_exact, *grads_exact), (y_plain, *grads_plain))
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
@@ -386,8 +384,7 @@ def test_norm_gradient_matches_autograd_through_the_norm(backend, dtype, use_bac
             g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
             names = ("x", "weight", "lora_A", "lora_B", "magnitude", "bias")
             outs.append([y, *torch.autograd.grad(y, [v[n] for n in names], g)])
-        for name, a, e, pl in zip(("y", "dx", "dweight", "dA", "dB", "dm", "dbias"), *outs):
-            assert_matches_reference(a, e, pl, name)
+        testing.assert_all_match_reference(("y", "dx", "dweight", "dA", "dB", "dm", "dbias"), *outs)
     layer = _trained_dora_layer()
     layer.dora_norm_gradient = True
     x = torch.randn(3, 40, device=DEVICE)

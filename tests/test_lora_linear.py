@@ -62,9 +62,8 @@ def _check_against_reference(inputs, dropout_p, training=True):
     y_exact, grads_exact = _run(_reference, {k: v.double() if v is not None else None for k, v in inputs.items()},
                                 dropout_p, training)
     y_plain, grads_plain = _run(_reference, inputs, dropout_p, training)
-    assert_matches_reference(y, y_exact, y_plain, "y")
-    for name, ours, exact, plain in zip(("dx", "dA", "dB", "dbias"), grads, grads_exact, grads_plain):
-        assert_matches_reference(ours, exact, plain, name)
+    names = ("y", "dx", "dA", "dB", "dbias")[:1 + len(grads)]
+    testing.assert_all_match_reference(names, (y, *grads), (y_exact, *grads_exact), (y_plain, *grads_plain))
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])

@@ -65,8 +65,12 @@ def norm_dtype(weight: Tensor, lora_A: Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype) else torch.float32
 
 
+def _rows_per_block(in_features: int) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(1, in_features))
+
+
 def _row_blocks(weight: Tensor):
-    rows = max(1, _BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    rows = _rows_per_block(weight.shape[1])
     return [slice(r0, r0 + rows) for r0 in range(0, weight.shape[0], rows)]
 
 
@@ -110,7 +114,7 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
 
 def _dense_rows_(n2: Tensor, rows: Tensor, weight: Tensor, A: Tensor, B: Tensor, s) -> None:
     """n2[rows] = ‖W0_o + s·B_o A‖², from the dense rows, a block at a time."""
-    per_block = max(1, _BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    per_block = _rows_per_block(weight.shape[1])
     for i in range(0, rows.numel(), per_block):
         some = rows[i:i + per_block]
         dense = weight[some].to(A.dtype) + (B[some] * s) @ A
@@ -165,14 +169,13 @@ def _rows_scaled(t: Tensor, gain: Tensor) -> Tensor:
 
 
 def _gained(z: Tensor, gain: Tensor, bias: Optional[Tensor], in_place: bool) -> Tensor:
-    """y = g ⊙ z + b, one rounding; in place into z when z is not kept."""
-    if z.dtype != gain.dtype:  # a 16-bit z: one kernel computes in float32 (type promotion), one rounds to 16 bits
-        y = torch.addcmul(bias, z, gain) if bias is not None else z * gain
-        return y.to(z.dtype)
-    if in_place:
+    """y = g ⊙ z + b, one rounding; in place into z when z is not kept. A 16-bit z: computed in float32 (type
+    promotion), then rounded to 16 bits."""
+    if in_place and z.dtype == gain.dtype:
         y = z.mul_(gain)
         return y.add_(bias) if bias is not None else y
-    return torch.addcmul(bias, z, gain) if bias is not None else z * gain
+    y = torch.addcmul(bias, z, gain) if bias is not None else z * gain
+    return y.to(z.dtype)
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
