@@ -8,7 +8,8 @@ unmerge_adapter, merge_and_unload, unload, disable_adapter, print_trainable_para
 many adapters per layer, one per row of a batch: MultiLoRALinear, lora_linear_multi, inject_multi_lora,
 add_adapter, remove_adapter, set_adapter, adapter_batch;
 DoRA (weight-decomposed LoRA): dora_linear, dora_weight_norm, dora_merge_/dora_unmerge_, LoRALinear(use_dora=True);
-4-bit bases (QLoRA, bitsandbytes' NF4/FP4 layout): Weight4bit, LoRALinear4bit, inject_lora(..., quantize="nf4");
+4-bit bases (QLoRA, bitsandbytes' NF4/FP4 layout): Weight4bit, LoRALinear4bit, MultiLoRALinear4bit,
+inject_lora(..., quantize="nf4"), inject_multi_lora(..., quantize="nf4");
 PEFT's adapter format and PeftModels: lora_kernels.peft.
 The pure-PyTorch specification of every op is lora_kernels.reference.
 """
@@ -20,7 +21,7 @@ from .functional import (MergeRecord, dora_linear, dora_weight_norm, lora_linear
                          unmerge_)
 from .dora import DoRAMerge, dora_merge_, dora_unmerge_
 from .modules import LoRALinear
-from .modules4bit import LoRALinear4bit
+from .modules4bit import LoRALinear4bit, MultiLoRALinear4bit
 from .weight4bit import Weight4bit
 from .multi import MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora, remove_adapter, set_adapter
 from .model_setup import (adapter_layers, disable_adapter, inject_lora, load_lora_state_dict, lora_layers,
@@ -36,6 +37,7 @@ __all__ = [
     "LoRALinear",
     "LoRALinear4bit",
     "MultiLoRALinear",
+    "MultiLoRALinear4bit",
     "MergeRecord",
     "adapter_batch",
     "adapter_layers",

@@ -1,8 +1,10 @@
-"""LoRALinear4bit: LoRALinear on a frozen 4-bit base weight (QLoRA), served by the 4-bit kernels.
+"""LoRALinear4bit and MultiLoRALinear4bit: LoRALinear and MultiLoRALinear on a frozen 4-bit base weight (QLoRA),
+served by the 4-bit kernels.
 
     layer = LoRALinear4bit.quantize(nn.Linear(4096, 4096), r=16)     # quantized here (no bitsandbytes needed)
     layer = LoRALinear.from_linear(bnb_linear4bit, r=16)              # a bitsandbytes Linear4bit, tensors shared
     layer.merge_and_unload()                                          # a 16-bit nn.Linear holding W0 + s·BA
+    serving = MultiLoRALinear4bit.from_bnb(bnb_linear4bit, capacity=32, r_max=16)  # one 4-bit base, many adapters
 
 The state dict is bitsandbytes' Linear4bit's (``weight`` the packed codes, ``weight.absmax``, ``weight.quant_map``,
 ``weight.nested_*``, ``weight.quant_state.bitsandbytes__nf4``) plus ``lora_A`` / ``lora_B``: a transformers/PEFT
@@ -15,30 +17,156 @@ import torch
 from torch import Tensor, nn
 
 from .config import LoRAConfig
-from .functional import lora_linear, merge_
+from .functional import lora_linear, lora_linear_multi, merge_
 from .modules import LoRALinear, linear_holding
-from .weight4bit import Weight4bit
+from .multi import MultiLoRALinear
+from .weight4bit import Weight4bit, is_bnb_linear4bit
 
-__all__ = ["LoRALinear4bit", "is_bnb_linear4bit"]
+__all__ = ["LoRALinear4bit", "MultiLoRALinear4bit"]
 
 _SCALE_BUFFERS = ("absmax", "nested_absmax", "offset")
 
 
-def is_bnb_linear4bit(module: nn.Module) -> bool:
-    """Whether module is a bitsandbytes Linear4bit (checked by its weight's class: no import of bitsandbytes)."""
-    weight = getattr(module, "weight", None)
-    return type(weight).__name__ == "Params4bit" and hasattr(weight, "quant_state")
+class _Holds4bitWeight:
+    """The frozen 4-bit base weight of a layer, held as bitsandbytes' Linear4bit holds it.
+
+    The codes are the Parameter ``weight`` (uint8 [out·in/2, 1], frozen, as bitsandbytes stores them, so that .to()
+    and optimizers see the layer as they see a Linear4bit); the scales are buffers (float32 through dtype casts);
+    the state dict carries bitsandbytes' keys. compute_dtype: the dtype the layer computes in (x is cast to it and
+    the result back, as bitsandbytes' Linear4bit does); None: x's.
+    """
+
+    compute_dtype: torch.dtype | None
+
+    def _set_weight4bit(self, weight: Weight4bit) -> None:
+        if not isinstance(weight, Weight4bit):
+            raise TypeError(f"weight must be a Weight4bit, got {type(weight).__name__}")
+        self.weight = nn.Parameter(weight.codes.view(-1, 1), requires_grad=False)
+        for name in _SCALE_BUFFERS:
+            self.register_buffer(f"weight_{name}", getattr(weight, name), persistent=False)  # in bnb's keys instead
+        self.weight_format = (weight.shape, weight.blocksize, weight.quant_type, weight.dtype)
+        self.__dict__["_weight4bit"] = weight
+
+    def base_weight(self) -> Weight4bit:
+        """W0 as a Weight4bit over this layer's current tensors (rebuilt after .to(), a load or a merge)."""
+        cached = self.__dict__.get("_weight4bit")
+        if cached is None:
+            cached = self._weight4bit_now()
+            self.__dict__["_weight4bit"] = cached
+        return cached
+
+    def _weight4bit_now(self) -> Weight4bit:
+        shape, blocksize, quant_type, dtype = self.weight_format
+        return Weight4bit(self.weight.data.reshape(-1), self.weight_absmax, shape, blocksize, quant_type, dtype,
+                          self.weight_nested_absmax, self.weight_offset)
+
+    def _weight_changed(self) -> None:
+        # built now, eagerly (the codes or scales may be new tensors): a torch.compile'd call then reads attributes
+        self.__dict__["_weight4bit"] = self._weight4bit_now()
+
+    def _apply(self, fn, *args, **kwargs):
+        # The scales stay float32 through dtype casts (.half(), .to(torch.bfloat16)): bitsandbytes keeps them so,
+        # the kernels read them so, and a 16-bit copy would round them. A device move still moves them.
+        scales = {name: self._buffers.get(f"weight_{name}") for name in _SCALE_BUFFERS}
+        super()._apply(fn, *args, **kwargs)
+        for name, before in scales.items():
+            now = self._buffers.get(f"weight_{name}")
+            if before is not None and now is not None and now.dtype != before.dtype:
+                self._buffers[f"weight_{name}"] = before.to(device=now.device)
+        self._weight_changed()
+        return self
+
+    def _reset_base_parameters(self) -> None:
+        raise RuntimeError("a 4-bit base weight is frozen; quantize a float layer instead (.quantize)")
+
+    def _to_compute_dtype(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(x in the compute dtype, the bias in x's new dtype)."""
+        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return x, bias
+
+    def _base_only(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x W0ᵀ + b through the 4-bit kernels with a rank-1 zero adapter (no whole dequantized weight)."""
+        w4 = self.base_weight()
+        key = (x.device, x.dtype)
+        zeros = self.__dict__.get("_zero_adapter")
+        if zeros is None or zeros[0] != key:
+            zeros = (key, (x.new_zeros(1, w4.in_features), x.new_zeros(w4.out_features, 1)))
+            self.__dict__["_zero_adapter"] = zeros
+        return lora_linear(x, w4, bias, *zeros[1], 0.0)
+
+    def _replace_weight(self, weight: Weight4bit) -> None:
+        with torch.no_grad():
+            self.weight.data = weight.codes.view(-1, 1)
+            for name in _SCALE_BUFFERS:
+                setattr(self, f"weight_{name}", getattr(weight, name))
+        self._weight_changed()
+
+    def _dense_with(self, original: Weight4bit, lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype,
+                    safe: bool = False) -> Tensor:
+        """W0 + s·BA [out, in] in `dtype`: W0 dequantized (exact in float64), the product added in float64, one
+        rounding."""
+        dense = original.dequantize(torch.float32).double()
+        merge_(dense, lora_A.detach().double(), lora_B.detach().double(), scaling, safe=safe)
+        return dense.to(dtype)
+
+    def _dense_layer(self, weight: Tensor) -> nn.Module:
+        weight = nn.Parameter(weight, requires_grad=False)
+        bias = None if self.bias is None else nn.Parameter(self.bias.detach().to(weight.dtype),
+                                                           self.bias.requires_grad)
+        return linear_holding(weight, bias)
+
+    def _bnb_layer(self, w4: Weight4bit) -> nn.Module:
+        """A bitsandbytes Linear4bit holding w4's codes and scales (shared) and this layer's bias."""
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(w4.in_features, w4.out_features, bias=self.bias is not None,
+                                  compute_dtype=self.compute_dtype, compress_statistics=w4.double_quant,
+                                  quant_type=w4.quant_type, device="meta")
+        layer.weight = w4.to_bnb()
+        layer.bias = self.bias
+        return layer
+
+    # -- state dict: bitsandbytes' keys ---------------------------------------------------------------------
+    def _save_weight4bit(self, destination, prefix, keep_vars, w4: Weight4bit) -> None:
+        for key, value in w4.state_dict_entries(prefix + "weight").items():
+            destination[key] = value if keep_vars else value.detach()
+
+    def _load_weight4bit(self, state_dict, prefix, error_msgs) -> dict | None:
+        """Read bitsandbytes' keys of the weight into this layer's scales (the codes are loaded as `weight` by
+        nn.Module); returns the state dict without the scale keys, or None (an error recorded) if the loaded
+        weight has another format."""
+        quantized = [k for k in state_dict if k.startswith(prefix + "weight.")]
+        if not quantized:
+            return state_dict
+        loaded = Weight4bit.from_state_dict(state_dict, prefix + "weight")
+        if (loaded.shape, loaded.blocksize, loaded.quant_type) != self.weight_format[:3] or \
+                loaded.double_quant != self.base_weight().double_quant:
+            error_msgs.append(f"{prefix}weight: a {loaded} cannot be loaded into a layer holding {self.base_weight()}")
+            return None
+        with torch.no_grad():
+            for name in _SCALE_BUFFERS:
+                mine = getattr(self, f"weight_{name}")
+                if mine is not None:
+                    mine.copy_(getattr(loaded, name))
+        return {k: v for k, v in state_dict.items() if k not in quantized}
+
+    def _extra_repr_4bit(self) -> str:
+        shape, blocksize, quant_type, dtype = self.weight_format
+        return (f", base={quant_type} blocksize={blocksize}"
+                + (", double_quant" if self.weight_nested_absmax is not None else "")
+                + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype else ""))
 
 
-class LoRALinear4bit(LoRALinear):
+class LoRALinear4bit(_Holds4bitWeight, LoRALinear):
     """y = x W0ᵀ + b + scaling · B A dropout(x) with W0 a frozen Weight4bit (bitsandbytes' NF4/FP4 layout).
 
-    The codes are the Parameter ``weight`` (uint8 [out·in/2, 1], frozen, as bitsandbytes stores them, so that
-    .to() and optimizers see the layer as they see a Linear4bit); the scales are buffers. compute_dtype: the dtype
-    the layer computes in (x is cast to it and the result back, as bitsandbytes' Linear4bit does); None: x's.
-    Merging into the 4-bit weight requantizes it, so it is only done when asked (merge(requantize=True), which
-    records the error it introduces and keeps the original codes for an exact unmerge); merge_and_unload() gives a
-    16-bit nn.Linear instead (W0 dequantized, s·BA added in float64, one rounding): how QLoRA adapters ship.
+    The weight is held as _Holds4bitWeight describes (codes as the Parameter ``weight``, float32 scales,
+    bitsandbytes' state-dict keys, compute_dtype). Merging into the 4-bit weight requantizes it, so it is only done
+    when asked (merge(requantize=True), which records the error it introduces and keeps the original codes for an
+    exact unmerge); merge_and_unload() gives a 16-bit nn.Linear instead (W0 dequantized, s·BA added in float64, one
+    rounding): how QLoRA adapters ship.
     """
 
     def __init__(self, weight: Weight4bit, bias: Tensor | None = None, config: LoRAConfig | None = None, *,
@@ -50,13 +178,9 @@ class LoRALinear4bit(LoRALinear):
         if config.use_dora:
             raise NotImplementedError("use_dora=True on a 4-bit base (QDoRA) is not implemented yet: the DoRA layer "
                                       "needs a dense base weight (quantize=None)")
-        if not isinstance(weight, Weight4bit):
-            raise TypeError(f"weight must be a Weight4bit, got {type(weight).__name__}")
-        if bias is not None and not isinstance(bias, nn.Parameter):
-            bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
         self.compute_dtype = compute_dtype
         self._set_weight4bit(weight)
-        self._setup(weight.in_features, weight.out_features, self.weight, bias, config,
+        self._setup(weight.in_features, weight.out_features, self.weight, _as_parameter(bias), config,
                     adapter_dtype or compute_dtype or weight.dtype)
         self.base_layer_type = nn.Linear
         self._unmerged = None
@@ -70,9 +194,7 @@ class LoRALinear4bit(LoRALinear):
                  compute_dtype: torch.dtype | None = None, **options) -> "LoRALinear4bit":
         """Quantize an nn.Linear's weight (bitsandbytes' bytes, Weight4bit.quantize) and wrap it; its bias is
         shared."""
-        if not isinstance(linear, nn.Linear) or is_bnb_linear4bit(linear):
-            raise TypeError(f"linear must be a float nn.Linear, got {type(linear).__name__}")
-        weight = Weight4bit.quantize(linear.weight.detach(), blocksize, quant_type, double_quant)
+        weight = _quantized_weight(linear, blocksize, quant_type, double_quant)
         return cls(weight, linear.bias, config, adapter_dtype=adapter_dtype, compute_dtype=compute_dtype, **options)
 
     @classmethod
@@ -87,36 +209,6 @@ class LoRALinear4bit(LoRALinear):
         layer.base_layer_type = type(linear)
         return layer
 
-    def _set_weight4bit(self, weight: Weight4bit) -> None:
-        self.weight = nn.Parameter(weight.codes.view(-1, 1), requires_grad=False)
-        for name in _SCALE_BUFFERS:
-            self.register_buffer(f"weight_{name}", getattr(weight, name), persistent=False)  # in bnb's keys instead
-        self.weight_format = (weight.shape, weight.blocksize, weight.quant_type, weight.dtype)
-        self.__dict__["_weight4bit"] = weight
-
-    # -- the weight -----------------------------------------------------------------------------------------
-    def base_weight(self) -> Weight4bit:
-        """W0 as a Weight4bit over this layer's current tensors (rebuilt after .to(), a load or a merge)."""
-        cached = self.__dict__.get("_weight4bit")
-        if cached is None:
-            shape, blocksize, quant_type, dtype = self.weight_format
-            cached = Weight4bit(self.weight.data.reshape(-1), self.weight_absmax, shape, blocksize, quant_type, dtype,
-                                self.weight_nested_absmax, self.weight_offset)
-            self.__dict__["_weight4bit"] = cached
-        return cached
-
-    def _apply(self, fn, *args, **kwargs):
-        # The scales stay float32 through dtype casts (.half(), .to(torch.bfloat16)): bitsandbytes keeps them so,
-        # the kernels read them so, and a 16-bit copy would round them. A device move still moves them.
-        scales = {name: self._buffers.get(f"weight_{name}") for name in _SCALE_BUFFERS}
-        super()._apply(fn, *args, **kwargs)
-        for name, before in scales.items():
-            now = self._buffers.get(f"weight_{name}")
-            if before is not None and now is not None and now.dtype != before.dtype:
-                self._buffers[f"weight_{name}"] = before.to(device=now.device)
-        self.__dict__["_weight4bit"] = None  # the codes or scales may be new tensors
-        return self
-
     @LoRALinear.scaling.setter
     def scaling(self, value: float) -> None:
         if self.__dict__.get("merged"):
@@ -129,31 +221,16 @@ class LoRALinear4bit(LoRALinear):
             raise RuntimeError("unmerge() before switching the adapter of a layer merged into its 4-bit weight")
         super().switch_adapter(lora_A, lora_B, lora_alpha, safe)
 
-    def _reset_base_parameters(self) -> None:
-        raise RuntimeError("a 4-bit base weight is frozen; quantize a float layer instead (LoRALinear4bit.quantize)")
-
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
-            x = x.to(self.compute_dtype)
-        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
-        w4 = self.base_weight()
+        x, bias = self._to_compute_dtype(x)
         if self.merged or self.adapter_disabled:
-            (lora_A, lora_B), scaling = self._no_adapter(w4, x), 0.0
+            y = self._base_only(x, bias)
         else:
-            lora_A, lora_B, scaling = self.lora_A, self.lora_B, self._scaling_for(x)
-        y = lora_linear(x, w4, bias, lora_A, lora_B, scaling, self.lora_dropout, self.training)
+            y = lora_linear(x, self.base_weight(), bias, self.lora_A, self.lora_B, self._scaling_for(x),
+                            self.lora_dropout, self.training)
         return y if y.dtype == dtype else y.to(dtype)
-
-    def _no_adapter(self, w4: Weight4bit, x: Tensor):
-        """A rank-1 zero adapter: the base layer alone through the same kernels (no whole dequantized weight)."""
-        key = (x.device, x.dtype)
-        zeros = self.__dict__.get("_zero_adapter")
-        if zeros is None or zeros[0] != key:
-            zeros = (key, (x.new_zeros(1, w4.in_features), x.new_zeros(w4.out_features, 1)))
-            self.__dict__["_zero_adapter"] = zeros
-        return zeros[1]
 
     # -- merging --------------------------------------------------------------------------------------------
     def merge(self, safe: bool = False, requantize: bool = False) -> None:
@@ -180,20 +257,10 @@ class LoRALinear4bit(LoRALinear):
             self._replace_weight(self._unmerged)
             self._unmerged, self.merged, self.merge_error = None, False, None
 
-    def _replace_weight(self, weight: Weight4bit) -> None:
-        with torch.no_grad():
-            self.weight.data = weight.codes.view(-1, 1)
-            for name in _SCALE_BUFFERS:
-                setattr(self, f"weight_{name}", getattr(weight, name))
-        self.__dict__["_weight4bit"] = None
-
     def _merged_dense(self, dtype: torch.dtype, safe: bool = False) -> Tensor:
-        """W0 + s·BA [out, in] in `dtype`: W0 dequantized (exact in float64), the product added in float64, one
-        rounding; W0 is the original weight when the layer is merged."""
+        """W0 + s·BA [out, in] in `dtype`, W0 the original weight when the layer is merged."""
         original = self._unmerged if self.merged else self.base_weight()
-        dense = original.dequantize(torch.float32).double()
-        merge_(dense, self.lora_A.detach().double(), self.lora_B.detach().double(), self.scaling, safe=safe)
-        return dense.to(dtype)
+        return self._dense_with(original, self.lora_A, self.lora_B, self.scaling, dtype, safe)
 
     def merged_adapter_tensors(self):
         return None  # the state dict writes the original codes itself (_save_to_state_dict)
@@ -203,58 +270,124 @@ class LoRALinear4bit(LoRALinear):
 
     def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
         """An nn.Linear in `dtype` (default: the 4-bit weight's dtype) holding W0 + s·BA, rounded once."""
-        dtype = dtype or self.weight_format[3]
-        weight = nn.Parameter(self._merged_dense(dtype), requires_grad=False)
-        bias = None if self.bias is None else nn.Parameter(self.bias.detach().to(dtype), self.bias.requires_grad)
-        return linear_holding(weight, bias)
+        return self._dense_layer(self._merged_dense(dtype or self.weight_format[3]))
 
     def unload(self) -> nn.Module:
         """The base layer without the adapter: a bitsandbytes Linear4bit holding the original codes (shared)."""
-        import bitsandbytes as bnb
-
         self.unmerge()
-        w4 = self.base_weight()
-        layer = bnb.nn.Linear4bit(w4.in_features, w4.out_features, bias=self.bias is not None,
-                                  compute_dtype=self.compute_dtype, compress_statistics=w4.double_quant,
-                                  quant_type=w4.quant_type, device="meta")
-        layer.weight = w4.to_bnb()
-        layer.bias = self.bias
-        return layer
+        return self._bnb_layer(self.base_weight())
 
-    # -- state dict: bitsandbytes' keys ---------------------------------------------------------------------
+    # -- state dict -----------------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        w4 = self._unmerged if self.merged else self.base_weight()
-        for key, value in w4.state_dict_entries(prefix + "weight").items():
-            destination[key] = value if keep_vars else value.detach()
+        self._save_weight4bit(destination, prefix, keep_vars, self._unmerged if self.merged else self.base_weight())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        quantized = [k for k in state_dict if k.startswith(prefix + "weight.")]
         merged = self.merged
-        if quantized:
-            if merged:
-                self.unmerge()
-            loaded = Weight4bit.from_state_dict(state_dict, prefix + "weight")
-            if (loaded.shape, loaded.blocksize, loaded.quant_type) != self.weight_format[:3] or \
-                    loaded.double_quant != self.base_weight().double_quant:
-                error_msgs.append(f"{prefix}weight: a {loaded} cannot be loaded into a layer holding "
-                                  f"{self.base_weight()}")
-                return
-            state_dict = {k: v for k, v in state_dict.items() if k not in quantized}
-            with torch.no_grad():
-                for name in _SCALE_BUFFERS:
-                    mine = getattr(self, f"weight_{name}")
-                    if mine is not None:
-                        mine.copy_(getattr(loaded, name))
+        if merged and any(k.startswith(prefix + "weight.") for k in state_dict):
+            self.unmerge()
+        state_dict = self._load_weight4bit(state_dict, prefix, error_msgs)
+        if state_dict is None:
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self.__dict__["_weight4bit"] = None
+        self._weight_changed()
         if merged and not self.merged:
             self.merge(requantize=True)  # the loaded adapter, into the loaded weight
 
     def extra_repr(self) -> str:
-        shape, blocksize, quant_type, dtype = self.weight_format
-        return (super().extra_repr() + f", base={quant_type} blocksize={blocksize}"
-                + (", double_quant" if self.weight_nested_absmax is not None else "")
-                + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype else ""))
+        return super().extra_repr() + self._extra_repr_4bit()
+
+
+def _as_parameter(bias: Tensor | None) -> nn.Parameter | None:
+    if bias is not None and not isinstance(bias, nn.Parameter):
+        bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+    return bias
+
+
+def _quantized_weight(linear: nn.Module, blocksize: int, quant_type: str, double_quant: bool) -> Weight4bit:
+    if not isinstance(linear, nn.Linear) or is_bnb_linear4bit(linear):
+        raise TypeError(f"linear must be a float nn.Linear, got {type(linear).__name__}")
+    return Weight4bit.quantize(linear.weight.detach(), blocksize, quant_type, double_quant)
+
+
+class MultiLoRALinear4bit(_Holds4bitWeight, MultiLoRALinear):
+    """MultiLoRALinear on a frozen 4-bit base: one quantized W0 serving many adapters, each row of a batch on its
+    own (the serving case of QLoRA adapters), through lora_linear_multi's 4-bit kernels.
+
+    The weight is held as _Holds4bitWeight describes; adapters, slots and the model-level functions are
+    MultiLoRALinear's. An adapter is not merged into the 4-bit weight (that would requantize the base every
+    other adapter shares): merge_and_unload(name) gives a 16-bit nn.Linear holding W0 + s·BA of one adapter.
+    """
+
+    def __init__(self, weight: Weight4bit, bias: Tensor | None = None, capacity: int = 8, r_max: int = 16,
+                 lora_dropout: float = 0.0, *, adapter_dtype: torch.dtype | None = None,
+                 compute_dtype: torch.dtype | None = None):
+        nn.Module.__init__(self)
+        self.compute_dtype = compute_dtype
+        self._set_weight4bit(weight)
+        self._setup(weight.in_features, weight.out_features, self.weight, _as_parameter(bias), capacity, r_max,
+                    lora_dropout, adapter_dtype or compute_dtype or weight.dtype)
+
+    @classmethod
+    def quantize(cls, linear: nn.Linear, capacity: int = 8, r_max: int = 16, lora_dropout: float = 0.0, *,
+                 blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
+                 adapter_dtype: torch.dtype | None = None,
+                 compute_dtype: torch.dtype | None = None) -> "MultiLoRALinear4bit":
+        """Quantize an nn.Linear's weight (bitsandbytes' bytes) and wrap it; its bias is shared."""
+        weight = _quantized_weight(linear, blocksize, quant_type, double_quant)
+        return cls(weight, linear.bias, capacity, r_max, lora_dropout, adapter_dtype=adapter_dtype,
+                   compute_dtype=compute_dtype)
+
+    @classmethod
+    def from_bnb(cls, linear: nn.Module, capacity: int = 8, r_max: int = 16, lora_dropout: float = 0.0, *,
+                 adapter_dtype: torch.dtype | None = None) -> "MultiLoRALinear4bit":
+        """Wrap a bitsandbytes Linear4bit, sharing its codes, scales and bias; its compute_dtype is kept."""
+        weight = Weight4bit.from_bnb(linear.weight)
+        compute_dtype = getattr(linear, "compute_dtype", None)
+        return cls(weight, linear.bias, capacity, r_max, lora_dropout,
+                   adapter_dtype=adapter_dtype or compute_dtype or weight.dtype, compute_dtype=compute_dtype)
+
+    def _forward(self, x: Tensor, adapter_ids: Tensor | None) -> Tensor:
+        dtype = x.dtype
+        x, bias = self._to_compute_dtype(x)
+        if adapter_ids is None:
+            y = self._base_only(x, bias)
+        else:
+            y = lora_linear_multi(x, self.base_weight(), bias, self.lora_A, self.lora_B, self.scalings, adapter_ids,
+                                  self.ranks, self.dropouts, self.training)
+        return y if y.dtype == dtype else y.to(dtype)
+
+    def merge(self, name: str | None = None, safe: bool = False) -> None:
+        raise RuntimeError("an adapter is not merged into a shared 4-bit base (it would requantize the weight every "
+                           "adapter uses): merge_and_unload(name) gives a 16-bit layer holding W0 + s·BA")
+
+    def merge_and_unload(self, name: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+        """An nn.Linear in `dtype` (default: the 4-bit weight's dtype) holding W0 + s·BA of adapter `name`
+        (default: the active one; none: the dequantized base), rounded once. This layer is left as it was."""
+        name = self.active_adapter if name is None else name
+        dtype = dtype or self.weight_format[3]
+        if name is None:
+            return self._dense_layer(self.base_weight().dequantize(dtype))
+        return self._dense_layer(self._dense_with(self.base_weight(), *self._adapter_tensors(name), dtype))
+
+    def unload(self) -> nn.Module:
+        """The base layer without adapters: a bitsandbytes Linear4bit holding the codes (shared)."""
+        return self._bnb_layer(self.base_weight())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._save_weight4bit(destination, prefix, keep_vars, self.base_weight())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict = self._load_weight4bit(state_dict, prefix, error_msgs)
+        if state_dict is None:
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._weight_changed()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._extra_repr_4bit()

@@ -33,6 +33,7 @@ from .config import LoRAConfig
 from .functional import lora_linear_multi, merge_, unmerge_
 from .model_setup import mark_only_lora_as_trainable, replace_module, target_names
 from .modules import is_conv1d, linear_holding, register_merge_hooks
+from .weight4bit import is_bnb_linear4bit
 
 __all__ = ["MultiLoRALinear", "inject_multi_lora", "add_adapter", "remove_adapter", "set_adapter", "adapter_batch",
            "multi_lora_layers"]
@@ -55,7 +56,8 @@ class MultiLoRALinear(nn.Module):
                  adapter_dtype: torch.dtype | None = None):
         super().__init__()
         linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(linear.weight, linear.bias, capacity, r_max, lora_dropout, adapter_dtype)
+        self._setup(in_features, out_features, linear.weight, linear.bias, capacity, r_max, lora_dropout,
+                    adapter_dtype or linear.weight.dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, capacity: int = 8, r_max: int = 16, lora_dropout: float = 0.0,
@@ -63,22 +65,25 @@ class MultiLoRALinear(nn.Module):
         """Wrap an nn.Linear, sharing (not copying) its weight and bias; the weight is frozen."""
         if not isinstance(linear, nn.Linear) or is_conv1d(linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if is_bnb_linear4bit(linear):
+            raise TypeError("linear is a bitsandbytes Linear4bit: MultiLoRALinear4bit.from_bnb wraps it")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(linear.weight, linear.bias, capacity, r_max, lora_dropout, adapter_dtype)
+        layer._setup(linear.in_features, linear.out_features, linear.weight, linear.bias, capacity, r_max,
+                     lora_dropout, adapter_dtype or linear.weight.dtype)
         return layer
 
-    def _setup(self, weight, bias, capacity, r_max, lora_dropout, adapter_dtype) -> None:
+    def _setup(self, in_features, out_features, weight, bias, capacity, r_max, lora_dropout, adapter_dtype) -> None:
         for name, value in (("capacity", capacity), ("r_max", r_max)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         LoRAConfig(r=r_max, lora_dropout=lora_dropout)  # checks lora_dropout
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = out_features, in_features
         self.capacity, self.r_max, self.lora_dropout = capacity, r_max, float(lora_dropout)
         self.weight = weight
         self.weight.requires_grad_(False)
         self.bias = bias
-        factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
+        factory = {"device": weight.device, "dtype": adapter_dtype}
         self.lora_A = nn.Parameter(torch.zeros(capacity, r_max, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(capacity, self.out_features, r_max, **factory))
         self.register_buffer("scalings", torch.zeros(capacity, dtype=torch.float64))
@@ -211,15 +216,21 @@ class MultiLoRALinear(nn.Module):
         if self.adapter_disabled:
             if self.merged_adapter is not None:
                 raise RuntimeError(f"adapter {self.merged_adapter!r} is merged: unmerge() before disabling adapters")
-            return F.linear(x, self.weight, self.bias)
+            return self._forward(x, None)
         if adapter_ids is None:  # the whole batch on the active adapter (or on none)
             if self.active_adapter is None or self.merged_adapter is not None:
-                return F.linear(x, self.weight, self.bias)
+                return self._forward(x, None)
             adapter_ids = torch.full(x.shape[:-1], self.slots[self.active_adapter], dtype=torch.int64,
                                      device=x.device)
         elif self.merged_adapter is not None:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged into the weight: a batch that names "
                                "adapters needs the unmerged weight (unmerge() first)")
+        return self._forward(x, adapter_ids)
+
+    def _forward(self, x: Tensor, adapter_ids: Tensor | None) -> Tensor:
+        """Rows on their adapters (adapter_ids), or the base layer alone (None)."""
+        if adapter_ids is None:
+            return F.linear(x, self.weight, self.bias)
         return lora_linear_multi(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scalings, adapter_ids,
                                  self.ranks, self.dropouts, self.training)
 
@@ -306,14 +317,24 @@ def multi_lora_layers(model: nn.Module) -> list[tuple[str, MultiLoRALinear]]:
 
 def inject_multi_lora(model: nn.Module, target_modules: str | Iterable[str], capacity: int = 8, r_max: int = 16,
                       lora_dropout: float = 0.0, freeze_base: bool = True,
-                      adapter_dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every nn.Linear that target_modules names (inject_lora's rules) by a MultiLoRALinear."""
+                      adapter_dtype: torch.dtype | None = None, quantize: str | None = None) -> nn.Module:
+    """Replace every nn.Linear that target_modules names (inject_lora's rules) by a MultiLoRALinear; a bitsandbytes
+    Linear4bit (or, with quantize="nf4"/"fp4", every target quantized here) by a MultiLoRALinear4bit."""
+    from .modules4bit import MultiLoRALinear4bit
+
     names = [n for n in target_names(model, target_modules) if isinstance(model.get_submodule(n), nn.Linear)]
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear in the model")
     for name in names:
-        replace_module(model, name, MultiLoRALinear.from_linear(model.get_submodule(name), capacity, r_max,
-                                                                lora_dropout, adapter_dtype))
+        linear = model.get_submodule(name)
+        if is_bnb_linear4bit(linear):
+            layer = MultiLoRALinear4bit.from_bnb(linear, capacity, r_max, lora_dropout, adapter_dtype=adapter_dtype)
+        elif quantize is not None:
+            layer = MultiLoRALinear4bit.quantize(linear, capacity, r_max, lora_dropout, quant_type=quantize,
+                                                 adapter_dtype=adapter_dtype)
+        else:
+            layer = MultiLoRALinear.from_linear(linear, capacity, r_max, lora_dropout, adapter_dtype)
+        replace_module(model, name, layer)
     if freeze_base:
         mark_only_lora_as_trainable(model)
     return model

@@ -33,7 +33,7 @@ from .functional import dora_linear, lora_linear, lora_linear_multi
 from .model_setup import (_MODULES_TO_SAVE, inject_layers, lora_layers, mark_only_lora_as_trainable, matching_modules,
                           target_names)
 from .modules import LoRALinear, is_conv1d
-from .modules4bit import is_bnb_linear4bit
+from .weight4bit import is_bnb_linear4bit
 from .weight4bit import Weight4bit
 from .multi import MultiLoRALinear, common_free_slot, multi_lora_layers
 
@@ -98,6 +98,11 @@ def _unsupported_reason(layer) -> str | None:
         return f"LoRA variant(s) {sorted(others)} (other than DoRA)"
     if on_4bit and any(_is_dora(layer, name) for name in layer.lora_A):
         return "DoRA on a 4-bit base (QDoRA: not fused yet)"
+    if on_4bit:
+        try:
+            _weight4bit_of(base)  # checked now, so that a torch.compile'd first call finds it checked
+        except ValueError as error:
+            return f"its 4-bit weight is not read: {error}"
     if any(getattr(layer, "lora_bias", {}).values()):
         return "lora_bias=True"
     return None
@@ -138,7 +143,7 @@ def _fused_peft_forward(self, x, *args, **kwargs):
                              f"{x.shape[0] if x.dim() >= 2 else 1}: give one adapter name per sample")
     base = self.get_base_layer()
     if is_bnb_linear4bit(base):
-        return _fused_peft_4bit_forward(self, base, x, args, kwargs)
+        return _fused_peft_4bit_forward(self, base, x, args, kwargs, names)
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
     plain_call = (not args and not self.disable_adapters and not self.merged
                   and (x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type)))
@@ -147,8 +152,9 @@ def _fused_peft_forward(self, x, *args, **kwargs):
         if y is not None:
             return y
     active = [name for name in self.active_adapters if name in self.lora_A]
-    if not plain_call or kwargs or len(active) != 1 or not (_is_plain(self, active[0]) or _peft_dora(self, active[0])):
-        return type(self).forward(self, x, *args, **kwargs)
+    if (not plain_call or kwargs or names is not None or len(active) != 1
+            or not (_is_plain(self, active[0]) or _peft_dora(self, active[0]))):
+        return _peft_forward(self, x, args, kwargs, names)
     name = active[0]
     if _peft_dora(self, name):
         return _fused_peft_dora_forward(self, x, weight, base.bias, name)
@@ -174,33 +180,61 @@ def _fused_peft_dora_forward(layer, x, weight, bias, name: str):
                        weight_norm=norm)
 
 
-def _fused_peft_4bit_forward(self, base, x, args, kwargs):
-    """PEFT's LoRA layer on a bitsandbytes Linear4bit through lora_linear on its Weight4bit (the codes read in
-    place), computing as PEFT does: the base in the Linear4bit's compute dtype, the LoRA branch from float32 (or
-    the adapter's dtype), the result in x's dtype. Mixed batches, several adapters, merged or disabled adapters
-    and calls it cannot serve run PEFT's own forward."""
+def _peft_forward(layer, x, args, kwargs, names):
+    """PEFT's own forward of the layer, handed the adapter_batch() block's names as PEFT's adapter_names= (so that a
+    mixed batch the fused op cannot serve is PEFT's mixed batch, never every row on the active adapter; PEFT
+    refuses it in training)."""
+    if names is not None and "adapter_names" not in kwargs:
+        kwargs = {**kwargs, "adapter_names": names}
+    return type(layer).forward(layer, x, *args, **kwargs)
+
+
+def _fused_peft_4bit_forward(self, base, x, args, kwargs, names):
+    """PEFT's LoRA layer on a bitsandbytes Linear4bit through lora_linear (lora_linear_multi for a mixed batch) on
+    its Weight4bit (the codes read in place), computing as PEFT does: the base in the Linear4bit's compute dtype,
+    the LoRA branch from float32 (or the adapter's dtype), the result in x's dtype. Several active adapters, merged
+    or disabled adapters and calls it cannot serve run PEFT's own forward."""
     active = [name for name in self.active_adapters if name in self.lora_A]
     compute = base.compute_dtype or x.dtype
-    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or not _is_plain(self, active[0])
-            or torch.is_autocast_enabled(x.device.type) or not x.is_floating_point()):
-        return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
-    lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
-    if lora_A.dtype != compute and not (lora_A.dtype == torch.float32 and compute in (torch.float16, torch.bfloat16)):
-        return type(self).forward(self, x, *args, **kwargs)
+    used = active if names is None else [n for n in dict.fromkeys(names) if n != BASE_ONLY and n in self.lora_A]
+    if (args or set(kwargs) - {"adapter_names"} or self.disable_adapters or self.merged or not used
+            or (names is None and len(active) != 1) or not all(_is_plain(self, n) for n in used)
+            or torch.is_autocast_enabled(x.device.type) or not x.is_floating_point()
+            or not all(_adapter_fits(self.lora_A[n].weight.dtype, compute) for n in used)):
+        return _peft_forward(self, x, args, kwargs, names)
     weight = _weight4bit_of(base)
     bias = base.bias if base.bias is None or base.bias.dtype == compute else base.bias.to(compute)
-    y = lora_linear(x.to(compute), weight, bias, lora_A, lora_B, self.scaling[name], _dropout_p(self, name),
-                    self.lora_dropout[name].training)
+    if names is None:
+        name = active[0]
+        y = lora_linear(x.to(compute), weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                        self.scaling[name], _dropout_p(self, name), self.lora_dropout[name].training)
+    else:
+        y = _fused_mixed_batch(self, x.to(compute), weight, bias, names)
+        if y is None:
+            return _peft_forward(self, x, args, kwargs, names)
     return y.to(x.dtype)
 
 
+def _adapter_fits(adapter_dtype: torch.dtype, compute: torch.dtype) -> bool:
+    """Whether the fused op takes adapters of this dtype on this compute dtype (its own, or float32 on 16 bits)."""
+    return adapter_dtype == compute or (adapter_dtype == torch.float32 and compute in (torch.float16, torch.bfloat16))
+
+
 def _weight4bit_of(base: nn.Module) -> Weight4bit:
-    """The Weight4bit over a Linear4bit's Params4bit, kept on the layer while its data and quant_state stay."""
+    """The Weight4bit over a Linear4bit's Params4bit (its tensors shared), read again whenever its data or
+    quant_state change. Eager calls check the quant_state (Weight4bit.from_bnb, also done when the model is
+    patched) and keep the result on the layer; a call inside torch.compile reads the tensors as they are
+    (Weight4bit.over_bnb: data_ptr and the table checks cannot be traced) once that quant_state was checked."""
     param = base.weight
+    state = param.quant_state
     cached = base.__dict__.get("_lora_kernels_weight4bit")
-    key = (param.data.data_ptr(), id(param.quant_state), param.quant_state.absmax.data_ptr())
-    if cached is None or cached[0] != key:
+    if torch.compiler.is_compiling():
+        if cached is None or cached[0][1] is not state:
+            raise RuntimeError("this Linear4bit's quant_state changed since it was last run or patched: run the model "
+                               "once without torch.compile (or patch_peft_model it again) so that it is checked")
+        return Weight4bit.over_bnb(param, cached[1])
+    key = (param.data.data_ptr(), state, state.absmax.data_ptr())
+    if cached is None or cached[0][0] != key[0] or cached[0][1] is not state or cached[0][2] != key[2]:
         cached = (key, Weight4bit.from_bnb(param))
         base.__dict__["_lora_kernels_weight4bit"] = cached
     return cached[1]

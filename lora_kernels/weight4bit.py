@@ -61,17 +61,17 @@ def code_table(quant_type: str, device=None) -> Tensor:
 def dynamic_code() -> Tensor:
     """bitsandbytes' signed 8-bit dynamic map (256 sorted float32 values in [-1, 1]) that codes double-quantized
     scales: for each exponent 10^-6 .. 10^0, the midpoints of an evenly spaced fraction grid, both signs, plus
-    0 and 1."""
-    values: list[float] = []
-    exponent_bits, fraction_bits = 7, 0  # signed, 8 bits: 7 exponent bits, no fixed fraction bits
+    0 and 1. Tensor operations only (each product rounded to float32 as bitsandbytes' list of floats is), so that a
+    Weight4bit can be built inside a torch.compile'd function."""
+    exponent_bits = 7  # signed, 8 bits: 7 exponent bits, no fixed fraction bits
+    parts = []
     for i in range(exponent_bits):
-        grid = torch.linspace(0.1, 1, 2 ** (i + fraction_bits) + 1, dtype=torch.float32)
+        grid = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
         midpoints = (grid[:-1] + grid[1:]) / 2.0
         scale = 10 ** (-(exponent_bits - 1) + i)
-        values += (scale * midpoints).tolist() + (-scale * midpoints).tolist()
-    values += [0.0, 1.0]
-    values.sort()
-    return torch.tensor(values, dtype=torch.float32)
+        parts += [scale * midpoints, -scale * midpoints]
+    parts.append(torch.tensor([0.0, 1.0], dtype=torch.float32))
+    return torch.cat(parts).sort().values
 
 
 def _scaled_blocks(flat: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
@@ -122,16 +122,18 @@ class Weight4bit:
     nested_absmax: Tensor | None = None
     offset: Tensor | None = None
     _bnb_codes: Tensor | None = field(default=None, repr=False)  # the Params4bit data this was read from
-    # the 16-entry table and (double quantization) the 256-entry map, on the codes' device: set here once, so that
-    # a call under torch.compile reads attributes only
-    table: Tensor = field(init=False, repr=False)
-    nested_code: Tensor | None = field(init=False, repr=False)
+    # the 16-entry table and (double quantization) the 256-entry map, on the codes' device: made here once (or
+    # taken from a weight of the same format: over_bnb), so that a call under torch.compile reads attributes only
+    table: Tensor | None = field(default=None, repr=False)
+    nested_code: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
         check_weight4bit(self)
-        self.table = code_table(self.quant_type, self.codes.device)
-        self.nested_code = dynamic_code().to(self.codes.device) if self.nested_absmax is not None else None
+        if self.table is None:
+            self.table = code_table(self.quant_type, self.codes.device)
+        if self.nested_code is None and self.nested_absmax is not None:
+            self.nested_code = dynamic_code().to(self.codes.device)
 
     # -- what it is ------------------------------------------------------------------------------------------
     @property
@@ -221,19 +223,32 @@ class Weight4bit:
         if getattr(state, "packing_format_for_cpu", False):
             raise ValueError("this Params4bit was repacked by bitsandbytes' CPU inference path (its codes are no longer "
                              "in the 4-bit layout): wrap the Linear4bit before running it without gradients")
-        codes = param.data.reshape(-1).view(torch.uint8)
-        nested_absmax = offset = None
         if state.nested:
             if state.state2.blocksize != NESTED_BLOCKSIZE:
                 raise ValueError(f"double quantization with blocks of {state.state2.blocksize} scales is not read "
                                  f"(bitsandbytes writes {NESTED_BLOCKSIZE})")
             if not torch.equal(state.state2.code.cpu(), dynamic_code()):
                 raise ValueError("the double-quantized scales use a code map other than bitsandbytes' dynamic map")
-            nested_absmax, offset = state.state2.absmax, torch.as_tensor(state.offset, dtype=torch.float32)
         if not torch.equal(state.code.float().cpu(), code_table(state.quant_type)):
             raise ValueError(f"quant_state.code is not bitsandbytes' {state.quant_type} table")
+        return cls.over_bnb(param)
+
+    @classmethod
+    def over_bnb(cls, param, checked: "Weight4bit | None" = None) -> "Weight4bit":
+        """from_bnb without its checks (data-dependent), for a Params4bit whose quant_state from_bnb has accepted
+        (`checked`, whose tables are reused): how it is read inside a torch.compile'd function."""
+        state = param.quant_state
+        codes = param.data.reshape(-1).view(torch.uint8)
+        nested_absmax = offset = None
+        if state.nested:
+            nested_absmax = state.state2.absmax
+            offset = torch.as_tensor(state.offset, dtype=torch.float32).to(codes.device)
+        tables = {}
+        if checked is not None:
+            tables = {"table": checked.table.to(codes.device),
+                      "nested_code": None if checked.nested_code is None else checked.nested_code.to(codes.device)}
         return cls(codes, state.absmax, tuple(state.shape), state.blocksize, state.quant_type, state.dtype,
-                   nested_absmax, offset.to(codes.device) if offset is not None else None, _bnb_codes=param.data)
+                   nested_absmax, offset, _bnb_codes=param.data, **tables)
 
     def quant_state(self):
         """A bitsandbytes QuantState describing this weight (its tensors shared)."""
@@ -348,3 +363,9 @@ def quantize_4bit(weight: Tensor, blocksize: int, quant_type: str) -> tuple[Tens
     nibbles = order[_nearest(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2)), table[order])]
     nibbles = nibbles.to(torch.uint8)
     return (nibbles[0::2] << 4) | nibbles[1::2], absmax
+
+
+def is_bnb_linear4bit(module) -> bool:
+    """Whether module is a bitsandbytes Linear4bit (checked by its weight's class: no import of bitsandbytes)."""
+    weight = getattr(module, "weight", None)
+    return type(weight).__name__ == "Params4bit" and hasattr(weight, "quant_state")
