@@ -556,3 +556,224 @@ def test_dtype_casts_keep_the_4bit_scales_in_float32(dtype):
             assert buffer.dtype == scales[name].dtype and torch.equal(buffer, scales[name]), name
     assert cast.lora_A.dtype == dtype
     torch.testing.assert_close(cast(x.to(dtype)).float(), expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+
+
+# ---- PEFT QLoRA models: torch.compile and mixed batches ------------------------------------------------------
+
+
+def _graph_ops(captured):
+    return [str(n.target) for gm in captured for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@needs_bnb
+def test_patched_qlora_layers_compile_fullgraph_onto_the_4bit_op(tmp_path):
+    """A patched PEFT QLoRA layer under torch.compile(fullgraph=True): one graph holding lora_kernels' 4-bit op (not
+    bitsandbytes' path), the eager numbers, no recompile when the adapter's values change; the whole model compiles
+    too (it raised RecursionError in bitsandbytes' __torch_function__ after a graph break at data_ptr)."""
+    from lora_kernels.peft import patch_peft_model
+
+    ours, _ = _qlora_models(torch.float32, tmp_path)
+    patch_peft_model(ours)
+    layer = ours.base_model.model.model.layers[0].mlp.down_proj
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    x = torch.randn(2, 5, 256, requires_grad=True)
+    y = compiled(x)
+    expected = layer(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    (grad_x,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad_x, torch.autograd.grad(expected.sum(), x)[0], rtol=0, atol=0)
+    ops = _graph_ops(captured)
+    assert "lora_kernels.lora_linear_4bit.default" in ops and not any("bitsandbytes" in op for op in ops), ops
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(3)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    assert len(captured) == 1  # no recompile
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(ours, backend="eager")(ids).logits, ours(ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@needs_bnb
+def test_adapter_batch_on_a_patched_qlora_model_serves_each_row_on_its_adapter(tmp_path):
+    """adapter_batch on a PEFT QLoRA model: each sample on its adapter through lora_linear_multi on the 4-bit base
+    (it served every row on the active adapter: off by 2.4 on a toy model), logits equal to PEFT's own mixed batch
+    and, in training, the gradients of PEFT's mixed batch; a batch with an adapter the fused op cannot serve is
+    PEFT's layers' mixed batch, never the active adapter for every row."""
+    from lora_kernels.peft import adapter_batch, patch_peft_model
+
+    peft = pytest.importorskip("peft")
+    ours, theirs = _qlora_models(torch.float32, tmp_path)
+    for model in (ours, theirs):
+        torch.manual_seed(2)
+        model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear"))
+        for name, p in model.named_parameters():
+            if "lora_B.b" in name:
+                torch.nn.init.normal_(p, std=0.05)
+            p.requires_grad_("lora_" in name)
+    patch_peft_model(ours)
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    names = ["b", "__base__", "default"]
+    theirs.eval()
+    out_theirs = theirs(ids, labels=ids, adapter_names=names)
+    with adapter_batch(ours.train(), names):
+        out_ours = ours(ids, labels=ids)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-4, atol=1e-4)
+    assert (out_ours.logits[0] - theirs(ids[:1], adapter_names=["default"]).logits[0]).abs().max() > 1e-3
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+    # an adapter the fused op does not serve (its dtype: float64 on a float32 compute dtype): PEFT's mixed batch
+    for model in (ours, theirs):
+        layer = model.base_model.model.model.layers[0].mlp.down_proj
+        layer.lora_A["b"].double()
+        layer.lora_B["b"].double()
+    with torch.no_grad(), adapter_batch(ours.eval(), names):
+        torch.testing.assert_close(ours(ids).logits, theirs(ids, adapter_names=names).logits, rtol=1e-4, atol=1e-4)
+
+
+# ---- MultiLoRALinear4bit: one 4-bit base, many adapters --------------------------------------------------------
+
+
+def _multi_pair(dtype=torch.float32, adapter_dtype=None):
+    """A MultiLoRALinear4bit and a MultiLoRALinear on its dequantized weight, holding the same two adapters."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(129, 37).to(dtype)
+    ours = lk.MultiLoRALinear4bit.quantize(linear, capacity=3, r_max=8, adapter_dtype=adapter_dtype)
+    dense = torch.nn.Linear(129, 37).to(dtype)
+    with torch.no_grad():
+        dense.weight.copy_(ours.base_weight().dequantize(dtype))
+        dense.bias.copy_(linear.bias)
+    plain = lk.MultiLoRALinear.from_linear(dense, capacity=3, r_max=8, adapter_dtype=adapter_dtype)
+    for layer in (ours, plain):
+        torch.manual_seed(1)
+        layer.add_adapter("a", r=3, lora_alpha=6)
+        layer.add_adapter("b", r=8, lora_alpha=4, use_rslora=True)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.1)
+    return ours, plain
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.bfloat16, torch.float32), (torch.float16, None)], ids=str)
+def test_multi_lora_linear4bit_is_multi_lora_linear_on_the_dequantized_weight(dtype, adapter_dtype):
+    ours, plain = _multi_pair(dtype, adapter_dtype)
+    x = torch.randn(6, 129).to(dtype)
+    names = ["a", None, "b", "b", "a", None]
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    results = []
+    for layer in (ours, plain):
+        xg = x.clone().requires_grad_()
+        y = layer(xg, adapter_names=names)
+        y.float().square().sum().backward()
+        results.append((y, xg.grad, layer.lora_A.grad, layer.lora_B.grad, layer.bias.grad))
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dbias"), *results):
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"{name}: {m}")
+    with torch.no_grad():
+        for setup in (lambda m: m.set_adapter("b"), lambda m: m.set_adapter(None),
+                      lambda m: setattr(m, "adapter_disabled", True)):
+            setup(ours), setup(plain)
+            torch.testing.assert_close(ours(x).float(), plain(x).float(), **tol)
+
+
+def test_multi_lora_linear4bit_state_merging_and_casts():
+    ours, plain = _multi_pair()
+    x = torch.randn(4, 129)
+    names = ["b", "a", None, "a"]
+    state = ours.state_dict()
+    assert {"weight.absmax", "weight.quant_state.bitsandbytes__nf4", "lora_A", "scalings"} <= set(state)
+    again = lk.MultiLoRALinear4bit.quantize(torch.nn.Linear(129, 37), capacity=3, r_max=8)
+    again.load_state_dict(state)
+    assert torch.equal(again(x, adapter_names=names), ours(x, adapter_names=names))
+    assert torch.equal(again.base_weight().codes, ours.base_weight().codes)
+    wrong = lk.MultiLoRALinear4bit.quantize(torch.nn.Linear(129, 37), capacity=3, r_max=8, blocksize=128)
+    with pytest.raises(RuntimeError, match="cannot be loaded"):
+        wrong.load_state_dict(state)
+
+    with pytest.raises(RuntimeError, match="merge_and_unload"):
+        ours.merge("a")
+    merged = ours.merge_and_unload("b")
+    assert type(merged) is torch.nn.Linear
+    torch.testing.assert_close(merged(x), plain(x, adapter_names=["b"] * 4), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(x, adapter_names=names), plain(x, adapter_names=names), rtol=1e-5, atol=1e-5)
+
+    scales = {n: b.clone() for n, b in ours.named_buffers() if n.startswith("weight_")}
+    ours.to(torch.bfloat16)
+    assert ours.scalings.dtype == torch.float64
+    for name, buffer in ours.named_buffers():
+        if name in scales:
+            assert torch.equal(buffer, scales[name]), name
+    torch.testing.assert_close(ours(x.bfloat16(), adapter_names=names).float(), plain(x, adapter_names=names),
+                               rtol=3e-2, atol=3e-2)
+
+
+def test_multi_lora_linear4bit_compiles_without_recompiles_when_adapters_change():
+    ours, _ = _multi_pair()
+    ours.remove_adapter("b")
+    counts = {"n": 0}
+
+    def backend(gm, example_inputs):
+        counts["n"] += 1
+        return gm.forward
+
+    compiled = torch.compile(ours, fullgraph=True, backend=backend)
+    x = torch.randn(4, 129)
+    ids = torch.tensor([0, -1, 0, 0])
+    torch.testing.assert_close(compiled(x, adapter_ids=ids), ours(x, adapter_ids=ids), rtol=0, atol=0)
+    ours.add_adapter("c", r=5, lora_alpha=10)
+    ids = torch.tensor([0, 1, -1, 1])
+    torch.testing.assert_close(compiled(x, adapter_ids=ids), ours(x, adapter_ids=ids), rtol=0, atol=0)
+    assert counts["n"] == 1
+
+
+def test_inject_multi_lora_quantize_nf4():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32))
+    dense = [m.weight.detach().clone() for m in model if isinstance(m, torch.nn.Linear)]
+    lk.inject_multi_lora(model, "all-linear", capacity=2, r_max=4, quantize="nf4")
+    layers = [m for m in model if isinstance(m, lk.MultiLoRALinear4bit)]
+    assert len(layers) == 2
+    for layer, w in zip(layers, dense):
+        assert torch.equal(layer.base_weight().codes, Weight4bit.quantize(w, 64, "nf4", True).codes)
+    lk.add_adapter(model, "a", r=4)
+    with lk.adapter_batch(model, ["a", None, "a"]):
+        model(torch.randn(3, 64)).sum().backward()
+    assert all(layer.lora_A.grad is not None for layer in layers)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
+
+
+@needs_bnb
+def test_inject_multi_lora_wraps_bitsandbytes_linear4bit_layers(tmp_path):
+    """inject_multi_lora on a transformers model loaded in 4 bits wraps every Linear4bit as a MultiLoRALinear4bit
+    sharing its codes (it wrapped them as MultiLoRALinear layers sized by the packed weight, [n, 1]); with adapters
+    at B = 0 every row is the 4-bit base model; MultiLoRALinear.from_linear refuses a Linear4bit."""
+    import bitsandbytes as bnb
+
+    base = _qlora_base(torch.float32, tmp_path)
+    model = base()
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, bnb.nn.Linear4bit)
+    with pytest.raises(TypeError, match="MultiLoRALinear4bit"):
+        lk.MultiLoRALinear.from_linear(down)
+    codes = down.weight.data_ptr()
+    lk.inject_multi_lora(model, "all-linear", capacity=2, r_max=4)
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, lk.MultiLoRALinear4bit) and layer.weight.data_ptr() == codes
+    assert (layer.in_features, layer.out_features) == (256, 128)
+    lk.add_adapter(model, "a", r=4)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), lk.adapter_batch(model, ["a", None]):
+        torch.testing.assert_close(model(ids).logits, base()(ids).logits, rtol=1e-5, atol=1e-5)
+    unloaded = layer.unload()
+    assert type(unloaded) is bnb.nn.Linear4bit and unloaded.weight.data_ptr() == codes
