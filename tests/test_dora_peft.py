@@ -182,3 +182,19 @@ def test_inject_lora_use_dora_starts_as_the_base_model_and_trains_every_part():
     assert any(k.endswith("lora_magnitude") for k in state)
     with pytest.raises(NotImplementedError, match="QDoRA"):
         lk.inject_lora(_llama(), ["q_proj"], use_dora=True, quantize="nf4")
+
+
+def test_adapter_batch_with_a_dora_adapter_is_refused_not_served_on_the_active_adapter():
+    """A mixed batch naming a DoRA adapter is not fused: it is handed to PEFT's own mixed batch, which refuses DoRA.
+    It used to run every row on the active adapter (off by 1.46 on this layer)."""
+    from lora_kernels.peft import adapter_batch
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(64, 32)),
+                                peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    model.add_adapter("d", peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False, use_dora=True))
+    patch_peft_model(model.eval())
+    with torch.no_grad(), adapter_batch(model, ["default", "d", "__base__", "d"]):
+        with pytest.raises(ValueError, match="DoRA"):
+            model(torch.randn(4, 64))
