@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import validation
 from .config import LoRAConfig
 from .functional import lora_linear, lora_linear_multi, merge_
 from .modules import LoRALinear, linear_holding
@@ -24,16 +25,24 @@ from .weight4bit import Weight4bit, is_bnb_linear4bit
 
 __all__ = ["LoRALinear4bit", "MultiLoRALinear4bit"]
 
-_SCALE_BUFFERS = ("absmax", "nested_absmax", "offset")
+_SCALES = ("absmax", "nested_absmax", "offset")
+
+
+def _as_bytes(t: Tensor) -> Tensor:
+    """A scale tensor's bytes (uint8, 1-D, shared): how the layer holds its scales."""
+    return t.reshape(-1).view(torch.uint8)
 
 
 class _Holds4bitWeight:
     """The frozen 4-bit base weight of a layer, held as bitsandbytes' Linear4bit holds it.
 
     The codes are the Parameter ``weight`` (uint8 [out·in/2, 1], frozen, as bitsandbytes stores them, so that .to()
-    and optimizers see the layer as they see a Linear4bit); the scales are buffers (float32 through dtype casts);
-    the state dict carries bitsandbytes' keys. compute_dtype: the dtype the layer computes in (x is cast to it and
-    the result back, as bitsandbytes' Linear4bit does); None: x's.
+    and optimizers see the layer as they see a Linear4bit). The scales are frozen Parameters too, ``weight_absmax``,
+    ``weight_nested_absmax`` and ``weight_offset``, each held as its bytes (uint8, 1-D): FSDP2 shards and all-gathers
+    them with the codes (4-bit data on the wire, each rank holding its shard of codes and scales), and no dtype
+    cast (.half(), an FSDP2 mixed-precision param_dtype) can round them. The state dict carries bitsandbytes' keys
+    (FSDP2's sharded state dict: these parameters, as DTensor shards). compute_dtype: the dtype the layer computes
+    in (x is cast to it and the result back, as bitsandbytes' Linear4bit does); None: x's.
     """
 
     compute_dtype: torch.dtype | None
@@ -42,37 +51,42 @@ class _Holds4bitWeight:
         if not isinstance(weight, Weight4bit):
             raise TypeError(f"weight must be a Weight4bit, got {type(weight).__name__}")
         self.weight = nn.Parameter(weight.codes.view(-1, 1), requires_grad=False)
-        for name in _SCALE_BUFFERS:
-            self.register_buffer(f"weight_{name}", getattr(weight, name), persistent=False)  # in bnb's keys instead
+        for name in _SCALES:
+            value = getattr(weight, name)
+            self.register_parameter(f"weight_{name}", None if value is None else
+                                    nn.Parameter(_as_bytes(value), requires_grad=False))
         self.weight_format = (weight.shape, weight.blocksize, weight.quant_type, weight.dtype)
-        self.__dict__["_weight4bit"] = weight
+        self.__dict__["_weight4bit"] = (self._weight_sources(), weight)
+
+    def _weight_sources(self) -> tuple:
+        return tuple(self._parameters.get(name) for name in ("weight", *(f"weight_{n}" for n in _SCALES)))
 
     def base_weight(self) -> Weight4bit:
-        """W0 as a Weight4bit over this layer's current tensors (rebuilt after .to(), a load or a merge)."""
+        """W0 as a Weight4bit over this layer's current tensors (rebuilt after .to(), a load, a merge, or FSDP2's
+        swap of its parameters)."""
         cached = self.__dict__.get("_weight4bit")
-        if cached is None:
-            cached = self._weight4bit_now()
+        sources = self._weight_sources()
+        if cached is None or any(a is not b for a, b in zip(cached[0], sources)):
+            cached = (sources, self._weight4bit_now())
             self.__dict__["_weight4bit"] = cached
-        return cached
+        return cached[1]
 
     def _weight4bit_now(self) -> Weight4bit:
+        validation.check_not_distributed_tensor(weight=self.weight)  # FSDP2's shards outside forward
         shape, blocksize, quant_type, dtype = self.weight_format
-        return Weight4bit(self.weight.data.reshape(-1), self.weight_absmax, shape, blocksize, quant_type, dtype,
-                          self.weight_nested_absmax, self.weight_offset)
+        nested = self.weight_nested_absmax
+        absmax = self.weight_absmax if nested is not None else self.weight_absmax.view(torch.float32)
+        return Weight4bit(self.weight.data.reshape(-1), absmax, shape, blocksize, quant_type, dtype,
+                          None if nested is None else nested.view(torch.float32),
+                          None if nested is None else self.weight_offset.view(torch.float32).reshape(()))
 
     def _weight_changed(self) -> None:
-        # built now, eagerly (the codes or scales may be new tensors): a torch.compile'd call then reads attributes
-        self.__dict__["_weight4bit"] = self._weight4bit_now()
+        # built now, eagerly (a torch.compile'd call then reads attributes), except over FSDP2's shards
+        sharded = validation.is_dtensor(self.weight)
+        self.__dict__["_weight4bit"] = None if sharded else (self._weight_sources(), self._weight4bit_now())
 
     def _apply(self, fn, *args, **kwargs):
-        # The scales stay float32 through dtype casts (.half(), .to(torch.bfloat16)): bitsandbytes keeps them so,
-        # the kernels read them so, and a 16-bit copy would round them. A device move still moves them.
-        scales = {name: self._buffers.get(f"weight_{name}") for name in _SCALE_BUFFERS}
-        super()._apply(fn, *args, **kwargs)
-        for name, before in scales.items():
-            now = self._buffers.get(f"weight_{name}")
-            if before is not None and now is not None and now.dtype != before.dtype:
-                self._buffers[f"weight_{name}"] = before.to(device=now.device)
+        super()._apply(fn, *args, **kwargs)  # codes and scales are uint8: dtype casts leave them, moves move them
         self._weight_changed()
         return self
 
@@ -99,8 +113,10 @@ class _Holds4bitWeight:
     def _replace_weight(self, weight: Weight4bit) -> None:
         with torch.no_grad():
             self.weight.data = weight.codes.view(-1, 1)
-            for name in _SCALE_BUFFERS:
-                setattr(self, f"weight_{name}", getattr(weight, name))
+            for name in _SCALES:
+                value = getattr(weight, name)
+                if value is not None:
+                    getattr(self, f"weight_{name}").data = _as_bytes(value)
         self._weight_changed()
 
     def _dense_with(self, original: Weight4bit, lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype,
@@ -129,28 +145,36 @@ class _Holds4bitWeight:
         return layer
 
     # -- state dict: bitsandbytes' keys ---------------------------------------------------------------------
-    def _save_weight4bit(self, destination, prefix, keep_vars, w4: Weight4bit) -> None:
-        for key, value in w4.state_dict_entries(prefix + "weight").items():
+    def _save_weight4bit(self, destination, prefix, keep_vars, w4: Weight4bit | None = None) -> None:
+        """After nn.Module's entries: bitsandbytes' keys of w4 (default: the layer's weight) in place of the scale
+        parameters (kept as they are, DTensor shards, when FSDP2 holds the layer sharded)."""
+        if validation.is_dtensor(self.weight):
+            return
+        for name in _SCALES:
+            destination.pop(prefix + f"weight_{name}", None)
+        for key, value in (w4 or self.base_weight()).state_dict_entries(prefix + "weight").items():
             destination[key] = value if keep_vars else value.detach()
 
     def _load_weight4bit(self, state_dict, prefix, error_msgs) -> dict | None:
-        """Read bitsandbytes' keys of the weight into this layer's scales (the codes are loaded as `weight` by
-        nn.Module); returns the state dict without the scale keys, or None (an error recorded) if the loaded
-        weight has another format."""
+        """bitsandbytes' keys of the weight turned into this layer's scale parameters (for nn.Module to load);
+        returns the state dict so rewritten, or None (an error recorded) if the loaded weight has another format.
+        A state dict holding the scale parameters themselves (FSDP2's) is returned as it is."""
         quantized = [k for k in state_dict if k.startswith(prefix + "weight.")]
         if not quantized:
             return state_dict
         loaded = Weight4bit.from_state_dict(state_dict, prefix + "weight")
         if (loaded.shape, loaded.blocksize, loaded.quant_type) != self.weight_format[:3] or \
-                loaded.double_quant != self.base_weight().double_quant:
-            error_msgs.append(f"{prefix}weight: a {loaded} cannot be loaded into a layer holding {self.base_weight()}")
+                loaded.double_quant != (self.weight_nested_absmax is not None):
+            error_msgs.append(f"{prefix}weight: a {loaded} cannot be loaded into a layer holding "
+                              f"{self.weight_format[2]} {self.weight_format[0]} blocksize {self.weight_format[1]}"
+                              + (" double quantized" if self.weight_nested_absmax is not None else ""))
             return None
-        with torch.no_grad():
-            for name in _SCALE_BUFFERS:
-                mine = getattr(self, f"weight_{name}")
-                if mine is not None:
-                    mine.copy_(getattr(loaded, name))
-        return {k: v for k, v in state_dict.items() if k not in quantized}
+        state_dict = {k: v for k, v in state_dict.items() if k not in quantized}
+        for name in _SCALES:
+            value = getattr(loaded, name)
+            if value is not None:
+                state_dict[prefix + f"weight_{name}"] = _as_bytes(value)
+        return state_dict
 
     def _extra_repr_4bit(self) -> str:
         shape, blocksize, quant_type, dtype = self.weight_format
@@ -280,7 +304,7 @@ class LoRALinear4bit(_Holds4bitWeight, LoRALinear):
     # -- state dict -----------------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        self._save_weight4bit(destination, prefix, keep_vars, self._unmerged if self.merged else self.base_weight())
+        self._save_weight4bit(destination, prefix, keep_vars, self._unmerged if self.merged else None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -378,7 +402,7 @@ class MultiLoRALinear4bit(_Holds4bitWeight, MultiLoRALinear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        self._save_weight4bit(destination, prefix, keep_vars, self.base_weight())
+        self._save_weight4bit(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -1,7 +1,8 @@
 """One rank of the distributed tests (tests/test_distributed.py starts two of them on gloo).
 
     python tests/distributed_worker.py {ddp|fsdp2} OUT_DIR      (RANK, WORLD_SIZE, MASTER_ADDR/PORT set;
-                                                                 LORA_KERNELS_TEST_DORA=1: DoRA layers)
+                                                                 LORA_KERNELS_TEST_DORA=1: DoRA layers;
+                                                                 LORA_KERNELS_TEST_4BIT=1: NF4 bases)
 
 Trains the small model of `build_model` for STEPS steps on this rank's shard of a
 fixed global batch, with dropout on, then merges every LoRA layer and saves the
@@ -27,10 +28,15 @@ class TinyModel(nn.Module):
     """Two LoRA layers with dropout and an in-place op on the first one's output (h.mul_),
     the pattern that loses FSDP2's pre-backward hook when a layer returns a view."""
 
-    def __init__(self, use_dora: bool = False):
+    def __init__(self, use_dora: bool = False, four_bit: bool = False):
         super().__init__()
-        self.up = lora_kernels.LoRALinear(D_IN, D_HIDDEN, r=4, lora_alpha=8, lora_dropout=0.1, use_dora=use_dora)
-        self.down = lora_kernels.LoRALinear(D_HIDDEN, D_OUT, r=4, lora_alpha=8, lora_dropout=0.1, use_dora=use_dora)
+        options = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1}
+        if four_bit:  # NF4 bases, double quantized, quantized from the same float layers
+            self.up = lora_kernels.LoRALinear4bit.quantize(nn.Linear(D_IN, D_HIDDEN), **options)
+            self.down = lora_kernels.LoRALinear4bit.quantize(nn.Linear(D_HIDDEN, D_OUT), **options)
+        else:
+            self.up = lora_kernels.LoRALinear(D_IN, D_HIDDEN, use_dora=use_dora, **options)
+            self.down = lora_kernels.LoRALinear(D_HIDDEN, D_OUT, use_dora=use_dora, **options)
 
     def forward(self, x):
         h = self.up(x)
@@ -38,10 +44,15 @@ class TinyModel(nn.Module):
         return self.down(torch.relu(h))
 
 
+def four_bit() -> bool:
+    return os.environ.get("LORA_KERNELS_TEST_4BIT") == "1"
+
+
 def build_model() -> TinyModel:
-    """DoRA layers when LORA_KERNELS_TEST_DORA=1 (their norm cache must see FSDP2's re-gathered parameters)."""
+    """DoRA layers when LORA_KERNELS_TEST_DORA=1 (their norm cache must see FSDP2's re-gathered parameters), NF4 bases
+    when LORA_KERNELS_TEST_4BIT=1 (FSDP2 shards their codes and scales)."""
     torch.manual_seed(0)
-    model = TinyModel(use_dora=os.environ.get("LORA_KERNELS_TEST_DORA") == "1")
+    model = TinyModel(use_dora=os.environ.get("LORA_KERNELS_TEST_DORA") == "1", four_bit=four_bit())
     for layer in (model.up, model.down):
         nn.init.normal_(layer.lora_B, std=0.1)  # not the zero init: gradients reach lora_A from step one
     return model
@@ -65,9 +76,30 @@ def merged_weights(model: TinyModel) -> dict[str, torch.Tensor]:
     out = {}
     for name in ("up", "down"):
         layer = getattr(model, name)
+        if isinstance(layer, lora_kernels.LoRALinear4bit):  # how QLoRA adapters ship: a float layer, W0 + s·BA
+            out[name] = layer.merge_and_unload(torch.float32).weight.detach().clone()
+            continue
         layer.merge()
         out[name] = layer.weight.detach().clone()
     return out
+
+
+def check_4bit_shards(model: TinyModel, world: int) -> None:
+    """Each rank holds its shard of the codes and of every scale (uint8 DTensors: what the all-gather moves is the
+    4-bit data), and a sharded layer refuses to build its weight outside forward."""
+    for layer in (model.up, model.down):
+        for name in ("weight", "weight_absmax", "weight_nested_absmax", "weight_offset"):
+            param = getattr(layer, name)
+            assert param.dtype == torch.uint8 and not param.requires_grad, (name, param.dtype)
+            local = param.to_local()
+            assert local.numel() <= -(-param.numel() // world), (name, local.numel(), param.numel())
+        assert layer.weight.numel() * 2 == layer.in_features * layer.out_features
+        try:
+            layer.base_weight()
+        except TypeError as error:
+            assert "DTensor" in str(error), error
+        else:
+            raise AssertionError("a 4-bit weight was built over FSDP2's shards")
 
 
 def main(mode: str, out_dir: str) -> None:
@@ -90,19 +122,22 @@ def main(mode: str, out_dir: str) -> None:
         wrapped = fully_shard(model, mesh=mesh)
         # Outside forward, FSDP2's parameters are DTensor shards: the op must refuse them, not run on a shard.
         assert isinstance(model.up.weight, DTensor)
-        try:
-            lora_kernels.lora_linear(torch.randn(2, D_IN), model.up.weight, None, model.up.lora_A,
-                                     model.up.lora_B, 2.0)
-        except TypeError as error:
-            assert "DTensor" in str(error), error
+        if four_bit():
+            check_4bit_shards(model, world)
         else:
-            raise AssertionError("lora_linear ran on DTensor shards")
-        try:
-            model.up.merge()
-        except TypeError as error:
-            assert "DTensor" in str(error), error
-        else:
-            raise AssertionError("merge ran on a DTensor shard")
+            try:
+                lora_kernels.lora_linear(torch.randn(2, D_IN), model.up.weight, None, model.up.lora_A,
+                                         model.up.lora_B, 2.0)
+            except TypeError as error:
+                assert "DTensor" in str(error), error
+            else:
+                raise AssertionError("lora_linear ran on DTensor shards")
+            try:
+                model.up.merge()
+            except TypeError as error:
+                assert "DTensor" in str(error), error
+            else:
+                raise AssertionError("merge ran on a DTensor shard")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     torch.manual_seed(1)  # the same dropout seeds on every rank (as nn.Dropout with one manual_seed)
     losses = []

@@ -74,11 +74,14 @@ def _single_process_replay() -> dict:
     return {"params": params, "merged": worker.merged_weights(model)}
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "nf4"])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_training_across_two_ranks(mode, use_dora, tmp_path, monkeypatch):
+def test_training_across_two_ranks(mode, variant, tmp_path, monkeypatch):
+    """nf4: LoRALinear4bit layers (QLoRA); under FSDP2 each rank holds a shard of the codes and scales
+    (distributed_worker.check_4bit_shards)."""
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "cpu")
-    monkeypatch.setenv("LORA_KERNELS_TEST_DORA", "1" if use_dora else "0")
+    monkeypatch.setenv("LORA_KERNELS_TEST_DORA", "1" if variant == "dora" else "0")
+    monkeypatch.setenv("LORA_KERNELS_TEST_4BIT", "1" if variant == "nf4" else "0")
     ranks = _run_ranks(mode, tmp_path)
     for key in ranks[0]["params"]:
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), f"{key} differs between ranks"

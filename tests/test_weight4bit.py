@@ -370,15 +370,20 @@ def test_lora_linear4bit_module_trains_merges_and_unloads():
     torch.testing.assert_close(layer(x), x @ w0.t() + linear.bias, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_linear4bit_state_dict_round_trip():
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "float32_absmax"])
+def test_lora_linear4bit_state_dict_round_trip(double_quant):
+    """bitsandbytes' keys only (the scale parameters' own names are not written), read back exactly."""
     torch.manual_seed(0)
-    a = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 33), r=4)
+    a = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 33), r=4, double_quant=double_quant)
     torch.nn.init.normal_(a.lora_B)
-    b = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 33), r=4)
-    b.load_state_dict(a.state_dict())
+    state = a.state_dict()
+    assert not any(k.startswith("weight_") for k in state)
+    assert state["weight.absmax"].dtype == (torch.uint8 if double_quant else torch.float32)
+    b = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 33), r=4, double_quant=double_quant)
+    b.load_state_dict(state)
     x = torch.randn(3, 128)
     assert torch.equal(a(x), b(x))
-    wrong = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 33), r=4, blocksize=128)
+    wrong = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 33), r=4, blocksize=128, double_quant=double_quant)
     with pytest.raises(RuntimeError, match="cannot be loaded"):
         wrong.load_state_dict(a.state_dict())
 
@@ -539,6 +544,18 @@ def test_lora_linear_multi_on_a_4bit_base(backend, grouped, dtype, dropout_p, us
         assert_matches_reference(ours, exact, plain, name)
 
 
+def _scales_of(layer) -> dict:
+    w4 = layer.base_weight()
+    return {"absmax": w4.absmax.clone(), "nested_absmax": w4.nested_absmax.clone(), "offset": w4.offset.clone(),
+            "codes": w4.codes.clone()}
+
+
+def _assert_same_scales(now: dict, before: dict) -> None:
+    assert before["nested_absmax"].dtype == torch.float32 and before["absmax"].dtype == torch.uint8
+    for name, value in before.items():
+        assert now[name].dtype == value.dtype and torch.equal(now[name], value), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_dtype_casts_keep_the_4bit_scales_in_float32(dtype):
     """layer.half() / .to(bf16) casts the adapter and bias, never the float32 scales (a 16-bit copy would round
@@ -549,11 +566,9 @@ def test_dtype_casts_keep_the_4bit_scales_in_float32(dtype):
         layer.lora_B.normal_(0, 0.1)
     x = torch.randn(5, 128)
     expected = layer(x)
-    scales = {n: b.clone() for n, b in layer.named_buffers() if n.startswith("weight_")}
+    scales = _scales_of(layer)
     cast = layer.half() if dtype == torch.float16 else layer.to(dtype)
-    for name, buffer in cast.named_buffers():
-        if name in scales:
-            assert buffer.dtype == scales[name].dtype and torch.equal(buffer, scales[name]), name
+    _assert_same_scales(_scales_of(cast), scales)
     assert cast.lora_A.dtype == dtype
     torch.testing.assert_close(cast(x.to(dtype)).float(), expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
 
@@ -707,12 +722,10 @@ def test_multi_lora_linear4bit_state_merging_and_casts():
     torch.testing.assert_close(merged(x), plain(x, adapter_names=["b"] * 4), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours(x, adapter_names=names), plain(x, adapter_names=names), rtol=1e-5, atol=1e-5)
 
-    scales = {n: b.clone() for n, b in ours.named_buffers() if n.startswith("weight_")}
+    scales = _scales_of(ours)
     ours.to(torch.bfloat16)
     assert ours.scalings.dtype == torch.float64
-    for name, buffer in ours.named_buffers():
-        if name in scales:
-            assert torch.equal(buffer, scales[name]), name
+    _assert_same_scales(_scales_of(ours), scales)
     torch.testing.assert_close(ours(x.bfloat16(), adapter_names=names).float(), plain(x, adapter_names=names),
                                rtol=3e-2, atol=3e-2)
 
