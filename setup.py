@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -62,8 +63,16 @@ def _extensions():
     # csrc/*.cpp (device-generic ops, registration) and csrc/cpu/*.cpp; csrc/cuda/*.cu with nvcc
     sources = sorted(str(p.relative_to(ROOT)) for p in csrc.rglob("*.cpp"))
     cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for (C++17, or C++20 from 2.10)
+    link_flags = []
+    if _openmp_build():
+        # at::parallel_for is a header template whose `#pragma omp parallel` is compiled into this extension:
+        # without -fopenmp every parallel loop of the CPU kernels runs on one thread (torch's OpenMP runtime,
+        # libgomp.so.1 shipped in torch/lib, is the one the extension then uses: the same soname)
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if not with_cuda:
-        return [CppExtension("lora_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})]
+        return [CppExtension("lora_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+                             extra_link_args=link_flags)]
 
     archs = os.environ.get("LORA_KERNELS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch's CUDAExtension
@@ -75,8 +84,16 @@ def _extensions():
             include_dirs=_cuda_wheel_include_dirs(),
             define_macros=[("LORA_KERNELS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=link_flags,
         )
     ]
+
+
+def _openmp_build() -> bool:
+    """Whether the extension is compiled with OpenMP: torch's own parallel backend is OpenMP, on Linux (GCC)."""
+    import torch
+
+    return sys.platform.startswith("linux") and torch._C.has_openmp
 
 
 def _torch_requirement() -> str:

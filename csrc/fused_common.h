@@ -3,9 +3,8 @@
 // and the single-adapter op itself, which the multi-adapter op runs for a batch on one adapter.
 #pragma once
 
+#include "cpu/parallel.h"
 #include "lora_kernels.h"
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <tuple>
@@ -71,7 +70,7 @@ void for_block_shares(const DeviceParts& device, int64_t blocks, const Body& bod
     share_range(0);
     return;
   }
-  at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
+  parallel_pieces(shares, 1, [&](int64_t begin, int64_t end) {
     for (int64_t share = begin; share < end; ++share) share_range(share);
   });
 }

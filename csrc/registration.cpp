@@ -3,10 +3,14 @@
 // implementation branches on it. The Python package (lora_kernels/ops/) registers
 // their fakes and wraps them in the public custom ops, which add autograd and
 // backend selection.
+#include "cpu/parallel.h"
 #include "lora_kernels.h"
 
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <set>
 
 TORCH_LIBRARY(lora_kernels, m) {
   m.def("fused_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
@@ -70,8 +74,27 @@ TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
 }
 #endif
 
+namespace {
+
+// How many threads one of the CPU kernels' parallel regions runs on (the build's OpenMP, checked by the tests:
+// without it every region ran on one thread).
+int64_t parallel_threads() {
+  std::mutex lock;
+  std::set<int> seen;
+  lora_kernels::parallel_pieces(1 << 12, 1, [&](int64_t, int64_t) {
+    volatile double sink = 0.0;
+    for (int i = 0; i < 2000; ++i) sink = sink + i;  // long enough for every thread to take a piece
+    std::lock_guard<std::mutex> guard(lock);
+    seen.insert(at::get_thread_num());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lora_kernels compiled kernels (ops live in torch.ops.lora_kernels)";
+  m.def("parallel_threads", &parallel_threads, "threads a parallel region of the CPU kernels runs on");
 #ifdef LORA_KERNELS_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -366,3 +366,44 @@ def test_argument_checks_never_read_a_device_scaling():
             torch.empty(6, 2, **meta), torch.empty((), dtype=torch.float64, **meta), 0.1)
     assert validation.plain_valid_call(*args)
     assert len(validation.check_and_autocast(*args)) == 5
+
+
+@pytest.mark.skipif("cpu" not in compiled_backends(), reason="needs lora_kernels._C")
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one intra-op thread here")
+def test_cpu_kernels_run_on_several_threads_with_the_same_bits(use_backend):
+    """The CPU kernels' parallel regions run on ATen's threads (the extension built with OpenMP: without it every
+    region ran on one thread, and with it the regions' ATen calls must see the caller's grad mode), and a result
+    never depends on how many threads ran it: dropout forward and backward (row blocks in shares), 4-bit decode,
+    panels and dx, merge."""
+    import lora_kernels
+    from lora_kernels import Weight4bit, merge_
+
+    assert lora_kernels._C.parallel_threads() == min(2, torch.get_num_threads())
+    use_backend("cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1500, 96, generator=g, requires_grad=True)
+    weight, bias = torch.randn(80, 96, generator=g), torch.randn(80, generator=g)
+    A, B = torch.randn(8, 96, generator=g, requires_grad=True), torch.randn(80, 8, generator=g, requires_grad=True)
+    w4 = Weight4bit.quantize(torch.randn(80, 96, generator=g), 64, "nf4", True)
+    delta = (torch.randn(8, 96, generator=g), torch.randn(80, 8, generator=g))
+
+    def results():
+        out = []
+        for w, rows in ((weight, 1500), (w4, 1500), (w4, 3)):
+            torch.manual_seed(7)
+            y = lora_linear(x[:rows], w, bias, A, B, 2.0, dropout_p=0.25, training=True)
+            out += [y, *torch.autograd.grad((y * y).sum(), (x, A, B))]
+        merged = weight.clone()
+        merge_(merged, *delta, 3.0)
+        return out + [merged]
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = results()
+        torch.set_num_threads(previous)
+        several = results()
+    finally:
+        torch.set_num_threads(previous)
+    for i, (a, b) in enumerate(zip(one, several)):
+        assert torch.equal(a, b), f"result {i} differs between 1 and {previous} threads"

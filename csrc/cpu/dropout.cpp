@@ -8,8 +8,7 @@
 #include "../lora_kernels.h"
 #include "../philox.h"
 #include "multiversion.h"
-
-#include <ATen/Parallel.h>
+#include "parallel.h"
 
 #include <algorithm>
 #include <vector>
@@ -81,7 +80,7 @@ at::Tensor dropout_mask_cpu(int64_t row0, int64_t rows, int64_t cols, double p, 
   const uint32_t threshold = dropout_threshold(p);
   const float value = static_cast<float>(1.0 / (1.0 - p));
   float* out = mask.data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  parallel_pieces(rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> keep(cols);
     for (int64_t i = begin; i < end; ++i) {
       mask_row(static_cast<uint64_t>(seed), static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols), cols,

@@ -10,9 +10,9 @@
 // exactly what merge added.
 #include "../lora_kernels.h"
 #include "multiversion.h"
+#include "parallel.h"
 
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
@@ -187,7 +187,7 @@ int64_t merge_rows(const at::Tensor& weight, const at::Tensor& A_acc, const at::
   std::atomic<int64_t> nonfinite{0};
   const int64_t blocks = (out + kBlockRows - 1) / kBlockRows;
 
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_pieces(blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> delta(kBlockRows * kChunk), sub_delta(has_sub ? kBlockRows * kChunk : 0);
     std::vector<acc_t> b(kBlockRows * r), sub_b(kBlockRows * sub_r);
     int64_t local_nonfinite = 0;

@@ -17,8 +17,7 @@
 #include "../fused_common.h"
 #include "../weight4bit.h"
 #include "multiversion.h"
-
-#include <ATen/Parallel.h>
+#include "parallel.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -126,9 +125,13 @@ __attribute__((target("avx512f,avx512bw"))) void dequantize_chunks_avx512(const 
 template <int R>
 __attribute__((target("avx512f,avx512bw"))) void dot_chunks_avx512(const Packed4bit& w, int64_t e, int64_t chunks,
                                                                   const float* x, int64_t cstride, float* sums) {
+  // Few rows: two accumulators per row, so that a chunk's two FMAs do not wait on each other (decode would
+  // otherwise run at the FMA latency, not at its throughput).
+  constexpr int kSplit = R <= 4 ? 2 : 1;
   const __m512 table = _mm512_loadu_ps(w.table);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[R][kSplit];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < kSplit; ++i) acc[r][i] = _mm512_setzero_ps();
   BlockScale block_scale(w);
   for (int64_t c = 0; c < chunks; ++c, e += kChunk, x += cstride) {
     const __m512 scale = _mm512_set1_ps(block_scale(e));
@@ -137,11 +140,15 @@ __attribute__((target("avx512f,avx512bw"))) void dot_chunks_avx512(const Packed4
     const __m512 v0 = _mm512_mul_ps(lookup16_avx512(first, table), scale);
     const __m512 v1 = _mm512_mul_ps(lookup16_avx512(second, table), scale);
     for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + r * kChunk), acc[r]);
-      acc[r] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + r * kChunk + 16), acc[r]);
+      acc[r][0] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + r * kChunk), acc[r][0]);
+      acc[r][kSplit - 1] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + r * kChunk + 16), acc[r][kSplit - 1]);
     }
   }
-  for (int r = 0; r < R; ++r) sums[r] += _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < R; ++r) {
+    __m512 total = acc[r][0];
+    if (kSplit == 2) total = _mm512_add_ps(total, acc[r][kSplit - 1]);
+    sums[r] += _mm512_reduce_add_ps(total);
+  }
 }
 
 // 8 table values: two 8-entry permutes and a blend on the index's bit 3.
@@ -185,9 +192,12 @@ __attribute__((target("avx2,fma"))) inline float sum8_avx2(__m256 v) {
 template <int R>
 __attribute__((target("avx2,fma"))) void dot_chunks_avx2(const Packed4bit& w, int64_t e, int64_t chunks,
                                                         const float* x, int64_t cstride, float* sums) {
+  // Few rows: 4 (2) accumulators per row, so that a chunk's four FMAs per row do not wait on each other.
+  constexpr int kSplit = R == 1 ? 4 : R == 2 ? 2 : 1;
   const __m256 table_lo = _mm256_loadu_ps(w.table), table_hi = _mm256_loadu_ps(w.table + 8);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[R][kSplit];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < kSplit; ++i) acc[r][i] = _mm256_setzero_ps();
   BlockScale block_scale(w);
   for (int64_t c = 0; c < chunks; ++c, e += kChunk, x += cstride) {
     const __m256 scale = _mm256_set1_ps(block_scale(e));
@@ -195,9 +205,14 @@ __attribute__((target("avx2,fma"))) void dot_chunks_avx2(const Packed4bit& w, in
     lookup32_avx2(w.codes + (e >> 1), table_lo, table_hi, v);
     for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(v[i], scale);
     for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) acc[r] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + r * kChunk + 8 * i), acc[r]);
+      for (int i = 0; i < 4; ++i)
+        acc[r][i % kSplit] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + r * kChunk + 8 * i), acc[r][i % kSplit]);
   }
-  for (int r = 0; r < R; ++r) sums[r] += sum8_avx2(acc[r]);
+  for (int r = 0; r < R; ++r) {
+    __m256 total = acc[r][0];
+    for (int i = 1; i < kSplit; ++i) total = _mm256_add_ps(total, acc[r][i]);
+    sums[r] += sum8_avx2(total);
+  }
 }
 #endif
 
@@ -305,7 +320,7 @@ void dequantize_panel(const Packed4bit& w, Isa isa, int64_t row0, int64_t rows, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dequantize_panel", [&] {
     scalar_t* base = out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    parallel_pieces(rows, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> wide;
       for (int64_t i = begin; i < end; ++i) dequantize_row(w, isa, (row0 + i) * w.in + col0, cols, base + i * cols, wide);
     });
@@ -362,7 +377,7 @@ at::Tensor Packed4bit::forward(const at::Tensor& x, const OptionalTensor& bias) 
     const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
     float* yp = y.data_ptr<float>();
     const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
-    at::parallel_for(0, out, std::max<int64_t>(1, 65536 / in), [&](int64_t begin, int64_t end) {
+    parallel_pieces(out, std::max<int64_t>(1, 65536 / in), [&](int64_t begin, int64_t end) {
       float sums[kFusedRows];
       for (int64_t o = begin; o < end; ++o) {
         dot_row(*this, isa, o, xpack, sums);
