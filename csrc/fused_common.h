@@ -84,7 +84,9 @@ inline at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double sca
     const auto wide = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     return at::mm(a.to(wide), b.to(wide)).mul_(scaling).to(a.scalar_type());
   }
-  return at::addmm(at::zeros({a.size(0), b.size(1)}, a.options()), a, b, /*beta=*/0, /*alpha=*/scaling);
+  // beta = 0: the input is not read (BLAS semantics; NaN in it does not propagate), so an empty one serves: a
+  // zero fill of [out, r] would be one more parallel region per call (a wait for every thread on a busy machine)
+  return at::addmm(at::empty({a.size(0), b.size(1)}, a.options()), a, b, /*beta=*/0, /*alpha=*/scaling);
 }
 
 // out = s · (a b), written into out (a view of a larger buffer, say) without a temporary.

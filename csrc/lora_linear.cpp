@@ -140,30 +140,36 @@ std::tuple<at::Tensor, at::Tensor> lora_backward(const DeviceParts& device, cons
   const at::Tensor lora_A_acc = lora_A.to(acc), lora_B_acc = lora_B.to(acc);
   const bool sixteen_bit = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   const auto dA_type = sixteen_bit ? at::kFloat : x.scalar_type();
-  at::Tensor dB = widen ? at::zeros(lora_B.sizes(), x.options().dtype(acc)) : scaled_mm(grad_y.t(), xa, scaling);
   const int64_t block = device.block_rows(std::max(x.size(1), widen ? grad_y.size(1) : 0));
   const int64_t blocks = (M + block - 1) / block;
   const int64_t shares = block_shares(device, blocks);
+  // A share's partial sums are written by its first block (beta = 0 into an empty tensor: zero-filling [r, in]
+  // would be one more parallel region per call, a wait for every thread on a busy machine); no rows: zeros.
+  auto partial = [&](at::IntArrayRef sizes, at::ScalarType dtype) {
+    return blocks == 0 ? at::zeros(sizes, x.options().dtype(dtype)) : at::empty(sizes, x.options().dtype(dtype));
+  };
+  at::Tensor dB = widen ? partial(lora_B.sizes(), acc) : scaled_mm(grad_y.t(), xa, scaling);
   std::vector<at::Tensor> dA_parts(shares), dB_parts(shares);
   for (int64_t share = 0; share < shares; ++share) {
-    dA_parts[share] = at::zeros(lora_A.sizes(), x.options().dtype(dA_type));
-    dB_parts[share] = share == 0 || !widen ? dB : at::zeros_like(dB);
+    dA_parts[share] = partial(lora_A.sizes(), dA_type);
+    dB_parts[share] = share == 0 || !widen ? dB : partial(lora_B.sizes(), acc);
   }
   for_block_shares(device, blocks, [&](int64_t first, int64_t end, int64_t share) {
     at::Tensor& dA_part = dA_parts[share];
     at::Tensor& dB_part = dB_parts[share];
     for (int64_t b = first; b < end; ++b) {
       const int64_t m0 = b * block, rows = std::min(block, M - m0);
+      const double beta = b == first ? 0.0 : 1.0;  // the share's first block writes its partial sums
       const at::Tensor grad_y_rows = grad_y.narrow(0, m0, rows).to(acc);
       const at::Tensor gb_rows = scaled_mm(grad_y_rows, lora_B_acc, scaling);  // s · dy B
-      if (widen) dB_part.addmm_(grad_y_rows.t(), xa.narrow(0, m0, rows).to(acc));
+      if (widen) dB_part.addmm_(grad_y_rows.t(), xa.narrow(0, m0, rows).to(acc), beta);
       at::Tensor x_rows = x.narrow(0, m0, rows);
       at::Tensor mask;
       if (dropout_p != 0.0) {
         mask = device.mask_rows(x, row0 + m0, rows, dropout_p, seed);
         x_rows = x_rows.mul(mask);  // float32 for 16-bit x (type promotion with the float32 mask)
       }
-      dA_part.addmm_(gb_rows.t().to(dA_type), x_rows.to(dA_type));
+      dA_part.addmm_(gb_rows.t().to(dA_type), x_rows.to(dA_type), beta);
       if (need_dx) {
         at::Tensor dx_rows = dx.narrow(0, m0, rows);
         const at::Tensor lora_rows = at::mm(gb_rows, lora_A_acc);
