@@ -180,8 +180,11 @@ def test_cpu_dequantize_is_the_reference_bit_for_bit(isa, monkeypatch):
 
 SCALING = 1.5
 # (leading dims of x, in, out, r, blocksize, double_quant)
+# M = 1, 3, 15 and 16 take the fused decode path (up to 16 rows: every row-group kernel, 16 = AVX-512's widest), the
+# others the panels
 SHAPES = [((0,), 96, 33, 4, 64, True), ((1,), 129, 37, 3, 64, True), ((37,), 129, 37, 16, 32, False),
-          ((5, 7), 64, 70, 8, 128, True), ((3,), 1000, 300, 4, 64, False)]
+          ((5, 7), 64, 70, 8, 128, True), ((3,), 1000, 300, 4, 64, False), ((15,), 256, 40, 4, 64, True),
+          ((2, 8), 128, 33, 4, 128, False)]
 
 
 def _inputs(lead, in_f, out_f, r, blocksize, double_quant, dtype, adapter_dtype=None):
@@ -249,12 +252,13 @@ def test_float32_adapters_on_a_16bit_compute_dtype(backend, dtype, use_backend):
 
 
 def test_decode_takes_the_fused_path_and_matches():
-    """M = 1 float32 (the GEMV that reads the packed weight once) against the panel path at M = 2."""
-    t = _inputs((2,), 1000, 300, 4, 64, True, torch.float32)
+    """M = 1 and 16 float32 (the GEMV that reads the packed weight once) against the panel path at M = 17."""
+    t = _inputs((17,), 1000, 300, 4, 64, True, torch.float32)
     with torch.no_grad():
-        both = lk.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], SCALING)
-        one = lk.lora_linear(t["x"][:1], t["weight"], t["bias"], t["lora_A"], t["lora_B"], SCALING)
-    torch.testing.assert_close(one, both[:1], rtol=1e-5, atol=1e-5)
+        panels = lk.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], SCALING)
+        for rows in (1, 16):
+            fused = lk.lora_linear(t["x"][:rows], t["weight"], t["bias"], t["lora_A"], t["lora_B"], SCALING)
+            torch.testing.assert_close(fused, panels[:rows], rtol=1e-5, atol=1e-5)
 
 
 def test_weight_is_never_dequantized_whole_by_the_cpu_kernels(monkeypatch):

@@ -333,9 +333,10 @@ LK_MULTIVERSIONED void axpy(float g, const float* v, float* a, int64_t count) {
 }
 
 // Rows of x (dy) up to which the forward (dx) reads the packed weight directly (decode); above, panels feed BLAS.
-// (Measured on a 2-core Xeon, 4096², float32: the fused forward re-reads x from L2 for every row of W0, and ties
-// with the panels at M = 8, loses at 16; the fused dx wins up to 8. benchmarks/NOTES.md.)
-constexpr int64_t kFusedRows = 8;
+// (Measured on a 2-vCPU AMD EPYC, AVX2, 4096², float32, both paths on both threads: the fused forward 8.6 ms
+// against the panels' 12.7 at M = 16, 12.7 against 14.4 at 24, a tie at 32; the fused dx wins up to 16 and loses
+// from 24. benchmarks/NOTES.md. The seventh session's threshold, 8, was measured with the fused path on one thread.)
+constexpr int64_t kFusedRows = 16;
 
 // y_part (a column range o0.. of y) = bias[o0..] + x · panelᵀ
 void add_base_product(at::Tensor y_part, const OptionalTensor& bias, int64_t o0, const at::Tensor& x,
