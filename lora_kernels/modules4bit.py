@@ -56,6 +56,7 @@ class _Holds4bitWeight:
             self.register_parameter(f"weight_{name}", None if value is None else
                                     nn.Parameter(_as_bytes(value), requires_grad=False))
         self.weight_format = (weight.shape, weight.blocksize, weight.quant_type, weight.dtype)
+        self.__dict__["_code_table"] = weight.table.cpu()  # bitsandbytes', or a torchao weight's own
         self.__dict__["_weight4bit"] = (self._weight_sources(), weight)
 
     def _weight_sources(self) -> tuple:
@@ -78,7 +79,8 @@ class _Holds4bitWeight:
         absmax = self.weight_absmax if nested is not None else self.weight_absmax.view(torch.float32)
         return Weight4bit(self.weight.data.reshape(-1), absmax, shape, blocksize, quant_type, dtype,
                           None if nested is None else nested.view(torch.float32),
-                          None if nested is None else self.weight_offset.view(torch.float32).reshape(()))
+                          None if nested is None else self.weight_offset.view(torch.float32).reshape(()),
+                          table=self.__dict__["_code_table"].to(self.weight.device))
 
     def _weight_changed(self) -> None:
         # built now, eagerly (a torch.compile'd call then reads attributes), except over FSDP2's shards
@@ -111,6 +113,7 @@ class _Holds4bitWeight:
         return lora_linear(x, w4, bias, *zeros[1], 0.0)
 
     def _replace_weight(self, weight: Weight4bit) -> None:
+        self.__dict__["_code_table"] = weight.table.cpu()
         with torch.no_grad():
             self.weight.data = weight.codes.view(-1, 1)
             for name in _SCALES:
@@ -170,6 +173,7 @@ class _Holds4bitWeight:
                               + (" double quantized" if self.weight_nested_absmax is not None else ""))
             return None
         state_dict = {k: v for k, v in state_dict.items() if k not in quantized}
+        self.__dict__["_code_table"] = loaded.table.cpu()
         for name in _SCALES:
             value = getattr(loaded, name)
             if value is not None:

@@ -250,6 +250,31 @@ class Weight4bit:
         return cls(codes, state.absmax, tuple(state.shape), state.blocksize, state.quant_type, state.dtype,
                    nested_absmax, offset, _bnb_codes=param.data, **tables)
 
+    @classmethod
+    def from_torchao(cls, tensor) -> "Weight4bit":
+        """A torchao NF4Tensor (torchtune's QLoRA weight), dequantized exactly as torchao dequantizes it.
+
+        The codes are the same bytes (two per byte, the first element in the high nibble: bitsandbytes' layout)
+        and are shared. What changes: torchao's second-level quantization (int8 scalers, linear per block of
+        scaler_block_size, plus their mean) is decoded once by torchao's own dequantize_scalers, so each block
+        keeps exactly the scale torchao multiplies with, held as float32 absmax (0.5625 bytes per weight against
+        torchao's ~0.52); and the weight keeps torchao's code table (its NF4 values rounded to 4 decimals and
+        held in the tensor's dtype: up to 5e-5 from bitsandbytes' values in float32, 1.6e-3 in bfloat16), so it
+        has no bitsandbytes form (to_bnb refuses it; its state dict carries the table as quant_map)."""
+        if type(tensor).__name__ != "NF4Tensor" or not hasattr(tensor, "quantized_data"):
+            raise TypeError(f"tensor must be a torchao NF4Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 2:
+            raise ValueError(f"tensor must be a 2-D weight [out, in], got shape {tuple(tensor.shape)}")
+        scales = tensor.dequantize_scalers(tensor.quantized_scalers, tensor.quantization_factor,
+                                           tensor.scaler_block_size)
+        codes = tensor.quantized_data.reshape(-1).view(torch.uint8)
+        return cls(codes, scales.float(), tuple(tensor.shape), int(tensor.block_size), "nf4", tensor.dtype,
+                   table=tensor.nf4.float().to(codes.device))
+
+    def has_bnb_table(self) -> bool:
+        """Whether the 16-entry code table is bitsandbytes' own for quant_type (False for a torchao weight)."""
+        return torch.equal(self.table.cpu(), code_table(self.quant_type))
+
     def quant_state(self):
         """A bitsandbytes QuantState describing this weight (its tensors shared)."""
         from bitsandbytes.functional import QuantState
@@ -266,6 +291,9 @@ class Weight4bit:
         """A bitsandbytes Params4bit holding these codes (shared) and a QuantState of these scales."""
         from bitsandbytes.nn import Params4bit
 
+        if not self.has_bnb_table():
+            raise ValueError("this weight's code table is not bitsandbytes' (a torchao NF4Tensor's, read by "
+                             "from_torchao): bitsandbytes' kernels would dequantize it with their own table")
         data = self._bnb_codes if self._bnb_codes is not None else self.codes.view(-1, 1)
         return Params4bit(data, requires_grad=requires_grad, quant_state=self.quant_state(),
                           blocksize=self.blocksize, compress_statistics=self.double_quant,
@@ -301,13 +329,15 @@ class Weight4bit:
         nested = f"{prefix}.nested_absmax" in state_dict
         if nested and info.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
             raise ValueError(f"{prefix}: double quantization with blocks of {info['nested_blocksize']} is not read")
-        if not torch.equal(state_dict[f"{prefix}.quant_map"].float().cpu(), code_table(info["quant_type"])):
-            raise ValueError(f"{prefix}.quant_map is not bitsandbytes' {info['quant_type']} table")
+        table = state_dict[f"{prefix}.quant_map"].float().reshape(-1)
+        if table.numel() != 16 or not bool(torch.isfinite(table).all()):
+            raise ValueError(f"{prefix}.quant_map must hold 16 finite values, got {tuple(table.shape)}")
         offset = (torch.tensor(float(info["nested_offset"]), dtype=torch.float32, device=codes.device)
                   if nested else None)
+        # the file's own table: bitsandbytes' (what it writes), or torchao's (a weight read by from_torchao)
         return cls(codes, state_dict[f"{prefix}.absmax"], tuple(info["shape"]), int(info["blocksize"]),
                    info["quant_type"], getattr(torch, info["dtype"]),
-                   state_dict[f"{prefix}.nested_absmax"] if nested else None, offset)
+                   state_dict[f"{prefix}.nested_absmax"] if nested else None, offset, table=table.to(codes.device))
 
 
 def _check_format(blocksize, quant_type) -> None:

@@ -794,3 +794,57 @@ def test_inject_multi_lora_wraps_bitsandbytes_linear4bit_layers(tmp_path):
         torch.testing.assert_close(model(ids).logits, base()(ids).logits, rtol=1e-5, atol=1e-5)
     unloaded = layer.unload()
     assert type(unloaded) is bnb.nn.Linear4bit and unloaded.weight.data_ptr() == codes
+
+
+# ---- torchao's NF4Tensor (torchtune's QLoRA weight) ------------------------------------------------------------
+
+
+def _torchao_nf4(weight):
+    pytest.importorskip("torchao", reason="torchao is not installed (./run.sh setup installs it)")
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    return to_nf4(weight, block_size=64, scaler_block_size=256)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torchao_nf4_tensor_is_read_exactly(dtype):
+    """Weight4bit.from_torchao: the codes shared, each block's scale torchao's own (its int8 scalers decoded once),
+    torchao's table; dequantize() equals torchao's get_original_weight bit for bit, and the op on it equals the
+    reference. It has no bitsandbytes form (to_bnb refuses it: bnb's kernels would use their own table)."""
+    t = _torchao_nf4(_weight((64, 256), dtype))
+    w4 = Weight4bit.from_torchao(t)
+    assert w4.codes.data_ptr() == t.quantized_data.data_ptr()
+    assert torch.equal(w4.dequantize(dtype), t.get_original_weight())
+    assert not w4.has_bnb_table() and w4.nbytes() / (64 * 256) == 0.5625
+    g = torch.Generator().manual_seed(1)
+    x, A, B = (torch.randn(5, 256, generator=g).to(dtype), torch.randn(4, 256, generator=g).to(dtype) * 0.1,
+               torch.randn(64, 4, generator=g).to(dtype) * 0.1)
+    y = lk.lora_linear(x, w4, None, A, B, SCALING)
+    expected = reference.lora_linear(x.double(), t.get_original_weight().double(), None, A.double(), B.double(),
+                                     SCALING)[0]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+    if HAVE_BNB:
+        with pytest.raises(ValueError, match="torchao"):
+            w4.to_bnb()
+    with pytest.raises(TypeError, match="NF4Tensor"):
+        Weight4bit.from_torchao(torch.zeros(2, 2))
+
+
+def test_a_layer_on_a_torchao_weight_keeps_its_table_through_state_dict_and_merge():
+    """LoRALinear4bit over a torchao weight: its state dict carries torchao's table (quant_map) and a layer it is
+    loaded into computes with it; merge(requantize=True) / unmerge() restore it exactly."""
+    t = _torchao_nf4(_weight((64, 256)))
+    torch.manual_seed(0)
+    layer = lk.LoRALinear4bit(Weight4bit.from_torchao(t), None, r=4)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(3, 256)
+    expected = layer(x)
+    other = lk.LoRALinear4bit.quantize(torch.nn.Linear(256, 64, bias=False), r=4, double_quant=False)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other(x), expected)
+    assert torch.equal(other.base_weight().dequantize(), t.get_original_weight())
+    layer.merge(requantize=True)
+    assert layer.base_weight().has_bnb_table()  # requantized with bitsandbytes' table
+    layer.unmerge()
+    assert torch.equal(layer(x), expected)
