@@ -148,41 +148,51 @@ class _Holds4bitWeight:
         return layer
 
     # -- state dict: bitsandbytes' keys ---------------------------------------------------------------------
-    def _save_weight4bit(self, destination, prefix, keep_vars, w4: Weight4bit | None = None) -> None:
-        """After nn.Module's entries: bitsandbytes' keys of w4 (default: the layer's weight) in place of the scale
-        parameters (kept as they are, DTensor shards, when FSDP2 holds the layer sharded)."""
+    def _saved_weight(self) -> Weight4bit:
+        """The weight the state dict holds (LoRALinear4bit: the original one while an adapter is merged)."""
+        return self.base_weight()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """nn.Module's entries, with bitsandbytes' keys of the weight in place of the scale parameters (kept as
+        they are, DTensor shards, when FSDP2 holds the layer sharded)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
         if validation.is_dtensor(self.weight):
             return
         for name in _SCALES:
             destination.pop(prefix + f"weight_{name}", None)
-        for key, value in (w4 or self.base_weight()).state_dict_entries(prefix + "weight").items():
+        for key, value in self._saved_weight().state_dict_entries(prefix + "weight").items():
             destination[key] = value if keep_vars else value.detach()
 
-    def _load_weight4bit(self, state_dict, prefix, error_msgs) -> dict | None:
-        """bitsandbytes' keys of the weight turned into this layer's scale parameters (for nn.Module to load);
-        returns the state dict so rewritten, or None (an error recorded) if the loaded weight has another format.
-        A state dict holding the scale parameters themselves (FSDP2's) is returned as it is."""
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """bitsandbytes' keys of the weight turned into this layer's scale parameters for nn.Module to load (a
+        loaded weight of another format is an error, nothing loaded); a state dict holding the scale parameters
+        themselves (FSDP2's) is loaded as it is."""
         quantized = [k for k in state_dict if k.startswith(prefix + "weight.")]
-        if not quantized:
-            return state_dict
-        loaded = Weight4bit.from_state_dict(state_dict, prefix + "weight")
-        if (loaded.shape, loaded.blocksize, loaded.quant_type) != self.weight_format[:3] or \
-                loaded.double_quant != (self.weight_nested_absmax is not None):
-            error_msgs.append(f"{prefix}weight: a {loaded} cannot be loaded into a layer holding "
-                              f"{self.weight_format[2]} {self.weight_format[0]} blocksize {self.weight_format[1]}"
-                              + (" double quantized" if self.weight_nested_absmax is not None else ""))
-            return None
-        state_dict = {k: v for k, v in state_dict.items() if k not in quantized}
-        self.__dict__["_code_table"] = loaded.table.cpu()
-        for name in _SCALES:
-            value = getattr(loaded, name)
-            if value is not None:
-                state_dict[prefix + f"weight_{name}"] = _as_bytes(value)
-        return state_dict
+        table = None
+        if quantized:
+            loaded = Weight4bit.from_state_dict(state_dict, prefix + "weight")
+            if (loaded.shape, loaded.blocksize, loaded.quant_type) != self.weight_format[:3] or \
+                    loaded.double_quant != (self.weight_nested_absmax is not None):
+                error_msgs.append(f"{prefix}weight: a {loaded} cannot be loaded into a layer holding "
+                                  f"{self.weight_format[2]} {self.weight_format[0]} blocksize {self.weight_format[1]}"
+                                  + (" double quantized" if self.weight_nested_absmax is not None else ""))
+                return
+            state_dict = {k: v for k, v in state_dict.items() if k not in quantized}
+            for name in _SCALES:
+                value = getattr(loaded, name)
+                if value is not None:
+                    state_dict[prefix + f"weight_{name}"] = _as_bytes(value)
+            table = loaded.table.cpu()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if table is not None:
+            self.__dict__["_code_table"] = table
+        self._weight_changed()
 
-    def _extra_repr_4bit(self) -> str:
+    def extra_repr(self) -> str:
         shape, blocksize, quant_type, dtype = self.weight_format
-        return (f", base={quant_type} blocksize={blocksize}"
+        return (super().extra_repr() + f", base={quant_type} blocksize={blocksize}"
                 + (", double_quant" if self.weight_nested_absmax is not None else "")
                 + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype else ""))
 
@@ -306,26 +316,18 @@ class LoRALinear4bit(_Holds4bitWeight, LoRALinear):
         return self._bnb_layer(self.base_weight())
 
     # -- state dict -----------------------------------------------------------------------------------------
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        self._save_weight4bit(destination, prefix, keep_vars, self._unmerged if self.merged else None)
+    def _saved_weight(self) -> Weight4bit:
+        return self._unmerged if self.merged else self.base_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         merged = self.merged
         if merged and any(k.startswith(prefix + "weight.") for k in state_dict):
             self.unmerge()
-        state_dict = self._load_weight4bit(state_dict, prefix, error_msgs)
-        if state_dict is None:
-            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._weight_changed()
         if merged and not self.merged:
-            self.merge(requantize=True)  # the loaded adapter, into the loaded weight
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._extra_repr_4bit()
+            self.merge(requantize=True)  # the loaded adapter into the loaded weight (or, the load refused, again)
 
 
 def _as_parameter(bias: Tensor | None) -> nn.Parameter | None:
@@ -404,18 +406,3 @@ class MultiLoRALinear4bit(_Holds4bitWeight, MultiLoRALinear):
         """The base layer without adapters: a bitsandbytes Linear4bit holding the codes (shared)."""
         return self._bnb_layer(self.base_weight())
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        self._save_weight4bit(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        state_dict = self._load_weight4bit(state_dict, prefix, error_msgs)
-        if state_dict is None:
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        self._weight_changed()
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._extra_repr_4bit()

@@ -227,17 +227,17 @@ def _weight4bit_of(base: nn.Module) -> Weight4bit:
     (Weight4bit.over_bnb: data_ptr and the table checks cannot be traced) once that quant_state was checked."""
     param = base.weight
     state = param.quant_state
-    cached = base.__dict__.get("_lora_kernels_weight4bit")
+    cached = base.__dict__.get("_lora_kernels_weight4bit")  # (quant_state, storage pointers, Weight4bit)
     if torch.compiler.is_compiling():
-        if cached is None or cached[0][1] is not state:
+        if cached is None or cached[0] is not state:
             raise RuntimeError("this Linear4bit's quant_state changed since it was last run or patched: run the model "
                                "once without torch.compile (or patch_peft_model it again) so that it is checked")
-        return Weight4bit.over_bnb(param, cached[1])
-    key = (param.data.data_ptr(), state, state.absmax.data_ptr())
-    if cached is None or cached[0][0] != key[0] or cached[0][1] is not state or cached[0][2] != key[2]:
-        cached = (key, Weight4bit.from_bnb(param))
+        return Weight4bit.over_bnb(param, cached[2])
+    pointers = (param.data.data_ptr(), state.absmax.data_ptr())
+    if cached is None or cached[0] is not state or cached[1] != pointers:
+        cached = (state, pointers, Weight4bit.from_bnb(param))
         base.__dict__["_lora_kernels_weight4bit"] = cached
-    return cached[1]
+    return cached[2]
 
 
 def _fused_mixed_batch(layer, x, weight, bias, names):

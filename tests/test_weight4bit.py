@@ -848,3 +848,18 @@ def test_a_layer_on_a_torchao_weight_keeps_its_table_through_state_dict_and_merg
     assert layer.base_weight().has_bnb_table()  # requantized with bitsandbytes' table
     layer.unmerge()
     assert torch.equal(layer(x), expected)
+
+
+def test_a_refused_load_into_a_merged_4bit_layer_leaves_it_merged_as_it_was():
+    torch.manual_seed(0)
+    layer = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 33), r=4)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    layer.merge(requantize=True)
+    codes = layer.base_weight().codes.clone()
+    x = torch.randn(3, 128)
+    expected = layer(x)
+    wrong = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 33), r=4, blocksize=128)
+    with pytest.raises(RuntimeError, match="cannot be loaded"):
+        layer.load_state_dict(wrong.state_dict())
+    assert layer.merged and torch.equal(layer.base_weight().codes, codes)
+    assert torch.equal(layer(x), expected)
