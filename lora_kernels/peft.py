@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import FLOAT32_ADAPTERS_ON_HALF
 from .config import LoRAConfig
 from .dora import DoRANormCache
 from .functional import dora_linear, lora_linear, lora_linear_multi
 from .model_setup import (_MODULES_TO_SAVE, inject_layers, lora_layers, mark_only_lora_as_trainable, matching_modules,
                           target_names)
 from .modules import LoRALinear, is_conv1d
-from .weight4bit import is_bnb_linear4bit
-from .weight4bit import Weight4bit
+from .weight4bit import Weight4bit, is_bnb_linear4bit
 from .multi import MultiLoRALinear, common_free_slot, multi_lora_layers
 
 __all__ = ["patch_peft_model", "unpatch_peft_model", "PatchReport", "adapter_batch", "load_peft_adapter",
@@ -217,7 +217,7 @@ def _fused_peft_4bit_forward(self, base, x, args, kwargs, names):
 
 def _adapter_fits(adapter_dtype: torch.dtype, compute: torch.dtype) -> bool:
     """Whether the fused op takes adapters of this dtype on this compute dtype (its own, or float32 on 16 bits)."""
-    return adapter_dtype == compute or (adapter_dtype == torch.float32 and compute in (torch.float16, torch.bfloat16))
+    return adapter_dtype == compute or (compute, adapter_dtype) in FLOAT32_ADAPTERS_ON_HALF
 
 
 def _weight4bit_of(base: nn.Module) -> Weight4bit:
