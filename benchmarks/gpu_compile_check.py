@@ -180,6 +180,7 @@ def variants(dtypes, arch: int):
         yield from _multi_variants(multi, e, dtype, M, N, K)
         if dtype in (torch.float16, torch.bfloat16):
             yield from _mixed_variants(lin, multi, e, dtype, M, N, K)
+            yield from _weight4bit_variants(lin, e, dtype, M, N, K)
         w = e(N, K)
         A, B = e(16, K), e(N, 16)
         for sub in (False, True):
@@ -231,6 +232,61 @@ def _mixed_variants(lin, multi, e, dtype, M, N, K, r=16, n=32):
             yield name, kernel.fn, kept, args, flags, dtype, flags["BLOCK_R"], flags["SHRINK_IN_LOOP"]
         else:
             yield name, kernel, [None], args, flags, dtype, flags.get("BLOCK_R", 0), None
+
+
+def _weight4bit_parts(N: int, K: int, blocksize: int = 64, double_quant: bool = True) -> tuple:
+    """kernel_args() of a 4-bit weight [N, K] as the layers hold it (only dtypes and shapes matter here)."""
+    import torch
+
+    blocks = -(-N * K // blocksize)
+    u8, f32 = torch.uint8, torch.float32
+    if double_quant:
+        return (torch.empty(-(-N * K // 2), dtype=u8), torch.empty(blocks, dtype=u8),
+                torch.empty(-(-blocks // 256), dtype=f32), torch.empty(256, dtype=f32), torch.empty((), dtype=f32),
+                torch.empty(16, dtype=f32), N, blocksize)
+    return (torch.empty(-(-N * K // 2), dtype=u8), torch.empty(blocks, dtype=f32), None, None, None,
+            torch.empty(16, dtype=f32), N, blocksize)
+
+
+def _weight4bit_variants(lin, e, dtype, M, N, K):
+    """The fused GEMMs on a 4-bit W0 (lora_linear_4bit, and lora_linear_multi_4bit's base products): y (with bias;
+    y's GEMM has no dropout of its own, and its LoRA tile is 16 ranks whatever r), dx with and without its dropout
+    epilogue, decode at r = 16 and r = 64 (r = 128 takes the y path), float32 adapters, bitsandbytes' float32 absmax
+    (no double quantization), and the whole-weight dequantization kernel (both tile paths: a weight whose rows do
+    not start a scale block is dequantized by it before the 16-bit kernels run)."""
+    import torch
+
+    f32 = lambda *shape: e(*shape, dt=torch.float32)  # noqa: E731
+    w4, w4_plain = _weight4bit_parts(N, K), _weight4bit_parts(N, K, double_quant=False)
+    w4_dx = _weight4bit_parts(K, N)  # dx's GEMM: W0 [K, N] as its weight, read untransposed
+    seed = torch.zeros((), dtype=torch.int64)
+    x, grad_y, bias = e(M, K), e(M, N), e(N)
+    launches = [("4bit gemm y", lin.fused_gemm_launch_args(x, None, bias, e(M, 16), e(16, N), None, e(M, N), 2.0,
+                                                           0.0, None, False, False, w4=w4, w4_transposed=True)),
+                ("4bit gemm y float32 absmax", lin.fused_gemm_launch_args(
+                    x, None, bias, e(M, 16), e(16, N), None, e(M, N), 2.0, 0.0, None, False, False, w4=w4_plain,
+                    w4_transposed=True))]
+    for p in (0.0, 0.1):
+        launches.append((f"4bit gemm dx p={p}", lin.fused_gemm_launch_args(
+            grad_y, None, None, f32(M, 16), e(16, K), None, e(M, K), 2.0, p, seed, False, True, w4=w4_dx)))
+    for r, p in ((16, 0.0), (64, 0.1)):
+        launches.append((f"4bit decode r={r} p={p}", lin.fused_gemm_launch_args(
+            e(16, K), None, bias, e(16, r), e(r, N), e(K, r), e(16, N), 2.0, p, seed, True, False, w4=w4,
+            w4_transposed=True)))
+    launches += [("4bit mixed decode", lin.fused_gemm_launch_args(
+                     e(16, K), None, bias, f32(16, 16), f32(16, N), f32(K, 16), e(16, N), 2.0, 0.1, seed, True, False,
+                     w4=w4, w4_transposed=True)),
+                 ("4bit mixed gemm dx p=0.1", lin.fused_gemm_launch_args(
+                     grad_y, None, None, f32(M, 16), f32(16, K), None, e(M, K), 2.0, 0.1, seed, False, True,
+                     w4=w4_dx))]
+    from lora_kernels.ops.triton_common import fitting_configs
+
+    for name, (kernel, _, args, flags) in launches:
+        kept = fitting_configs(kernel.configs, {"x_ptr": args[0], "u_ptr": args[4], "d_ptr": args[5]}, **flags)
+        yield name, kernel.fn, kept, args, flags, dtype, flags["BLOCK_R"], flags["SHRINK_IN_LOOP"]
+    for name, cols in (("4bit dequantize", K), ("4bit dequantize unaligned", K + 32)):  # rows across scale blocks
+        kernel, _, args, flags = lin.dequantize_launch_args(_weight4bit_parts(N, cols), cols, dtype, e(N, cols))
+        yield name, kernel, [None], args, flags, dtype, 0, None
 
 
 def _multi_variants(multi, e, dtype, M, N, K, n=32):
@@ -354,7 +410,7 @@ def main(argv=None) -> int:
     kernels = (triton_lora_linear._shrink_kernel, triton_lora_linear._fused_gemm_kernel,
                triton_lora_linear._weight_grad_kernel, triton_merge._merge_kernel,
                triton_lora_linear_multi._segment_shrink_kernel, triton_lora_linear_multi._segment_expand_kernel,
-               triton_lora_linear_multi._segment_weight_grad_kernel)
+               triton_lora_linear_multi._segment_weight_grad_kernel, triton_lora_linear._dequantize_kernel)
     for arch in (int(a) for a in args.arch.split(",")):
         driver.set_active(StandInDriver(arch))
         for kernel in kernels:  # a JITFunction keeps its target per device: forget the previous arch's
@@ -381,7 +437,8 @@ def main(argv=None) -> int:
                 if config is not None:
                     # the fused GEMM's arguments: (x, w, bias, left, u, d, y, ...); d holds the adapters' dtype
                     estimate = shared_memory_estimate(config, torch.empty((), dtype=dtype).element_size(), block_r,
-                                                      shrink_in_loop, kargs[5].element_size())
+                                                      shrink_in_loop, kargs[5].element_size(),
+                                                      flags.get("W4", False))
                     row["shared_estimate"] = estimate
                     if estimate < row["shared"]:
                         why.append(f"pruning estimate {estimate} B below the compiler's {row['shared']} B")

@@ -13,7 +13,7 @@ from lora_kernels import reference
 from lora_kernels.functional import draw_seed
 from lora_kernels.weight4bit import Weight4bit, code_table, dynamic_code
 
-from conftest import DTYPES, assert_matches_reference, compiled_backends
+from conftest import DEVICE, DTYPES, assert_matches_reference, compiled_backends
 
 HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
 needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed (./run.sh setup installs it)")
@@ -176,6 +176,21 @@ def test_cpu_dequantize_is_the_reference_bit_for_bit(isa, monkeypatch):
                 assert torch.equal(ours, w4.dequantize(dtype)), (shape, blocksize, dtype)
 
 
+@pytest.mark.skipif("triton" not in compiled_backends(), reason="triton backend not available")
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_triton_dequantize_is_the_reference_bit_for_bit(quant_type):
+    """The fused GEMMs' tile dequantization (triton_common.dequantized_tile), whole: every element, both tile
+    paths (aligned rows and blocks across rows), a weight with more than 256 blocks (several nested scales)."""
+    from lora_kernels.ops.triton_lora_linear import dequantize_4bit as triton_dequantize
+
+    for shape in WEIGHT_SHAPES[:3] + [(80, 256), (1, 1)]:
+        for blocksize, double_quant in ((32, True), (64, True), (128, False)):
+            w4 = Weight4bit.quantize(_weight(shape), blocksize, quant_type, double_quant).to(DEVICE)
+            for dtype in DTYPES:
+                ours = triton_dequantize(w4.kernel_args(), shape[1], dtype)
+                assert torch.equal(ours, w4.dequantize(dtype)), (shape, blocksize, dtype)
+
+
 # ---- lora_linear on a 4-bit weight ------------------------------------------------------------------------------
 
 SCALING = 1.5
@@ -184,7 +199,12 @@ SCALING = 1.5
 # others the panels
 SHAPES = [((0,), 96, 33, 4, 64, True), ((1,), 129, 37, 3, 64, True), ((37,), 129, 37, 16, 32, False),
           ((5, 7), 64, 70, 8, 128, True), ((3,), 1000, 300, 4, 64, False), ((15,), 256, 40, 4, 64, True),
-          ((2, 8), 128, 33, 4, 128, False)]
+          ((2, 8), 128, 33, 4, 128, False), ((2,), 256, 80, 4, 32, True), ((40,), 128, 48, 8, 64, True),
+          ((3, 7), 256, 40, 16, 32, False)]
+# The Triton interpreter is slow: its cases leave out the 1000-wide one. The others cover the same paths: rows that
+# start a scale block (in % blocksize == 0: the fused GEMMs, decode at M <= 16 and the large-M tiles) and rows
+# that do not (Triton dequantizes those weights first)
+TRITON_SHAPES = [s for s in SHAPES if s[1] * s[2] <= 50_000]
 
 
 def _inputs(lead, in_f, out_f, r, blocksize, double_quant, dtype, adapter_dtype=None):
@@ -231,12 +251,17 @@ def _backend_isa_cases():
     if "cpu" in compiled_backends():
         for isa in ISAS:
             yield "cpu", isa
+    if "triton" in compiled_backends():  # a GPU, or the interpreter on CPU tensors
+        yield "triton", None
+
+
+KERNEL_BACKENDS = ["reference"] + [b for b in compiled_backends() if b in ("cpu", "triton")]
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("backend,isa", list(_backend_isa_cases()), ids=str)
+@pytest.mark.parametrize("backend,isa,shape", [(b, i, s) for b, i in _backend_isa_cases()
+                                               for s in (TRITON_SHAPES if b == "triton" else SHAPES)], ids=str)
 def test_lora_linear_4bit_matches_reference(backend, isa, shape, dtype, dropout_p, use_backend, monkeypatch):
     use_backend(backend)
     if isa:
@@ -244,11 +269,13 @@ def test_lora_linear_4bit_matches_reference(backend, isa, shape, dtype, dropout_
     _check(_inputs(*shape, dtype), dropout_p)
 
 
+@pytest.mark.parametrize("in_features", [129, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", ["reference"] + [b for b in compiled_backends() if b == "cpu"])
-def test_float32_adapters_on_a_16bit_compute_dtype(backend, dtype, use_backend):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_float32_adapters_on_a_16bit_compute_dtype(backend, dtype, in_features, use_backend):
     use_backend(backend)
-    _check(_inputs((37,), 129, 37, 4, 64, True, dtype, adapter_dtype=torch.float32), 0.25)
+    for lead in ((37,), (3,)):  # the large-M and the decode paths
+        _check(_inputs(lead, in_features, 37, 4, 64, True, dtype, adapter_dtype=torch.float32), 0.25)
 
 
 def test_decode_takes_the_fused_path_and_matches():
@@ -528,11 +555,12 @@ def _multi_run(w4, t, ids, ranks, dropout_p, oracle=None):
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "scattered"])
-@pytest.mark.parametrize("backend", ["reference"] + [b for b in compiled_backends() if b == "cpu"])
-def test_lora_linear_multi_on_a_4bit_base(backend, grouped, dtype, dropout_p, use_backend):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("in_f", [129, 128])
+def test_lora_linear_multi_on_a_4bit_base(backend, grouped, dtype, dropout_p, in_f, use_backend):
     use_backend(backend)
     g = torch.Generator().manual_seed(5)
-    M, in_f, out_f, n, r_max = 37, 129, 37, 3, 8
+    M, out_f, n, r_max = 37, 37, 3, 8
     w4 = Weight4bit.quantize(torch.randn(out_f, in_f, generator=g) * 0.05, 64, "nf4", True)
     t = {"x": torch.randn(M, in_f, generator=g).to(dtype), "bias": (torch.randn(out_f, generator=g) * 0.1).to(dtype),
          "lora_A": (torch.randn(n, r_max, in_f, generator=g) * 0.1).to(dtype),

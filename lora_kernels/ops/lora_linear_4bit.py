@@ -8,8 +8,9 @@ torch.library like any argument; everything else is lora_linear's op (ops/lora_l
 or a 0-d tensor, the seed as a 0-d int64 tensor or None, the same saved state (x, xa, seed: never drop(x), never
 the dequantized weight) and the same gradients. reference.lora_linear_4bit is the spec.
 
-Backends: cpu (lora_kernels._C: csrc/lora_linear_4bit.cpp, csrc/cpu/weight4bit.cpp) and reference (which
-dequantizes the whole weight: it is the spec, and what runs on a GPU until the Triton 4-bit kernels exist).
+Backends: cpu (lora_kernels._C: csrc/lora_linear_4bit.cpp, csrc/cpu/weight4bit.cpp), triton (the fused GEMMs of
+ops/triton_lora_linear.py dequantizing W0 a tile at a time in their K loops; 16-bit x under auto) and reference
+(which dequantizes the whole weight: it is the spec, and what float32 runs on a GPU).
 
     forward(x, w4, bias, lora_A, lora_B, scaling, p, seed) -> (y, xa)
     backward(grad_y, x, w4, lora_A, lora_B, xa, scaling, p, seed, need_dx) -> (dx or [0], dA, dB)
@@ -25,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import FLOAT32_ADAPTERS_ON_HALF, HALF_AND_FLOAT32, Implementation, compiled_extension, implementation, register
+from ..backends import (FLOAT32_ADAPTERS_ON_HALF, HALF, HALF_AND_FLOAT32, Implementation, compiled_extension,
+                        implementation, register)
 from .definition import Backward, define_op, seed_value
 from .lora_linear import _dropout, _kernel_scaling, scaling_graph_input
 
@@ -65,6 +67,10 @@ register(Implementation(OP, "reference", "lora_kernels.ops.lora_linear_4bit:Refe
                         mixed=FLOAT32_ADAPTERS_ON_HALF))
 register(Implementation(OP, "cpu", "lora_kernels.ops.lora_linear_4bit:CompiledBackend", devices=("cpu",),
                         dtypes=HALF_AND_FLOAT32, mixed=FLOAT32_ADAPTERS_ON_HALF))
+# The fused Triton GEMMs dequantize W0's tiles in their K loops. As for lora_linear, auto takes them for 16-bit x
+# (float32 adapters included); float32 goes to the reference (the weight dequantized, then cuBLAS).
+register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear:Weight4bitBackend", devices=("cuda",),
+                        dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF, mixed=FLOAT32_ADAPTERS_ON_HALF))
 
 
 def forward(x: Tensor, codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
@@ -218,6 +224,8 @@ register(Implementation(MULTI_OP, "reference", "lora_kernels.ops.lora_linear_4bi
                         mixed=FLOAT32_ADAPTERS_ON_HALF))
 register(Implementation(MULTI_OP, "cpu", "lora_kernels.ops.lora_linear_4bit:MultiCompiledBackend", devices=("cpu",),
                         dtypes=HALF_AND_FLOAT32, mixed=FLOAT32_ADAPTERS_ON_HALF))
+register(Implementation(MULTI_OP, "triton", "lora_kernels.ops.triton_lora_linear_multi:Weight4bitBackend",
+                        devices=("cuda",), dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF, mixed=FLOAT32_ADAPTERS_ON_HALF))
 
 
 def multi_forward(x: Tensor, codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from ..reference import dropout_threshold  # the mask rule is defined once, by the spec
+from ..reference import NESTED_BLOCKSIZE, dropout_threshold  # the mask rule is defined once, by the spec
 
 
 _AS_ON_GPU = [False]
@@ -160,6 +160,79 @@ def cast(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
     return x.to(dtype)
 
 
+# ---- the 4-bit weight (bitsandbytes' layout, lora_kernels/weight4bit.py), dequantized a tile at a time ----------
+
+_NESTED_BLOCKSIZE = tl.constexpr(NESTED_BLOCKSIZE)  # a global a kernel may read
+
+
+@triton.jit
+def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, ok,
+                  DOUBLE_QUANT: tl.constexpr):
+    """The float32 scale of quantization blocks `blocks` (0 where not ok): absmax itself or, double quantized,
+    nested_code[code] · nested_absmax[b // 256] + offset, two roundings (the launch turns FMA contraction off)."""
+    if DOUBLE_QUANT:
+        code = tl.load(absmax_ptr + blocks, mask=ok, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + blocks // _NESTED_BLOCKSIZE, mask=ok, other=0.0)
+        scales = tl.where(ok, tl.load(nested_code_ptr + code) * nested + tl.load(offset_ptr), 0.0)
+    else:
+        scales = tl.load(absmax_ptr + blocks, mask=ok, other=0.0)
+    return scales
+
+
+@triton.jit
+def _lookup(table_ptr, codes):
+    """table[codes] for a 2-D tile of 4-bit codes, from a register copy of the 16-entry table."""
+    ROWS: tl.constexpr = codes.shape[0]
+    table = tl.broadcast_to(tl.load(table_ptr + tl.arange(0, 16))[None, :], (ROWS, 16))
+    return tl.gather(table, codes, 1)
+
+
+@triton.jit
+def dequantized_tile(codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr,
+                     rows, col0, n_rows, n_cols, dtype: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
+                     SOFT_BF16: tl.constexpr):
+    """W0[rows, col0 : col0 + BLOCK_COLS] of a 4-bit weight [n_rows, n_cols] in `dtype`, 0 outside it: element
+    e = row·n_cols + col is table[nibble e] · scale[e // BLOCKSIZE] in float32, rounded once (reference.py's
+    dequantize_4bit, bit for bit). col0 is a multiple of BLOCK_COLS.
+
+    ALIGNED (n_cols % BLOCKSIZE == 0, every real layer): each row starts on a byte and on a scale block, so the
+    tile is read as [rows, BLOCK_COLS / 2] bytes, each split in its two codes, and each run of
+    min(BLOCKSIZE, BLOCK_COLS) columns of a row shares one scale, decoded once for the tile; otherwise every
+    element finds its byte and its block (blocks then run across rows)."""
+    rows64 = rows.to(tl.int64)
+    row_ok = rows < n_rows
+    if ALIGNED:
+        pairs = col0 // 2 + tl.arange(0, BLOCK_COLS // 2)
+        byte_ok = row_ok[:, None] & (pairs * 2 < n_cols)[None, :]
+        byte = tl.load(codes_ptr + rows64[:, None] * (n_cols // 2) + pairs[None, :], mask=byte_ok, other=0)
+        byte = byte.to(tl.int32)
+        # even columns are the high nibble: interleaving (high, low) puts every code in its column
+        values = tl.interleave(_lookup(table_ptr, byte >> 4), _lookup(table_ptr, byte & 15))
+        SCALES: tl.constexpr = (BLOCK_COLS + BLOCKSIZE - 1) // BLOCKSIZE  # scale blocks across the tile
+        SPAN: tl.constexpr = BLOCK_COLS // SCALES  # columns per scale
+        span_cols = col0 + SPAN * tl.arange(0, SCALES)
+        blocks = rows64[:, None] * (n_cols // BLOCKSIZE) + (span_cols // BLOCKSIZE)[None, :]
+        scales = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks,
+                               row_ok[:, None] & (span_cols < n_cols)[None, :], DOUBLE_QUANT)
+        rows_: tl.constexpr = rows.shape[0]
+        scales = tl.reshape(tl.broadcast_to(scales[:, :, None], (rows_, SCALES, SPAN)), (rows_, BLOCK_COLS))
+    else:
+        cols = col0 + tl.arange(0, BLOCK_COLS)
+        ok = row_ok[:, None] & (cols < n_cols)[None, :]
+        e = rows64[:, None] * n_cols + cols[None, :]
+        byte = tl.load(codes_ptr + (e >> 1), mask=ok, other=0).to(tl.int32)
+        values = _lookup(table_ptr, tl.where((e & 1) == 0, byte >> 4, byte & 15))
+        scales = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, e // BLOCKSIZE, ok,
+                               DOUBLE_QUANT)
+    return cast(values * scales, dtype, SOFT_BF16)
+
+
+def weight4bit_aligned(in_features: int, blocksize: int) -> bool:
+    """dequantized_tile's ALIGNED flag for a weight whose rows are in_features long."""
+    return in_features % blocksize == 0
+
+
 # Ranks are processed in chunks of at most this many: a rank-wide tile (the shrink's d, the
 # epilogue's U) then stays within shared memory whatever r is (r = 256 in bf16 needed 240 KB
 # in one chunk, over sm_90's 227 KB).
@@ -180,18 +253,24 @@ def shared_memory_limit(device: torch.device) -> int:
 
 
 def shared_memory_estimate(config: triton.Config, element_bytes: int, block_r_: int, shrink_in_loop: bool,
-                           adapter_bytes: int | None = None) -> int:
+                           adapter_bytes: int | None = None, w4: bool = False) -> int:
     """An upper bound of the fused GEMM's shared memory: its pipelined x and W0 tiles (and d's, when
     decoding, in the adapters' dtype: float32 adapters on a 16-bit x take twice the bytes) or, if larger,
-    the epilogue's L and U tiles in float32 (that loop is not pipelined and reuses the space). Checked
-    against the compiler's figures for every config in benchmarks/gpu_compile_check.py."""
+    the epilogue's L and U tiles in float32 (that loop is not pipelined and reuses the space). A 4-bit W0
+    (w4) is not staged as 16-bit tiles: its dequantized tile (plus half a byte per element of conversion
+    scratch) is in shared memory once. Checked against the compiler's figures for every config in
+    benchmarks/gpu_compile_check.py."""
     kw = config.kwargs
-    per_stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * element_bytes
-    extra = 0
+    w_elements = kw["BLOCK_K"] * kw["BLOCK_N"]
+    if w4:
+        per_stage = kw["BLOCK_M"] * kw["BLOCK_K"] * element_bytes
+        extra = int(w_elements * (element_bytes + 0.5))
+    else:
+        per_stage, extra = (kw["BLOCK_M"] * kw["BLOCK_K"] + w_elements) * element_bytes, 0
     if shrink_in_loop:
         per_stage += kw["BLOCK_K"] * block_r_ * (adapter_bytes or element_bytes)
         if (adapter_bytes or element_bytes) > element_bytes:  # float32 d: the compiler stages a converted copy
-            extra = kw["BLOCK_K"] * block_r_ * adapter_bytes
+            extra += kw["BLOCK_K"] * block_r_ * adapter_bytes
     epilogue = (kw["BLOCK_M"] + kw["BLOCK_N"]) * block_r_ * 4
     return max(config.num_stages * per_stage + extra, epilogue)
 
@@ -209,6 +288,8 @@ def spills(config: triton.Config, named_args, flags) -> bool:
     kw = config.kwargs
     x = named_args["x_ptr"]
     hopper = compute_capability(x.device) >= (9, 0)
+    if flags.get("W4") and flags["SHRINK_IN_LOOP"] and kw["BLOCK_K"] * kw["BLOCK_N"] >= 16384:
+        return True  # a decode tile of 16K dequantized elements: two of the three such configs spilled on sm_90
     if flags["SHRINK_IN_LOOP"]:  # decode: the shrink's x and d tiles sit beside the accumulator
         if named_args["d_ptr"].dtype == torch.float32:
             return kw["BLOCK_K"] > 128 or kw["BLOCK_N"] > 32  # float32 d, split in TF32 parts
@@ -226,7 +307,8 @@ def fitting_configs(configs_, named_args, **kwargs) -> list[triton.Config]:
 
     def estimate(config):
         return shared_memory_estimate(config, x.element_size(), kwargs["BLOCK_R"], kwargs["SHRINK_IN_LOOP"],
-                                      named_args["d_ptr"].element_size())
+                                      named_args["d_ptr"].element_size(),
+                                      kwargs.get("W4", False))
 
     sixteen_bit = x.dtype != torch.float32  # float32 tensors go to cuBLAS under auto: their spills are reported
     fit = [c for c in configs_ if estimate(c) <= limit and not (sixteen_bit and spills(c, named_args, kwargs))]

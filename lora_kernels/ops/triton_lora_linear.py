@@ -33,9 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (RANK_CHUNK, block_r, cast, configs, dot, dropout_args, dropped, fitting_configs,
-                            full_precision, gpu_configs, grouped_mask, interpreted, keep_mask, kernel_seed,
-                            multiprocessors, on_device, soft_bf16, weight_grad_tiles)
+from .triton_common import (RANK_CHUNK, block_r, cast, configs, dequantized_tile, dot, dropout_args, dropped,
+                            fitting_configs, full_precision, gpu_configs, grouped_mask, interpreted, keep_mask,
+                            kernel_seed, multiprocessors, on_device, soft_bf16, weight4bit_aligned,
+                            weight_grad_tiles)
 
 # Up to this many rows the forward is one launch (shrink fused into the GEMM's K
 # loop): the repeated shrink costs M·in·r per column block, noise next to W0's
@@ -120,17 +121,24 @@ def _scaling_value(scaling, SCALING_IN_MEMORY: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "threshold"])
 def _fused_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, l_ptr, u_ptr, d_ptr, y_ptr, seed_ptr,
+    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_ur, stride_un, stride_dk, stride_dr, stride_ym, stride_yn,
     scaling, threshold, inv_keep,
     HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, DROPOUT_SHRINK: tl.constexpr,
     DROPOUT_EPILOGUE: tl.constexpr, GROUPED_MASK: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr,
-    SOFT_BF16: tl.constexpr,
+    SOFT_BF16: tl.constexpr, W4: tl.constexpr, W4_TRANSPOSED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ w[K, N] + bias + scaling · (L[M, R] @ u[R, N]) (⊙ mask / (1-p)).
+
+    With W4, w is a 4-bit weight W0 (w_ptr its codes, the scale and table pointers its other parts): w = W0ᵀ
+    (W4_TRANSPOSED: the forward, W0 [N, K]) or W0 (dx, W0 [K, N]), each tile dequantized in x's dtype in the K
+    loop (triton_common.dequantized_tile, rows aligned on scale blocks) and fed to the same dot; nothing of W0
+    is dequantized outside it.
 
     L is read from l_ptr, or with SHRINK_IN_LOOP accumulated in the K loop as
     drop?(x) @ d[K, R] and written to l_ptr by the first column block. With SCALING_IN_MEMORY,
@@ -186,7 +194,17 @@ def _fused_gemm_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + ks[:, None].to(tl.int64) * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if W4 and W4_TRANSPOSED:  # W0ᵀ[ks, cols] = W0[cols, ks]: dequantized along W0's rows, then transposed
+            w = tl.trans(dequantized_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                          table_ptr, cols, k0, N, K, x_ptr.dtype.element_ty, BLOCK_K, BLOCKSIZE,
+                                          DOUBLE_QUANT, True, SOFT_BF16))
+        elif W4:  # W0[ks, cols]
+            w = dequantized_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr, ks,
+                                 pid_n * BLOCK_N, K, N, x_ptr.dtype.element_ty, BLOCK_N, BLOCKSIZE, DOUBLE_QUANT,
+                                 True, SOFT_BF16)
+        else:
+            w = tl.load(w_cols + ks[:, None].to(tl.int64) * stride_wk, mask=k_ok[:, None] & col_ok[None, :],
+                        other=0.0)
         acc = dot(x, w, acc, SOFT_BF16)
         if SHRINK_IN_LOOP:
             if DROPOUT_SHRINK:
@@ -218,7 +236,7 @@ def _fused_gemm_kernel(
 # would otherwise pay a full autotuning run (seconds) for every new M. The flags
 # that change a config's shared memory or registers (bias, dropout, the rank tile)
 # are part of the key, so a config tuned without dropout is never reused with it.
-_KEY = ["N", "K", "R", "HAS_BIAS", "DROPOUT_SHRINK", "DROPOUT_EPILOGUE", "BLOCK_R"]
+_KEY = ["N", "K", "R", "HAS_BIAS", "DROPOUT_SHRINK", "DROPOUT_EPILOGUE", "BLOCK_R", "W4", "W4_TRANSPOSED"]
 _PRUNE = {"early_config_prune": fitting_configs}
 _fused_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET"] + _KEY, prune_configs_by=_PRUNE)(
     _fused_gemm_kernel)
@@ -338,12 +356,14 @@ def _shrink(x: torch.Tensor, d: torch.Tensor, p: float, seed, out_dtype: torch.d
     return out
 
 
-def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shrink_in_loop, dropout_epilogue):
+def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shrink_in_loop, dropout_epilogue,
+                           w4=None, w4_transposed=False):
     """(autotuned kernel, grid, args, flags) of y = x @ w_kn + bias + scaling · left @ u_rn
     (see _fused_gemm_kernel); w_kn, u_rn, d_kr are views; scaling is a float or a 0-d tensor on x's device;
-    seed a 0-d int64 tensor on x's device when p > 0."""
+    seed a 0-d int64 tensor on x's device when p > 0. With w4 (a 4-bit weight W0's kernel_args(), w_kn None),
+    w_kn is W0ᵀ (w4_transposed: the forward) or W0 (dx)."""
     M, K = x.shape
-    N = w_kn.shape[1]
+    N = y.shape[1]
     R = u_rn.shape[0]
     threshold, inv_keep = dropout_args(p)
 
@@ -351,16 +371,31 @@ def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed,
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     d_strides = (d_kr.stride(0), d_kr.stride(1)) if d_kr is not None else (0, 0)
-    args = (x, w_kn, bias if bias is not None else y, left, u_rn, d_kr if d_kr is not None else left, y,
-            seed if p > 0.0 else y, M, N, K, R, triton.next_power_of_2(M),
-            x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1),
+    if w4 is None:
+        w, w4_pointers, w_strides, w4_flags = w_kn, (y,) * 5, (w_kn.stride(0), w_kn.stride(1)), {}
+    else:
+        codes, absmax, nested_absmax, nested_code, offset, table, _, blocksize = w4
+        double_quant = nested_absmax is not None
+        w, w_strides = codes, (0, 0)
+        w4_pointers = (absmax, *((nested_absmax, nested_code, offset) if double_quant else (y, y, y)), table)
+        if not weight4bit_aligned(K if w4_transposed else N, blocksize):
+            raise ValueError("the fused 4-bit GEMM needs rows that start a scale block (in_features % blocksize "
+                             "== 0); the launchers dequantize other weights first")
+        w4_flags = dict(W4=True, W4_TRANSPOSED=w4_transposed, DOUBLE_QUANT=double_quant, BLOCKSIZE=blocksize,
+                        # the double-quantized scale's product and sum rounded apart, as the spec does
+                        enable_fp_fusion=not double_quant)
+    args = (x, w, bias if bias is not None else y, left, u_rn, d_kr if d_kr is not None else left, y,
+            seed if p > 0.0 else y, *w4_pointers, M, N, K, R, triton.next_power_of_2(M),
+            x.stride(0), x.stride(1), *w_strides,
             left.stride(0), left.stride(1), u_rn.stride(0), u_rn.stride(1), *d_strides, y.stride(0), y.stride(1),
             scaling, threshold, inv_keep)
     flags = dict(HAS_BIAS=bias is not None, SHRINK_IN_LOOP=shrink_in_loop,
                  DROPOUT_SHRINK=shrink_in_loop and p > 0.0, DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
                  GROUPED_MASK=grouped_mask(K if shrink_in_loop else N),  # decode masks x, dx's epilogue dx
                  SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor), SOFT_BF16=soft_bf16(x.dtype),
+                 W4=False, W4_TRANSPOSED=False, DOUBLE_QUANT=False, BLOCKSIZE=64,
                  BLOCK_R=block_r(R) if shrink_in_loop else LORA_TILE_RANKS)
+    flags.update(w4_flags)
     return (_fused_gemm_decode if shrink_in_loop else _fused_gemm), grid, args, flags
 
 
@@ -439,21 +474,23 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed):
         return _forward(x, weight, bias, lora_A, lora_B, scaling, p, kernel_seed(seed, x))
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed):
+def _forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed, w4=None):
+    """forward's launches; with w4 (a 4-bit W0's kernel_args(), weight None) its tiles are dequantized in the GEMM."""
     _check_dtype(x)
     M = x.shape[0]
-    N, R = weight.shape[0], lora_A.shape[0]
+    N, R = (weight.shape[0] if w4 is None else w4[6]), lora_A.shape[0]
+    w_kn = weight.t() if w4 is None else None
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     xa = torch.empty(M, R, device=x.device, dtype=lora_A.dtype)
     if M == 0:
         return y, xa
     if M <= DECODE_MAX_M and R <= RANK_CHUNK:  # the shrink's accumulator holds every rank
-        _fused_gemm_launch(x, weight.t(), bias, xa, lora_B.t(), lora_A.t(), y, scaling, p, seed,
-                           shrink_in_loop=True, dropout_epilogue=False)
+        _fused_gemm_launch(x, w_kn, bias, xa, lora_B.t(), lora_A.t(), y, scaling, p, seed,
+                           shrink_in_loop=True, dropout_epilogue=False, w4=w4, w4_transposed=True)
     else:
         xa = _shrink(x, lora_A.t(), p, seed, lora_A.dtype)
-        _fused_gemm_launch(x, weight.t(), bias, xa, lora_B.t(), None, y, scaling, p, seed,
-                           shrink_in_loop=False, dropout_epilogue=False)
+        _fused_gemm_launch(x, w_kn, bias, xa, lora_B.t(), None, y, scaling, p, seed,
+                           shrink_in_loop=False, dropout_epilogue=False, w4=w4, w4_transposed=True)
     return y, xa
 
 
@@ -464,7 +501,8 @@ def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed, nee
         return _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, kernel_seed(seed, x), need_dx)
 
 
-def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed, need_dx: bool):
+def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed, need_dx: bool, w4=None):
+    """backward's launches; with w4 (weight None) dx's GEMM dequantizes W0's tiles."""
     _check_dtype(x)
     _, inv_keep = dropout_args(p)
     gb = _shrink(grad_y, lora_B, 0.0, None, torch.float32)  # dy B   [M, r], float32 (reference.py's order)
@@ -477,5 +515,93 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed, ne
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.shape[0]:
         _fused_gemm_launch(grad_y, weight, None, gb, lora_A, None, dx, scaling, p, seed,
-                           shrink_in_loop=False, dropout_epilogue=True)
+                           shrink_in_loop=False, dropout_epilogue=True, w4=w4, w4_transposed=False)
     return dx, d_lora_A, d_lora_B
+
+
+def _unfused(w4, in_features: int, dtype) -> torch.Tensor | None:
+    """W0 dequantized whole (by the GEMMs' own tile code) for a weight whose rows do not start a scale block
+    (in_features % blocksize != 0: blocks run across rows, no real model's layer); None for every other weight,
+    which the fused GEMMs read packed. The per-element addressing such tiles need spilled in every GEMM config
+    on sm_80 and sm_90 (gpu_compile_check, 2026-12-03)."""
+    return None if weight4bit_aligned(in_features, w4[7]) else dequantize_4bit(w4, in_features, dtype)
+
+
+class Weight4bitBackend:
+    """lora_linear_4bit on these kernels (QLoRA): the same launches, W0 a 4-bit weight (w4: its kernel_args())
+    whose tiles the fused GEMMs of y and dx dequantize in their K loops; the shrink and the weight gradients
+    never read W0."""
+
+    @staticmethod
+    def forward(x, w4, bias, lora_A, lora_B, scaling, p: float, seed):
+        with on_device(x):
+            dense = _unfused(w4, x.shape[1], x.dtype)
+            return _forward(x, dense, bias, lora_A, lora_B, scaling, p, kernel_seed(seed, x),
+                            w4=w4 if dense is None else None)
+
+    @staticmethod
+    def backward(grad_y, x, w4, lora_A, lora_B, xa, scaling, p: float, seed, need_dx: bool):
+        with on_device(x):
+            dense = _unfused(w4, x.shape[1], x.dtype) if need_dx else None
+            return _backward(grad_y, x, dense, lora_A, lora_B, xa, scaling, p, kernel_seed(seed, x), need_dx,
+                             w4=w4 if dense is None else None)
+
+
+def base_4bit(x, w4, in_features: int, bias=None, transposed: bool = True):
+    """x W0ᵀ + bias [M, out] (transposed) or x W0 [M, in] for a 4-bit W0 [out, in] (w4: its kernel_args()), in
+    x's dtype: the fused GEMM without a LoRA term (lora_linear_multi_4bit's base products, to which its own
+    kernels add the adapters)."""
+    _check_dtype(x)
+    dense = _unfused(w4, in_features, x.dtype)
+    if dense is not None:
+        return torch.nn.functional.linear(x, dense, bias) if transposed else x @ dense
+    N = w4[6] if transposed else in_features
+    y = torch.empty(x.shape[0], N, device=x.device, dtype=x.dtype)
+    if x.shape[0]:  # rank 0: the LoRA stage runs no iteration and reads nothing
+        _fused_gemm_launch(x, None, bias, x.new_empty(x.shape[0], 0), x.new_empty(0, N), None, y, 0.0, 0.0, None,
+                           shrink_in_loop=False, dropout_epilogue=False, w4=w4, w4_transposed=transposed)
+    return y
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _dequantize_kernel(
+    codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr, out_ptr,
+    n_rows, n_cols,
+    DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr, SOFT_BF16: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    """out[n_rows, n_cols] = the whole 4-bit weight in out's dtype, by the GEMMs' own tile dequantization."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col0 = tl.program_id(1) * BLOCK_COLS
+    cols = col0 + tl.arange(0, BLOCK_COLS)
+    tile = dequantized_tile(codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr, rows,
+                            col0, n_rows, n_cols, out_ptr.dtype.element_ty, BLOCK_COLS, BLOCKSIZE, DOUBLE_QUANT,
+                            ALIGNED, SOFT_BF16)
+    out = out_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    tl.store(out, tile, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
+
+
+def dequantize_launch_args(w4, in_features: int, dtype: torch.dtype, out: torch.Tensor):
+    """(kernel, grid, args, flags) of out [out, in] = the 4-bit weight w4 (its kernel_args()) in dtype."""
+    codes, absmax, nested_absmax, nested_code, offset, table, out_features, blocksize = w4
+    double_quant = nested_absmax is not None
+    block_rows, block_cols = (16, 64) if interpreted() else (32, 256)
+    grid = (triton.cdiv(out_features, block_rows), triton.cdiv(in_features, block_cols))
+    args = (codes, absmax, *((nested_absmax, nested_code, offset) if double_quant else (out, out, out)), table, out,
+            out_features, in_features)
+    flags = dict(DOUBLE_QUANT=double_quant, ALIGNED=weight4bit_aligned(in_features, blocksize), BLOCKSIZE=blocksize,
+                 SOFT_BF16=soft_bf16(dtype), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+                 enable_fp_fusion=not double_quant)
+    return _dequantize_kernel, grid, args, flags
+
+
+def dequantize_4bit(w4, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The whole 4-bit weight [out, in] in dtype (w4: its kernel_args()), equal to reference.dequantize_4bit bit for
+    bit: for tests and for the GPU check's "dequantize, then cuBLAS" baseline; the ops never call it."""
+    codes, out_features = w4[0], w4[6]
+    out = torch.empty(out_features, in_features, device=codes.device, dtype=dtype)
+    if out.numel():
+        kernel, grid, args, flags = dequantize_launch_args(w4, in_features, dtype, out)
+        with on_device(codes):
+            kernel[grid](*args, **flags)
+    return out

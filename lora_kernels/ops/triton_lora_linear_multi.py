@@ -9,7 +9,9 @@ bound of tiles, cdiv(M, BLOCK_M) + n; tiles past the last exit at once. Three ke
   _segment_expand_kernel   O[m] += (s_a ·) L[m, :r_a] U_a (⊙ mask)   y += s_a · xa B_aᵀ; dx += (gb A_a) ⊙ mask
   _segment_weight_grad_kernel  G_a = (s_a ·) P_aᵀ drop?(Q_a)          dA_a = gbᵀ drop(x); dB_aᵀ = s_a · xaᵀ dy
 
-The base GEMMs (x W0ᵀ + b, dy W0) are cuBLAS's (torch), run once over the whole batch. D_a, U_a and
+The base GEMMs (x W0ᵀ + b, dy W0) are cuBLAS's (torch), run once over the whole batch; on a 4-bit W0
+(Weight4bitBackend, lora_linear_multi_4bit) they are triton_lora_linear's fused GEMM with no LoRA term, which
+dequantizes W0's tiles in its K loop. D_a, U_a and
 the outputs are addressed through strides, so A, B and their transposes need no copies. An adapter of
 rank r_a < r_max loads, computes and writes only its r_a ranks (the rest of xa and of its gradients
 stay zero). Dropout masks are lora_linear's (keep_mask with the row's index in the batch). Under
@@ -26,6 +28,7 @@ import triton.language as tl
 
 from .triton_common import (block_r, cast, dot, dropout_args, dropped, full_precision, grouped_mask, interpreted,
                             keep_mask, kernel_seed, multiprocessors, on_device, soft_bf16, weight_grad_tiles)
+from .triton_lora_linear import base_4bit  # the 4-bit base GEMM (Weight4bitBackend)
 
 
 def _tile_rows() -> int:
@@ -330,10 +333,16 @@ def _prepare(x, lora_A, scalings, adapter_ids, ranks):
 def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed):
     """(y [M, out], xa [M, r_max]) for x [M, in] (see reference.lora_linear_multi); seed: a 0-d int64 tensor
     (read on x's device) or None."""
+    return _forward(x, lambda: torch.nn.functional.linear(x, weight, bias), lora_A, lora_B, scalings, adapter_ids,
+                    ranks, dropouts, seed)
+
+
+def _forward(x, base, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed):
+    """forward's launches after base() = x W0ᵀ + b (one product over the whole batch)."""
     _check_dtypes(x, lora_A)
     with on_device(x):
         seed = kernel_seed(seed, x)
-        y = torch.nn.functional.linear(x, weight, bias).contiguous()
+        y = base().contiguous()
         r_max = lora_A.shape[1]
         xa = torch.zeros(x.shape[0], r_max, device=x.device, dtype=lora_A.dtype)
         if x.shape[0] == 0:
@@ -349,11 +358,17 @@ def forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropo
 
 def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx: bool):
     """(dx [M, in] or [0], dA [n, r_max, in], dB [n, out, r_max]) for a frozen weight."""
+    return _backward(grad_y, x, lambda: grad_y @ weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts,
+                     seed, need_dx)
+
+
+def _backward(grad_y, x, base_dx, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx: bool):
+    """backward's launches; base_dx() = dy W0 (when need_dx)."""
     _check_dtypes(x, lora_A)
     with on_device(x):
         seed = kernel_seed(seed, x)
         n, r_max = lora_A.shape[:2]
-        dx = grad_y @ weight if need_dx else x.new_empty(0)
+        dx = base_dx() if need_dx else x.new_empty(0)
         if x.shape[0] == 0:
             return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
         groups, ranks, scalings = _prepare(x, lora_A, scalings, adapter_ids, ranks)
@@ -369,3 +384,18 @@ def backward(grad_y, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, ranks
             _launch(expand_launch_args(gb, lora_A, lora_A.stride(), dx, groups, ranks, scalings, False, dropout, seed,
                                        r_max))
         return dx, d_lora_A.to(lora_A.dtype), d_lora_B.to(lora_B.dtype, memory_format=torch.contiguous_format)
+
+
+class Weight4bitBackend:
+    """lora_linear_multi_4bit: the same launches, the base products x W0ᵀ + b and dy W0 on a 4-bit W0 (w4: its
+    kernel_args()) by triton_lora_linear's fused GEMM, which dequantizes W0's tiles in its K loop."""
+
+    @staticmethod
+    def forward(x, w4, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts, seed):
+        return _forward(x, lambda: base_4bit(x, w4, x.shape[1], bias), lora_A, lora_B, scalings, adapter_ids, ranks,
+                        dropouts, seed)
+
+    @staticmethod
+    def backward(grad_y, x, w4, lora_A, lora_B, xa, scalings, adapter_ids, ranks, dropouts, seed, need_dx: bool):
+        return _backward(grad_y, x, lambda: base_4bit(grad_y, w4, x.shape[1], transposed=False), lora_A, lora_B, xa,
+                         scalings, adapter_ids, ranks, dropouts, seed, need_dx)
