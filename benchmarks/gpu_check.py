@@ -15,9 +15,14 @@ Sections in priority order, each skipped once --deadline (default 480 s) has pas
    and after a scaling change; torch.compile(mode="reduce-overhead") must capture ours;
 4. the full validation of each GPU backend (odd shapes, r up to 256; y, xa, dx, dA, dB against the float64
    reference with the same dropout seed, within the tests' rule; merge, unmerge, switch, safe merge, drift);
-5. lora_linear_multi's validation (random ids with -1 rows, mixed ranks, dropout; every output and
-   gradient) and its timings (benchmarks/multi_adapter.py's cases);
-6. the remaining timing grid and the merges.
+5. QLoRA (lora_linear_4bit, NF4/FP4 W0): the triton backend's 4-bit kernels validated on both of its paths
+   (fused, dequantize) and lora_linear_multi_4bit, the Triton dequantization bit for bit; then timed (bf16,
+   r = 16, 4096 -> 4096 and 4096 -> 14336, M in {1, 16, 2048, 8192}, forward and train: ours (auto), each path
+   forced, "dequantize whole + F.linear + LoRA", PEFT on bitsandbytes' Linear4bit where the machine has it,
+   against bf16 F.linear) and decode under CUDA graphs;
+6. lora_linear_multi's validation (random ids with -1 rows, mixed ranks, dropout; every output and
+   gradient) and its timings (benchmarks/multi_adapter.py's cases); DoRA's validation and timings;
+7. the remaining timing grid and the merges.
 Every check and timed case is appended to $OUT/progress.jsonl as it finishes, and gpu_check.json /
 results.md are rewritten after each section: a run cut short still returns what it measured.
 LORA_KERNELS_AUTOTUNE=first limits each autotuned kernel to its first config (no tuning runs).
@@ -199,6 +204,117 @@ def validate_multi(backend: str, device: str, shapes, log) -> list[dict]:
                                 adapter_dtype=str(adapter_dtype)[6:], shape=[M, d_in, d_out, n, r_max], dropout=p)
     os.environ.pop("LORA_KERNELS_BACKEND", None)
     return rows
+
+
+def validate_4bit(device: str, shapes, log) -> list[dict]:
+    """lora_linear_4bit on the triton backend, both of its paths (fused: W0's tiles dequantized in the GEMMs;
+    dequantize: W0 dequantized whole first): y, xa, dx, dA, dB against the reference on the dequantized weight (in
+    float64 and in x's dtype), NF4 double quantized and FP4 with float32 absmax, 16-bit x with adapters of its
+    dtype and float32 ones, dropout on and off; the whole-weight Triton dequantization bit for bit; and
+    lora_linear_multi_4bit on one shape."""
+    from lora_kernels import Weight4bit, reference
+    from lora_kernels.ops import lora_linear_4bit as ops
+    from lora_kernels.ops.triton_lora_linear import dequantize_4bit as triton_dequantize
+
+    rows = []
+    os.environ["LORA_KERNELS_BACKEND"] = "triton"
+    for (M, d_in, d_out, r), (quant_type, double_quant) in itertools.product(shapes, (("nf4", True), ("fp4", False))):
+        g = torch.Generator().manual_seed(M + d_in)
+        w4 = Weight4bit.quantize(torch.randn(d_out, d_in, generator=g).to(device) * d_in**-0.5, 64, quant_type,
+                                 double_quant)
+        for dtype in (torch.bfloat16, torch.float16):
+            same = torch.equal(triton_dequantize(w4.kernel_args(), d_in, dtype), w4.dequantize(dtype))
+            rows.append(dict(op="dequantize_4bit", backend="triton", dtype=str(dtype)[6:], shape=[d_out, d_in],
+                             output="W0", ok=same, detail="bit for bit" if same else "differs from the reference"))
+            if not same:
+                log(f"FAIL triton dequantize {quant_type} {dtype} {d_out}x{d_in}")
+        for (dtype, adapter_dtype), p, path in itertools.product(
+                ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32)),
+                (0.0, 0.3), ("fused", "dequantize")):
+            os.environ["LORA_KERNELS_4BIT_PATH"] = path
+            rand = lambda *shape, scale=1.0, dt=dtype: (torch.randn(*shape, generator=g) * scale).to(device, dt)  # noqa: E731
+            x, bias, grad_y = rand(M, d_in), rand(d_out), rand(M, d_out)
+            A, B = rand(r, d_in, scale=d_in**-0.5, dt=adapter_dtype), rand(d_out, r, scale=0.1, dt=adapter_dtype)
+            seed = torch.tensor(999 + M) if p else None
+            _poison_allocator(device)
+            y, xa = ops.forward(x, *w4.kernel_args(), bias, A, B, 2.0, p, seed)
+            _poison_allocator(device)
+            dx, dA, dB = ops.backward(grad_y, x, *w4.kernel_args(), A, B, xa, 2.0, p, seed, True)
+            sv = int(seed) if seed is not None else None
+            w = w4.dequantize(dtype)
+            d = lambda t: t.double()  # noqa: E731
+            ey, exa = reference.lora_linear(d(x), d(w), d(bias), d(A), d(B), 2.0, p, sv)
+            edx, edA, edB = reference.lora_linear_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, 2.0, p, sv)
+            py, pxa = reference.lora_linear(x, w, bias, A, B, 2.0, p, sv)
+            pdx, pdA, pdB = reference.lora_linear_backward(grad_y, x, w, A, B, pxa, 2.0, p, sv)
+            rows += _judged((("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx), ("dA", dA, edA, pdA),
+                             ("dB", dB, edB, pdB)), log,
+                            f"4bit {path} {quant_type} {dtype}/{adapter_dtype} M={M} {d_in}->{d_out} r={r} p={p}",
+                            op="lora_linear_4bit", backend="triton", path=path, quant_type=quant_type,
+                            dtype=str(dtype)[6:], adapter_dtype=str(adapter_dtype)[6:], shape=[M, d_in, d_out, r],
+                            dropout=p)
+    rows += _validate_multi_4bit(device, log)
+    os.environ.pop("LORA_KERNELS_4BIT_PATH", None)
+    os.environ.pop("LORA_KERNELS_BACKEND", None)
+    return rows
+
+
+def _validate_multi_4bit(device: str, log) -> list[dict]:
+    """lora_linear_multi_4bit (triton, fused base GEMMs): 37 rows over 3 adapters and the base, mixed ranks."""
+    from lora_kernels import Weight4bit, reference
+    from lora_kernels.ops import lora_linear_4bit as ops
+
+    g = torch.Generator().manual_seed(11)
+    M, d_in, d_out, n, r_max, dtype = 37, 256, 96, 3, 16, torch.bfloat16
+    os.environ["LORA_KERNELS_4BIT_PATH"] = "fused"
+    w4 = Weight4bit.quantize(torch.randn(d_out, d_in, generator=g).to(device) * d_in**-0.5, 64, "nf4", True)
+    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device, dtype)  # noqa: E731
+    x, bias, grad_y = rand(M, d_in), rand(d_out), rand(M, d_out)
+    A, B = rand(n, r_max, d_in, scale=d_in**-0.5), rand(n, d_out, r_max, scale=0.1)
+    scalings = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+    ids = torch.randint(-1, n, (M,), generator=g).to(device)
+    ranks = torch.tensor([16, 3, 9], device=device)
+    no_dropout = torch.zeros(n, dtype=torch.float64)
+    y, xa = ops.multi_forward(x, *w4.kernel_args(), bias, A, B, scalings, ids, ranks, no_dropout, None)
+    dx, dA, dB = ops.multi_backward(grad_y, x, *w4.kernel_args(), A, B, xa, scalings, ids, ranks, no_dropout, None,
+                                    True)
+    w = w4.dequantize(dtype)
+    d = lambda t: t.double()  # noqa: E731
+    ey, exa = reference.lora_linear_multi(d(x), d(w), d(bias), d(A), d(B), scalings, ids, ranks, 0.0, None)
+    edx, edA, edB = reference.lora_linear_multi_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, scalings, ids, ranks,
+                                                         0.0, None)
+    py, pxa = reference.lora_linear_multi(x, w, bias, A, B, scalings, ids, ranks, 0.0, None)
+    pdx, pdA, pdB = reference.lora_linear_multi_backward(grad_y, x, w, A, B, pxa, scalings, ids, ranks, 0.0, None)
+    return _judged((("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx), ("dA", dA, edA, pdA),
+                    ("dB", dB, edB, pdB)), log, f"multi 4bit bf16 M={M} {d_in}->{d_out} n={n}",
+                   op="lora_linear_multi_4bit", backend="triton", dtype="bfloat16", shape=[M, d_in, d_out, n, r_max])
+
+
+def time_qlora_decode_graphs(device: str, reps: int, progress) -> None:
+    """QLoRA decode (NF4 W0, bf16, r = 16, M = 1, 4096² and 4096 -> 14336): bf16 F.linear vs ours, do_bench's GPU
+    time and a CUDA graph's replay (kernel-bound): the QLoRA issue's decode target is ours <= 0.40x F.linear."""
+    from . import providers as prov
+    from .harness import CaseResult, Timing, time_providers
+
+    dtype, d = (torch.bfloat16, 4096) if device == "cuda" else (torch.float32, 64)
+    for d_out in (d, d * 7 // 2):
+        if progress.left() <= 0:
+            return
+        providers = prov.lora_linear_providers(1, d, d_out, 16, dtype, 0.0, False, device, ["base", "ours"],
+                                               quantized="nf4")
+        timings = time_providers(providers, device, reps)
+        if device == "cuda":
+            for p in providers:
+                try:
+                    p.prepare()
+                    ms = _graph_replay_ms(p.fn)
+                    timings[f"{p.name} (graph)"] = Timing(ms, ms, ms, samples=0)
+                except Exception as error:  # noqa: BLE001
+                    progress.log(f"QLoRA decode {d}->{d_out}: {p.name} could not be captured: {error!r}")
+        label = f"QLoRA decode M=1 {d}->{d_out} r=16 nf4 base {str(dtype)[6:]}: eager vs CUDA graph"
+        progress.add_result(CaseResult("decode_graph", label, dict(M=1, d=d, d_out=d_out, dtype=str(dtype)[6:],
+                                                                   quantized="nf4", target=0.40), timings))
+        progress.log(f"{label}: " + ", ".join(f"{k} {t.median_ms * 1e3:.1f} us" for k, t in timings.items()))
 
 
 def validate_dora(backend: str, device: str, shapes, log) -> list[dict]:
@@ -622,6 +738,8 @@ def main(argv=None) -> int:
             print(f"gpu_check --dry-run: {problem}", file=sys.stderr)
             return 2
     import lora_kernels  # noqa: F401  (after TRITON_INTERPRET is set)
+    from lora_kernels.ops.lora_linear_4bit import TRITON_4BIT
+
     from .cases import LinearCase, linear_cases, merge_cases
     from .runners import run_linear, run_merge
 
@@ -647,6 +765,15 @@ def main(argv=None) -> int:
                                                                 (2048, 1024, 1024, 32, 16), (32, 4096, 4096, 32, 64)]
     cycles = 12 if args.dry_run else 50
     dora_shapes = [(7, 33, 40, 3)] if args.dry_run else [(1, 33, 70, 1), (37, 100, 33, 16), (2048, 1024, 1024, 16)]
+    # QLoRA (M, in, out, r): in a multiple of 64 (the fused path) but one (in = 100: W0 dequantized first)
+    qlora_shapes = ([(3, 128, 40, 4), (37, 64, 48, 16)] if args.dry_run else
+                    [(1, 4096, 4096, 16), (16, 1024, 4000, 64), (37, 100, 33, 16), (2048, 4096, 1024, 16),
+                     (300, 1024, 1024, 128)])
+    qlora_cases = ([LinearCase(M, 64, 96, 16, torch.float32, t, 0.0, quantized="nf4") for M in (1, 37)
+                    for t in (False, True)] if args.dry_run else
+                   [LinearCase(M, 4096, d_out, 16, torch.bfloat16, t, 0.0, quantized="nf4")
+                    for d_out in (4096, 14336) for M in (1, 16, 2048, 8192) for t in (False, True)])
+    qlora_wanted = ["base", "ours", "ours[fused]", "ours[dequantize]", "dequant", "peft"]
 
     def section(name: str, run) -> None:
         """One section, skipped once the deadline has passed; the summary is rewritten after it."""
@@ -698,6 +825,12 @@ def main(argv=None) -> int:
                 lambda b=backend: progress.add_checks(validate_linear(b, device, shapes, log)))
         section(f"merge validation {backend}",
                 lambda b=backend: progress.add_checks(validate_merge(b, device, merge_shapes, cycles, log)))
+    if "triton" in backends and TRITON_4BIT:  # QLoRA: validation, then timings
+        section("4-bit validation triton", lambda: progress.add_checks(validate_4bit(device, qlora_shapes, log)))
+        if not args.skip_timing:
+            section("QLoRA timings", lambda: time_cases(qlora_cases, qlora_wanted))
+            section("QLoRA decode under CUDA graphs",
+                    lambda: time_qlora_decode_graphs(device, 3 if args.dry_run else 20, progress))
     multi_backends = [b for b in backends if b in lora_kernels.available_backends("lora_linear_multi")]
     for backend in multi_backends:
         section(f"multi-adapter validation {backend}",

@@ -5,7 +5,8 @@
 Triton compiles for a stand-in target (sm_90: H100/H200; sm_80: A100) on this CPU-only machine;
 the wheel's bundled cuobjdump reads registers and local memory from the cubin. For every kernel ×
 autotune config the autotuner can pick (after its shared-memory pruning) × dtype × flag variant
-(bias, dropout, rank tile 16/64, which covers r = 16 … 512 since larger ranks run in chunks of 64):
+(bias, dropout, rank tile 16/64, which covers r = 16 … 512 since larger ranks run in chunks of 64), on a 16-bit
+or a 4-bit (NF4) W0:
 
 - shared memory must fit the architecture (sm_90: 232,448 B; sm_80: 166,912 B), and the pruner's
   estimate must not be below what the compiler allocates;
@@ -17,6 +18,8 @@ autotune config the autotuner can pick (after its shared-memory pruning) × dtyp
   (float32 x, float32 adapters, the backward's float32 gb), so those dots must run in full precision;
 - the merge kernel's PTX must hold no FMA (fma.rn): a contracted s·d − s'·d' would make switching
   adapters back and forth drift;
+- the 4-bit GEMMs (lora_linear_4bit: W0's tiles dequantized in the K loop) must feed tensor cores: wgmma in
+  every large-M config on sm_90, mma.sync at least elsewhere;
 - integers that change from call to call must not make new variants: the kernels launched with 20 seeds
   and dropout probabilities × 5 batch sizes must compile to one variant each (Triton specialises an
   integer argument that is 1 or a multiple of 16 unless told not to).
@@ -352,6 +355,14 @@ def specialization_launches(M: int, seed_value: int, p: float):
                                                        seed)),
         ("finish dA", lin.finish_launch_args(e(splits, r, K, dt=torch.float32), lora_A, 2.0, 1 / (1 - p))),
     ]
+    w4, w4_dx = _weight4bit_parts(N, K), _weight4bit_parts(K, N)
+    launches += [
+        ("4bit gemm dx", lin.fused_gemm_launch_args(grad_y, None, None, gb, lora_A, None, e(M, K), 2.0, p, seed,
+                                                    shrink_in_loop=False, dropout_epilogue=True, w4=w4_dx)),
+        ("4bit decode", lin.fused_gemm_launch_args(e(decode, K), None, e(N), e(decode, r), lora_B.t(), lora_A.t(),
+                                                   e(decode, N), 2.0, p, seed, shrink_in_loop=True,
+                                                   dropout_epilogue=False, w4=w4, w4_transposed=True)),
+    ]
     groups = multi.Groups(torch.arange(M) % n, n, multi._tile_rows())
     ranks, scalings = torch.full((n,), r), torch.ones(n)
     dropout = multi._dropout_tensors(torch.full((n,), p, dtype=torch.float64), "cpu")
@@ -452,6 +463,11 @@ def main(argv=None) -> int:
                     why.append("a plain TF32 MMA: a promised float32 dot runs with 10 mantissa bits")
                 if name.startswith("merge") and "fma.rn" in compiled.asm["ptx"]:
                     why.append("FMA contraction in the merge kernel")
+                if name.startswith("4bit") and "dequantize" not in name:  # the dequantized tile feeds tensor cores
+                    if not (row["wgmma"] or row["mma_sync"]):
+                        why.append("no tensor-core instruction in a 4-bit GEMM")
+                    elif arch >= 90 and "gemm" in name and not row["wgmma"]:
+                        why.append("a 4-bit large-M GEMM without wgmma on sm_90")
                 row["problems"] = why
                 rows.append(row)
                 problems += [f"sm_{arch} {name} {row['dtype']} r-tile {block_r} {row['config']}: {w}" for w in why]

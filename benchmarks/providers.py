@@ -6,10 +6,11 @@ LoRA linear providers (same weights, same inputs):
   peft       peft.tuners.lora.Linear (when peft is installed)
   loralib    loralib.Linear (when loralib is installed)
   ours       lora_kernels.LoRALinear on the automatic backend; ours[<backend>] forces one
-QLoRA cases (a 4-bit NF4 base, double quantized): base stays F.linear on the float32 weight; ours is
-  LoRALinear4bit, peft PEFT's LoRA layer on a bitsandbytes Linear4bit holding the same bytes, ours-dense our
-  LoRALinear on the float32 weight, dequant "dequantize the whole W (our kernel), F.linear, LoRA" (unsloth's
-  and torchao's way, autograd keeping W for dx).
+QLoRA cases (a 4-bit NF4 base, double quantized): base stays F.linear on the unquantized weight (float32 on
+  CPU, bf16 on a GPU); ours is LoRALinear4bit (on a GPU ours[fused] and ours[dequantize] force the triton
+  backend's two 4-bit paths), peft PEFT's LoRA layer on a bitsandbytes Linear4bit holding the same bytes,
+  ours-dense our LoRALinear on the unquantized weight, dequant "dequantize the whole W (our kernel: C++ on CPU,
+  Triton on a GPU), F.linear, LoRA" (unsloth's and torchao's way, autograd keeping W for dx).
 DoRA cases: ours is LoRALinear(use_dora=True), ours-lora our plain LoRA layer, peft PEFT's DoRA layer (use_dora=True),
   all with the same A, B and magnitude (‖W0 + s·BA‖ off by ~10% per row: a trained-looking gain).
 Merge providers: ours (merge_), ours-safe, peft (LoraLayer.merge), gemm (one B @ A), floor (the weight read
@@ -30,6 +31,18 @@ import lora_kernels
 from lora_kernels import LoRALinear
 
 from .harness import Provider, have, rotation, timed_call
+
+
+def _with_4bit_path(path: str | None):
+    """A prepare hook forcing LORA_KERNELS_4BIT_PATH, the triton backend's QLoRA path (None: the model's choice)."""
+
+    def prepare() -> None:
+        if path is None:
+            os.environ.pop("LORA_KERNELS_4BIT_PATH", None)
+        else:
+            os.environ["LORA_KERNELS_4BIT_PATH"] = path
+
+    return prepare
 
 
 def _with_backend(backend: str | None):
@@ -133,10 +146,13 @@ def _qlora_providers(base, r, lora_alpha, dropout, train, quant_type, wanted, st
 
     w4 = Weight4bit.quantize(base.weight.detach(), 64, quant_type, double_quant=True)
     providers = []
-    if "ours" in wanted:
+    for name in ("ours", "ours[fused]", "ours[dequantize]"):  # auto, and the triton backend's two 4-bit paths forced
+        if name not in wanted or (name != "ours" and base.weight.device.type != "cuda"):
+            continue
         layer = LoRALinear4bit(w4, base.bias, r=r, lora_alpha=lora_alpha, lora_dropout=dropout).train(train)
         lora_params(layer.lora_A, layer.lora_B)
-        providers.append(Provider("ours", step(layer), prepare, list(layer.parameters())))
+        path = name[5:-1] if name != "ours" else None
+        providers.append(Provider(name, step(layer), _chain(prepare, _with_4bit_path(path)), list(layer.parameters())))
     if "ours-dense" in wanted:
         layer = LoRALinear.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=dropout).train(train)
         lora_params(layer.lora_A, layer.lora_B)
@@ -161,7 +177,12 @@ def _qlora_providers(base, r, lora_alpha, dropout, train, quant_type, wanted, st
 
         def dequantize_then_linear(x):
             with torch.no_grad():  # the whole W0, in x's dtype (a frozen tensor: autograd keeps it for dx)
-                weight = torch.ops.lora_kernels.dequantize_4bit(*args[:6], *w4.shape, w4.blocksize, x.dtype)
+                if x.is_cuda:  # the fused GEMMs' tile code, whole (ops/triton_lora_linear.py)
+                    from lora_kernels.ops.triton_lora_linear import dequantize_4bit
+
+                    weight = dequantize_4bit(args, w4.in_features, x.dtype)
+                else:
+                    weight = torch.ops.lora_kernels.dequantize_4bit(*args[:6], *w4.shape, w4.blocksize, x.dtype)
             return F.linear(x, weight, base.bias) + F.linear(F.linear(F.dropout(x, dropout, train), A), B) * scaling
 
         providers.append(Provider("dequant", step(dequantize_then_linear), prepare, [A, B]))

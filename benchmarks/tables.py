@@ -131,11 +131,14 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
     qlora = [r for r in linear if r.params.get("quantized")]
     if qlora:
         names = [n for n in dict.fromkeys(n for r in qlora for n in r.timings) if n != "base"]
+        compute = "float32" if info["device"] == "cpu" else "bf16"
         lines += ["QLoRA: the base weight in 4 bits (NF4, double quantized, blocksize 64, bitsandbytes' layout), "
-                  "float32 compute; ratios to F.linear on the float32 weight. *ours*: LoRALinear4bit; *peft*: "
+                  f"{compute} compute; ratios to F.linear on the {compute} weight. *ours*: LoRALinear4bit "
+                  "(*ours[fused]*, *ours[dequantize]*: the triton backend's two 4-bit paths forced); *peft*: "
                   "PEFT's LoRA layer on a bitsandbytes Linear4bit holding the same bytes; *ours-dense*: our "
-                  "LoRALinear on the float32 weight; *dequant*: the whole weight dequantized (our kernel), then "
-                  "F.linear and the LoRA branch (unsloth's and torchao's way). *target* (decode): ours / base.", "",
+                  f"LoRALinear on the {compute} weight; *dequant*: the whole weight dequantized (our kernel), then "
+                  "F.linear and the LoRA branch (unsloth's and torchao's way). *target*: ours / base (CPU: decode; "
+                  "GPU: M >= 2048).", "",
                   "| case | base | " + " | ".join(names) + " | target | met |",
                   "|---|---|" + "---|" * len(names) + "---|---|"]
         for r in qlora:

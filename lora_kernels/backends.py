@@ -129,6 +129,17 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in version.split(".")[:2])
 
 
+@functools.lru_cache(maxsize=None)
+def triton_release() -> tuple[int, ...]:
+    """(major, minor) of the installed Triton, read from its metadata (nothing imported); (0, 0) without it."""
+    import importlib.metadata
+
+    try:
+        return _release(importlib.metadata.version("triton"))
+    except importlib.metadata.PackageNotFoundError:
+        return (0, 0)
+
+
 def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     """Why Triton's interpreter cannot run these kernels with these versions, or None.
 

@@ -3,6 +3,7 @@
     predict("triton", M, out, in, r)      -> Prediction (microseconds, kernels)
     predict("cuda", M, out, in, r, train=True)
     predict_dora("cuda", M, out, in, r, train=True, dropout=True)   dora_linear as built (ops/dora_linear.py)
+    predict_4bit("triton", M, out, in, r, train=True)   lora_linear_4bit (QLoRA): W0 in bitsandbytes' NF4 layout
 
 Paths: "triton" (this package's fused kernels: the launchers' own grids and tiles), "cuda" (the C++
 backend's cuBLAS composition: addmm + two skinny GEMMs), and, for comparison, "peft" (PEFT's layer: base,
@@ -41,6 +42,7 @@ class Device:
     cublas_efficiency: float = 0.75
     triton_efficiency: float = 0.65
     resident_programs_per_sm: int = 1  # the large tiles here fill an SM's shared memory
+    alu_tops: float = 33.4  # scalar lane-operations per second (10^12): 132 SMs x 128 lanes x 1.98 GHz
 
 
 H200 = Device("H200 (model)", dense_tflops=989.0, tf32_tflops=494.0, hbm_tb_s=4.1, sms=132)
@@ -55,11 +57,15 @@ class Kernel:
     programs: int | None = None  # None: a library kernel that fills the GPU
     inflight_bytes: float = 0.0  # per program: its pipelined loads (stages × tile bytes)
     library: bool = False  # cuBLAS (its efficiency) or ours (Triton's)
+    alu_ops: float = 0.0  # lane-operations outside the tensor cores (dequantizing 4-bit tiles)
 
     def time_us(self, device: Device) -> float:
         efficiency = device.cublas_efficiency if self.library else device.triton_efficiency
         compute_s = self.flops / (device.dense_tflops * 1e12 * efficiency)
         compute_s += 3 * self.tf32x3_flops / (device.tf32_tflops * 1e12 * efficiency)
+        # added, not overlapped: the dequantized tile has one shared-memory buffer, which the next tile's
+        # dequantization may only overwrite once the MMA reading it is done
+        compute_s += self.alu_ops / (device.alu_tops * 1e12)
         bandwidth = device.hbm_tb_s * 1e12
         if self.programs is not None:
             if self.flops:  # a tiled kernel: the last wave runs part-empty
@@ -120,45 +126,74 @@ def _tiles(launch) -> tuple[int, dict]:
     return math.prod(grid), tiles
 
 
-def _triton_forward(M, N, K, R, e, ea):
+# A 4-bit weight (bitsandbytes' NF4, blocksize 64, double quantization): bytes per element from HBM, and the
+# lane-operations to dequantize one element in a GEMM's K loop (byte split, table gather, interleave, scale, cast,
+# the shared-memory store the MMA reads): an estimate from the PTX's instruction mix, not a measurement.
+W4_BYTES = 0.516
+DEQUANT_OPS = 8
+
+
+def _weight4bit_meta(rows: int, cols: int, blocksize: int = 64) -> tuple:
+    """kernel_args() of a double-quantized 4-bit weight [rows, cols] on the meta device."""
+    import torch
+
+    blocks = _cdiv(rows * cols, blocksize)
+    u8, f32 = torch.uint8, torch.float32
+    return (torch.empty(_cdiv(rows * cols, 2), dtype=u8, device="meta"), torch.empty(blocks, dtype=u8, device="meta"),
+            torch.empty(_cdiv(blocks, 256), dtype=f32, device="meta"), torch.empty(256, dtype=f32, device="meta"),
+            torch.empty((), dtype=f32, device="meta"), torch.empty(16, dtype=f32, device="meta"), rows, blocksize)
+
+
+def _w_operand(lin, w, w4: bool, transposed: bool):
+    """(w_kn, launcher keywords, W0's bytes per element) of the fused GEMM on a dense or a 4-bit W0 [N, K]."""
+    if not w4:
+        return (w.t() if transposed else w), {}, w.element_size()
+    rows, cols = w.shape
+    return None, dict(w4=_weight4bit_meta(rows, cols), w4_transposed=transposed), W4_BYTES
+
+
+def _triton_forward(M, N, K, R, e, ea, w4=False):
     from .ops import triton_lora_linear as lin
     from .ops.triton_common import as_launched_on_gpu
 
     with as_launched_on_gpu():
-        return _triton_forward_kernels(lin, M, N, K, R, e, ea)
+        return _triton_forward_kernels(lin, M, N, K, R, e, ea, w4)
 
 
-def _triton_forward_kernels(lin, M, N, K, R, e, ea):
-
+def _triton_forward_kernels(lin, M, N, K, R, e, ea, w4=False):
     x, w, y = _meta(M, K, element_bytes=e), _meta(N, K, element_bytes=e), _meta(M, N, element_bytes=e)
     A, B, xa, bias = (_meta(R, K, element_bytes=ea), _meta(N, R, element_bytes=ea), _meta(M, R, element_bytes=ea),
                       _meta(N, element_bytes=e))
+    w_kn, w4_args, ew = _w_operand(lin, w, w4, transposed=True)
     if M <= lin.DECODE_MAX_M:  # one launch: W0 streamed once, the shrink in its K loop
-        programs, t = _tiles(lin.fused_gemm_launch_args(x, w.t(), bias, xa, B.t(), A.t(), y, 2.0, 0.0, None,
-                                                        shrink_in_loop=True, dropout_epilogue=False))
-        return [Kernel("decode (fused)", N * K * e + M * K * e + (K + N) * R * ea + M * N * e,
+        programs, t = _tiles(lin.fused_gemm_launch_args(x, w_kn, bias, xa, B.t(), A.t(), y, 2.0, 0.0, None,
+                                                        shrink_in_loop=True, dropout_epilogue=False, **w4_args))
+        return [Kernel("decode (fused)", N * K * ew + M * K * e + (K + N) * R * ea + M * N * e,
                        flops=2 * M * N * K + 4 * M * N * R, programs=programs,
-                       inflight_bytes=t["num_stages"] * (t["BLOCK_N"] + t["BLOCK_M"]) * t["BLOCK_K"] * e)]
+                       alu_ops=DEQUANT_OPS * N * K if w4 else 0.0,
+                       inflight_bytes=t["num_stages"] * (t["BLOCK_N"] * ew + t["BLOCK_M"] * e) * t["BLOCK_K"])]
     programs, t = _tiles(lin.shrink_launch_args(x, A.t(), xa, 0.0, None))
     shrink = Kernel("shrink xa", M * K * e + K * R * ea + M * R * ea, flops=2 * M * K * R, programs=programs,
                     inflight_bytes=t["num_stages"] * (t["BLOCK_M"] + t["BLOCK_R"]) * t["BLOCK_K"] * e)
-    programs, t = _tiles(lin.fused_gemm_launch_args(x, w.t(), bias, xa, B.t(), None, y, 2.0, 0.0, None,
-                                                    shrink_in_loop=False, dropout_epilogue=False))
-    gemm = Kernel("fused GEMM y", M * K * e + N * K * e + M * N * e + M * R * ea + N * R * ea + N * e,
+    programs, t = _tiles(lin.fused_gemm_launch_args(x, w_kn, bias, xa, B.t(), None, y, 2.0, 0.0, None,
+                                                    shrink_in_loop=False, dropout_epilogue=False, **w4_args))
+    gemm = Kernel("fused GEMM y", M * K * e + N * K * ew + M * N * e + M * R * ea + N * R * ea + N * e,
                   flops=2 * M * N * K + 2 * M * N * R, programs=programs,
-                  inflight_bytes=t["num_stages"] * (t["BLOCK_M"] + t["BLOCK_N"]) * t["BLOCK_K"] * e)
+                  # every row block of the grid dequantizes every W0 tile it reads
+                  alu_ops=DEQUANT_OPS * N * K * _cdiv(M, t["BLOCK_M"]) if w4 else 0.0,
+                  inflight_bytes=t["num_stages"] * (t["BLOCK_M"] * e + t["BLOCK_N"] * ew) * t["BLOCK_K"])
     return [shrink, gemm]
 
 
-def _triton_backward(M, N, K, R, e, ea):
+def _triton_backward(M, N, K, R, e, ea, w4=False):
     from .ops import triton_lora_linear as lin
     from .ops.triton_common import as_launched_on_gpu
 
     with as_launched_on_gpu():
-        return _triton_backward_kernels(lin, M, N, K, R, e, ea)
+        return _triton_backward_kernels(lin, M, N, K, R, e, ea, w4)
 
 
-def _triton_backward_kernels(lin, M, N, K, R, e, ea):
+def _triton_backward_kernels(lin, M, N, K, R, e, ea, w4=False):
     from .ops.triton_common import full_precision
 
     x, w, dy, dx = (_meta(M, K, element_bytes=e), _meta(N, K, element_bytes=e), _meta(M, N, element_bytes=e),
@@ -182,11 +217,13 @@ def _triton_backward_kernels(lin, M, N, K, R, e, ea):
         programs, t = _tiles(lin.finish_launch_args(part, out, 2.0, 1.0))
         kernels.append(Kernel(f"finish {name}", splits * R * cols * 4 + R * cols * ea, programs=programs,
                               inflight_bytes=t["SPLIT_CHUNK"] * t["BLOCK"] * 4))
-    programs, t = _tiles(lin.fused_gemm_launch_args(dy, w, None, gb, A, None, dx, 2.0, 0.0, None,
-                                                    shrink_in_loop=False, dropout_epilogue=True))
-    kernels.append(Kernel("fused GEMM dx", M * N * e + N * K * e + M * K * e + M * R * 4 + K * R * ea,
+    w_op, w4_args, ew = _w_operand(lin, w, w4, transposed=False)
+    programs, t = _tiles(lin.fused_gemm_launch_args(dy, w_op, None, gb, A, None, dx, 2.0, 0.0, None,
+                                                    shrink_in_loop=False, dropout_epilogue=True, **w4_args))
+    kernels.append(Kernel("fused GEMM dx", M * N * e + N * K * ew + M * K * e + M * R * 4 + K * R * ea,
                           flops=2 * M * N * K, tf32x3_flops=2 * M * K * R, programs=programs,
-                          inflight_bytes=t["num_stages"] * (t["BLOCK_M"] + t["BLOCK_N"]) * t["BLOCK_K"] * e))
+                          alu_ops=DEQUANT_OPS * N * K * _cdiv(M, t["BLOCK_M"]) if w4 else 0.0,
+                          inflight_bytes=t["num_stages"] * (t["BLOCK_M"] * e + t["BLOCK_N"] * ew) * t["BLOCK_K"]))
     return kernels
 
 
@@ -286,3 +323,42 @@ def predict_dora(path: str, M: int, out_features: int, in_features: int, r: int,
     lora = predict(path, M, out_features, in_features, r, train, element_bytes, device=device)
     extra = _dora_extra(M, out_features, in_features, r, element_bytes, train, dropout)
     return Prediction(f"dora on {path}", lora.kernels + extra, device)
+
+
+# ---- QLoRA (lora_linear_4bit): W0 in bitsandbytes' 4-bit layout ------------------------------------------------
+
+def _dequantize(N: int, K: int, e: int) -> Kernel:
+    """W0 dequantized whole into a 16-bit temporary (ops/triton_lora_linear.dequantize_4bit, or bitsandbytes')."""
+    return Kernel("dequantize W0 (whole)", N * K * (W4_BYTES + e), alu_ops=DEQUANT_OPS * N * K, library=True)
+
+
+def predict_4bit(path: str, M: int, out_features: int, in_features: int, r: int, train: bool = False,
+                 element_bytes: int = 2, device: Device = H200) -> Prediction:
+    """The predicted GPU time of lora_linear_4bit (16-bit x and adapters, an NF4 W0) on a path of PATHS_4BIT:
+    "fused" (the fused GEMMs dequantizing W0's tiles in their K loops), "dequantize+triton" (W0 dequantized whole
+    by our kernel, in the forward and again in the backward, then the 16-bit fused kernels: the triton backend's
+    other path), "dequantize+cuda" (the same with the cuBLAS composition: bitsandbytes' and PEFT's way) and "base"
+    (bf16 F.linear on the dequantized weight, the targets' yardstick). Unmeasured, like everything here."""
+    shape = (M, out_features, in_features, r, element_bytes, element_bytes)
+    dequant = _dequantize(out_features, in_features, element_bytes)
+    if path == "fused":
+        kernels = _triton_forward(*shape, w4=True) + (_triton_backward(*shape, w4=True) if train else [])
+    elif path in ("dequantize+triton", "dequantize+cuda"):
+        forward, backward = _PATHS[path.split("+")[1]]
+        kernels = [dequant] + forward(*shape) + ([dequant] + backward(*shape) if train else [])
+    elif path == "base":
+        kernels = _base_forward(*shape) + (_base_backward(*shape) if train else [])
+    else:
+        raise ValueError(f"unknown 4-bit path {path!r}: one of {', '.join(PATHS_4BIT)}")
+    return Prediction(path, kernels, device)
+
+
+PATHS_4BIT = ("fused", "dequantize+triton", "dequantize+cuda", "base")
+
+
+def step_us_4bit(step: str, path: str, M: int, out_features: int, in_features: int, r: int) -> float:
+    """The predicted microseconds of one "forward" or one "backward" of lora_linear_4bit on `path`."""
+    forward = predict_4bit(path, M, out_features, in_features, r).us
+    if step == "forward":
+        return forward
+    return predict_4bit(path, M, out_features, in_features, r, train=True).us - forward

@@ -1,8 +1,10 @@
 """Which GPU path serves lora_linear under LORA_KERNELS_BACKEND=auto: the fused Triton kernels or the cuda
-backend's cuBLAS composition, chosen per shape and step.
+backend's cuBLAS composition, chosen per shape and step; and which of the triton backend's two paths serves
+lora_linear_4bit (QLoRA).
 
     path_for(step, device_type, dtype, adapter_dtype, has_dropout, M, out_features, in_features, r)
         -> "triton" | "cuda" | None (None: the registry's order decides, as for every other op)
+    path_4bit(step, M, out_features, in_features, r) -> "fused" | "dequantize"
 
 A table measured on a GPU decides the layer shapes it holds, on the card it was measured on: gpu_paths.json
 beside this file, copied from the gpu_paths.json that benchmarks/gpu_check.py writes (the faster path of
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -68,3 +71,28 @@ def _table(device_name: str) -> tuple:
         return ()
     table = json.loads(TABLE.read_text())
     return tuple(table["entries"]) if table.get("device") == device_name else ()
+
+
+PATHS_4BIT = ("fused", "dequantize")
+
+
+def path_4bit(step: str, M: int, out_features: int, in_features: int, r: int) -> str:
+    """The triton backend's path for one "forward" or "backward" of lora_linear_4bit: "fused" (W0's tiles
+    dequantized in the GEMMs' K loops) or "dequantize" (W0 dequantized whole into a temporary by the same tile
+    code, then the 16-bit fused kernels). LORA_KERNELS_4BIT_PATH=fused|dequantize forces one (the device check
+    times both); otherwise the roofline model's faster (cost_model.predict_4bit: the fused GEMMs re-dequantize
+    every W0 tile once per row block, which it predicts to lose from a few hundred rows up)."""
+    forced = os.environ.get("LORA_KERNELS_4BIT_PATH")
+    if forced:
+        if forced not in PATHS_4BIT:
+            raise ValueError(f"LORA_KERNELS_4BIT_PATH must be one of {', '.join(PATHS_4BIT)}, got {forced!r}")
+        return forced
+    bucket = 1 << max(0, math.ceil(math.log2(max(M, 1))))
+    return _modelled_4bit(step, bucket, out_features, in_features, r)
+
+
+@functools.lru_cache(maxsize=4096)
+def _modelled_4bit(step: str, M: int, out_features: int, in_features: int, r: int) -> str:
+    fused = cost_model.step_us_4bit(step, "fused", M, out_features, in_features, r)
+    dequantized = cost_model.step_us_4bit(step, "dequantize+triton", M, out_features, in_features, r)
+    return "fused" if fused <= dequantized else "dequantize"

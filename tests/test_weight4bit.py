@@ -11,6 +11,7 @@ import torch
 import lora_kernels as lk
 from lora_kernels import reference
 from lora_kernels.functional import draw_seed
+from lora_kernels.ops.lora_linear_4bit import TRITON_4BIT  # tl.gather: Triton 3.2 and later
 from lora_kernels.weight4bit import Weight4bit, code_table, dynamic_code
 
 from conftest import DEVICE, DTYPES, assert_matches_reference, compiled_backends
@@ -251,31 +252,65 @@ def _backend_isa_cases():
     if "cpu" in compiled_backends():
         for isa in ISAS:
             yield "cpu", isa
-    if "triton" in compiled_backends():  # a GPU, or the interpreter on CPU tensors
+    if "triton" in compiled_backends() and TRITON_4BIT:  # a GPU, or the interpreter on CPU tensors
         yield "triton", None
 
 
-KERNEL_BACKENDS = ["reference"] + [b for b in compiled_backends() if b in ("cpu", "triton")]
+KERNEL_BACKENDS = ["reference"] + [b for b in compiled_backends()
+                                   if b == "cpu" or (b == "triton" and TRITON_4BIT)]
+
+
+def _cases():
+    """(backend, variant, shape): the cpu backend per ISA; the triton backend on its fused path for every shape and
+    on its dequantize path (W0 dequantized whole, then the 16-bit kernels) for two."""
+    for backend, isa in _backend_isa_cases():
+        if backend != "triton":
+            yield from ((backend, isa, shape) for shape in SHAPES)
+        else:
+            yield from (("triton", "fused", shape) for shape in TRITON_SHAPES)
+            yield from (("triton", "dequantize", shape) for shape in TRITON_SHAPES if shape[0] in ((15,), (40,)))
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend,isa,shape", [(b, i, s) for b, i in _backend_isa_cases()
-                                               for s in (TRITON_SHAPES if b == "triton" else SHAPES)], ids=str)
-def test_lora_linear_4bit_matches_reference(backend, isa, shape, dtype, dropout_p, use_backend, monkeypatch):
+@pytest.mark.parametrize("backend,variant,shape", list(_cases()), ids=str)
+def test_lora_linear_4bit_matches_reference(backend, variant, shape, dtype, dropout_p, use_backend, monkeypatch):
     use_backend(backend)
-    if isa:
-        monkeypatch.setenv("LORA_KERNELS_CPU_ISA", isa)
+    if backend == "cpu":
+        monkeypatch.setenv("LORA_KERNELS_CPU_ISA", variant)
+    elif backend == "triton":
+        monkeypatch.setenv("LORA_KERNELS_4BIT_PATH", variant)
     _check(_inputs(*shape, dtype), dropout_p)
 
 
 @pytest.mark.parametrize("in_features", [129, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_float32_adapters_on_a_16bit_compute_dtype(backend, dtype, in_features, use_backend):
+def test_float32_adapters_on_a_16bit_compute_dtype(backend, dtype, in_features, use_backend, monkeypatch):
     use_backend(backend)
+    monkeypatch.setenv("LORA_KERNELS_4BIT_PATH", "fused")  # the triton backend's own 4-bit GEMMs
     for lead in ((37,), (3,)):  # the large-M and the decode paths
         _check(_inputs(lead, in_features, 37, 4, 64, True, dtype, adapter_dtype=torch.float32), 0.25)
+
+
+def test_triton_4bit_path_follows_the_cost_model_unless_forced(monkeypatch):
+    """gpu_paths.path_4bit: the fused 4-bit GEMMs at decode, W0 dequantized whole for training-size batches (the
+    roofline model's verdict: every row block re-dequantizes the tiles it reads); the variable overrides it."""
+    from lora_kernels import cost_model, gpu_paths
+
+    monkeypatch.delenv("LORA_KERNELS_4BIT_PATH", raising=False)
+    assert gpu_paths.path_4bit("forward", 1, 4096, 4096, 16) == "fused"
+    assert gpu_paths.path_4bit("forward", 8192, 4096, 4096, 16) == "dequantize"
+    for step in ("forward", "backward"):
+        for M in (1, 16, 2048):
+            fused = cost_model.step_us_4bit(step, "fused", M, 4096, 14336, 16)
+            dequantized = cost_model.step_us_4bit(step, "dequantize+triton", M, 4096, 14336, 16)
+            assert gpu_paths.path_4bit(step, M, 4096, 14336, 16) == ("fused" if fused <= dequantized else "dequantize")
+    monkeypatch.setenv("LORA_KERNELS_4BIT_PATH", "fused")
+    assert gpu_paths.path_4bit("forward", 8192, 4096, 4096, 16) == "fused"
+    monkeypatch.setenv("LORA_KERNELS_4BIT_PATH", "dense")
+    with pytest.raises(ValueError, match="LORA_KERNELS_4BIT_PATH"):
+        gpu_paths.path_4bit("forward", 1, 4096, 4096, 16)
 
 
 def test_decode_takes_the_fused_path_and_matches():
@@ -557,8 +592,9 @@ def _multi_run(w4, t, ids, ranks, dropout_p, oracle=None):
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "scattered"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("in_f", [129, 128])
-def test_lora_linear_multi_on_a_4bit_base(backend, grouped, dtype, dropout_p, in_f, use_backend):
+def test_lora_linear_multi_on_a_4bit_base(backend, grouped, dtype, dropout_p, in_f, use_backend, monkeypatch):
     use_backend(backend)
+    monkeypatch.setenv("LORA_KERNELS_4BIT_PATH", "fused")
     g = torch.Generator().manual_seed(5)
     M, out_f, n, r_max = 37, 37, 3, 8
     w4 = Weight4bit.quantize(torch.randn(out_f, in_f, generator=g) * 0.05, 64, "nf4", True)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import (FLOAT32_ADAPTERS_ON_HALF, HALF, HALF_AND_FLOAT32, Implementation, compiled_extension,
-                        implementation, register)
+                        implementation, register, triton_release)
 from .definition import Backward, define_op, seed_value
 from .lora_linear import _dropout, _kernel_scaling, scaling_graph_input
 
@@ -67,10 +67,13 @@ register(Implementation(OP, "reference", "lora_kernels.ops.lora_linear_4bit:Refe
                         mixed=FLOAT32_ADAPTERS_ON_HALF))
 register(Implementation(OP, "cpu", "lora_kernels.ops.lora_linear_4bit:CompiledBackend", devices=("cpu",),
                         dtypes=HALF_AND_FLOAT32, mixed=FLOAT32_ADAPTERS_ON_HALF))
-# The fused Triton GEMMs dequantize W0's tiles in their K loops. As for lora_linear, auto takes them for 16-bit x
-# (float32 adapters included); float32 goes to the reference (the weight dequantized, then cuBLAS).
-register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear:Weight4bitBackend", devices=("cuda",),
-                        dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF, mixed=FLOAT32_ADAPTERS_ON_HALF))
+# The fused Triton GEMMs dequantize W0's tiles in their K loops, looking the codes up with tl.gather (Triton 3.2 and
+# later; with an older Triton the reference serves). As for lora_linear, auto takes them for 16-bit x (float32
+# adapters included); float32 goes to the reference (the weight dequantized, then cuBLAS).
+TRITON_4BIT = triton_release() >= (3, 2)
+if TRITON_4BIT:
+    register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear:Weight4bitBackend", devices=("cuda",),
+                            dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF, mixed=FLOAT32_ADAPTERS_ON_HALF))
 
 
 def forward(x: Tensor, codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
@@ -224,8 +227,10 @@ register(Implementation(MULTI_OP, "reference", "lora_kernels.ops.lora_linear_4bi
                         mixed=FLOAT32_ADAPTERS_ON_HALF))
 register(Implementation(MULTI_OP, "cpu", "lora_kernels.ops.lora_linear_4bit:MultiCompiledBackend", devices=("cpu",),
                         dtypes=HALF_AND_FLOAT32, mixed=FLOAT32_ADAPTERS_ON_HALF))
-register(Implementation(MULTI_OP, "triton", "lora_kernels.ops.triton_lora_linear_multi:Weight4bitBackend",
-                        devices=("cuda",), dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF, mixed=FLOAT32_ADAPTERS_ON_HALF))
+if TRITON_4BIT:
+    register(Implementation(MULTI_OP, "triton", "lora_kernels.ops.triton_lora_linear_multi:Weight4bitBackend",
+                            devices=("cuda",), dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF,
+                            mixed=FLOAT32_ADAPTERS_ON_HALF))
 
 
 def multi_forward(x: Tensor, codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],

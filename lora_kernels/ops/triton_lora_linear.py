@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import gpu_paths
 from .triton_common import (RANK_CHUNK, block_r, cast, configs, dequantized_tile, dot, dropout_args, dropped,
                             fitting_configs, full_precision, gpu_configs, grouped_mask, interpreted, keep_mask,
                             kernel_seed, multiprocessors, on_device, soft_bf16, weight4bit_aligned,
@@ -519,30 +520,35 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p: float, seed, ne
     return dx, d_lora_A, d_lora_B
 
 
-def _unfused(w4, in_features: int, dtype) -> torch.Tensor | None:
-    """W0 dequantized whole (by the GEMMs' own tile code) for a weight whose rows do not start a scale block
-    (in_features % blocksize != 0: blocks run across rows, no real model's layer); None for every other weight,
-    which the fused GEMMs read packed. The per-element addressing such tiles need spilled in every GEMM config
-    on sm_80 and sm_90 (gpu_compile_check, 2026-12-03)."""
-    return None if weight4bit_aligned(in_features, w4[7]) else dequantize_4bit(w4, in_features, dtype)
+def _dequantized_for(step: str, x, w4, in_features: int, r: int):
+    """W0 dequantized whole (by the GEMMs' own tile code) when this call takes the triton backend's "dequantize"
+    path, else None (the fused GEMMs read W0 packed). Weights whose rows do not start a scale block (in_features
+    % blocksize != 0: blocks run across rows, no real model's layer) always take it: the per-element addressing
+    of their tiles spilled in every GEMM config on sm_80 and sm_90 (gpu_compile_check, 2026-12-03). Others take
+    gpu_paths.path_4bit's choice for the step and shape."""
+    M = x.shape[0]
+    if weight4bit_aligned(in_features, w4[7]) and gpu_paths.path_4bit(step, M, w4[6], in_features, r) == "fused":
+        return None
+    return dequantize_4bit(w4, in_features, x.dtype)
 
 
 class Weight4bitBackend:
-    """lora_linear_4bit on these kernels (QLoRA): the same launches, W0 a 4-bit weight (w4: its kernel_args())
-    whose tiles the fused GEMMs of y and dx dequantize in their K loops; the shrink and the weight gradients
-    never read W0."""
+    """lora_linear_4bit on these kernels (QLoRA), W0 a 4-bit weight (w4: its kernel_args()), on one of two paths
+    per step (gpu_paths.path_4bit): the same launches with the fused GEMMs of y and dx dequantizing W0's tiles in
+    their K loops (the shrink and the weight gradients never read W0), or W0 dequantized whole into a temporary,
+    then the 16-bit launches (the temporary is freed with the call: the backward dequantizes again)."""
 
     @staticmethod
     def forward(x, w4, bias, lora_A, lora_B, scaling, p: float, seed):
         with on_device(x):
-            dense = _unfused(w4, x.shape[1], x.dtype)
+            dense = _dequantized_for("forward", x, w4, x.shape[1], lora_A.shape[0])
             return _forward(x, dense, bias, lora_A, lora_B, scaling, p, kernel_seed(seed, x),
                             w4=w4 if dense is None else None)
 
     @staticmethod
     def backward(grad_y, x, w4, lora_A, lora_B, xa, scaling, p: float, seed, need_dx: bool):
         with on_device(x):
-            dense = _unfused(w4, x.shape[1], x.dtype) if need_dx else None
+            dense = _dequantized_for("backward", x, w4, x.shape[1], lora_A.shape[0]) if need_dx else None
             return _backward(grad_y, x, dense, lora_A, lora_B, xa, scaling, p, kernel_seed(seed, x), need_dx,
                              w4=w4 if dense is None else None)
 
@@ -552,7 +558,7 @@ def base_4bit(x, w4, in_features: int, bias=None, transposed: bool = True):
     x's dtype: the fused GEMM without a LoRA term (lora_linear_multi_4bit's base products, to which its own
     kernels add the adapters)."""
     _check_dtype(x)
-    dense = _unfused(w4, in_features, x.dtype)
+    dense = _dequantized_for("forward" if transposed else "backward", x, w4, in_features, 16)
     if dense is not None:
         return torch.nn.functional.linear(x, dense, bias) if transposed else x @ dense
     N = w4[6] if transposed else in_features
