@@ -79,7 +79,7 @@ PATHS_4BIT = ("fused", "dequantize")
 def path_4bit(step: str, M: int, out_features: int, in_features: int, r: int) -> str:
     """The triton backend's path for one "forward" or "backward" of lora_linear_4bit: "fused" (W0's tiles
     dequantized in the GEMMs' K loops) or "dequantize" (W0 dequantized whole into a temporary by the same tile
-    code, then the 16-bit fused kernels). LORA_KERNELS_4BIT_PATH=fused|dequantize forces one (the device check
+    code, then lora_linear's own path on it). LORA_KERNELS_4BIT_PATH=fused|dequantize forces one (the device check
     times both); otherwise the roofline model's faster (cost_model.predict_4bit: the fused GEMMs re-dequantize
     every W0 tile once per row block, which it predicts to lose from a few hundred rows up)."""
     forced = os.environ.get("LORA_KERNELS_4BIT_PATH")
@@ -94,5 +94,6 @@ def path_4bit(step: str, M: int, out_features: int, in_features: int, r: int) ->
 @functools.lru_cache(maxsize=4096)
 def _modelled_4bit(step: str, M: int, out_features: int, in_features: int, r: int) -> str:
     fused = cost_model.step_us_4bit(step, "fused", M, out_features, in_features, r)
-    dequantized = cost_model.step_us_4bit(step, "dequantize+triton", M, out_features, in_features, r)
+    dequantized = min(cost_model.step_us_4bit(step, f"dequantize+{path}", M, out_features, in_features, r)
+                      for path in ("triton", "cuda"))  # lora_linear's own choice follows on the dense weight
     return "fused" if fused <= dequantized else "dequantize"

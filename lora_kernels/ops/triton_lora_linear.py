@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import gpu_paths
+from .lora_linear import _backend as dense_backend  # lora_linear's path per step and shape
 from .triton_common import (RANK_CHUNK, block_r, cast, configs, dequantized_tile, dot, dropout_args, dropped,
                             fitting_configs, full_precision, gpu_configs, grouped_mask, interpreted, keep_mask,
                             kernel_seed, multiprocessors, on_device, soft_bf16, weight4bit_aligned,
@@ -535,22 +536,27 @@ def _dequantized_for(step: str, x, w4, in_features: int, r: int):
 class Weight4bitBackend:
     """lora_linear_4bit on these kernels (QLoRA), W0 a 4-bit weight (w4: its kernel_args()), on one of two paths
     per step (gpu_paths.path_4bit): the same launches with the fused GEMMs of y and dx dequantizing W0's tiles in
-    their K loops (the shrink and the weight gradients never read W0), or W0 dequantized whole into a temporary,
-    then the 16-bit launches (the temporary is freed with the call: the backward dequantizes again)."""
+    their K loops (the shrink and the weight gradients never read W0), or W0 dequantized whole into a temporary
+    and lora_linear's own path for that step on it (these 16-bit kernels or the cuda backend's cuBLAS
+    composition, ops/lora_linear._backend); the temporary is freed with the call: the backward dequantizes again."""
 
     @staticmethod
     def forward(x, w4, bias, lora_A, lora_B, scaling, p: float, seed):
         with on_device(x):
             dense = _dequantized_for("forward", x, w4, x.shape[1], lora_A.shape[0])
-            return _forward(x, dense, bias, lora_A, lora_B, scaling, p, kernel_seed(seed, x),
-                            w4=w4 if dense is None else None)
+            if dense is not None:
+                return dense_backend("forward", x, dense, lora_A, p).forward(x, dense, bias, lora_A, lora_B, scaling,
+                                                                             p, seed)
+            return _forward(x, None, bias, lora_A, lora_B, scaling, p, kernel_seed(seed, x), w4=w4)
 
     @staticmethod
     def backward(grad_y, x, w4, lora_A, lora_B, xa, scaling, p: float, seed, need_dx: bool):
         with on_device(x):
             dense = _dequantized_for("backward", x, w4, x.shape[1], lora_A.shape[0]) if need_dx else None
-            return _backward(grad_y, x, dense, lora_A, lora_B, xa, scaling, p, kernel_seed(seed, x), need_dx,
-                             w4=w4 if dense is None else None)
+            if dense is not None:
+                return dense_backend("backward", x, dense, lora_A, p).backward(grad_y, x, dense, lora_A, lora_B, xa,
+                                                                               scaling, p, seed, need_dx)
+            return _backward(grad_y, x, None, lora_A, lora_B, xa, scaling, p, kernel_seed(seed, x), need_dx, w4=w4)
 
 
 def base_4bit(x, w4, in_features: int, bias=None, transposed: bool = True):
