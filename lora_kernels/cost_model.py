@@ -58,14 +58,17 @@ class Kernel:
     inflight_bytes: float = 0.0  # per program: its pipelined loads (stages × tile bytes)
     library: bool = False  # cuBLAS (its efficiency) or ours (Triton's)
     alu_ops: float = 0.0  # lane-operations outside the tensor cores (dequantizing 4-bit tiles)
+    alu_overlaps: bool = False  # they run while the asynchronous MMA does (else after it)
 
     def time_us(self, device: Device) -> float:
         efficiency = device.cublas_efficiency if self.library else device.triton_efficiency
         compute_s = self.flops / (device.dense_tflops * 1e12 * efficiency)
         compute_s += 3 * self.tf32x3_flops / (device.tf32_tflops * 1e12 * efficiency)
-        # added, not overlapped: the dequantized tile has one shared-memory buffer, which the next tile's
-        # dequantization may only overwrite once the MMA reading it is done
-        compute_s += self.alu_ops / (device.alu_tops * 1e12)
+        # The 4-bit large-M GEMMs hand the dequantized tile to wgmma in registers and wait for one MMA group
+        # less than they issue (wait_group 1), so the next tile's dequantization runs under the MMA: the larger
+        # of the two counts. Decode's mma.sync tiles go through shared memory: the two add.
+        alu_s = self.alu_ops / (device.alu_tops * 1e12)
+        compute_s = max(compute_s, alu_s) if self.alu_overlaps else compute_s + alu_s
         bandwidth = device.hbm_tb_s * 1e12
         if self.programs is not None:
             if self.flops:  # a tiled kernel: the last wave runs part-empty
@@ -180,7 +183,7 @@ def _triton_forward_kernels(lin, M, N, K, R, e, ea, w4=False):
     gemm = Kernel("fused GEMM y", M * K * e + N * K * ew + M * N * e + M * R * ea + N * R * ea + N * e,
                   flops=2 * M * N * K + 2 * M * N * R, programs=programs,
                   # every row block of the grid dequantizes every W0 tile it reads
-                  alu_ops=DEQUANT_OPS * N * K * _cdiv(M, t["BLOCK_M"]) if w4 else 0.0,
+                  alu_ops=DEQUANT_OPS * N * K * _cdiv(M, t["BLOCK_M"]) if w4 else 0.0, alu_overlaps=True,
                   inflight_bytes=t["num_stages"] * (t["BLOCK_M"] * e + t["BLOCK_N"] * ew) * t["BLOCK_K"])
     return [shrink, gemm]
 
@@ -222,7 +225,7 @@ def _triton_backward_kernels(lin, M, N, K, R, e, ea, w4=False):
                                                     shrink_in_loop=False, dropout_epilogue=True, **w4_args))
     kernels.append(Kernel("fused GEMM dx", M * N * e + N * K * ew + M * K * e + M * R * 4 + K * R * ea,
                           flops=2 * M * N * K, tf32x3_flops=2 * M * K * R, programs=programs,
-                          alu_ops=DEQUANT_OPS * N * K * _cdiv(M, t["BLOCK_M"]) if w4 else 0.0,
+                          alu_ops=DEQUANT_OPS * N * K * _cdiv(M, t["BLOCK_M"]) if w4 else 0.0, alu_overlaps=True,
                           inflight_bytes=t["num_stages"] * (t["BLOCK_M"] * e + t["BLOCK_N"] * ew) * t["BLOCK_K"]))
     return kernels
 

@@ -290,6 +290,9 @@ def spills(config: triton.Config, named_args, flags) -> bool:
     hopper = compute_capability(x.device) >= (9, 0)
     if flags.get("W4") and flags["SHRINK_IN_LOOP"] and kw["BLOCK_K"] * kw["BLOCK_N"] >= 16384:
         return True  # a decode tile of 16K dequantized elements: two of the three such configs spilled on sm_90
+    if flags.get("SWAP_AB") and named_args["u_ptr"].dtype == torch.float32 and config.num_warps == 4 \
+            and kw["BLOCK_N"] >= 128:
+        return True  # the 4-bit dx with float32 adapters (A split in TF32 parts): 64 x 128 on 4 warps spilled
     if flags["SHRINK_IN_LOOP"]:  # decode: the shrink's x and d tiles sit beside the accumulator
         if named_args["d_ptr"].dtype == torch.float32:
             return kw["BLOCK_K"] > 128 or kw["BLOCK_N"] > 32  # float32 d, split in TF32 parts

@@ -131,7 +131,7 @@ def _fused_gemm_kernel(
     HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, DROPOUT_SHRINK: tl.constexpr,
     DROPOUT_EPILOGUE: tl.constexpr, GROUPED_MASK: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr,
     SOFT_BF16: tl.constexpr, W4: tl.constexpr, W4_TRANSPOSED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -140,7 +140,11 @@ def _fused_gemm_kernel(
     With W4, w is a 4-bit weight W0 (w_ptr its codes, the scale and table pointers its other parts): w = W0ᵀ
     (W4_TRANSPOSED: the forward, W0 [N, K]) or W0 (dx, W0 [K, N]), each tile dequantized in x's dtype in the K
     loop (triton_common.dequantized_tile, rows aligned on scale blocks) and fed to the same dot; nothing of W0
-    is dequantized outside it.
+    is dequantized outside it. With SWAP_AB (the 4-bit large-M GEMMs) the program computes its tile transposed,
+    yᵀ = wᵀ xᵀ [BLOCK_N, BLOCK_M]: the dequantized tile is then the dot's left operand, which Hopper's wgmma
+    reads from registers (the 16-bit x tile comes from shared memory), so the tile never makes a round trip
+    through shared memory and the asynchronous MMA overlaps the next tile's dequantization (wait_group 1 in
+    the PTX, against a store, a barrier and wait_group 0 unswapped: benchmarks/NOTES.md).
 
     L is read from l_ptr, or with SHRINK_IN_LOOP accumulated in the K loop as
     drop?(x) @ d[K, R] and written to l_ptr by the first column block. With SCALING_IN_MEMORY,
@@ -168,7 +172,10 @@ def _fused_gemm_kernel(
     if DROPOUT_SHRINK or DROPOUT_EPILOGUE:
         seed = tl.load(seed_ptr)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:  # the tile transposed: [columns of y, rows of y]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if not SHRINK_IN_LOOP:
         # Stage 1: the accumulator starts as s·(L U) (⊙ mask / (1-p)) + bias, L [BLOCK_M, R] being xa (in
         # the adapters' dtype) or gb (float32, for dx; U is then widened), in rank chunks of BLOCK_R so that
@@ -178,16 +185,30 @@ def _fused_gemm_kernel(
         for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: the tiles stay single
             chunk = r0 + ranks
             chunk_ok = chunk < R
-            lora_left = tl.load(l_ptr + rows.to(tl.int64)[:, None] * stride_lm + chunk[None, :] * stride_lr,
-                                mask=row_ok[:, None] & chunk_ok[None, :], other=0.0)
-            u = tl.load(u_ptr + chunk[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
-                        mask=chunk_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = dot(lora_left, u, acc, SOFT_BF16)
+            if SWAP_AB:  # (L U)ᵀ = Uᵀ Lᵀ, both read transposed
+                u_t = tl.load(u_ptr + chunk[None, :] * stride_ur + cols.to(tl.int64)[:, None] * stride_un,
+                              mask=chunk_ok[None, :] & col_ok[:, None], other=0.0)
+                lora_left_t = tl.load(l_ptr + rows.to(tl.int64)[None, :] * stride_lm + chunk[:, None] * stride_lr,
+                                      mask=row_ok[None, :] & chunk_ok[:, None], other=0.0)
+                acc = dot(u_t, lora_left_t, acc, SOFT_BF16)
+            else:
+                lora_left = tl.load(l_ptr + rows.to(tl.int64)[:, None] * stride_lm + chunk[None, :] * stride_lr,
+                                    mask=row_ok[:, None] & chunk_ok[None, :], other=0.0)
+                u = tl.load(u_ptr + chunk[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
+                            mask=chunk_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = dot(lora_left, u, acc, SOFT_BF16)
         acc = acc * _scaling_value(scaling, SCALING_IN_MEMORY)
         if DROPOUT_EPILOGUE:
-            acc = tl.where(keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK), acc * inv_keep, 0.0)
+            keep = keep_mask(seed, rows, cols, N, threshold, GROUPED_MASK)
+            if SWAP_AB:
+                keep = tl.trans(keep)
+            acc = tl.where(keep, acc * inv_keep, 0.0)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if SWAP_AB:
+                acc += bias[:, None]
+            else:
+                acc += bias[None, :]
     else:
         l_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
@@ -195,25 +216,35 @@ def _fused_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if W4 and W4_TRANSPOSED:  # W0ᵀ[ks, cols] = W0[cols, ks]: dequantized along W0's rows, then transposed
-            w = tl.trans(dequantized_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                          table_ptr, cols, k0, N, K, x_ptr.dtype.element_ty, BLOCK_K, BLOCKSIZE,
-                                          DOUBLE_QUANT, True, SOFT_BF16))
-        elif W4:  # W0[ks, cols]
-            w = dequantized_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr, ks,
-                                 pid_n * BLOCK_N, K, N, x_ptr.dtype.element_ty, BLOCK_N, BLOCKSIZE, DOUBLE_QUANT,
-                                 True, SOFT_BF16)
+        if SWAP_AB:  # yᵀ += wᵀ xᵀ: wᵀ [BLOCK_N, BLOCK_K] is W0[cols, ks] (y) or W0[ks, cols]ᵀ (dx)
+            x_t = tl.load(x_ptr + rows.to(tl.int64)[None, :] * stride_xm + ks.to(tl.int64)[:, None] * stride_xk,
+                          mask=row_ok[None, :] & k_ok[:, None], other=0.0)
+            if W4_TRANSPOSED:
+                w_t = dequantized_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr,
+                                       cols, k0, N, K, x_ptr.dtype.element_ty, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT,
+                                       True, SOFT_BF16)
+            else:
+                w_t = tl.trans(dequantized_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                                table_ptr, ks, pid_n * BLOCK_N, K, N, x_ptr.dtype.element_ty,
+                                                BLOCK_N, BLOCKSIZE, DOUBLE_QUANT, True, SOFT_BF16))
+            acc = dot(w_t, x_t, acc, SOFT_BF16)
         else:
-            w = tl.load(w_cols + ks[:, None].to(tl.int64) * stride_wk, mask=k_ok[:, None] & col_ok[None, :],
+            x = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :],
                         other=0.0)
-        acc = dot(x, w, acc, SOFT_BF16)
-        if SHRINK_IN_LOOP:
-            if DROPOUT_SHRINK:
-                x = dropped(x, keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK), SOFT_BF16)
-            d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
-                        mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-            l_acc = dot(x, d, l_acc, SOFT_BF16)
+            if W4:  # decode (the only unswapped 4-bit GEMM): W0ᵀ[ks, cols] = W0[cols, ks], transposed
+                w = tl.trans(dequantized_tile(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                              table_ptr, cols, k0, N, K, x_ptr.dtype.element_ty, BLOCK_K, BLOCKSIZE,
+                                              DOUBLE_QUANT, True, SOFT_BF16))
+            else:
+                w = tl.load(w_cols + ks[:, None].to(tl.int64) * stride_wk, mask=k_ok[:, None] & col_ok[None, :],
+                            other=0.0)
+            acc = dot(x, w, acc, SOFT_BF16)
+            if SHRINK_IN_LOOP:
+                if DROPOUT_SHRINK:
+                    x = dropped(x, keep_mask(seed, rows, ks, K, threshold, GROUPED_MASK), SOFT_BF16)
+                d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_dk + ranks[None, :] * stride_dr,
+                            mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+                l_acc = dot(x, d, l_acc, SOFT_BF16)
 
     if SHRINK_IN_LOOP:
         # Stage 3 (decode): the LoRA term from the loop's L (the launcher keeps R <= BLOCK_R here); the first
@@ -230,8 +261,12 @@ def _fused_gemm_kernel(
         acc += lora * _scaling_value(scaling, SCALING_IN_MEMORY)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
-    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & col_ok[None, :])
+    if SWAP_AB:
+        y_ptrs = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + cols.to(tl.int64)[:, None] * stride_yn
+        tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[None, :] & col_ok[:, None])
+    else:
+        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
+        tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # Keyed on M's power-of-two bucket, not M: training batches of varying length
@@ -384,6 +419,7 @@ def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed,
             raise ValueError("the fused 4-bit GEMM needs rows that start a scale block (in_features % blocksize "
                              "== 0); the launchers dequantize other weights first")
         w4_flags = dict(W4=True, W4_TRANSPOSED=w4_transposed, DOUBLE_QUANT=double_quant, BLOCKSIZE=blocksize,
+                        SWAP_AB=not shrink_in_loop,  # decode's 16-row tiles stay as they are (mma.sync)
                         # the double-quantized scale's product and sum rounded apart, as the spec does
                         enable_fp_fusion=not double_quant)
     args = (x, w, bias if bias is not None else y, left, u_rn, d_kr if d_kr is not None else left, y,
@@ -395,7 +431,7 @@ def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed,
                  DROPOUT_SHRINK=shrink_in_loop and p > 0.0, DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
                  GROUPED_MASK=grouped_mask(K if shrink_in_loop else N),  # decode masks x, dx's epilogue dx
                  SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor), SOFT_BF16=soft_bf16(x.dtype),
-                 W4=False, W4_TRANSPOSED=False, DOUBLE_QUANT=False, BLOCKSIZE=64,
+                 W4=False, W4_TRANSPOSED=False, DOUBLE_QUANT=False, BLOCKSIZE=64, SWAP_AB=False,
                  BLOCK_R=block_r(R) if shrink_in_loop else LORA_TILE_RANKS)
     flags.update(w4_flags)
     return (_fused_gemm_decode if shrink_in_loop else _fused_gemm), grid, args, flags
