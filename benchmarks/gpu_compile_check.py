@@ -237,20 +237,6 @@ def _mixed_variants(lin, multi, e, dtype, M, N, K, r=16, n=32):
             yield name, kernel, [None], args, flags, dtype, flags.get("BLOCK_R", 0), None
 
 
-def _weight4bit_parts(N: int, K: int, blocksize: int = 64, double_quant: bool = True) -> tuple:
-    """kernel_args() of a 4-bit weight [N, K] as the layers hold it (only dtypes and shapes matter here)."""
-    import torch
-
-    blocks = -(-N * K // blocksize)
-    u8, f32 = torch.uint8, torch.float32
-    if double_quant:
-        return (torch.empty(-(-N * K // 2), dtype=u8), torch.empty(blocks, dtype=u8),
-                torch.empty(-(-blocks // 256), dtype=f32), torch.empty(256, dtype=f32), torch.empty((), dtype=f32),
-                torch.empty(16, dtype=f32), N, blocksize)
-    return (torch.empty(-(-N * K // 2), dtype=u8), torch.empty(blocks, dtype=f32), None, None, None,
-            torch.empty(16, dtype=f32), N, blocksize)
-
-
 def _weight4bit_variants(lin, e, dtype, M, N, K):
     """The fused GEMMs on a 4-bit W0 (lora_linear_4bit, and lora_linear_multi_4bit's base products): y (with bias;
     y's GEMM has no dropout of its own, and its LoRA tile is 16 ranks whatever r), dx with and without its dropout
@@ -259,9 +245,11 @@ def _weight4bit_variants(lin, e, dtype, M, N, K):
     not start a scale block is dequantized by it before the 16-bit kernels run)."""
     import torch
 
+    from lora_kernels.weight4bit import empty_kernel_args
+
     f32 = lambda *shape: e(*shape, dt=torch.float32)  # noqa: E731
-    w4, w4_plain = _weight4bit_parts(N, K), _weight4bit_parts(N, K, double_quant=False)
-    w4_dx = _weight4bit_parts(K, N)  # dx's GEMM: W0 [K, N] as its weight, read untransposed
+    w4, w4_plain = empty_kernel_args(N, K), empty_kernel_args(N, K, double_quant=False)
+    w4_dx = empty_kernel_args(K, N)  # dx's GEMM: W0 [K, N] as its weight, read untransposed
     seed = torch.zeros((), dtype=torch.int64)
     x, grad_y, bias = e(M, K), e(M, N), e(N)
     launches = [("4bit gemm y", lin.fused_gemm_launch_args(x, None, bias, e(M, 16), e(16, N), None, e(M, N), 2.0,
@@ -288,7 +276,7 @@ def _weight4bit_variants(lin, e, dtype, M, N, K):
         kept = fitting_configs(kernel.configs, {"x_ptr": args[0], "u_ptr": args[4], "d_ptr": args[5]}, **flags)
         yield name, kernel.fn, kept, args, flags, dtype, flags["BLOCK_R"], flags["SHRINK_IN_LOOP"]
     for name, cols in (("4bit dequantize", K), ("4bit dequantize unaligned", K + 32)):  # rows across scale blocks
-        kernel, _, args, flags = lin.dequantize_launch_args(_weight4bit_parts(N, cols), cols, dtype, e(N, cols))
+        kernel, _, args, flags = lin.dequantize_launch_args(empty_kernel_args(N, cols), cols, dtype, e(N, cols))
         yield name, kernel, [None], args, flags, dtype, 0, None
 
 
@@ -335,6 +323,7 @@ def specialization_launches(M: int, seed_value: int, p: float):
 
     from lora_kernels.ops import triton_lora_linear as lin
     from lora_kernels.ops import triton_lora_linear_multi as multi
+    from lora_kernels.weight4bit import empty_kernel_args
 
     e = lambda *shape, dt=torch.bfloat16: torch.empty(*shape, dtype=dt)  # noqa: E731
     N = K = 256
@@ -355,7 +344,7 @@ def specialization_launches(M: int, seed_value: int, p: float):
                                                        seed)),
         ("finish dA", lin.finish_launch_args(e(splits, r, K, dt=torch.float32), lora_A, 2.0, 1 / (1 - p))),
     ]
-    w4, w4_dx = _weight4bit_parts(N, K), _weight4bit_parts(K, N)
+    w4, w4_dx = empty_kernel_args(N, K), empty_kernel_args(K, N)
     launches += [
         ("4bit gemm dx", lin.fused_gemm_launch_args(grad_y, None, None, gb, lora_A, None, e(M, K), 2.0, p, seed,
                                                     shrink_in_loop=False, dropout_epilogue=True, w4=w4_dx)),

@@ -136,23 +136,13 @@ W4_BYTES = 0.516
 DEQUANT_OPS = 8
 
 
-def _weight4bit_meta(rows: int, cols: int, blocksize: int = 64) -> tuple:
-    """kernel_args() of a double-quantized 4-bit weight [rows, cols] on the meta device."""
-    import torch
-
-    blocks = _cdiv(rows * cols, blocksize)
-    u8, f32 = torch.uint8, torch.float32
-    return (torch.empty(_cdiv(rows * cols, 2), dtype=u8, device="meta"), torch.empty(blocks, dtype=u8, device="meta"),
-            torch.empty(_cdiv(blocks, 256), dtype=f32, device="meta"), torch.empty(256, dtype=f32, device="meta"),
-            torch.empty((), dtype=f32, device="meta"), torch.empty(16, dtype=f32, device="meta"), rows, blocksize)
-
-
 def _w_operand(lin, w, w4: bool, transposed: bool):
     """(w_kn, launcher keywords, W0's bytes per element) of the fused GEMM on a dense or a 4-bit W0 [N, K]."""
     if not w4:
         return (w.t() if transposed else w), {}, w.element_size()
-    rows, cols = w.shape
-    return None, dict(w4=_weight4bit_meta(rows, cols), w4_transposed=transposed), W4_BYTES
+    from .weight4bit import empty_kernel_args
+
+    return None, dict(w4=empty_kernel_args(*w.shape, device="meta"), w4_transposed=transposed), W4_BYTES
 
 
 def _triton_forward(M, N, K, R, e, ea, w4=False):

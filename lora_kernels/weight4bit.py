@@ -395,6 +395,23 @@ def quantize_4bit(weight: Tensor, blocksize: int, quant_type: str) -> tuple[Tens
     return (nibbles[0::2] << 4) | nibbles[1::2], absmax
 
 
+def empty_kernel_args(out_features: int, in_features: int, blocksize: int = 64, double_quant: bool = True,
+                      device="cpu") -> tuple:
+    """Weight4bit.kernel_args() of an uninitialised 4-bit weight [out, in] (NF4 table): for what reads only shapes
+    and dtypes, the GPU compile check (benchmarks/gpu_compile_check.py) and the cost model (on the meta device)."""
+    n = out_features * in_features
+    blocks = -(-n // blocksize)
+    codes = torch.empty(-(-n // 2), dtype=torch.uint8, device=device)
+    table = torch.empty(16, dtype=torch.float32, device=device)
+    if not double_quant:
+        return codes, torch.empty(blocks, dtype=torch.float32, device=device), None, None, None, table, \
+            out_features, blocksize
+    return (codes, torch.empty(blocks, dtype=torch.uint8, device=device),
+            torch.empty(-(-blocks // NESTED_BLOCKSIZE), dtype=torch.float32, device=device),
+            torch.empty(256, dtype=torch.float32, device=device), torch.empty((), dtype=torch.float32, device=device),
+            table, out_features, blocksize)
+
+
 def is_bnb_linear4bit(module) -> bool:
     """Whether module is a bitsandbytes Linear4bit (checked by its weight's class: no import of bitsandbytes)."""
     weight = getattr(module, "weight", None)
