@@ -161,6 +161,15 @@ def variants(dtypes, arch: int):
                 # the shrink's row tile follows M (shrink_rows): each tile the launcher can pick
                 launches += [(f"shrink xa p={p} M={m}", lin.shrink_launch_args(e(m, K), lora_A.t(), e(m, r), p, seed))
                              for m in (2048, 8448, 16896)]
+                if (r, p) in ((16, 0.0), (64, 0.1)):  # decode of a narrow layer (1024 columns), split over K
+                    n_narrow = 1024
+                    launches.append((f"split decode r={r} p={p}", lin.fused_gemm_launch_args(
+                        e(16, K), weight[:n_narrow].t(), bias[:n_narrow], e(16, r), lora_B[:n_narrow].t(),
+                        lora_A.t(), e(16, n_narrow), 2.0, p, seed, shrink_in_loop=True, dropout_epilogue=False,
+                        part=e(4, 16, n_narrow, dt=torch.float32), part_l=e(4, 16, max(16, r), dt=torch.float32))))
+                    launches.append((f"split finish r={r} p={p}", lin.split_finish_launch_args(
+                        e(4, 16, n_narrow, dt=torch.float32), e(4, 16, max(16, r), dt=torch.float32), bias[:n_narrow],
+                        e(16, r), lora_B[:n_narrow].t(), e(16, n_narrow), 2.0, p)))
                 if p == 0.0 and r == 16:  # the CUDA-graph decode: the scaling read from device memory
                     launches.append(("decode scaling in memory", lin.fused_gemm_launch_args(
                         e(16, K), weight.t(), bias, e(16, r), lora_B.t(), lora_A.t(), e(16, N),
@@ -264,6 +273,10 @@ def _weight4bit_variants(lin, e, dtype, M, N, K):
         launches.append((f"4bit decode r={r} p={p}", lin.fused_gemm_launch_args(
             e(16, K), None, bias, e(16, r), e(r, N), e(K, r), e(16, N), 2.0, p, seed, True, False, w4=w4,
             w4_transposed=True)))
+    n_narrow = 1024  # a layer too narrow for the GPU: its decode split over K
+    launches.append(("4bit split decode", lin.fused_gemm_launch_args(
+        e(16, K), None, bias[:n_narrow], e(16, 16), e(16, n_narrow), e(K, 16), e(16, n_narrow), 2.0, 0.0, None, True,
+        False, w4=empty_kernel_args(n_narrow, K), w4_transposed=True, part=f32(4, 16, n_narrow), part_l=f32(4, 16, 16))))
     launches += [("4bit mixed decode", lin.fused_gemm_launch_args(
                      e(16, K), None, bias, f32(16, 16), f32(16, N), f32(K, 16), e(16, N), 2.0, 0.1, seed, True, False,
                      w4=w4, w4_transposed=True)),
@@ -346,6 +359,10 @@ def specialization_launches(M: int, seed_value: int, p: float):
     ]
     w4, w4_dx = empty_kernel_args(N, K), empty_kernel_args(K, N)
     launches += [
+        ("split decode", lin.fused_gemm_launch_args(e(decode, K), weight.t(), e(N), e(decode, r), lora_B.t(),
+                                                    lora_A.t(), e(decode, N), 2.0, p, seed, shrink_in_loop=True,
+                                                    dropout_epilogue=False, part=e(2, decode, N, dt=torch.float32),
+                                                    part_l=e(2, decode, 16, dt=torch.float32))),
         ("4bit gemm dx", lin.fused_gemm_launch_args(grad_y, None, None, gb, lora_A, None, e(M, K), 2.0, p, seed,
                                                     shrink_in_loop=False, dropout_epilogue=True, w4=w4_dx)),
         ("4bit decode", lin.fused_gemm_launch_args(e(decode, K), None, e(N), e(decode, r), lora_B.t(), lora_A.t(),
@@ -410,7 +427,8 @@ def main(argv=None) -> int:
     kernels = (triton_lora_linear._shrink_kernel, triton_lora_linear._fused_gemm_kernel,
                triton_lora_linear._weight_grad_kernel, triton_merge._merge_kernel,
                triton_lora_linear_multi._segment_shrink_kernel, triton_lora_linear_multi._segment_expand_kernel,
-               triton_lora_linear_multi._segment_weight_grad_kernel, triton_lora_linear._dequantize_kernel)
+               triton_lora_linear_multi._segment_weight_grad_kernel, triton_lora_linear._dequantize_kernel,
+               triton_lora_linear._split_finish_kernel)
     for arch in (int(a) for a in args.arch.split(",")):
         driver.set_active(StandInDriver(arch))
         for kernel in kernels:  # a JITFunction keeps its target per device: forget the previous arch's

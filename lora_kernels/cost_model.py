@@ -158,13 +158,10 @@ def _triton_forward_kernels(lin, M, N, K, R, e, ea, w4=False):
     A, B, xa, bias = (_meta(R, K, element_bytes=ea), _meta(N, R, element_bytes=ea), _meta(M, R, element_bytes=ea),
                       _meta(N, element_bytes=e))
     w_kn, w4_args, ew = _w_operand(lin, w, w4, transposed=True)
-    if M <= lin.DECODE_MAX_M:  # one launch: W0 streamed once, the shrink in its K loop
-        programs, t = _tiles(lin.fused_gemm_launch_args(x, w_kn, bias, xa, B.t(), A.t(), y, 2.0, 0.0, None,
-                                                        shrink_in_loop=True, dropout_epilogue=False, **w4_args))
-        return [Kernel("decode (fused)", N * K * ew + M * K * e + (K + N) * R * ea + M * N * e,
-                       flops=2 * M * N * K + 4 * M * N * R, programs=programs,
-                       alu_ops=DEQUANT_OPS * N * K if w4 else 0.0,
-                       inflight_bytes=t["num_stages"] * (t["BLOCK_N"] * ew + t["BLOCK_M"] * e) * t["BLOCK_K"])]
+    if M <= lin.DECODE_MAX_M:  # one launch: W0 streamed once, the shrink in its K loop (K split: two launches)
+        from .gpu_paths import decode_splits
+
+        return _decode_kernels(lin, M, N, K, R, e, ea, w4, decode_splits(M, N, K, R, w4, H200.sms))
     programs, t = _tiles(lin.shrink_launch_args(x, A.t(), xa, 0.0, None))
     shrink = Kernel("shrink xa", M * K * e + K * R * ea + M * R * ea, flops=2 * M * K * R, programs=programs,
                     inflight_bytes=t["num_stages"] * (t["BLOCK_M"] + t["BLOCK_R"]) * t["BLOCK_K"] * e)
@@ -176,6 +173,40 @@ def _triton_forward_kernels(lin, M, N, K, R, e, ea, w4=False):
                   alu_ops=DEQUANT_OPS * N * K * _cdiv(M, t["BLOCK_M"]) if w4 else 0.0, alu_overlaps=True,
                   inflight_bytes=t["num_stages"] * (t["BLOCK_M"] * e + t["BLOCK_N"] * ew) * t["BLOCK_K"])
     return [shrink, gemm]
+
+
+def _decode_kernels(lin, M, N, K, R, e, ea, w4: bool, splits: int) -> list[Kernel]:
+    """The decode launch (M <= 16), its K in `splits` slices (then the finish launch that adds them)."""
+    from .ops.triton_common import block_r
+
+    x, w, y = _meta(M, K, element_bytes=e), _meta(N, K, element_bytes=e), _meta(M, N, element_bytes=e)
+    A, B, xa, bias = (_meta(R, K, element_bytes=ea), _meta(N, R, element_bytes=ea), _meta(M, R, element_bytes=ea),
+                      _meta(N, element_bytes=e))
+    w_kn, w4_args, ew = _w_operand(lin, w, w4, transposed=True)
+    part = dict(part=_meta(splits, M, N, element_bytes=4), part_l=_meta(splits, M, block_r(R), element_bytes=4))
+    programs, t = _tiles(lin.fused_gemm_launch_args(x, w_kn, bias, xa, B.t(), A.t(), y, 2.0, 0.0, None,
+                                                    shrink_in_loop=True, dropout_epilogue=False, **w4_args,
+                                                    **(part if splits > 1 else {})))
+    kernels = [Kernel("decode (fused)" + (f", K in {splits} slices" if splits > 1 else ""),
+                      N * K * ew + M * K * e + (K + N) * R * ea + (splits * M * N * 4 if splits > 1 else M * N * e),
+                      flops=2 * M * N * K + 4 * M * N * R, programs=programs, alu_ops=DEQUANT_OPS * N * K if w4 else 0.0,
+                      inflight_bytes=t["num_stages"] * (t["BLOCK_N"] * ew + t["BLOCK_M"] * e) * t["BLOCK_K"])]
+    if splits > 1:
+        programs, t = _tiles(lin.split_finish_launch_args(part["part"], part["part_l"], bias, xa, B.t(), y, 2.0, 0.0))
+        kernels.append(Kernel("split decode finish", splits * M * N * 4 + N * R * ea + M * N * e, flops=2 * M * N * R,
+                              programs=programs, inflight_bytes=splits * t["BLOCK_M"] * t["BLOCK_N"] * 4))
+    return kernels
+
+
+def decode_us(M: int, N: int, K: int, r: int, w4: bool, splits: int, element_bytes: int = 2,
+              device: Device = H200) -> float:
+    """The predicted microseconds of one decode forward (16-bit x and adapters) with K in `splits` slices."""
+    from .ops import triton_lora_linear as lin
+    from .ops.triton_common import as_launched_on_gpu
+
+    with as_launched_on_gpu():
+        kernels = _decode_kernels(lin, M, N, K, r, element_bytes, element_bytes, w4, splits)
+    return sum(k.time_us(device) for k in kernels)
 
 
 def _triton_backward(M, N, K, R, e, ea, w4=False):

@@ -5,6 +5,7 @@ lora_linear_4bit (QLoRA).
     path_for(step, device_type, dtype, adapter_dtype, has_dropout, M, out_features, in_features, r)
         -> "triton" | "cuda" | None (None: the registry's order decides, as for every other op)
     path_4bit(step, M, out_features, in_features, r) -> "fused" | "dequantize"
+    decode_splits(M, out_features, in_features, r, weight4bit, sms) -> slices of K for a decode launch
 
 A table measured on a GPU decides the layer shapes it holds, on the card it was measured on: gpu_paths.json
 beside this file, copied from the gpu_paths.json that benchmarks/gpu_check.py writes (the faster path of
@@ -97,3 +98,21 @@ def _modelled_4bit(step: str, M: int, out_features: int, in_features: int, r: in
     dequantized = min(cost_model.step_us_4bit(step, f"dequantize+{path}", M, out_features, in_features, r)
                       for path in ("triton", "cuda"))  # lora_linear's own choice follows on the dense weight
     return "fused" if fused <= dequantized else "dequantize"
+
+
+def decode_splits(M: int, out_features: int, in_features: int, r: int, weight4bit: bool, sms: int) -> int:
+    """Slices of K for the fused decode launch (M <= 16): triton_lora_linear.decode_split_count's proposal for a
+    layer too narrow to fill the GPU, kept where the roofline model predicts it faster than one launch (the
+    finish launch costs a launch gap: the 4096 -> 1024 k/v projection is not split, in bf16 or in 4 bits; a
+    4-bit 14336 -> 1024 one, bound by its dequantization on 64 SMs, is)."""
+    from .ops.triton_lora_linear import decode_split_count
+
+    proposed = decode_split_count(M, out_features, in_features, sms)
+    return 1 if proposed == 1 else _modelled_splits(M, out_features, in_features, r, weight4bit, proposed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _modelled_splits(M: int, out_features: int, in_features: int, r: int, weight4bit: bool, proposed: int) -> int:
+    split = cost_model.decode_us(M, out_features, in_features, r, weight4bit, proposed)
+    whole = cost_model.decode_us(M, out_features, in_features, r, weight4bit, 1)
+    return proposed if split < whole else 1

@@ -60,6 +60,43 @@ def test_weight_gradient_slices_are_summed_once_each(splits, monkeypatch, use_ba
     _check_lora_linear(lin, *_inputs(70, 40, 36, 6, torch.bfloat16, seed=splits), 0.0, None, None)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_decode_of_a_narrow_layer_is_split_over_k_and_summed_once(splits, monkeypatch, use_backend):
+    """Decode (M <= 16) of a layer whose 16-column blocks are too few for the GPU: K split in slices (the last
+    ones short or empty: 5 slices of 288 columns in 32-column tiles), float32 sums of x W0 and of the shrink added
+    by the finish kernel, which applies the LoRA term, the dropout scale, the bias and writes xa. A slice counted
+    twice, dropped or cut wrongly fails; so does an xa the backward cannot use."""
+    from lora_kernels.ops import triton_lora_linear as lin
+
+    use_backend("triton")
+    monkeypatch.setattr(lin.gpu_paths, "decode_splits", lambda M, N, K, r, w4, sms: splits)
+    for M, dtype, p in ((1, torch.float32, 0.0), (16, torch.float32, 0.25), (7, torch.bfloat16, 0.25)):
+        seed = 9 + M if p else None
+        _check_lora_linear(lin, *_inputs(M, 288, 40, 6, dtype, seed=M), p,
+                           torch.tensor(seed) if seed is not None else None, seed)
+
+
+def test_decode_splits_only_narrow_layers_and_only_where_the_model_predicts_a_gain():
+    """decode_split_count proposes 4 slices for 4096 -> 1024 on 132 SMs (64 column blocks), none for 4096² (256)
+    nor below the minimum slice; gpu_paths.decode_splits keeps a proposal only where the cost model predicts the
+    two launches faster than one: not for 4096 -> 1024 (the finish launch's gap is larger than the gain), but for
+    a 4-bit 14336 -> 1024 layer, which one launch leaves bound by its dequantization on 64 SMs."""
+    from lora_kernels import cost_model, gpu_paths
+    from lora_kernels.ops import triton_common
+    from lora_kernels.ops import triton_lora_linear as lin
+
+    with triton_common.as_launched_on_gpu():
+        assert lin.decode_split_count(1, 1024, 4096, 132) == 4
+        assert lin.decode_split_count(16, 4096, 4096, 132) == 1
+        assert lin.decode_split_count(1, 1024, 1000, 132) == 1
+    for K, w4 in ((4096, False), (4096, True), (14336, True)):
+        proposed = 5 if K == 14336 else 4
+        split, whole = (cost_model.decode_us(1, 1024, K, 16, w4, n) for n in (proposed, 1))
+        assert gpu_paths.decode_splits(1, 1024, K, 16, w4, 132) == (proposed if split < whole else 1)
+    assert gpu_paths.decode_splits(1, 1024, 4096, 16, False, 132) == 1
+    assert gpu_paths.decode_splits(1, 1024, 14336, 16, True, 132) == 5
+
+
 def test_the_seed_is_read_in_device_memory(use_backend):
     """A CUDA graph replays its launches with the same arguments: the seed tensor, refilled in place by the
     captured draw, must be read at run time. Here the same tensor is refilled between two launches: each gives

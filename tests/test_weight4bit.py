@@ -293,6 +293,19 @@ def test_float32_adapters_on_a_16bit_compute_dtype(backend, dtype, in_features, 
         _check(_inputs(lead, in_features, 37, 4, 64, True, dtype, adapter_dtype=torch.float32), 0.25)
 
 
+@pytest.mark.skipif("triton" not in compiled_backends() or not TRITON_4BIT, reason="triton backend not available")
+def test_triton_4bit_decode_split_over_k(monkeypatch, use_backend):
+    """The 4-bit decode of a narrow layer split over K (slices of whole dequantized tiles, then the finish kernel),
+    outputs and gradients against the reference, with dropout."""
+    from lora_kernels.ops import triton_lora_linear as lin
+
+    use_backend("triton")
+    monkeypatch.setenv("LORA_KERNELS_4BIT_PATH", "fused")
+    monkeypatch.setattr(lin.gpu_paths, "decode_splits", lambda M, N, K, r, w4, sms: 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check(_inputs((5,), 320, 40, 8, 64, True, dtype), 0.25)
+
+
 def test_triton_4bit_path_follows_the_cost_model_unless_forced(monkeypatch):
     """gpu_paths.path_4bit: the fused 4-bit GEMMs at decode, W0 dequantized whole for training-size batches (the
     roofline model's verdict: every row block re-dequantizes the tiles it reads); the variable overrides it."""

@@ -44,6 +44,9 @@ from .triton_common import (RANK_CHUNK, block_r, cast, configs, dequantized_tile
 # loop): the repeated shrink costs M·in·r per column block, noise next to W0's
 # out·in reads while M is small, and it saves a launch and the xa round trip.
 DECODE_MAX_M = 16
+# A decode launch split over K (a layer too narrow to give every SM two programs) gives each slice at least this
+# many columns of K: 1024 × 16 columns of bf16 W0 are 32 KB per program (8 KB in 4 bits).
+DECODE_SPLIT_MIN_K = 1024
 
 # The large-M GEMM's LoRA tile is computed in rank chunks of this many (tl.dot's minimum): a float32 L
 # (dx's gb) in chunks of 32 or 64 ranks, split in TF32 parts next to the accumulator and the dropout mask,
@@ -120,18 +123,41 @@ def _scaling_value(scaling, SCALING_IN_MEMORY: tl.constexpr):
     return value
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "threshold"])
+@triton.jit
+def _decode_epilogue(acc, l_acc, rows, cols, ranks, row_ok, col_ok, rank_ok, write_l, l_ptr, u_ptr, bias_ptr, y_ptr,
+                     stride_lm, stride_lr, stride_ur, stride_un, stride_ym, stride_yn, scaling, inv_keep,
+                     HAS_BIAS: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Decode's last stage: y = acc + s·(L U) + bias from the K loop's sums acc = x W0 and l_acc = drop(x) D
+    (float32), L rounded to xa's dtype and written out as xa where write_l (one column block). Rank lanes beyond R
+    hold 0·x, NaN where x is ±Inf: they are zeroed, or the zero-padded rows of U would turn them into NaN across
+    the whole row of y."""
+    l_acc = tl.where(rank_ok[None, :], l_acc * inv_keep, 0.0)
+    lora_left = cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16)
+    if write_l:  # xa is saved for the backward
+        l_ptrs = l_ptr + rows.to(tl.int64)[:, None] * stride_lm + ranks[None, :] * stride_lr
+        tl.store(l_ptrs, lora_left, mask=row_ok[:, None] & rank_ok[None, :])
+    u = tl.load(u_ptr + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
+                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    lora = dot(lora_left, u, tl.zeros(acc.shape, dtype=tl.float32), SOFT_BF16)
+    acc += lora * _scaling_value(scaling, SCALING_IN_MEMORY)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "splits", "threshold"])
 def _fused_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, l_ptr, u_ptr, d_ptr, y_ptr, seed_ptr,
-    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr,
-    M, N, K, R, M_BUCKET,
+    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr, part_ptr, part_l_ptr,
+    M, N, K, R, M_BUCKET, splits,
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_ur, stride_un, stride_dk, stride_dr, stride_ym, stride_yn,
     scaling, threshold, inv_keep,
     HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, DROPOUT_SHRINK: tl.constexpr,
     DROPOUT_EPILOGUE: tl.constexpr, GROUPED_MASK: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr,
     SOFT_BF16: tl.constexpr, W4: tl.constexpr, W4_TRANSPOSED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    BLOCKSIZE: tl.constexpr, SWAP_AB: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -147,7 +173,10 @@ def _fused_gemm_kernel(
     the PTX, against a store, a barrier and wait_group 0 unswapped: benchmarks/NOTES.md).
 
     L is read from l_ptr, or with SHRINK_IN_LOOP accumulated in the K loop as
-    drop?(x) @ d[K, R] and written to l_ptr by the first column block. With SCALING_IN_MEMORY,
+    drop?(x) @ d[K, R] and written to l_ptr by the first column block. With SPLIT_K (decode of a layer too narrow
+    to fill the GPU), program (·, s) of the 2-D grid takes slice s of `splits` slices of K and writes its float32
+    sums x W0 and drop(x) D to part_ptr [splits, M, N] and part_l_ptr [splits, M, BLOCK_R]; _split_finish_kernel
+    adds them and applies the LoRA term, the bias and the rounding. With SCALING_IN_MEMORY,
     `scaling` points to a 0-d tensor read at run time (a replayed CUDA graph sees its current value).
     M_BUCKET (M rounded up to a power of two) is not used here: it is the
     autotuner's key, so that batches of every new length do not re-tune.
@@ -213,7 +242,13 @@ def _fused_gemm_kernel(
         l_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
     # Stage 2: the base GEMM (and, for decode, the LoRA shrink from the same x tiles).
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = 0
+    k_hi = K
+    if SPLIT_K:  # this program's slice of K: whole BLOCK_K tiles, the last slices possibly empty
+        k_slice = tl.cdiv(tl.cdiv(K, BLOCK_K), splits) * BLOCK_K
+        k_lo = tl.program_id(1) * k_slice
+        k_hi = tl.minimum(K, k_lo + k_slice)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         if SWAP_AB:  # yᵀ += wᵀ xᵀ: wᵀ [BLOCK_N, BLOCK_K] is W0[cols, ks] (y) or W0[ks, cols]ᵀ (dx)
@@ -246,27 +281,52 @@ def _fused_gemm_kernel(
                             mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
                 l_acc = dot(x, d, l_acc, SOFT_BF16)
 
-    if SHRINK_IN_LOOP:
-        # Stage 3 (decode): the LoRA term from the loop's L (the launcher keeps R <= BLOCK_R here); the first
-        # column block writes L out as xa. Rank lanes beyond R hold 0·x, NaN where x is ±Inf: zero them, or
-        # the zero-padded rows of U would turn them into NaN across the whole row of y.
-        l_acc = tl.where(rank_ok[None, :], l_acc * inv_keep, 0.0)
-        lora_left = cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16)
-        if pid_n == 0:  # xa is saved for the backward; one column block writes it
-            l_ptrs = l_ptr + rows.to(tl.int64)[:, None] * stride_lm + ranks[None, :] * stride_lr
-            tl.store(l_ptrs, lora_left, mask=row_ok[:, None] & rank_ok[None, :])
-        u = tl.load(u_ptr + ranks[:, None] * stride_ur + cols.to(tl.int64)[None, :] * stride_un,
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        lora = dot(lora_left, u, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), SOFT_BF16)
-        acc += lora * _scaling_value(scaling, SCALING_IN_MEMORY)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if SWAP_AB:
+    if SPLIT_K:  # the slice's float32 sums, added by _split_finish_kernel
+        slice_ = tl.program_id(1).to(tl.int64)
+        part = part_ptr + slice_ * M * N + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
+        if pid_n == 0:
+            part_l = part_l_ptr + (slice_ * M + rows.to(tl.int64)[:, None]) * BLOCK_R + ranks[None, :]
+            tl.store(part_l, l_acc, mask=row_ok[:, None])
+    elif SHRINK_IN_LOOP:  # Stage 3 (decode): the LoRA term from the loop's L (the launcher keeps R <= BLOCK_R)
+        _decode_epilogue(acc, l_acc, rows, cols, ranks, row_ok, col_ok, rank_ok, pid_n == 0, l_ptr, u_ptr,
+                         bias_ptr, y_ptr, stride_lm, stride_lr, stride_ur, stride_un, stride_ym, stride_yn, scaling,
+                         inv_keep, HAS_BIAS, SCALING_IN_MEMORY, SOFT_BF16)
+    elif SWAP_AB:
         y_ptrs = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + cols.to(tl.int64)[:, None] * stride_yn
         tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[None, :] & col_ok[:, None])
     else:
         y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
         tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "splits"])
+def _split_finish_kernel(
+    part_ptr, part_l_ptr, l_ptr, u_ptr, bias_ptr, y_ptr,
+    M, N, R, splits,
+    stride_lm, stride_lr, stride_ur, stride_un, stride_ym, stride_yn,
+    scaling, inv_keep,
+    HAS_BIAS: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr, SOFT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Split decode's end: acc = Σ_s part[s] and l_acc = Σ_s part_l[s] (slices added in order: the same bits at
+    every launch), then decode's epilogue (y = acc + s·(L U) + bias, xa written by the first column block)."""
+    pid_n = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)  # M <= 16 rows at decode
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, BLOCK_R)
+    row_ok, col_ok, rank_ok = rows < M, cols < N, ranks < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    l_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    rows64 = rows.to(tl.int64)[:, None]
+    for slice_ in range(0, splits):
+        acc += tl.load(part_ptr + (slice_ * M + rows64) * N + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                       other=0.0)
+        l_acc += tl.load(part_l_ptr + (slice_ * M + rows64) * BLOCK_R + ranks[None, :], mask=row_ok[:, None],
+                         other=0.0)
+    _decode_epilogue(acc, l_acc, rows, cols, ranks, row_ok, col_ok, rank_ok, pid_n == 0, l_ptr, u_ptr, bias_ptr,
+                     y_ptr, stride_lm, stride_lr, stride_ur, stride_un, stride_ym, stride_yn, scaling, inv_keep,
+                     HAS_BIAS, SCALING_IN_MEMORY, SOFT_BF16)
 
 
 # Keyed on M's power-of-two bucket, not M: training batches of varying length
@@ -278,8 +338,14 @@ _PRUNE = {"early_config_prune": fitting_configs}
 _fused_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET"] + _KEY, prune_configs_by=_PRUNE)(
     _fused_gemm_kernel)
 _fused_gemm_decode = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_fused_gemm_kernel)
+# Split decode: the narrowest column blocks only (a layer is split because even they are too few)
+_SPLIT_DECODE_TILES = [tile for tile in _DECODE_TILES if tile[0]["BLOCK_N"] == 16]
+_fused_gemm_split_decode = triton.autotune(
+    configs=configs(_SPLIT_DECODE_TILES, small=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1)),
+    key=_KEY + ["splits"], prune_configs_by=_PRUNE)(_fused_gemm_kernel)
 # what a GPU's autotuner chooses from, also under the interpreter (lora_kernels.cost_model reads them)
 _fused_gemm.gpu_configs, _fused_gemm_decode.gpu_configs = gpu_configs(_GEMM_TILES), gpu_configs(_DECODE_TILES)
+_fused_gemm_split_decode.gpu_configs = gpu_configs(_SPLIT_DECODE_TILES)
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_split", "threshold"])
@@ -393,19 +459,32 @@ def _shrink(x: torch.Tensor, d: torch.Tensor, p: float, seed, out_dtype: torch.d
     return out
 
 
+def decode_split_count(M: int, N: int, K: int, sms: int) -> int:
+    """The slices of K proposed for a decode launch: 1, unless the layer's 16-column blocks give fewer programs
+    than the GPU has SMs (a 4096 -> 1024 projection: 64, on 132); then enough for two programs per SM, each slice
+    at least DECODE_SPLIT_MIN_K columns of K long (so that each program still streams a long run of W0).
+    gpu_paths.decode_splits keeps the proposal where the cost model predicts a gain."""
+    programs = triton.cdiv(M, 16) * triton.cdiv(N, 16)
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), K // (128 if interpreted() else DECODE_SPLIT_MIN_K)))
+
+
 def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shrink_in_loop, dropout_epilogue,
-                           w4=None, w4_transposed=False):
+                           w4=None, w4_transposed=False, part=None, part_l=None):
     """(autotuned kernel, grid, args, flags) of y = x @ w_kn + bias + scaling · left @ u_rn
     (see _fused_gemm_kernel); w_kn, u_rn, d_kr are views; scaling is a float or a 0-d tensor on x's device;
     seed a 0-d int64 tensor on x's device when p > 0. With w4 (a 4-bit weight W0's kernel_args(), w_kn None),
-    w_kn is W0ᵀ (w4_transposed: the forward) or W0 (dx)."""
+    w_kn is W0ᵀ (w4_transposed: the forward) or W0 (dx). With part [splits, M, N] and part_l [splits, M, BLOCK_R]
+    (float32, decode only) the launch is split over K and writes its sums there (split_finish_launch_args ends it)."""
     M, K = x.shape
     N = y.shape[1]
     R = u_rn.shape[0]
     threshold, inv_keep = dropout_args(p)
+    splits = part.shape[0] if part is not None else 1
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)
 
     d_strides = (d_kr.stride(0), d_kr.stride(1)) if d_kr is not None else (0, 0)
     if w4 is None:
@@ -423,7 +502,8 @@ def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed,
                         # the double-quantized scale's product and sum rounded apart, as the spec does
                         enable_fp_fusion=not double_quant)
     args = (x, w, bias if bias is not None else y, left, u_rn, d_kr if d_kr is not None else left, y,
-            seed if p > 0.0 else y, *w4_pointers, M, N, K, R, triton.next_power_of_2(M),
+            seed if p > 0.0 else y, *w4_pointers, *((part, part_l) if part is not None else (y, y)),
+            M, N, K, R, triton.next_power_of_2(M), splits,
             x.stride(0), x.stride(1), *w_strides,
             left.stride(0), left.stride(1), u_rn.stride(0), u_rn.stride(1), *d_strides, y.stride(0), y.stride(1),
             scaling, threshold, inv_keep)
@@ -432,9 +512,26 @@ def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed,
                  GROUPED_MASK=grouped_mask(K if shrink_in_loop else N),  # decode masks x, dx's epilogue dx
                  SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor), SOFT_BF16=soft_bf16(x.dtype),
                  W4=False, W4_TRANSPOSED=False, DOUBLE_QUANT=False, BLOCKSIZE=64, SWAP_AB=False,
-                 BLOCK_R=block_r(R) if shrink_in_loop else LORA_TILE_RANKS)
+                 SPLIT_K=part is not None, BLOCK_R=block_r(R) if shrink_in_loop else LORA_TILE_RANKS)
     flags.update(w4_flags)
-    return (_fused_gemm_decode if shrink_in_loop else _fused_gemm), grid, args, flags
+    kernel = (_fused_gemm_split_decode if part is not None else _fused_gemm_decode) if shrink_in_loop else _fused_gemm
+    return kernel, grid, args, flags
+
+
+def split_finish_launch_args(part, part_l, bias, left, u_rn, y, scaling, p):
+    """(kernel, grid, args, flags) of a split decode's end (_split_finish_kernel): y and xa (left) from the
+    slices' sums part [splits, M, N] and part_l [splits, M, BLOCK_R]."""
+    splits, M, N = part.shape
+    R = u_rn.shape[0]
+    _, inv_keep = dropout_args(p)
+    block_n = 32 if interpreted() else 64
+    grid = (triton.cdiv(N, block_n),)
+    args = (part, part_l, left, u_rn, bias if bias is not None else y, y, M, N, R, splits,
+            left.stride(0), left.stride(1), u_rn.stride(0), u_rn.stride(1), y.stride(0), y.stride(1), scaling,
+            inv_keep)
+    flags = dict(HAS_BIAS=bias is not None, SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor),
+                 SOFT_BF16=soft_bf16(y.dtype), BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=part_l.shape[2])
+    return _split_finish_kernel, grid, args, flags
 
 
 def _fused_gemm_launch(*launch, **options):
@@ -523,8 +620,17 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed, w4=None):
     if M == 0:
         return y, xa
     if M <= DECODE_MAX_M and R <= RANK_CHUNK:  # the shrink's accumulator holds every rank
+        splits = gpu_paths.decode_splits(M, N, x.shape[1], R, w4 is not None, multiprocessors(x.device))
+        part = part_l = None
+        if splits > 1:  # a narrow layer: K split over programs, float32 sums added by a second launch
+            part = torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
+            part_l = torch.empty(splits, M, block_r(R), device=x.device, dtype=torch.float32)
         _fused_gemm_launch(x, w_kn, bias, xa, lora_B.t(), lora_A.t(), y, scaling, p, seed,
-                           shrink_in_loop=True, dropout_epilogue=False, w4=w4, w4_transposed=True)
+                           shrink_in_loop=True, dropout_epilogue=False, w4=w4, w4_transposed=True, part=part,
+                           part_l=part_l)
+        if splits > 1:
+            kernel, grid, args, flags = split_finish_launch_args(part, part_l, bias, xa, lora_B.t(), y, scaling, p)
+            kernel[grid](*args, **flags)
     else:
         xa = _shrink(x, lora_A.t(), p, seed, lora_A.dtype)
         _fused_gemm_launch(x, w_kn, bias, xa, lora_B.t(), None, y, scaling, p, seed,
