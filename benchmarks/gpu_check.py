@@ -828,6 +828,12 @@ def main(argv=None) -> int:
     if "triton" in backends and TRITON_4BIT:  # QLoRA: validation, then timings
         section("4-bit validation triton", lambda: progress.add_checks(validate_4bit(device, qlora_shapes, log)))
         if not args.skip_timing:
+            from .harness import have
+
+            if not have("bitsandbytes"):  # the comparison is bnb's Linear4bit + PEFT: say what stands in
+                log("QLoRA timings: bitsandbytes is not installed here, so there is no PEFT + bitsandbytes column; "
+                    "'dequant' (W0 dequantized whole by our Triton kernel, then F.linear and the LoRA branch) "
+                    "stands in for it")
             section("QLoRA timings", lambda: time_cases(qlora_cases, qlora_wanted))
             section("QLoRA decode under CUDA graphs",
                     lambda: time_qlora_decode_graphs(device, 3 if args.dry_run else 20, progress))
