@@ -190,6 +190,9 @@ def test_triton_dequantize_is_the_reference_bit_for_bit(quant_type):
             for dtype in DTYPES:
                 ours = triton_dequantize(w4.kernel_args(), shape[1], dtype)
                 assert torch.equal(ours, w4.dequantize(dtype)), (shape, blocksize, dtype)
+                if lk.compiled_extension() is not None and DEVICE == "cpu":  # and the CPU kernels' own
+                    cpu = torch.ops.lora_kernels.dequantize_4bit(*w4.kernel_args()[:6], *shape, blocksize, dtype)
+                    assert torch.equal(ours, cpu), (shape, blocksize, dtype)
 
 
 # ---- lora_linear on a 4-bit weight ------------------------------------------------------------------------------
