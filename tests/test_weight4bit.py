@@ -297,6 +297,47 @@ def test_float32_adapters_on_a_16bit_compute_dtype(backend, dtype, in_features, 
 
 
 @pytest.mark.skipif("triton" not in compiled_backends() or not TRITON_4BIT, reason="triton backend not available")
+@pytest.mark.parametrize("case", range(16))
+def test_triton_4bit_kernels_on_random_layers_against_the_float64_oracle(case, use_backend, monkeypatch):
+    """Random layers on the triton backend's 4-bit kernels, each path: M from 1 to 40 (decode and large-M tiles),
+    out_features of any size, ranks past the 64-rank chunk (r > 64 leaves the decode path), blocksizes 32-128,
+    NF4 or FP4, double quantized or not, every dtype (float32 adapters on 16 bits too), dropout, with and without
+    bias; the scaling as a number or, as a layer on a GPU passes it, a 0-d tensor read in the kernel."""
+    from lora_kernels.ops import triton_lora_linear as lin
+
+    use_backend("triton")
+    g = torch.Generator().manual_seed(1000 + case)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
+    blocksize = pick([32, 64, 128])
+    M, in_f = pick([1, 3, 16, 17, 40]), blocksize * pick([1, 2, 3])
+    out_f, r = int(torch.randint(1, 70, (1,), generator=g)), pick([1, 5, 16, 65, 80])
+    quant_type, double_quant = pick([("nf4", True), ("nf4", False), ("fp4", True)])
+    dtype, adapter_dtype = pick([(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                 (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+    p, has_bias, path = pick([0.0, 0.3]), pick([True, False]), ("fused", "dequantize")[case % 2]
+    monkeypatch.setenv("LORA_KERNELS_4BIT_PATH", path)
+    w4 = Weight4bit.quantize(torch.randn(out_f, in_f, generator=g) * 0.1, blocksize, quant_type, double_quant)
+    rand = lambda *shape, dt=dtype: torch.randn(*shape, generator=g).to(dt)  # noqa: E731
+    x, grad_y = rand(M, in_f), rand(M, out_f)
+    bias = rand(out_f) if has_bias else None
+    A, B = rand(r, in_f, dt=adapter_dtype) * 0.2, rand(out_f, r, dt=adapter_dtype) * 0.2
+    scaling = 1.75 if case % 4 < 2 else torch.tensor(1.75, dtype=torch.float64)
+    seed = torch.tensor(31 + case) if p else None
+    y, xa = lin.Weight4bitBackend.forward(x, w4.kernel_args(), bias, A, B, scaling, p, seed)
+    dx, dA, dB = lin.Weight4bitBackend.backward(grad_y, x, w4.kernel_args(), A, B, xa, scaling, p, seed, True)
+    sv = int(seed) if seed is not None else None
+    w = w4.dequantize(dtype)
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    ey, exa = reference.lora_linear(d(x), d(w), d(bias), d(A), d(B), 1.75, p, sv)
+    exact = reference.lora_linear_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, 1.75, p, sv)
+    py, pxa = reference.lora_linear(x, w, bias, A, B, 1.75, p, sv)
+    plain = reference.lora_linear_backward(grad_y, x, w, A, B, pxa, 1.75, p, sv)
+    for name, got, oracle, same in zip(("y", "xa", "dx", "dA", "dB"), (y, xa, dx, dA, dB), (ey, exa, *exact),
+                                       (py, pxa, *plain)):
+        assert_matches_reference(got, oracle, same, f"{name} ({M}x{in_f}->{out_f} r={r} {dtype} {path})")
+
+
+@pytest.mark.skipif("triton" not in compiled_backends() or not TRITON_4BIT, reason="triton backend not available")
 def test_triton_4bit_decode_split_over_k(monkeypatch, use_backend):
     """The 4-bit decode of a narrow layer split over K (slices of whole dequantized tiles, then the finish kernel),
     outputs and gradients against the reference, with dropout."""
