@@ -77,9 +77,11 @@ def main(argv=None) -> int:
         print(f"{shape:<24}{step:<14}{row['path']:<8}{row['launches']:>9}{row['mb']:>9.1f}{row['us']:>10.1f}"
               f"{row['vs_lora']:>8.3f}")
     qlora = list(qlora_rows())
-    print(f"\nQLoRA (lora_linear_4bit, NF4 W0 at {cost_model.W4_BYTES} B/weight, {cost_model.DEQUANT_OPS} lane-ops per "
-          f"dequantized element, added to the MMA time), against bf16 F.linear on the dequantized weight (the QLoRA "
-          "issue's targets: fwd <= 1.10x and train <= 1.15x at M >= 2048, decode <= 0.40x):")
+    ops = cost_model.DEQUANT_OPS
+    print(f"\nQLoRA (lora_linear_4bit, NF4 W0 at {cost_model.W4_BYTES} B/weight; instructions per lane per dequantized "
+          f"element, from the SASS: {ops['gemm']} in the large-M GEMM, under its MMA, {ops['decode']} at decode, after "
+          f"it, {ops['whole']} dequantizing whole), against bf16 F.linear on the dequantized weight (the QLoRA issue's "
+          "targets: fwd <= 1.10x and train <= 1.15x at M >= 2048, decode <= 0.40x):")
     print(f"{'shape':<24}{'step':<7}{'path':<17}{'launches':>9}{'MB':>9}{'us':>10}{'x base':>8}")
     for row in qlora:
         shape = f"M={row['M']} {row['inp']}->{row['out']}"

@@ -130,10 +130,12 @@ def _tiles(launch) -> tuple[int, dict]:
 
 
 # A 4-bit weight (bitsandbytes' NF4, blocksize 64, double quantization): bytes per element from HBM, and the
-# lane-operations to dequantize one element in a GEMM's K loop (byte split, table gather, interleave, scale, cast,
-# the shared-memory store the MMA reads): an estimate from the PTX's instruction mix, not a measurement.
+# instructions per lane to dequantize one element, counted in the sm_90 SASS (cuobjdump -sass, Triton 3.8.0,
+# 2026-12-03) of each kernel's K loop less the 16-bit kernel's loop in the same config: the swapped large-M GEMM
+# (128×128×64) 11.8, the decode (16×16×256; its tile goes through shared memory to the MMA) 17.8, and the
+# whole-weight dequantization kernel 12.8 (all its instructions). Issued at one per lane per clock (alu_tops).
 W4_BYTES = 0.516
-DEQUANT_OPS = 8
+DEQUANT_OPS = {"gemm": 12, "decode": 18, "whole": 13}
 
 
 def _w_operand(lin, w, w4: bool, transposed: bool):
@@ -170,7 +172,7 @@ def _triton_forward_kernels(lin, M, N, K, R, e, ea, w4=False):
     gemm = Kernel("fused GEMM y", M * K * e + N * K * ew + M * N * e + M * R * ea + N * R * ea + N * e,
                   flops=2 * M * N * K + 2 * M * N * R, programs=programs,
                   # every row block of the grid dequantizes every W0 tile it reads
-                  alu_ops=DEQUANT_OPS * N * K * _cdiv(M, t["BLOCK_M"]) if w4 else 0.0, alu_overlaps=True,
+                  alu_ops=DEQUANT_OPS["gemm"] * N * K * _cdiv(M, t["BLOCK_M"]) if w4 else 0.0, alu_overlaps=True,
                   inflight_bytes=t["num_stages"] * (t["BLOCK_M"] * e + t["BLOCK_N"] * ew) * t["BLOCK_K"])
     return [shrink, gemm]
 
@@ -189,7 +191,8 @@ def _decode_kernels(lin, M, N, K, R, e, ea, w4: bool, splits: int) -> list[Kerne
                                                     **(part if splits > 1 else {})))
     kernels = [Kernel("decode (fused)" + (f", K in {splits} slices" if splits > 1 else ""),
                       N * K * ew + M * K * e + (K + N) * R * ea + (splits * M * N * 4 if splits > 1 else M * N * e),
-                      flops=2 * M * N * K + 4 * M * N * R, programs=programs, alu_ops=DEQUANT_OPS * N * K if w4 else 0.0,
+                      flops=2 * M * N * K + 4 * M * N * R, programs=programs,
+                      alu_ops=DEQUANT_OPS["decode"] * N * K if w4 else 0.0,
                       inflight_bytes=t["num_stages"] * (t["BLOCK_N"] * ew + t["BLOCK_M"] * e) * t["BLOCK_K"])]
     if splits > 1:
         programs, t = _tiles(lin.split_finish_launch_args(part["part"], part["part_l"], bias, xa, B.t(), y, 2.0, 0.0))
@@ -246,7 +249,7 @@ def _triton_backward_kernels(lin, M, N, K, R, e, ea, w4=False):
                                                     shrink_in_loop=False, dropout_epilogue=True, **w4_args))
     kernels.append(Kernel("fused GEMM dx", M * N * e + N * K * ew + M * K * e + M * R * 4 + K * R * ea,
                           flops=2 * M * N * K, tf32x3_flops=2 * M * K * R, programs=programs,
-                          alu_ops=DEQUANT_OPS * N * K * _cdiv(M, t["BLOCK_M"]) if w4 else 0.0, alu_overlaps=True,
+                          alu_ops=DEQUANT_OPS["gemm"] * N * K * _cdiv(M, t["BLOCK_M"]) if w4 else 0.0, alu_overlaps=True,
                           inflight_bytes=t["num_stages"] * (t["BLOCK_M"] * e + t["BLOCK_N"] * ew) * t["BLOCK_K"]))
     return kernels
 
@@ -353,7 +356,7 @@ def predict_dora(path: str, M: int, out_features: int, in_features: int, r: int,
 
 def _dequantize(N: int, K: int, e: int) -> Kernel:
     """W0 dequantized whole into a 16-bit temporary (ops/triton_lora_linear.dequantize_4bit, or bitsandbytes')."""
-    return Kernel("dequantize W0 (whole)", N * K * (W4_BYTES + e), alu_ops=DEQUANT_OPS * N * K, library=True)
+    return Kernel("dequantize W0 (whole)", N * K * (W4_BYTES + e), alu_ops=DEQUANT_OPS["whole"] * N * K, library=True)
 
 
 def predict_4bit(path: str, M: int, out_features: int, in_features: int, r: int, train: bool = False,

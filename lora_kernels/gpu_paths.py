@@ -103,8 +103,8 @@ def _modelled_4bit(step: str, M: int, out_features: int, in_features: int, r: in
 def decode_splits(M: int, out_features: int, in_features: int, r: int, weight4bit: bool, sms: int) -> int:
     """Slices of K for the fused decode launch (M <= 16): triton_lora_linear.decode_split_count's proposal for a
     layer too narrow to fill the GPU, kept where the roofline model predicts it faster than one launch (the
-    finish launch costs a launch gap: the 4096 -> 1024 k/v projection is not split, in bf16 or in 4 bits; a
-    4-bit 14336 -> 1024 one, bound by its dequantization on 64 SMs, is)."""
+    finish launch costs a launch gap: a bf16 4096 -> 1024 k/v projection is not split, its 4-bit version, bound by
+    its dequantization on 64 SMs, is)."""
     from .ops.triton_lora_linear import decode_split_count
 
     proposed = decode_split_count(M, out_features, in_features, sms)

@@ -79,22 +79,22 @@ def test_decode_of_a_narrow_layer_is_split_over_k_and_summed_once(splits, monkey
 def test_decode_splits_only_narrow_layers_and_only_where_the_model_predicts_a_gain():
     """decode_split_count proposes 4 slices for 4096 -> 1024 on 132 SMs (64 column blocks), none for 4096² (256)
     nor below the minimum slice; gpu_paths.decode_splits keeps a proposal only where the cost model predicts the
-    two launches faster than one: not for 4096 -> 1024 (the finish launch's gap is larger than the gain), but for
-    a 4-bit 14336 -> 1024 layer, which one launch leaves bound by its dequantization on 64 SMs."""
+    two launches faster than one: not for a bf16 4096 -> 1024 layer (the finish launch's gap is larger than the
+    gain), but for a 4-bit 14336 -> 1024 one, which one launch leaves bound by its dequantization on 64 SMs."""
     from lora_kernels import cost_model, gpu_paths
     from lora_kernels.ops import triton_common
     from lora_kernels.ops import triton_lora_linear as lin
 
-    with triton_common.as_launched_on_gpu():
+    with triton_common.as_launched_on_gpu():  # the proposals a GPU gets (the interpreter's minimum slice is shorter)
         assert lin.decode_split_count(1, 1024, 4096, 132) == 4
         assert lin.decode_split_count(16, 4096, 4096, 132) == 1
         assert lin.decode_split_count(1, 1024, 1000, 132) == 1
-    for K, w4 in ((4096, False), (4096, True), (14336, True)):
-        proposed = 5 if K == 14336 else 4
-        split, whole = (cost_model.decode_us(1, 1024, K, 16, w4, n) for n in (proposed, 1))
-        assert gpu_paths.decode_splits(1, 1024, K, 16, w4, 132) == (proposed if split < whole else 1)
-    assert gpu_paths.decode_splits(1, 1024, 4096, 16, False, 132) == 1
-    assert gpu_paths.decode_splits(1, 1024, 14336, 16, True, 132) == 5
+        for K, w4 in ((4096, False), (4096, True), (14336, True)):
+            proposed = 5 if K == 14336 else 4
+            split, whole = (cost_model.decode_us(1, 1024, K, 16, w4, n) for n in (proposed, 1))
+            assert gpu_paths.decode_splits(1, 1024, K, 16, w4, 132) == (proposed if split < whole else 1)
+        assert gpu_paths.decode_splits(1, 1024, 4096, 16, False, 132) == 1
+        assert gpu_paths.decode_splits(1, 1024, 14336, 16, True, 132) == 5
 
 
 def test_the_seed_is_read_in_device_memory(use_backend):

@@ -28,11 +28,11 @@ def interpreted() -> bool:
 def as_launched_on_gpu():
     """The launchers' choices (tiles, grids, configs) as a GPU gets them, also under TRITON_INTERPRET=1: for
     lora_kernels.cost_model, which launches nothing."""
-    _AS_ON_GPU[0] = True
+    before, _AS_ON_GPU[0] = _AS_ON_GPU[0], True
     try:
         yield
     finally:
-        _AS_ON_GPU[0] = False
+        _AS_ON_GPU[0] = before  # nested uses (the cost model inside gpu_paths inside a launcher) keep the outer one
 
 
 def gpu_configs(full: list[tuple[dict, int, int]]) -> list[triton.Config]:
