@@ -81,9 +81,8 @@ def validate_linear(backend: str, device: str, shapes, log, scalings=("number",)
     """lora_linear on `backend`: y, xa, dx, dA, dB against the float64 reference, every dtype, dropout and
     bias on and off; scalings: "number" (a float argument) and/or "in memory" (a 0-d tensor on the device,
     what LoRALinear passes on a GPU: Triton reads it in the kernel, the C++ backend folds it into B)."""
-    from lora_kernels import reference
     from lora_kernels.ops import lora_linear as ops
-    from lora_kernels.testing import make_lora_inputs
+    from lora_kernels.testing import LORA_OUTPUTS, lora_linear_oracles, make_lora_inputs
 
     rows = []
     os.environ["LORA_KERNELS_BACKEND"] = backend
@@ -101,13 +100,8 @@ def validate_linear(backend: str, device: str, shapes, log, scalings=("number",)
                 _poison_allocator(device)
                 dx, dA, dB = ops.backward(grad_y, x, w, A, B, xa, scaling, p, seed, True)
                 sv = int(seed) if seed is not None else None
-                d = lambda t: t.double() if t is not None else None  # noqa: E731
-                ey, exa = reference.lora_linear(d(x), d(w), d(bias), d(A), d(B), 2.0, p, sv)
-                edx, edA, edB = reference.lora_linear_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, 2.0, p, sv)
-                py, pxa = reference.lora_linear(x, w, bias, A, B, 2.0, p, sv)
-                pdx, pdA, pdB = reference.lora_linear_backward(grad_y, x, w, A, B, pxa, 2.0, p, sv)
-                rows += _judged((("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx), ("dA", dA, edA, pdA),
-                                 ("dB", dB, edB, pdB)), log,
+                exact, plain = lora_linear_oracles(grad_y, x, w, bias, A, B, 2.0, p, sv)
+                rows += _judged(zip(LORA_OUTPUTS, (y, xa, dx, dA, dB), exact, plain), log,
                                 f"{backend} {dtype} M={M} {d_in}->{d_out} r={r} p={p} bias={has_bias} scaling {kind}",
                                 op="lora_linear", backend=backend, dtype=str(dtype)[6:], shape=[M, d_in, d_out, r],
                                 dropout=p, bias=has_bias, scaling=kind)
@@ -162,8 +156,8 @@ def validate_merge(backend: str, device: str, shapes, cycles: int, log) -> list[
 def validate_multi(backend: str, device: str, shapes, log) -> list[dict]:
     """lora_linear_multi on `backend`: y, xa, dx, dA, dB against the float64 reference, random ids with -1 rows,
     mixed ranks, dropout off and per-adapter probabilities, float32 adapters on bfloat16 too."""
-    from lora_kernels import reference
     from lora_kernels.ops import lora_linear_multi as ops
+    from lora_kernels.testing import LORA_OUTPUTS, lora_linear_multi_oracles
 
     rows = []
     os.environ["LORA_KERNELS_BACKEND"] = backend
@@ -189,16 +183,8 @@ def validate_multi(backend: str, device: str, shapes, log) -> list[dict]:
                 _poison_allocator(device)
                 dx, dA, dB = ops.backward(grad_y, x, w, A, B, xa, scalings, ids, ranks, dropouts, seed, True)
                 sv = int(seed) if seed is not None else None
-                d = lambda t: t.double()  # noqa: E731
-                ey, exa = reference.lora_linear_multi(d(x), d(w), d(bias), d(A), d(B), scalings, ids, ranks, dropouts,
-                                                      sv)
-                edx, edA, edB = reference.lora_linear_multi_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, scalings,
-                                                                     ids, ranks, dropouts, sv)
-                py, pxa = reference.lora_linear_multi(x, w, bias, A, B, scalings, ids, ranks, dropouts, sv)
-                pdx, pdA, pdB = reference.lora_linear_multi_backward(grad_y, x, w, A, B, pxa, scalings, ids, ranks,
-                                                                     dropouts, sv)
-                rows += _judged((("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx), ("dA", dA, edA, pdA),
-                                 ("dB", dB, edB, pdB)), log,
+                exact, plain = lora_linear_multi_oracles(grad_y, x, w, bias, A, B, scalings, ids, ranks, dropouts, sv)
+                rows += _judged(zip(LORA_OUTPUTS, (y, xa, dx, dA, dB), exact, plain), log,
                                 f"multi {backend} {dtype}/{adapter_dtype} M={M} {d_in}->{d_out} n={n} r_max={r_max} p={p}",
                                 op="lora_linear_multi", backend=backend, dtype=str(dtype)[6:],
                                 adapter_dtype=str(adapter_dtype)[6:], shape=[M, d_in, d_out, n, r_max], dropout=p)
@@ -212,9 +198,10 @@ def validate_4bit(device: str, shapes, log) -> list[dict]:
     float64 and in x's dtype), NF4 double quantized and FP4 with float32 absmax, 16-bit x with adapters of its
     dtype and float32 ones, dropout on and off; the whole-weight Triton dequantization bit for bit; and
     lora_linear_multi_4bit on one shape."""
-    from lora_kernels import Weight4bit, reference
+    from lora_kernels import Weight4bit
     from lora_kernels.ops import lora_linear_4bit as ops
     from lora_kernels.ops.triton_lora_linear import dequantize_4bit as triton_dequantize
+    from lora_kernels.testing import LORA_OUTPUTS, lora_linear_oracles
 
     rows = []
     os.environ["LORA_KERNELS_BACKEND"] = "triton"
@@ -232,7 +219,8 @@ def validate_4bit(device: str, shapes, log) -> list[dict]:
                 ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32)),
                 (0.0, 0.3), ("fused", "dequantize")):
             os.environ["LORA_KERNELS_4BIT_PATH"] = path
-            rand = lambda *shape, scale=1.0, dt=dtype: (torch.randn(*shape, generator=g) * scale).to(device, dt)  # noqa: E731
+            rand = lambda *shape, scale=1.0, dt=dtype: (  # noqa: E731
+                torch.randn(*shape, generator=g) * scale).to(device, dt)
             x, bias, grad_y = rand(M, d_in), rand(d_out), rand(M, d_out)
             A, B = rand(r, d_in, scale=d_in**-0.5, dt=adapter_dtype), rand(d_out, r, scale=0.1, dt=adapter_dtype)
             seed = torch.tensor(999 + M) if p else None
@@ -241,14 +229,8 @@ def validate_4bit(device: str, shapes, log) -> list[dict]:
             _poison_allocator(device)
             dx, dA, dB = ops.backward(grad_y, x, *w4.kernel_args(), A, B, xa, 2.0, p, seed, True)
             sv = int(seed) if seed is not None else None
-            w = w4.dequantize(dtype)
-            d = lambda t: t.double()  # noqa: E731
-            ey, exa = reference.lora_linear(d(x), d(w), d(bias), d(A), d(B), 2.0, p, sv)
-            edx, edA, edB = reference.lora_linear_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, 2.0, p, sv)
-            py, pxa = reference.lora_linear(x, w, bias, A, B, 2.0, p, sv)
-            pdx, pdA, pdB = reference.lora_linear_backward(grad_y, x, w, A, B, pxa, 2.0, p, sv)
-            rows += _judged((("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx), ("dA", dA, edA, pdA),
-                             ("dB", dB, edB, pdB)), log,
+            exact, plain = lora_linear_oracles(grad_y, x, w4.dequantize(dtype), bias, A, B, 2.0, p, sv)
+            rows += _judged(zip(LORA_OUTPUTS, (y, xa, dx, dA, dB), exact, plain), log,
                             f"4bit {path} {quant_type} {dtype}/{adapter_dtype} M={M} {d_in}->{d_out} r={r} p={p}",
                             op="lora_linear_4bit", backend="triton", path=path, quant_type=quant_type,
                             dtype=str(dtype)[6:], adapter_dtype=str(adapter_dtype)[6:], shape=[M, d_in, d_out, r],
@@ -261,8 +243,9 @@ def validate_4bit(device: str, shapes, log) -> list[dict]:
 
 def _validate_multi_4bit(device: str, log) -> list[dict]:
     """lora_linear_multi_4bit (triton, fused base GEMMs): 37 rows over 3 adapters and the base, mixed ranks."""
-    from lora_kernels import Weight4bit, reference
+    from lora_kernels import Weight4bit
     from lora_kernels.ops import lora_linear_4bit as ops
+    from lora_kernels.testing import LORA_OUTPUTS, lora_linear_multi_oracles
 
     g = torch.Generator().manual_seed(11)
     M, d_in, d_out, n, r_max, dtype = 37, 256, 96, 3, 16, torch.bfloat16
@@ -278,15 +261,9 @@ def _validate_multi_4bit(device: str, log) -> list[dict]:
     y, xa = ops.multi_forward(x, *w4.kernel_args(), bias, A, B, scalings, ids, ranks, no_dropout, None)
     dx, dA, dB = ops.multi_backward(grad_y, x, *w4.kernel_args(), A, B, xa, scalings, ids, ranks, no_dropout, None,
                                     True)
-    w = w4.dequantize(dtype)
-    d = lambda t: t.double()  # noqa: E731
-    ey, exa = reference.lora_linear_multi(d(x), d(w), d(bias), d(A), d(B), scalings, ids, ranks, 0.0, None)
-    edx, edA, edB = reference.lora_linear_multi_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, scalings, ids, ranks,
-                                                         0.0, None)
-    py, pxa = reference.lora_linear_multi(x, w, bias, A, B, scalings, ids, ranks, 0.0, None)
-    pdx, pdA, pdB = reference.lora_linear_multi_backward(grad_y, x, w, A, B, pxa, scalings, ids, ranks, 0.0, None)
-    return _judged((("y", y, ey, py), ("xa", xa, exa, pxa), ("dx", dx, edx, pdx), ("dA", dA, edA, pdA),
-                    ("dB", dB, edB, pdB)), log, f"multi 4bit bf16 M={M} {d_in}->{d_out} n={n}",
+    exact, plain = lora_linear_multi_oracles(grad_y, x, w4.dequantize(dtype), bias, A, B, scalings, ids, ranks, 0.0)
+    return _judged(zip(LORA_OUTPUTS, (y, xa, dx, dA, dB), exact, plain), log,
+                   f"multi 4bit bf16 M={M} {d_in}->{d_out} n={n}",
                    op="lora_linear_multi_4bit", backend="triton", dtype="bfloat16", shape=[M, d_in, d_out, n, r_max])
 
 

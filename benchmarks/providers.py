@@ -33,28 +33,21 @@ from lora_kernels import LoRALinear
 from .harness import Provider, have, rotation, timed_call
 
 
-def _with_4bit_path(path: str | None):
-    """A prepare hook forcing LORA_KERNELS_4BIT_PATH, the triton backend's QLoRA path (None: the model's choice)."""
+def _with_env(name: str, value: str | None):
+    """A prepare hook setting environment variable `name` to `value` (None: unset)."""
 
     def prepare() -> None:
-        if path is None:
-            os.environ.pop("LORA_KERNELS_4BIT_PATH", None)
+        if value is None:
+            os.environ.pop(name, None)
         else:
-            os.environ["LORA_KERNELS_4BIT_PATH"] = path
+            os.environ[name] = value
 
     return prepare
 
 
 def _with_backend(backend: str | None):
     """A prepare hook forcing LORA_KERNELS_BACKEND (None: automatic)."""
-
-    def prepare() -> None:
-        if backend is None:
-            os.environ.pop("LORA_KERNELS_BACKEND", None)
-        else:
-            os.environ["LORA_KERNELS_BACKEND"] = backend
-
-    return prepare
+    return _with_env("LORA_KERNELS_BACKEND", backend)
 
 
 def ours_names(device: str) -> list[str]:
@@ -152,7 +145,8 @@ def _qlora_providers(base, r, lora_alpha, dropout, train, quant_type, wanted, st
         layer = LoRALinear4bit(w4, base.bias, r=r, lora_alpha=lora_alpha, lora_dropout=dropout).train(train)
         lora_params(layer.lora_A, layer.lora_B)
         path = name[5:-1] if name != "ours" else None
-        providers.append(Provider(name, step(layer), _chain(prepare, _with_4bit_path(path)), list(layer.parameters())))
+        providers.append(Provider(name, step(layer), _chain(prepare, _with_env("LORA_KERNELS_4BIT_PATH", path)),
+                                  list(layer.parameters())))
     if "ours-dense" in wanted:
         layer = LoRALinear.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=dropout).train(train)
         lora_params(layer.lora_A, layer.lora_B)

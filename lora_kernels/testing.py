@@ -41,6 +41,43 @@ def assert_all_match_reference(names, ours, exact, plain) -> None:
         assert_matches_reference(o, e, p, name)
 
 
+LORA_OUTPUTS = ("y", "xa", "dx", "dA", "dB")  # what lora_linear's forward and backward return, in order
+
+
+def _double(t):
+    return t.double() if t is not None else None
+
+
+def lora_linear_oracles(grad_y, x, weight, bias, lora_A, lora_B, scaling: float, p: float = 0.0, seed=None):
+    """The two sides of the acceptance rule for one lora_linear call: reference.lora_linear and its backward on
+    these inputs in float64 (exact) and in their own dtypes (plain), each (y, xa, dx, dA, dB) as LORA_OUTPUTS."""
+    from . import reference
+
+    d = _double
+    ey, exa = reference.lora_linear(d(x), d(weight), d(bias), d(lora_A), d(lora_B), scaling, p, seed)
+    exact = reference.lora_linear_backward(d(grad_y), d(x), d(weight), d(lora_A), d(lora_B), exa, scaling, p, seed)
+    py, pxa = reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    plain = reference.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, pxa, scaling, p, seed)
+    return (ey, exa, *exact), (py, pxa, *plain)
+
+
+def lora_linear_multi_oracles(grad_y, x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts,
+                              seed=None):
+    """lora_linear_oracles for lora_linear_multi: (exact, plain), each (y, xa, dx, dA, dB)."""
+    from . import reference
+
+    d = _double
+    ey, exa = reference.lora_linear_multi(d(x), d(weight), d(bias), d(lora_A), d(lora_B), scalings, adapter_ids,
+                                          ranks, dropouts, seed)
+    exact = reference.lora_linear_multi_backward(d(grad_y), d(x), d(weight), d(lora_A), d(lora_B), exa, scalings,
+                                                 adapter_ids, ranks, dropouts, seed)
+    py, pxa = reference.lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, dropouts,
+                                          seed)
+    plain = reference.lora_linear_multi_backward(grad_y, x, weight, lora_A, lora_B, pxa, scalings, adapter_ids, ranks,
+                                                 dropouts, seed)
+    return (ey, exa, *exact), (py, pxa, *plain)
+
+
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Spacing of `dtype` floats at |values| (float64), subnormal range included."""
     _, exponent = torch.frexp(values.double().abs())

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_kernels import reference
+from lora_kernels import reference, testing
 
-from conftest import DEVICE, assert_matches_reference, compiled_backends
+from conftest import DEVICE, compiled_backends
 
 pytestmark = pytest.mark.skipif("triton" not in compiled_backends(), reason="triton backend not available")
 
@@ -24,14 +24,8 @@ def _inputs(M, d_in, d_out, r, dtype=torch.float32, seed=0):
 def _check_lora_linear(lin, x, w, b, A, B, grad_y, p, seed_tensor, seed_value):
     y, xa = lin.forward(x, w, b, A, B, 1.5, p, seed_tensor)
     grads = lin.backward(grad_y, x, w, A, B, xa, 1.5, p, seed_tensor, True)
-    d = lambda t: t.double()  # noqa: E731
-    ey, exa = reference.lora_linear(d(x), d(w), d(b), d(A), d(B), 1.5, p, seed_value)
-    exact = reference.lora_linear_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, 1.5, p, seed_value)
-    py, pxa = reference.lora_linear(x, w, b, A, B, 1.5, p, seed_value)
-    plain = reference.lora_linear_backward(grad_y, x, w, A, B, pxa, 1.5, p, seed_value)
-    for name, got, oracle, same in zip(("y", "xa", "dx", "dA", "dB"), (y, xa, *grads), (ey, exa, *exact),
-                                       (py, pxa, *plain)):
-        assert_matches_reference(got, oracle, same, name)
+    exact, plain = testing.lora_linear_oracles(grad_y, x, w, b, A, B, 1.5, p, seed_value)
+    testing.assert_all_match_reference(testing.LORA_OUTPUTS, (y, xa, *grads), exact, plain)
     return y
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from lora_kernels import reference
+from lora_kernels import reference, testing
 from lora_kernels.functional import draw_seed
 from lora_kernels.ops.lora_linear_4bit import TRITON_4BIT  # tl.gather: Triton 3.2 and later
 from lora_kernels.weight4bit import Weight4bit, code_table, dynamic_code
@@ -326,15 +326,9 @@ def test_triton_4bit_kernels_on_random_layers_against_the_float64_oracle(case, u
     y, xa = lin.Weight4bitBackend.forward(x, w4.kernel_args(), bias, A, B, scaling, p, seed)
     dx, dA, dB = lin.Weight4bitBackend.backward(grad_y, x, w4.kernel_args(), A, B, xa, scaling, p, seed, True)
     sv = int(seed) if seed is not None else None
-    w = w4.dequantize(dtype)
-    d = lambda t: t.double() if t is not None else None  # noqa: E731
-    ey, exa = reference.lora_linear(d(x), d(w), d(bias), d(A), d(B), 1.75, p, sv)
-    exact = reference.lora_linear_backward(d(grad_y), d(x), d(w), d(A), d(B), exa, 1.75, p, sv)
-    py, pxa = reference.lora_linear(x, w, bias, A, B, 1.75, p, sv)
-    plain = reference.lora_linear_backward(grad_y, x, w, A, B, pxa, 1.75, p, sv)
-    for name, got, oracle, same in zip(("y", "xa", "dx", "dA", "dB"), (y, xa, dx, dA, dB), (ey, exa, *exact),
-                                       (py, pxa, *plain)):
-        assert_matches_reference(got, oracle, same, f"{name} ({M}x{in_f}->{out_f} r={r} {dtype} {path})")
+    exact, plain = testing.lora_linear_oracles(grad_y, x, w4.dequantize(dtype), bias, A, B, 1.75, p, sv)
+    names = [f"{name} ({M}x{in_f}->{out_f} r={r} {dtype} {path})" for name in testing.LORA_OUTPUTS]
+    testing.assert_all_match_reference(names, (y, xa, dx, dA, dB), exact, plain)
 
 
 @pytest.mark.skipif("triton" not in compiled_backends() or not TRITON_4BIT, reason="triton backend not available")
