@@ -21,6 +21,7 @@ from torch import Tensor
 from . import validation
 from .functional import dora_weight_norm
 from .merge_record import InexactElements, MergeRecord
+from .weight4bit import Weight4bit
 from .ops.dora_linear import _row_blocks, dora_weight_norm_op, norm_dtype, row_sq_norms
 
 
@@ -119,10 +120,15 @@ class DoRANormCache:
 
     @staticmethod
     def _state_of(*tensors) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+        """Of tensors, or of a Weight4bit's codes and scales."""
+        state = []
+        for t in tensors:
+            parts = [p for p in t.kernel_args()[:6] if p is not None] if isinstance(t, Weight4bit) else [t]
+            state += [(p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in parts]
+        return tuple(state)
 
-    def norm(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor | None:
-        """‖W0 + s·BA‖ per row for this forward, or None under torch.compile (the op then computes it in the
+    def norm(self, weight: Tensor | Weight4bit, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor | None:
+        """‖W0 + s·BA‖ per row for this forward (W0 a tensor or a Weight4bit), or None under torch.compile (the op then computes it in the
         graph: reading version counters there would break it)."""
         if torch.compiler.is_compiling():
             return None

@@ -26,7 +26,8 @@ from .ops.lora_linear_4bit import lora_linear_4bit_op, lora_linear_multi_4bit_op
 from .weight4bit import Weight4bit
 from .ops.lora_linear_multi import lora_linear_multi_op
 from .ops.merge import merge_op
-from .ops.dora_linear import dora_linear_op, dora_weight_norm_op, norm_dtype
+from .ops.dora_linear import dora_linear_4bit_op, dora_linear_op, dora_weight_norm_4bit_op, dora_weight_norm_op, \
+    norm_dtype
 
 __all__ = ["lora_linear", "lora_linear_multi", "merge_", "unmerge_", "switch_", "MergeRecord", "dora_linear",
            "dora_weight_norm"]
@@ -98,20 +99,26 @@ def _lora_linear_4bit(x, weight: Weight4bit, bias, lora_A, lora_B, scaling, drop
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.out_features))
 
 
-def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float | Tensor,
+def dora_weight_norm(weight: Tensor | Weight4bit, lora_A: Tensor, lora_B: Tensor, scaling: float | Tensor,
                      weight_sq_norm: Tensor | None = None) -> Tensor:
     """n = ‖W0 + s · B A‖ of every output row, [out] in float32 (float64 for float64 tensors), without gradient.
 
-    weight [out, in], lora_A [r, in], lora_B [out, r]. Computed as ‖W0_o‖² + 2s (W0 Aᵀ)_o · B_o + s² B_o (A Aᵀ)
-    B_oᵀ, with no [out, in] temporary; rows where those terms cancel are computed densely (ops/dora_linear.py).
-    weight_sq_norm: ‖W0_o‖² [out] when known (LoRALinear caches it while W0 is unchanged).
+    weight [out, in] (or a Weight4bit: QDoRA; its float32 values, dequantized a block of rows at a time), lora_A
+    [r, in], lora_B [out, r]. Computed as ‖W0_o‖² + 2s (W0 Aᵀ)_o · B_o + s² B_o (A Aᵀ) B_oᵀ, with no [out, in]
+    temporary; rows where those terms cancel are computed densely (ops/dora_linear.py). weight_sq_norm: ‖W0_o‖²
+    [out] when known (LoRALinear caches it while W0 is unchanged).
     """
+    w4 = weight if isinstance(weight, Weight4bit) else None
+    if w4 is not None:  # the shared checks on a stand-in of the weight's shape, on its device (any adapter dtype)
+        weight = w4.codes.new_empty((), dtype=getattr(lora_A, "dtype", w4.dtype)).expand(w4.shape)
     validation.check_weight_and_adapter(weight, lora_A, lora_B)  # DTensor shards refused: a norm of a shard is wrong
     if not (isinstance(scaling, Tensor) and (scaling.device.type != "cpu" or torch.compiler.is_compiling())):
         scaling = validation.check_scaling("scaling", scaling)
     if weight_sq_norm is not None:
         validation.check_weight_norm(weight_sq_norm, weight)
     with torch.no_grad():
+        if w4 is not None:
+            return dora_weight_norm_4bit_op(*w4.kernel_args(), lora_A, lora_B, scaling, weight_sq_norm)
         return dora_weight_norm_op(weight, lora_A, lora_B, scaling, weight_sq_norm)
 
 
@@ -140,12 +147,16 @@ def dora_linear(
     dropout mask is lora_linear's. norm_gradient=True also differentiates the norm (in lora_A, lora_B and a
     trainable weight; two more passes over W0 in the backward, no [out, in] tensor): the full gradient of
     m ⊙ (W0 + s·BA)/‖W0 + s·BA‖, which the DoRA paper and PEFT do not take. reference.dora_linear is the spec.
+
+    weight may be a Weight4bit (QDoRA: DoRA on bitsandbytes' NF4/FP4 layout): the 4-bit kernels compute the
+    products with W0 dequantized in x's dtype a panel or tile at a time (the spec: reference.dora_linear on
+    Weight4bit.dequantize(x.dtype)); the norm's terms read it a block of rows at a time; it is frozen.
     """
-    if isinstance(weight, Weight4bit):
-        raise NotImplementedError("dora_linear on a 4-bit weight (QDoRA) is not implemented yet: dequantize it "
-                                  "(Weight4bit.dequantize()) or use LoRA on the 4-bit base")
+    w4 = weight if isinstance(weight, Weight4bit) else None
     adapter_dtype = getattr(lora_A, "dtype", None)  # before autocast, which may cast the adapter
-    if not validation.plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    if w4 is not None:
+        x, bias, lora_A, lora_B = validation.check_4bit_call(x, w4, bias, lora_A, lora_B, scaling, dropout_p)
+    elif not validation.plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         x, weight, bias, lora_A, lora_B = validation.check_and_autocast(x, weight, bias, lora_A, lora_B, scaling,
                                                                         dropout_p)
     validation.check_magnitude(magnitude, weight, adapter_dtype)
@@ -159,10 +170,14 @@ def dora_linear(
     seed = draw_seed(_seed_device(x)) if training and dropout_p > 0.0 else None
     # z [M, out] is what the magnitude's gradient (and the norm's) needs
     keep_z = torch.is_grad_enabled() and (magnitude.requires_grad or (norm_gradient and (
-        lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad)))
+        lora_A.requires_grad or lora_B.requires_grad or (w4 is None and weight.requires_grad))))
     x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
-    y, _, _ = dora_linear_op(x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, float(dropout_p),
-                             seed, keep_z, bool(norm_gradient))
+    if w4 is not None:
+        y, _, _ = dora_linear_4bit_op(x2d, *w4.kernel_args(), bias, lora_A, lora_B, magnitude, weight_norm, scaling,
+                                      float(dropout_p), seed, keep_z, bool(norm_gradient))
+    else:
+        y, _, _ = dora_linear_op(x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling,
+                                 float(dropout_p), seed, keep_z, bool(norm_gradient))
     if x.dim() == 2:
         return y
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))

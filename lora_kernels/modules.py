@@ -224,13 +224,15 @@ class LoRALinear(nn.Module):
         if self.merged or self.adapter_disabled:
             return F.linear(x, self.base_weight(), self.bias)
         if self.use_dora:
-            weight = self.base_weight()
-            norm = self._dora_norms.norm(weight, self.lora_A, self.lora_B, self._scaling)
-            return dora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude,
-                               self._scaling_for(x), self.lora_dropout, self.training, weight_norm=norm,
-                               norm_gradient=self.dora_norm_gradient)
+            return self._dora_forward(x, self.base_weight(), self.bias)
         return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self._scaling_for(x),
                            self.lora_dropout, self.training)
+
+    def _dora_forward(self, x: Tensor, weight, bias: Tensor | None) -> Tensor:
+        """dora_linear on W0 (a tensor or a Weight4bit) with the cached norm (DoRANormCache)."""
+        norm = self._dora_norms.norm(weight, self.lora_A, self.lora_B, self._scaling)
+        return dora_linear(x, weight, bias, self.lora_A, self.lora_B, self.lora_magnitude, self._scaling_for(x),
+                           self.lora_dropout, self.training, weight_norm=norm, norm_gradient=self.dora_norm_gradient)
 
     def _scaling_for(self, x: Tensor):
         """The scaling as the op gets it. On a GPU always the 0-d tensor on x's device, eager calls too: the

@@ -123,11 +123,17 @@ class _Holds4bitWeight:
         self._weight_changed()
 
     def _dense_with(self, original: Weight4bit, lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype,
-                    safe: bool = False) -> Tensor:
-        """W0 + s·BA [out, in] in `dtype`: W0 dequantized (exact in float64), the product added in float64, one
-        rounding."""
+                    safe: bool = False, magnitude: Tensor | None = None) -> Tensor:
+        """W0 + s·BA [out, in] in `dtype` (DoRA, a magnitude given: g ⊙ (W0 + s·BA), g = m / ‖W0 + s·BA‖ per row):
+        W0 dequantized (exact in float64), the rest in float64, one rounding."""
         dense = original.dequantize(torch.float32).double()
         merge_(dense, lora_A.detach().double(), lora_B.detach().double(), scaling, safe=safe)
+        if magnitude is not None:
+            gain = magnitude.detach().double() / torch.linalg.vector_norm(dense, dim=1)
+            if not bool(torch.isfinite(gain).all()):
+                raise ValueError("DoRA's gain magnitude / ‖W0 + s·BA‖ is not finite in "
+                                 f"{int((~torch.isfinite(gain)).sum())} rows (a row of W0 + s·BA is zero)")
+            dense.mul_(gain[:, None])
         return dense.to(dtype)
 
     def _dense_layer(self, weight: Tensor) -> nn.Module:
@@ -198,7 +204,9 @@ class _Holds4bitWeight:
 
 
 class LoRALinear4bit(_Holds4bitWeight, LoRALinear):
-    """y = x W0ᵀ + b + scaling · B A dropout(x) with W0 a frozen Weight4bit (bitsandbytes' NF4/FP4 layout).
+    """y = x W0ᵀ + b + scaling · B A dropout(x) with W0 a frozen Weight4bit (bitsandbytes' NF4/FP4 layout); with
+    use_dora=True, DoRA on it (QDoRA: lora_kernels.dora_linear on the Weight4bit, the magnitude trained, W0 never
+    dequantized whole).
 
     The weight is held as _Holds4bitWeight describes (codes as the Parameter ``weight``, float32 scales,
     bitsandbytes' state-dict keys, compute_dtype). Merging into the 4-bit weight requantizes it, so it is only done
@@ -213,9 +221,6 @@ class LoRALinear4bit(_Holds4bitWeight, LoRALinear):
         config = LoRAConfig.of(config, options)
         if config.fan_in_fan_out:
             raise ValueError("fan_in_fan_out does not apply to a 4-bit weight (it is stored [out, in])")
-        if config.use_dora:
-            raise NotImplementedError("use_dora=True on a 4-bit base (QDoRA) is not implemented yet: the DoRA layer "
-                                      "needs a dense base weight (quantize=None)")
         self.compute_dtype = compute_dtype
         self._set_weight4bit(weight)
         self._setup(weight.in_features, weight.out_features, self.weight, _as_parameter(bias), config,
@@ -265,6 +270,8 @@ class LoRALinear4bit(_Holds4bitWeight, LoRALinear):
         x, bias = self._to_compute_dtype(x)
         if self.merged or self.adapter_disabled:
             y = self._base_only(x, bias)
+        elif self.use_dora:
+            y = self._dora_forward(x, self.base_weight(), bias)
         else:
             y = lora_linear(x, self.base_weight(), bias, self.lora_A, self.lora_B, self._scaling_for(x),
                             self.lora_dropout, self.training)
@@ -272,7 +279,7 @@ class LoRALinear4bit(_Holds4bitWeight, LoRALinear):
 
     # -- merging --------------------------------------------------------------------------------------------
     def merge(self, safe: bool = False, requantize: bool = False) -> None:
-        """Fold scaling · B A into the 4-bit weight: only with requantize=True (the merged weight is quantized
+        """Fold scaling · B A (DoRA: W ← g ⊙ (W0 + s·BA)) into the 4-bit weight: only with requantize=True (the merged weight is quantized
         again; merge_error then holds the largest |requantized − (W0 + s·BA)|, and unmerge() restores the original
         codes exactly). For a merged 16-bit model use merge_and_unload()."""
         if self.merged:
@@ -298,7 +305,8 @@ class LoRALinear4bit(_Holds4bitWeight, LoRALinear):
     def _merged_dense(self, dtype: torch.dtype, safe: bool = False) -> Tensor:
         """W0 + s·BA [out, in] in `dtype`, W0 the original weight when the layer is merged."""
         original = self._unmerged if self.merged else self.base_weight()
-        return self._dense_with(original, self.lora_A, self.lora_B, self.scaling, dtype, safe)
+        return self._dense_with(original, self.lora_A, self.lora_B, self.scaling, dtype, safe,
+                                self.lora_magnitude if self.use_dora else None)
 
     def merged_adapter_tensors(self):
         return None  # the state dict writes the original codes itself (_save_to_state_dict)
@@ -307,7 +315,8 @@ class LoRALinear4bit(_Holds4bitWeight, LoRALinear):
         return None
 
     def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """An nn.Linear in `dtype` (default: the 4-bit weight's dtype) holding W0 + s·BA, rounded once."""
+        """An nn.Linear in `dtype` (default: the 4-bit weight's dtype) holding W0 + s·BA (DoRA: g ⊙ (W0 + s·BA)),
+        rounded once."""
         return self._dense_layer(self._merged_dense(dtype or self.weight_format[3]))
 
     def unload(self) -> nn.Module:

@@ -96,8 +96,6 @@ def _unsupported_reason(layer) -> str | None:
     others = [name for name in layer.lora_A if name in getattr(layer, "lora_variant", {}) and not _is_dora(layer, name)]
     if others:
         return f"LoRA variant(s) {sorted(others)} (other than DoRA)"
-    if on_4bit and any(_is_dora(layer, name) for name in layer.lora_A):
-        return "DoRA on a 4-bit base (QDoRA: not fused yet)"
     if on_4bit:
         try:
             _weight4bit_of(base)  # checked now, so that a torch.compile'd first call finds it checked
@@ -168,8 +166,9 @@ def _peft_dora(layer, name: str) -> bool:
 
 
 def _fused_peft_dora_forward(layer, x, weight, bias, name: str):
-    """PEFT's DoRA layer through lora_kernels.dora_linear: its magnitude, scaling and lora_dropout; the norm cached
-    on the layer while W0, A, B and the scaling are unchanged (DoRANormCache)."""
+    """PEFT's DoRA layer through lora_kernels.dora_linear (weight: a tensor, or a Linear4bit's Weight4bit): its
+    magnitude, scaling and lora_dropout; the norm cached on the layer while W0, A, B and the scaling are unchanged
+    (DoRANormCache)."""
     lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
     magnitude = layer.lora_magnitude_vector[name].weight
     scaling = layer.scaling[name]
@@ -197,14 +196,17 @@ def _fused_peft_4bit_forward(self, base, x, args, kwargs, names):
     active = [name for name in self.active_adapters if name in self.lora_A]
     compute = base.compute_dtype or x.dtype
     used = active if names is None else [n for n in dict.fromkeys(names) if n != BASE_ONLY and n in self.lora_A]
+    servable = (lambda n: _is_plain(self, n) or (names is None and _peft_dora(self, n)))  # QDoRA: one adapter
     if (args or set(kwargs) - {"adapter_names"} or self.disable_adapters or self.merged or not used
-            or (names is None and len(active) != 1) or not all(_is_plain(self, n) for n in used)
+            or (names is None and len(active) != 1) or not all(servable(n) for n in used)
             or torch.is_autocast_enabled(x.device.type) or not x.is_floating_point()
             or not all(_adapter_fits(self.lora_A[n].weight.dtype, compute) for n in used)):
         return _peft_forward(self, x, args, kwargs, names)
     weight = _weight4bit_of(base)
     bias = base.bias if base.bias is None or base.bias.dtype == compute else base.bias.to(compute)
-    if names is None:
+    if names is None and _peft_dora(self, active[0]):
+        y = _fused_peft_dora_forward(self, x.to(compute), weight, bias, active[0])
+    elif names is None:
         name = active[0]
         y = lora_linear(x.to(compute), weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
                         self.scaling[name], _dropout_p(self, name), self.lora_dropout[name].training)
@@ -345,10 +347,10 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     The active adapter, its scaling (rsLoRA included), lora_dropout, fan_in_fan_out, the bias, the
     merged state, disable_adapter() and float32 adapters on a 16-bit base are honoured; mixed batches
     (adapter_names=, and adapter_batch() for training) run lora_linear_multi; what the
-    fused op cannot serve (variants other than DoRA, lora_bias, 8-bit bases, Embedding/Conv layers, DoRA on a
-    4-bit base) stays on PEFT's path and is listed in the report. DoRA adapters run lora_kernels.dora_linear (no
-    dense W0 + s·BA; mixed batches with a DoRA adapter run PEFT's path). QLoRA layers (a bitsandbytes Linear4bit base) run
-    lora_linear on the 4-bit weight read in place (Weight4bit.from_bnb). The model keeps training, merging, saving
+    fused op cannot serve (variants other than DoRA, lora_bias, 8-bit bases, Embedding/Conv layers) stays on
+    PEFT's path and is listed in the report. DoRA adapters run lora_kernels.dora_linear (no dense W0 + s·BA; mixed
+    batches with a DoRA adapter run PEFT's path). QLoRA layers (a bitsandbytes Linear4bit base) run lora_linear (a
+    DoRA adapter: dora_linear, QDoRA) on the 4-bit weight read in place (Weight4bit.from_bnb). The model keeps training, merging, saving
     (save_pretrained) and compiling as before: only the layers' forward changes, no parameter or key.
     """
     report = PatchReport()

@@ -180,8 +180,9 @@ def test_inject_lora_use_dora_starts_as_the_base_model_and_trains_every_part():
     assert losses[-1] < losses[0]
     state = lk.lora_state_dict(model)
     assert any(k.endswith("lora_magnitude") for k in state)
-    with pytest.raises(NotImplementedError, match="QDoRA"):
-        lk.inject_lora(_llama(), ["q_proj"], use_dora=True, quantize="nf4")
+    quantized = lk.inject_lora(_llama(), ["q_proj"], use_dora=True, quantize="nf4")  # QDoRA: tests/test_qdora.py
+    layer = quantized.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, lk.LoRALinear4bit) and layer.use_dora
 
 
 def test_adapter_batch_with_a_dora_adapter_is_refused_not_served_on_the_active_adapter():

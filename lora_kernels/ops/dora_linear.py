@@ -1,8 +1,20 @@
-"""DoRA, the weight-decomposed LoRA linear: its row norms, its implementation over the LoRA kernels, one definition.
+"""DoRA, the weight-decomposed LoRA linear: its row norms, its implementation over the LoRA kernels, one definition
+per weight format (a dense W0, and a 4-bit one: QDoRA).
 
     dora_weight_norm_op(weight, lora_A, lora_B, scaling, weight_sq_norm) -> n [out]
     dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z,
                    norm_gradient) -> (y [M, out], xa [M, r], z [M, out], or [0] when keep_z is False)
+    dora_weight_norm_4bit_op(<w4>, lora_A, lora_B, scaling, weight_sq_norm) -> n [out]
+    dora_linear_4bit_op(x, <w4>, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z,
+                        norm_gradient) -> (y, xa, z)
+
+with <w4> a 4-bit weight's parts as lora_linear_4bit_op takes them (codes, absmax, nested_absmax, nested_code,
+offset, code_table, out_features, blocksize). What the math below needs of W0 comes from one of two classes:
+DenseBase (an [out, in] tensor: lora_linear's kernels, ATen GEMMs) and Base4bit (bitsandbytes' 4-bit layout:
+lora_linear_4bit's kernels, their base products, and W0 dequantized a block of rows at a time for the norm's
+terms). A 4-bit W0 is the one its kernels compute with, dequantized in x's dtype (reference.dora_linear on
+dequantize_4bit(..., x.dtype) is the spec); its norm terms use the float32 dequantized values, which the rounding
+to x's dtype changes by far less than that dtype's precision.
 
 The norm n = ‖W0 + s·BA‖ of every output row never builds an [out, in] tensor:
 
@@ -50,9 +62,10 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import compiled_extension, requested_backend
+from ..backends import compiled_extension, implementation, requested_backend
 from .definition import Backward, define_op, seed_value
 from .lora_linear import _backend, _dropout, _kernel_scaling, scaling_graph_input
+from .lora_linear_4bit import OP as OP_4BIT, dequantize_rows, rows_per_block
 
 # Rows per block where the norm is computed densely (or a 16-bit weight widened): temporaries stay near this size.
 _BLOCK_ELEMENTS = 1 << 20
@@ -70,55 +83,161 @@ def _rows_per_block(in_features: int) -> int:
 
 
 def _row_blocks(weight: Tensor):
-    rows = _rows_per_block(weight.shape[1])
-    return [slice(r0, r0 + rows) for r0 in range(0, weight.shape[0], rows)]
+    return _row_slices(weight.shape[0], _rows_per_block(weight.shape[1]))
 
 
-def row_sq_norms(weight: Tensor, acc: torch.dtype) -> Tensor:
-    """‖W0_o‖² of every row [out] in acc (a 16-bit weight widened a block of rows at a time)."""
-    if weight.dtype == acc:
-        return torch.linalg.vector_norm(weight, dim=1).square()
-    return torch.cat([torch.linalg.vector_norm(weight[rows].to(acc), dim=1) for rows in _row_blocks(weight)]).square()
+def _row_slices(rows: int, per_block: int) -> list[slice]:
+    return [slice(r0, r0 + per_block) for r0 in range(0, rows, per_block)]
 
 
-def _weight_times(weight: Tensor, A_t: Tensor) -> Tensor:
-    """W0 @ A_t in A_t's dtype (a 16-bit weight widened a block of rows at a time): [out, k]."""
-    if weight.dtype == A_t.dtype:
-        return weight @ A_t
-    return torch.cat([weight[rows].to(A_t.dtype) @ A_t for rows in _row_blocks(weight)])
+class DenseBase:
+    """W0 [out, in] as a tensor: the LoRA kernels lora_linear's backend choice picks for the call, ATen GEMMs for the
+    base products, the weight read a block of rows at a time where it must be widened."""
+
+    def __init__(self, weight: Tensor):
+        self.weight, self.device = weight, weight.device
+        self.out_features, self.in_features = weight.shape
+
+    def lora_forward(self, x, lora_A, lora_B, s):
+        """(z, xa): z = x W0ᵀ + s · (x Aᵀ) Bᵀ [M, out] (no bias, no dropout), xa = x Aᵀ [M, r]."""
+        return _backend("forward", x, self.weight, lora_A, 0.0).forward(x, self.weight, None, lora_A, lora_B, s,
+                                                                        0.0, None)
+
+    def lora_backward(self, grad, x, lora_A, lora_B, xa, s, p: float, seed, need_dx: bool):
+        """(dx, dA, dB) of lora_linear for the output gradient grad (with the forward's dropout mask)."""
+        return _backend("backward", x, self.weight, lora_A, p).backward(grad, x, self.weight, lora_A, lora_B, xa, s,
+                                                                        p, seed, need_dx)
+
+    def product(self, x, bias=None) -> Tensor:
+        """x W0ᵀ (+ b) [M, out] in x's dtype."""
+        return torch.addmm(bias, x, self.weight.t()) if bias is not None else x @ self.weight.t()
+
+    def transposed_product(self, grad, x) -> Tensor:
+        """grad W0 [M, in] in grad's dtype (x: the layer's input)."""
+        return grad @ self.weight
+
+    def blocks(self, acc: torch.dtype) -> list[slice]:
+        """The row blocks in which W0 is read in acc: one when it already has that dtype."""
+        if self.weight.dtype == acc:
+            return [slice(0, self.out_features)]
+        return _row_slices(self.out_features, _rows_per_block(self.in_features))
+
+    def rows(self, rows: slice, acc: torch.dtype) -> Tensor:
+        """W0[rows] in acc (a view when no cast is needed)."""
+        return self.weight[rows].to(acc)
+
+    def dense(self, dtype: torch.dtype) -> Tensor:
+        return self.weight
 
 
-def _times_weight(C: Tensor, weight: Tensor) -> Tensor:
-    """Cᵀ @ W0 for C [out, k], in C's dtype (a 16-bit weight widened a block of rows at a time): [k, in]."""
-    if weight.dtype == C.dtype:
-        return C.t() @ weight
-    return sum(C[rows].t() @ weight[rows].to(C.dtype) for rows in _row_blocks(weight))
+class Base4bit:
+    """A 4-bit W0 (w4: its kernel_args(), in_features): lora_linear_4bit's kernels for the call's backend, their base
+    products (the fused GEMMs with a zero adapter, or without a LoRA stage), and blocks of rows dequantized by that
+    backend (each starting a scale block) for the norm's terms: no [out, in] temporary."""
+
+    def __init__(self, w4: tuple, in_features: int):
+        self.w4, self.device = w4, w4[0].device
+        self.out_features, self.in_features = w4[6], in_features
+
+    @staticmethod
+    def _impl(x: Tensor, adapter_dtype: torch.dtype):
+        return implementation(OP_4BIT, x.device, x.dtype, adapter_dtype)
+
+    def lora_forward(self, x, lora_A, lora_B, s):
+        return self._impl(x, lora_A.dtype).forward(x, self.w4, None, lora_A, lora_B, s, 0.0, None)
+
+    def lora_backward(self, grad, x, lora_A, lora_B, xa, s, p: float, seed, need_dx: bool):
+        return self._impl(x, lora_A.dtype).backward(grad, x, self.w4, lora_A, lora_B, xa, s, p, seed, need_dx)
+
+    def product(self, x, bias=None) -> Tensor:
+        return self._impl(x, x.dtype).base_forward(x, self.w4, bias)
+
+    def transposed_product(self, grad, x) -> Tensor:
+        return self._impl(grad, grad.dtype).base_backward(grad, x, self.w4)
+
+    def blocks(self, acc: torch.dtype) -> list[slice]:
+        return _row_slices(self.out_features, rows_per_block(self.in_features, self.w4[7], _BLOCK_ELEMENTS))
+
+    def rows(self, rows: slice, acc: torch.dtype) -> Tensor:
+        block = dequantize_rows(self.w4, self.in_features, rows, torch.float32)  # exact: float64 only widens
+        return block if acc == torch.float32 else block.to(acc)
+
+    def dense(self, dtype: torch.dtype) -> Tensor:
+        """The whole W0 in dtype, as the spec dequantizes it (for the double backward, which runs the reference)."""
+        codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize = self.w4
+        return reference.dequantize_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
+                                         self.in_features, blocksize, dtype)
 
 
-def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
-                weight_sq_norm: Optional[Tensor]) -> Tensor:
+def _base_of(weight) -> "DenseBase | Base4bit":
+    """The base class for a weight as the functional API takes it (a tensor or a Weight4bit)."""
+    if isinstance(weight, Tensor):
+        return DenseBase(weight)
+    return Base4bit(weight.kernel_args(), weight.in_features)
+
+
+def row_sq_norms(weight, acc: torch.dtype) -> Tensor:
+    """‖W0_o‖² of every row [out] in acc, of a tensor or a Weight4bit (read a block of rows at a time)."""
+    return _row_sq_norms(_base_of(weight), acc)
+
+
+def _row_sq_norms(base, acc: torch.dtype) -> Tensor:
+    blocks = base.blocks(acc)
+    if not blocks:
+        return torch.zeros(0, dtype=acc, device=base.device)
+    return torch.cat([torch.linalg.vector_norm(base.rows(rows, acc), dim=1) for rows in blocks]).square()
+
+
+def _weight_times(base, A_t: Tensor) -> Tensor:
+    """W0 @ A_t [out, k] in A_t's dtype."""
+    blocks = base.blocks(A_t.dtype)
+    if not blocks:
+        return A_t.new_zeros(0, A_t.shape[1])
+    return torch.cat([base.rows(rows, A_t.dtype) @ A_t for rows in blocks])
+
+
+def _times_weight(C: Tensor, base) -> Tensor:
+    """Cᵀ @ W0 [k, in] for C [out, k], in C's dtype."""
+    total = C.new_zeros(C.shape[1], base.in_features)
+    for rows in base.blocks(C.dtype):
+        total += C[rows].t() @ base.rows(rows, C.dtype)
+    return total
+
+
+def _norm(base, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, weight_sq_norm: Optional[Tensor]) -> Tensor:
     """n = ‖W0 + s·BA‖ per output row, [out] in norm_dtype (see the module docstring)."""
-    acc = norm_dtype(weight, lora_A)
+    acc = norm_dtype(lora_A, lora_A) if isinstance(base, Base4bit) else norm_dtype(base.weight, lora_A)
     s = _kernel_scaling(scaling)
     A, B = lora_A.to(acc), lora_B.to(acc)
-    sq = row_sq_norms(weight, acc) if weight_sq_norm is None else weight_sq_norm.to(acc)
-    cross = _weight_times(weight, A.t())
+    sq = _row_sq_norms(base, acc) if weight_sq_norm is None else weight_sq_norm.to(acc)
+    cross = _weight_times(base, A.t())
     lora_sq = ((B @ (A @ A.t())) * B).sum(1)  # ‖B_o A‖²
     n2 = sq + 2 * s * (cross * B).sum(1) + s * s * lora_sq
     scale = (sq.sqrt() + abs(s) * lora_sq.clamp_min(0).sqrt()).square()
     cancelled = ~(n2 >= scale * _CANCELLATION[acc])  # NaN included
     if bool(cancelled.any()):
-        _dense_rows_(n2, cancelled.nonzero().squeeze(1), weight, A, B, s)
+        _dense_rows_(n2, cancelled, base, A, B, s)
     return n2.clamp_min(0).sqrt()
 
 
-def _dense_rows_(n2: Tensor, rows: Tensor, weight: Tensor, A: Tensor, B: Tensor, s) -> None:
-    """n2[rows] = ‖W0_o + s·B_o A‖², from the dense rows, a block at a time."""
-    per_block = _rows_per_block(weight.shape[1])
-    for i in range(0, rows.numel(), per_block):
-        some = rows[i:i + per_block]
-        dense = weight[some].to(A.dtype) + (B[some] * s) @ A
-        n2[some] = torch.linalg.vector_norm(dense, dim=1).square()
+def _dense_rows_(n2: Tensor, cancelled: Tensor, base, A: Tensor, B: Tensor, s) -> None:
+    """n2[o] = ‖W0_o + s·B_o A‖² for the cancelled rows o, from the dense rows, a block of rows at a time."""
+    per_block = _rows_per_block(base.in_features)
+    for rows in base.blocks(A.dtype):
+        inside = cancelled[rows].nonzero().squeeze(1)
+        if not inside.numel():
+            continue
+        block = base.rows(rows, A.dtype)
+        for i in range(0, inside.numel(), per_block):
+            some = inside[i:i + per_block]
+            dense = block[some] + (B[rows][some] * s) @ A
+            n2[rows.start + some] = torch.linalg.vector_norm(dense, dim=1).square()
+
+
+def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
+                weight_sq_norm: Optional[Tensor]) -> Tensor:
+    """The dense op's implementation: n = ‖W0 + s·BA‖ per output row, [out] in norm_dtype."""
+    return _norm(DenseBase(weight), lora_A, lora_B, scaling, weight_sq_norm)
 
 
 def _weight_norm_fake(weight, lora_A, lora_B, scaling, weight_sq_norm):
@@ -178,68 +297,60 @@ def _gained(z: Tensor, gain: Tensor, bias: Optional[Tensor], in_place: bool) -> 
     return y.to(z.dtype)
 
 
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-            weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor], keep_z: bool,
-            norm_gradient: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, xa, z or an empty tensor): the op's forward entry point (see the module docstring)."""
+def _forward(base, x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+             weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor], keep_z: bool
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, xa, z or an empty tensor) on either weight format (see the module docstring)."""
     p, seed = _dropout(dropout_p, seed)
     s = _kernel_scaling(scaling)
     gain = _gain(magnitude, weight_norm)
     if lora_A.dtype != x.dtype:
-        return _mixed_forward(x, weight, bias, lora_A, lora_B, gain, s, p, seed, keep_z)
-    lora = _backend("forward", x, weight, lora_A, 0.0)  # the LoRA forward runs without dropout (on x̃ when p > 0)
-    if p == 0.0:
-        z, xa = lora.forward(x, weight, None, lora_A, lora_B, s, 0.0, None)
+        return _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p, seed, keep_z)
+    if p == 0.0:  # the LoRA forward runs without dropout (on x̃ when p > 0)
+        z, xa = base.lora_forward(x, lora_A, lora_B, s)
         y = _gained(z, gain, bias, in_place=not keep_z)
     else:
-        z, xa = lora.forward(_dropped(x, keep_scale(x, p, seed)), weight, None, lora_A, lora_B, s, 0.0, None)
+        z, xa = base.lora_forward(_dropped(x, keep_scale(x, p, seed)), lora_A, lora_B, s)
         acc = gain.dtype
-        y = (torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()).to(acc)
+        y = base.product(x, bias).to(acc)
         y.addcmul_(z.to(acc), gain - 1)
         y.addmm_(xa.to(acc), (lora_B.to(acc) * s).t())
         y = y.to(x.dtype)
     return y, xa, (z if keep_z else z.new_empty(0))
 
 
-def _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z,
-                  norm_gradient):
-    M, out = x.shape[0], weight.shape[0]  # z has the adapter's dtype (float32 for float32 adapters on 16 bits)
-    return x.new_empty(M, out), lora_A.new_empty(M, lora_A.shape[0]), lora_A.new_empty((M, out) if keep_z else (0,))
-
-
-def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, z: Tensor,
-             magnitude: Tensor, weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor],
-             need_dx: bool, need_dm: bool, norm_gradient: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx or an empty tensor, dA, dB, dm or an empty tensor) (see the module docstring)."""
+def _backward(base, grad_y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, z: Tensor,
+              magnitude: Tensor, weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor],
+              need_dx: bool, need_dm: bool, norm_gradient: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx or an empty tensor, dA, dB, dm or an empty tensor) on either weight format (see the module docstring)."""
     p, seed = _dropout(dropout_p, seed)
     s = _kernel_scaling(scaling)
     gain = _gain(magnitude, weight_norm)
     if lora_A.dtype != x.dtype:
-        dx, dA, dB = _mixed_backward(grad_y, x, weight, lora_A, lora_B, xa, gain, s, p, seed, need_dx)
+        dx, dA, dB = _mixed_backward(base, grad_y, x, lora_A, lora_B, xa, gain, s, p, seed, need_dx)
     else:
-        lora = _backend("backward", x, weight, lora_A, p)
-        dx, dA, dB = lora.backward(_rows_scaled(grad_y, gain), x, weight, lora_A, lora_B, xa, s, p, seed, need_dx)
+        dx, dA, dB = base.lora_backward(_rows_scaled(grad_y, gain), x, lora_A, lora_B, xa, s, p, seed, need_dx)
         if p > 0.0 and need_dx:
             kept = keep_scale(x, p, seed)
-            base_part = _rows_scaled(grad_y, 1 - gain) @ weight
+            base_part = base.transposed_product(_rows_scaled(grad_y, 1 - gain), x)
             dx = torch.addcmul(dx.to(kept.dtype), base_part.to(kept.dtype), 1 - kept).to(x.dtype)
     dm = _magnitude_gradient(grad_y, z, weight_norm) if need_dm or norm_gradient else None
     if norm_gradient:
-        dA_norm, dB_norm = _norm_gradients(weight, lora_A, lora_B, -dm * gain / weight_norm, s)
+        dA_norm, dB_norm = _norm_gradients(base, lora_A, lora_B, -dm * gain / weight_norm, s)
         dA, dB = (dA + dA_norm).to(dA.dtype), (dB + dB_norm).to(dB.dtype)
     return dx, dA, dB, (dm.to(magnitude.dtype) if need_dm else magnitude.new_empty(0))
 
 
-def _norm_gradients(weight, lora_A, lora_B, w: Tensor, s) -> tuple[Tensor, Tensor]:
+def _norm_gradients(base, lora_A, lora_B, w: Tensor, s) -> tuple[Tensor, Tensor]:
     """(dA, dB) through the norm for ∂L/∂V = diag(w) V, V = W0 + s·BA (module docstring), in w's dtype."""
     A, B = lora_A.to(w.dtype), lora_B.to(w.dtype)
     wB = w[:, None] * B
-    dB = (_weight_times(weight, A.t()) + (B @ (A @ A.t())) * s) * (s * w[:, None])
-    dA = (_times_weight(wB, weight) + ((wB.t() @ B) @ A) * s) * s
+    dB = (_weight_times(base, A.t()) + (B @ (A @ A.t())) * s) * (s * w[:, None])
+    dA = (_times_weight(wB, base) + ((wB.t() @ B) @ A) * s) * s
     return dA, dB
 
 
-def _mixed_forward(x, weight, bias, lora_A, lora_B, gain, s, p: float, seed, keep_z: bool):
+def _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p: float, seed, keep_z: bool):
     """float32 adapters on a 16-bit x: the base GEMMs in x's dtype, the LoRA terms and z in float32, y rounded once."""
     acc = lora_A.dtype
     keep = keep_scale(x, p, seed) if p > 0.0 else None
@@ -247,17 +358,17 @@ def _mixed_forward(x, weight, bias, lora_A, lora_B, gain, s, p: float, seed, kee
     xa = x_acc @ lora_A.t()
     lora = (xa @ lora_B.t()) * s
     if keep is None:
-        z = (x @ weight.t()).to(acc).add_(lora)
+        z = base.product(x).to(acc).add_(lora)
         y = z * gain
     else:
-        z = (_dropped(x, keep) @ weight.t()).to(acc).add_(lora)  # x̃ W0ᵀ + s · xa Bᵀ
-        y = (x @ weight.t()).to(acc).addcmul_(z, gain - 1).add_(lora)
+        z = base.product(_dropped(x, keep)).to(acc).add_(lora)  # x̃ W0ᵀ + s · xa Bᵀ
+        y = base.product(x).to(acc).addcmul_(z, gain - 1).add_(lora)
     if bias is not None:
         y.add_(bias)
     return y.to(x.dtype), xa, (z if keep_z else z.new_empty(0))
 
 
-def _mixed_backward(grad_y, x, weight, lora_A, lora_B, xa, gain, s, p: float, seed, need_dx: bool):
+def _mixed_backward(base, grad_y, x, lora_A, lora_B, xa, gain, s, p: float, seed, need_dx: bool):
     """(dx, dA, dB) of _mixed_forward: g ⊙ dy, gb = s · (g ⊙ dy) B, dA and dB in float32; the base GEMMs in x's
     dtype; dx rounded once."""
     acc = lora_A.dtype
@@ -270,10 +381,10 @@ def _mixed_backward(grad_y, x, weight, lora_A, lora_B, xa, gain, s, p: float, se
         return x.new_empty(0), dA, dB
     lora_dx = gb @ lora_A
     if keep is None:
-        dx = (g_dy.to(x.dtype) @ weight).to(acc).add_(lora_dx)
+        dx = base.transposed_product(g_dy.to(x.dtype), x).to(acc).add_(lora_dx)
     else:  # dy W0 + mask/(1−p) ⊙ (((g − 1) ⊙ dy) W0 + s (g ⊙ dy) B A)
-        dropped_part = (_rows_scaled(grad_y, gain - 1) @ weight).to(acc).add_(lora_dx).mul_(keep)
-        dx = (grad_y @ weight).to(acc).add_(dropped_part)
+        dropped_part = base.transposed_product(_rows_scaled(grad_y, gain - 1), x).to(acc).add_(lora_dx).mul_(keep)
+        dx = base.transposed_product(grad_y, x).to(acc).add_(dropped_part)
     return dx.to(x.dtype), dA, dB
 
 
@@ -283,10 +394,67 @@ def _magnitude_gradient(grad_y, z, weight_norm) -> Tensor:
     return (grad_y.to(acc) * z.to(acc)).sum(0) / weight_norm
 
 
-def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, z, magnitude, weight_norm, scaling, dropout_p, seed,
-                   need_dx, need_dm, norm_gradient):
+def _backward_outputs_fake(grad_y, x, lora_A, lora_B, magnitude, need_dx, need_dm):
     return (x.new_empty(x.shape if need_dx else (0,)), lora_A.new_empty(lora_A.shape),
             lora_B.new_empty(lora_B.shape), magnitude.new_empty(magnitude.shape if need_dm else (0,)))
+
+
+def _outputs_fake(x, out_features, lora_A, keep_z):
+    M = x.shape[0]  # z has the adapter's dtype (float32 for float32 adapters on 16 bits)
+    return (x.new_empty(M, out_features), lora_A.new_empty(M, lora_A.shape[0]),
+            lora_A.new_empty((M, out_features) if keep_z else (0,)))
+
+
+def _lora_gradients(ctx, grad_y, base_args: tuple, run_backward, x, lora_A, lora_B, xa, z, magnitude, weight_norm,
+                    seed, need_x, need_m):
+    """(dx, dA, dB, dm) from the op's backward (base_args: the weight as the backward op takes it)."""
+    if (need_m or ctx.norm_gradient) and z.numel() != grad_y.numel():
+        raise RuntimeError("dora_linear: the magnitude or the norm needs a gradient but the forward did not keep z "
+                           "(called with keep_z=False)")
+    return run_backward(grad_y, x, *base_args, lora_A, lora_B, xa, z, magnitude, weight_norm, ctx.scaling,
+                        ctx.dropout_p, seed, need_x, need_m, ctx.norm_gradient)
+
+
+def _reference_gradients(ctx, grad_y, base, x, lora_A, lora_B, magnitude, weight_norm, seed, wanted: dict) -> dict:
+    """Double backward: the first derivatives as a graph of plain PyTorch ops (reference.dora_linear on the saved
+    inputs, norm and W0 as the spec has it, differentiated with create_graph=True), for the inputs in `wanted`
+    (name -> tensor). Only taken when a graph of the backward is asked for."""
+    if not wanted:
+        return {}
+    p, seed = _dropout(ctx.dropout_p, seed)
+    weight = wanted.get("weight", base.dense(x.dtype))
+    y = reference.dora_linear(x, weight, None, lora_A, lora_B, magnitude, _kernel_scaling(ctx.scaling), p,
+                              seed_value(seed) if seed is not None else None, weight_norm=weight_norm,
+                              norm_gradient=ctx.norm_gradient)
+    return dict(zip(wanted, torch.autograd.grad(y, list(wanted.values()), grad_y, create_graph=True)))
+
+
+# ---- the op on a dense W0
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+            weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor], keep_z: bool,
+            norm_gradient: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, xa, z or an empty tensor): the op's forward entry point (see the module docstring)."""
+    return _forward(DenseBase(weight), x, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed,
+                    keep_z)
+
+
+def _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z,
+                  norm_gradient):
+    return _outputs_fake(x, weight.shape[0], lora_A, keep_z)
+
+
+def backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, z: Tensor,
+             magnitude: Tensor, weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor],
+             need_dx: bool, need_dm: bool, norm_gradient: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx or an empty tensor, dA, dB, dm or an empty tensor) (see the module docstring)."""
+    return _backward(DenseBase(weight), grad_y, x, lora_A, lora_B, xa, z, magnitude, weight_norm, scaling, dropout_p,
+                     seed, need_dx, need_dm, norm_gradient)
+
+
+def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, z, magnitude, weight_norm, scaling, dropout_p, seed,
+                   need_dx, need_dm, norm_gradient):
+    return _backward_outputs_fake(grad_y, x, lora_A, lora_B, magnitude, need_dx, need_dm)
 
 
 def _setup_context(ctx, inputs, output):
@@ -301,26 +469,27 @@ def _gradients(ctx, grad_outputs, run_backward):
     """The gradients of (x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z,
     norm_gradient). weight_norm gets none: it is a value (with norm_gradient, its gradient reaches A, B and W0)."""
     grad_y = grad_outputs[0]
-    if torch.is_grad_enabled():
-        return _differentiable_gradients(ctx, grad_y)
     x, weight, lora_A, lora_B, magnitude, weight_norm, xa, z, seed = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_b_lora, need_m = ctx.needs_input_grad[:6]
-    norm_gradient = ctx.norm_gradient
-    if (need_m or norm_gradient) and z.numel() != grad_y.numel():
-        raise RuntimeError("dora_linear: the magnitude or the norm needs a gradient but the forward did not keep z "
-                           "(called with keep_z=False)")
+    d_bias = grad_y.sum(0) if need_b else None
+    if torch.is_grad_enabled():
+        wanted = {name: t for name, t, need in (("x", x, need_x), ("weight", weight, need_w), ("A", lora_A, need_a),
+                                                 ("B", lora_B, need_b_lora), ("m", magnitude, need_m)) if need}
+        grads = _reference_gradients(ctx, grad_y, DenseBase(weight), x, lora_A, lora_B, magnitude, weight_norm,
+                                     seed, wanted)
+        return (grads.get("x"), grads.get("weight"), d_bias, grads.get("A"), grads.get("B"), grads.get("m"),
+                None, None, None, None, None, None)
     grad_y = grad_y.contiguous()
-    dx, dA, dB, dm = run_backward(grad_y, x, weight, lora_A, lora_B, xa, z, magnitude, weight_norm, ctx.scaling,
-                                  ctx.dropout_p, seed, need_x, need_m, norm_gradient)
+    dx, dA, dB, dm = _lora_gradients(ctx, grad_y, (weight,), run_backward, x, lora_A, lora_B, xa, z, magnitude,
+                                     weight_norm, seed, need_x, need_m)
     d_weight = None
     if need_w:
         d_weight = _weight_gradient(grad_y, x, magnitude, weight_norm, ctx.dropout_p, seed)
-        if norm_gradient:  # + diag(w) (W0 + s·BA), w = −dm g / n
+        if ctx.norm_gradient:  # + diag(w) (W0 + s·BA), w = −dm g / n
             w = -_magnitude_gradient(grad_y, z, weight_norm) * _gain(magnitude, weight_norm) / weight_norm
             s = _kernel_scaling(ctx.scaling)
             V = weight.to(w.dtype) + (lora_B.to(w.dtype) * s) @ lora_A.to(w.dtype)
             d_weight = (d_weight + w[:, None] * V).to(d_weight.dtype)
-    d_bias = grad_y.sum(0) if need_b else None
     return (dx if need_x else None, d_weight, d_bias, dA if need_a else None, dB if need_b_lora else None,
             dm if need_m else None, None, None, None, None, None, None)
 
@@ -334,26 +503,6 @@ def _weight_gradient(grad_y, x, magnitude, weight_norm, dropout_p, seed) -> Tens
     return grad_y.t() @ x + _rows_scaled(grad_y, gain - 1).t() @ _dropped(x, keep_scale(x, p, seed))
 
 
-def _differentiable_gradients(ctx, grad_y):
-    """Double backward: the first derivatives as a graph of plain PyTorch ops (reference.dora_linear on the saved
-    inputs and norm, differentiated with create_graph=True). Only taken when a graph of the backward is asked for."""
-    x, weight, lora_A, lora_B, magnitude, weight_norm, _, _, seed = ctx.saved_tensors
-    need_x, need_w, need_b, need_a, need_b_lora, need_m = ctx.needs_input_grad[:6]
-    inputs = (x, weight, lora_A, lora_B, magnitude)
-    wanted = [i for i, need in enumerate((need_x, need_w, need_a, need_b_lora, need_m)) if need]
-    grads = [None] * 5
-    if wanted:
-        p, seed = _dropout(ctx.dropout_p, seed)
-        y = reference.dora_linear(x, weight, None, lora_A, lora_B, magnitude, _kernel_scaling(ctx.scaling), p,
-                                  seed_value(seed) if seed is not None else None, weight_norm=weight_norm,
-                                  norm_gradient=ctx.norm_gradient)
-        found = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, create_graph=True)
-        for i, g in zip(wanted, found):
-            grads[i] = g
-    d_bias = grad_y.sum(0) if need_b else None
-    return grads[0], grads[1], d_bias, grads[2], grads[3], grads[4], None, None, None, None, None, None
-
-
 def _graph_args(args):
     x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z, norm_gradient = args
     return (x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling_graph_input(x, scaling), dropout_p, seed,
@@ -364,6 +513,112 @@ dora_linear_op = define_op(
     "dora_linear", forward, _forward_fake,
     backward=Backward(impl=backward, fake=_backward_fake, setup_context=_setup_context, gradients=_gradients),
     graph_args=_graph_args,
+)
+
+
+# ---- the op on a 4-bit W0 (QDoRA): <w4> in place of weight; the weight is frozen (no gradient)
+
+def weight_norm_4bit(codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+                     offset: Optional[Tensor], code_table: Tensor, out_features: int, blocksize: int, lora_A: Tensor,
+                     lora_B: Tensor, scaling: Tensor, weight_sq_norm: Optional[Tensor]) -> Tensor:
+    """n = ‖W0 + s·BA‖ per output row of a 4-bit W0, [out] in norm_dtype."""
+    w4 = (codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize)
+    return _norm(Base4bit(w4, lora_A.shape[1]), lora_A, lora_B, scaling, weight_sq_norm)
+
+
+def _weight_norm_4bit_fake(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize,
+                           lora_A, lora_B, scaling, weight_sq_norm):
+    return lora_A.new_empty(out_features, dtype=norm_dtype(lora_A, lora_A))
+
+
+def _norm_4bit_graph_args(args):
+    return (*args[:10], scaling_graph_input(args[8], args[10]), args[11])
+
+
+dora_weight_norm_4bit_op = define_op("dora_weight_norm_4bit", weight_norm_4bit, _weight_norm_4bit_fake,
+                                     graph_args=_norm_4bit_graph_args)
+
+_W4 = slice(1, 9)  # the weight's parts among the 4-bit op's inputs
+_BIAS_4BIT, _SCALING_4BIT = 9, 14
+
+
+def forward_4bit(x: Tensor, codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
+                 nested_code: Optional[Tensor], offset: Optional[Tensor], code_table: Tensor, out_features: int,
+                 blocksize: int, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                 weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor], keep_z: bool,
+                 norm_gradient: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, xa, z or an empty tensor) on a 4-bit W0: the 4-bit op's forward entry point."""
+    w4 = (codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize)
+    return _forward(Base4bit(w4, x.shape[1]), x, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p,
+                    seed, keep_z)
+
+
+def _forward_4bit_fake(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize,
+                       bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, keep_z, norm_gradient):
+    return _outputs_fake(x, out_features, lora_A, keep_z)
+
+
+def backward_4bit(grad_y: Tensor, x: Tensor, codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
+                  nested_code: Optional[Tensor], offset: Optional[Tensor], code_table: Tensor, out_features: int,
+                  blocksize: int, lora_A: Tensor, lora_B: Tensor, xa: Tensor, z: Tensor, magnitude: Tensor,
+                  weight_norm: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor], need_dx: bool,
+                  need_dm: bool, norm_gradient: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx or an empty tensor, dA, dB, dm or an empty tensor) on a 4-bit W0."""
+    w4 = (codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize)
+    return _backward(Base4bit(w4, x.shape[1]), grad_y, x, lora_A, lora_B, xa, z, magnitude, weight_norm, scaling,
+                     dropout_p, seed, need_dx, need_dm, norm_gradient)
+
+
+def _backward_4bit_fake(grad_y, x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
+                        blocksize, lora_A, lora_B, xa, z, magnitude, weight_norm, scaling, dropout_p, seed, need_dx,
+                        need_dm, norm_gradient):
+    return _backward_outputs_fake(grad_y, x, lora_A, lora_B, magnitude, need_dx, need_dm)
+
+
+def _setup_context_4bit(ctx, inputs, output):
+    x, (lora_A, lora_B, magnitude, weight_norm) = inputs[0], inputs[10:14]
+    _, xa, z = output
+    # the packed weight (held by the layer), never a dequantized copy
+    ctx.save_for_backward(x, *inputs[1:7], lora_A, lora_B, magnitude, weight_norm, xa, z, inputs[16])
+    ctx.out_features, ctx.blocksize = inputs[7], inputs[8]
+    ctx.scaling, ctx.dropout_p, ctx.norm_gradient = inputs[_SCALING_4BIT], inputs[15], inputs[18]
+    ctx.mark_non_differentiable(xa, z)
+
+
+def _gradients_4bit(ctx, grad_outputs, run_backward):
+    """The gradients of the 4-bit op's 19 inputs: x, bias, lora_A, lora_B and magnitude."""
+    grad_y = grad_outputs[0]
+    x, *parts, lora_A, lora_B, magnitude, weight_norm, xa, z, seed = ctx.saved_tensors
+    w4 = (*parts, ctx.out_features, ctx.blocksize)
+    need = ctx.needs_input_grad
+    need_x, need_a, need_b, need_m = need[0], need[10], need[11], need[12]
+    grads = [None] * 19
+    if need[_BIAS_4BIT]:
+        grads[_BIAS_4BIT] = grad_y.sum(0)
+    if torch.is_grad_enabled():
+        wanted = {i: t for i, t, n in ((0, x, need_x), (10, lora_A, need_a), (11, lora_B, need_b),
+                                       (12, magnitude, need_m)) if n}
+        found = _reference_gradients(ctx, grad_y, Base4bit(w4, x.shape[1]), x, lora_A, lora_B, magnitude,
+                                     weight_norm, seed, wanted)
+        for i, g in found.items():
+            grads[i] = g
+        return tuple(grads)
+    dx, dA, dB, dm = _lora_gradients(ctx, grad_y.contiguous(), w4, run_backward, x, lora_A, lora_B, xa, z, magnitude,
+                                     weight_norm, seed, need_x, need_m)
+    for i, g, n in ((0, dx, need_x), (10, dA, need_a), (11, dB, need_b), (12, dm, need_m)):
+        grads[i] = g if n else None
+    return tuple(grads)
+
+
+def _graph_args_4bit(args):
+    return (*args[:_SCALING_4BIT], scaling_graph_input(args[0], args[_SCALING_4BIT]), *args[_SCALING_4BIT + 1:])
+
+
+dora_linear_4bit_op = define_op(
+    "dora_linear_4bit", forward_4bit, _forward_4bit_fake,
+    backward=Backward(impl=backward_4bit, fake=_backward_4bit_fake, setup_context=_setup_context_4bit,
+                      gradients=_gradients_4bit),
+    graph_args=_graph_args_4bit,
 )
 
 if _mask_kernel_for("cpu"):

@@ -14,12 +14,17 @@ ops/triton_lora_linear.py dequantizing W0 a tile at a time in their K loops; 16-
 
     forward(x, w4, bias, lora_A, lora_B, scaling, p, seed) -> (y, xa)
     backward(grad_y, x, w4, lora_A, lora_B, xa, scaling, p, seed, need_dx) -> (dx or [0], dA, dB)
+    base_forward(x, w4, bias) -> x W0ᵀ + b [M, out]     base_backward(grad, x, w4) -> grad W0 [M, in]
+    dequantize(w4, in_features, dtype) -> W0 [out, in]
 
-with w4 the weight's eight parts as a tuple.
+with w4 the weight's eight parts as a tuple. The base products and the dequantization serve what computes around
+the LoRA kernels on a 4-bit W0 (DoRA's second product with dropout, its row norms: ops/dora_linear.py);
+dequantize_rows dequantizes a block of rows (never the whole weight at once).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -48,6 +53,27 @@ class ReferenceBackend:
                                                          seed_value(seed))
         return (dx.contiguous() if need_dx else x.new_empty(0)), dA.contiguous(), dB.contiguous()
 
+    @staticmethod
+    def base_forward(x, w4, bias):
+        weight = ReferenceBackend.dequantize(w4, x.shape[1], x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def base_backward(grad, x, w4):
+        return grad @ ReferenceBackend.dequantize(w4, x.shape[1], grad.dtype)
+
+    @staticmethod
+    def dequantize(w4, in_features, dtype):
+        codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize = w4
+        return reference.dequantize_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
+                                         in_features, blocksize, dtype)
+
+
+def _zero_adapter(x: Tensor, w4) -> tuple[Tensor, Tensor]:
+    """A rank-1 adapter of zeros in x's dtype: the fused kernels with it compute the base product alone (its LoRA
+    stage costs M·(in + out) flops)."""
+    return x.new_zeros(1, x.shape[1]), x.new_zeros(w4[6], 1)
+
 
 class CompiledBackend:
     """lora_kernels._C's CPU kernels (a scaling in device memory is read here: CPU tensors only)."""
@@ -62,6 +88,20 @@ class CompiledBackend:
         return torch.ops.lora_kernels.fused_backward_4bit(grad_y, x, *w4, lora_A, lora_B, xa, float(scaling), p,
                                                           seed_value(seed), need_dx)
 
+    @staticmethod
+    def base_forward(x, w4, bias):
+        return torch.ops.lora_kernels.fused_forward_4bit(x, *w4, bias, *_zero_adapter(x, w4), 0.0, 0.0, 0)[0]
+
+    @staticmethod
+    def base_backward(grad, x, w4):
+        zero_A, zero_B = _zero_adapter(x, w4)
+        return torch.ops.lora_kernels.fused_backward_4bit(grad, x, *w4, zero_A, zero_B, x.new_zeros(x.shape[0], 1),
+                                                          0.0, 0.0, 0, True)[0]
+
+    @staticmethod
+    def dequantize(w4, in_features, dtype):
+        return torch.ops.lora_kernels.dequantize_4bit(*w4[:6], w4[6], in_features, w4[7], dtype)
+
 
 register(Implementation(OP, "reference", "lora_kernels.ops.lora_linear_4bit:ReferenceBackend",
                         mixed=FLOAT32_ADAPTERS_ON_HALF))
@@ -74,6 +114,32 @@ TRITON_4BIT = triton_release() >= (3, 2)
 if TRITON_4BIT:
     register(Implementation(OP, "triton", "lora_kernels.ops.triton_lora_linear:Weight4bitBackend", devices=("cuda",),
                             dtypes=HALF_AND_FLOAT32, auto_dtypes=HALF, mixed=FLOAT32_ADAPTERS_ON_HALF))
+
+
+def rows_per_block(in_features: int, blocksize: int, elements: int = 1 << 20) -> int:
+    """Rows of a 4-bit weight per block of about `elements` elements, such that every block starts a scale block
+    (and a byte): a multiple of blocksize / gcd(in_features, blocksize)."""
+    align = blocksize // math.gcd(max(1, in_features), blocksize)
+    return max(align, elements // max(1, in_features) // align * align)
+
+
+def dequantize_rows(w4, in_features: int, rows: slice, dtype: torch.dtype) -> Tensor:
+    """W0[rows] [rows, in] in dtype (float32, bfloat16 or float16), dequantized by the 4-bit op's backend for the
+    weight's device (the reference's bit for bit). rows.start * in_features must be a multiple of the blocksize
+    (blocks from rows_per_block are). Double-quantized scales are decoded for these rows only."""
+    codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize = w4
+    r0, r1 = rows.start, min(rows.stop, out_features)
+    e0, e1 = r0 * in_features, r1 * in_features
+    if e0 % blocksize:
+        raise ValueError(f"dequantize_rows: row {r0} does not start a scale block of {blocksize}")
+    b0, b1 = e0 // blocksize, -(-e1 // blocksize)
+    if nested_absmax is None:
+        scales = absmax[b0:b1]
+    else:  # reference.block_scales of these blocks (the same two float32 roundings)
+        blocks = torch.arange(b0, b1, device=absmax.device) // reference.NESTED_BLOCKSIZE
+        scales = nested_code[absmax[b0:b1].long()] * nested_absmax[blocks] + offset
+    part = (codes[e0 // 2:(e1 + 1) // 2], scales, None, None, None, code_table, r1 - r0, blocksize)
+    return implementation(OP, codes.device, dtype, dtype).dequantize(part, in_features, dtype)
 
 
 def forward(x: Tensor, codes: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],

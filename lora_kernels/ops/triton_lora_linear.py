@@ -700,6 +700,20 @@ class Weight4bitBackend:
                                                                                scaling, p, seed, need_dx)
             return _backward(grad_y, x, None, lora_A, lora_B, xa, scaling, p, kernel_seed(seed, x), need_dx, w4=w4)
 
+    @staticmethod
+    def base_forward(x, w4, bias):
+        with on_device(x):
+            return base_4bit(x, w4, x.shape[1], bias, transposed=True)
+
+    @staticmethod
+    def base_backward(grad, x, w4):
+        with on_device(x):
+            return base_4bit(grad, w4, x.shape[1], transposed=False)
+
+    @staticmethod
+    def dequantize(w4, in_features, dtype):
+        return dequantize_4bit(w4, in_features, dtype)
+
 
 def base_4bit(x, w4, in_features: int, bias=None, transposed: bool = True):
     """x W0ᵀ + bias [M, out] (transposed) or x W0 [M, in] for a 4-bit W0 [out, in] (w4: its kernel_args()), in
@@ -751,7 +765,7 @@ def dequantize_launch_args(w4, in_features: int, dtype: torch.dtype, out: torch.
 
 def dequantize_4bit(w4, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """The whole 4-bit weight [out, in] in dtype (w4: its kernel_args()), equal to reference.dequantize_4bit bit for
-    bit: for tests and for the GPU check's "dequantize, then cuBLAS" baseline; the ops never call it."""
+    bit: the "dequantize" path, DoRA's row norms (a block of rows at a time) and the GPU check's baseline."""
     codes, out_features = w4[0], w4[6]
     out = torch.empty(out_features, in_features, device=codes.device, dtype=dtype)
     if out.numel():
