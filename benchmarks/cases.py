@@ -62,7 +62,7 @@ class LinearCase:
 
     def dora_targets(self, device: str) -> dict[str, float]:
         """The DoRA issue's targets (CPU float32, GPU 16-bit; r = 16): {"ours/ours-lora": at most, "peft/ours": at
-        least}."""
+        least}. A QDoRA case is held to the same ratios against our QLoRA layer (the issue sets none of its own)."""
         if not self.dora or self.r != 16:
             return {}
         if device == "cuda":
@@ -97,6 +97,9 @@ def linear_cases(device: str, full: bool) -> list[LinearCase]:
             [(1, 4096, 4096), (2048, 1024, 1024)]
         cases += [LinearCase(M, i, o, 16, torch.float32, t, p, dora=True) for (M, i, o) in dora_shapes
                   for t, p in (_modes() if M == 2048 or full else [(False, 0.0)])]
+        if full:  # QDoRA: DoRA on the NF4 base
+            cases += [LinearCase(M, 4096, 4096, 16, torch.float32, t, p, quantized="nf4", dora=True)
+                      for M in (1, 16, 2048) for t, p in (_modes() if M == 2048 else [(False, 0.0), (True, 0.0)])]
         return cases
     sizes = [(4096, 4096), (4096, 14336), (14336, 4096)]
     ranks = (16, 64) if not full else (8, 16, 64, 128)

@@ -294,11 +294,13 @@ def time_qlora_decode_graphs(device: str, reps: int, progress) -> None:
         progress.log(f"{label}: " + ", ".join(f"{k} {t.median_ms * 1e3:.1f} us" for k, t in timings.items()))
 
 
-def validate_dora(backend: str, device: str, shapes, log) -> list[dict]:
+def validate_dora(backend: str, device: str, shapes, log, quantized: bool = False) -> list[dict]:
     """dora_linear on `backend`: y and the gradients of x, bias, lora_A, lora_B and the magnitude against the float64
-    reference (autograd through reference.dora_linear), dropout off and on, float32 adapters on bfloat16 too."""
+    reference (autograd through reference.dora_linear), dropout off and on, float32 adapters on bfloat16 too.
+    quantized: QDoRA, on the weight's NF4 quantization (double quantized; the 4-bit kernels' fused path), against
+    the reference on its dequantization in x's dtype."""
     import lora_kernels as lk
-    from lora_kernels import reference
+    from lora_kernels import Weight4bit, reference
     from lora_kernels.functional import draw_seed
 
     rows = []
@@ -313,6 +315,10 @@ def validate_dora(backend: str, device: str, shapes, log) -> list[dict]:
                 rand = lambda *shape, scale=1.0, dt=dtype: (torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
                                                             * scale).to(device, dt)
                 x, w, bias = rand(M, d_in), rand(d_out, d_in, scale=d_in**-0.5), rand(d_out)
+                weight = w
+                if quantized:  # the op gets the packed weight; the oracles its dequantization in x's dtype
+                    weight = Weight4bit.quantize(w.float(), 64, "nf4", double_quant=True)
+                    w = weight.dequantize(dtype)
                 A = rand(r, d_in, scale=d_in**-0.5, dt=adapter_dtype)
                 B = rand(d_out, r, scale=r**-0.5, dt=adapter_dtype)
                 norm = reference.dora_weight_norm(w.double(), A.double(), B.double(), s)
@@ -325,18 +331,26 @@ def validate_dora(backend: str, device: str, shapes, log) -> list[dict]:
                     y = fn(*leaves)
                     return [y, *torch.autograd.grad(y, leaves, grad_y.to(y.dtype))]
 
-                ours = run(lambda x_, b_, A_, B_, m_: lk.dora_linear(x_, w, b_, A_, B_, m_, s, p, True),
+                ours = run(lambda x_, b_, A_, B_, m_: lk.dora_linear(x_, weight, b_, A_, B_, m_, s, p, True),
                            (x, bias, A, B, m))
                 torch.manual_seed(99)
                 seed = int(draw_seed(device)) if p else None
                 d = lambda t: t.double()  # noqa: E731
-                exact = run(lambda x_, b_, A_, B_, m_: reference.dora_linear(x_, d(w), b_, A_, B_, m_, s, p, seed),
-                            [d(t) for t in (x, bias, A, B, m)])
-                plain = run(lambda x_, b_, A_, B_, m_: reference.dora_linear(x_, w, b_, A_, B_, m_, s, p, seed),
-                            (x, bias, A, B, m))
+                # QDoRA's norm is of the weight's float32 values, whatever x's dtype (ops/dora_linear.py)
+                n_w = weight.dequantize(torch.float32) if quantized else w
+                exact = run(lambda x_, b_, A_, B_, m_: reference.dora_linear(
+                    x_, d(w), b_, A_, B_, m_, s, p, seed,
+                    weight_norm=reference.dora_weight_norm(d(n_w), A_.detach(), B_.detach(), s)),
+                    [d(t) for t in (x, bias, A, B, m)])
+                plain = run(lambda x_, b_, A_, B_, m_: reference.dora_linear(
+                    x_, w, b_, A_, B_, m_, s, p, seed,
+                    weight_norm=reference.dora_weight_norm(n_w, A_.detach(), B_.detach(), s)),
+                    (x, bias, A, B, m))
+                name = "qdora" if quantized else "dora"
                 rows += _judged(zip(("y", "dx", "dbias", "dA", "dB", "dmagnitude"), ours, exact, plain), log,
-                                f"dora {backend} {dtype}/{adapter_dtype} M={M} {d_in}->{d_out} r={r} p={p}",
-                                op="dora_linear", backend=backend, dtype=str(dtype)[6:],
+                                f"{name} {backend} {dtype}/{adapter_dtype} M={M} {d_in}->{d_out} r={r} p={p}",
+                                op="dora_linear_4bit" if quantized else "dora_linear", backend=backend,
+                                dtype=str(dtype)[6:],
                                 adapter_dtype=str(adapter_dtype)[6:], shape=[M, d_in, d_out, r], dropout=p)
     os.environ.pop("LORA_KERNELS_BACKEND", None)
     return rows
@@ -742,6 +756,9 @@ def main(argv=None) -> int:
                                                                 (2048, 1024, 1024, 32, 16), (32, 4096, 4096, 32, 64)]
     cycles = 12 if args.dry_run else 50
     dora_shapes = [(7, 33, 40, 3)] if args.dry_run else [(1, 33, 70, 1), (37, 100, 33, 16), (2048, 1024, 1024, 16)]
+    # QDoRA (M, in, out, r): decode and large M on the fused 4-bit GEMMs, and in = 100 (dequantized first)
+    qdora_shapes = [(7, 64, 40, 3)] if args.dry_run else [(1, 4096, 1024, 16), (37, 100, 33, 16),
+                                                          (2048, 1024, 1024, 16)]
     # QLoRA (M, in, out, r): in a multiple of 64 (the fused path) but one (in = 100: W0 dequantized first)
     qlora_shapes = ([(3, 128, 40, 4), (37, 64, 48, 16)] if args.dry_run else
                     [(1, 4096, 4096, 16), (16, 1024, 4000, 64), (37, 100, 33, 16), (2048, 4096, 1024, 16),
@@ -829,6 +846,15 @@ def main(argv=None) -> int:
                       [LinearCase(M, 4096, 4096, 16, torch.bfloat16, t, p, dora=True)
                        for M, t, p in ((16, False, 0.0), (2048, False, 0.0), (2048, True, 0.0), (2048, True, 0.1))])
         section("DoRA timings", lambda: time_cases(dora_cases, ["base", "ours", "ours-lora", "peft"]))
+    if TRITON_4BIT and "triton" in backends:
+        section("QDoRA validation triton",
+                lambda: progress.add_checks(validate_dora("triton", device, qdora_shapes, log, quantized=True)))
+    if not args.skip_timing and TRITON_4BIT:  # QDoRA against our QLoRA layer and PEFT's QDoRA (bitsandbytes)
+        qdora_cases = ([LinearCase(37, 64, 96, 16, torch.float32, True, 0.0, quantized="nf4", dora=True)]
+                       if args.dry_run else
+                       [LinearCase(M, 4096, 4096, 16, torch.bfloat16, t, p, quantized="nf4", dora=True)
+                        for M, t, p in ((1, False, 0.0), (16, True, 0.0), (2048, True, 0.0), (2048, True, 0.1))])
+        section("QDoRA timings", lambda: time_cases(qdora_cases, ["base", "ours", "ours-lora", "peft"]))
     if not args.skip_timing and not args.dry_run:
         rest = [c for c in linear_cases("cuda", full=False) if c not in headline]
         section("remaining timings", lambda: time_cases(rest, ["base", "reference", "peft", "ours"]))

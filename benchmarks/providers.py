@@ -12,7 +12,8 @@ QLoRA cases (a 4-bit NF4 base, double quantized): base stays F.linear on the unq
   ours-dense our LoRALinear on the unquantized weight, dequant "dequantize the whole W (our kernel: C++ on CPU,
   Triton on a GPU), F.linear, LoRA" (unsloth's and torchao's way, autograd keeping W for dx).
 DoRA cases: ours is LoRALinear(use_dora=True), ours-lora our plain LoRA layer, peft PEFT's DoRA layer (use_dora=True),
-  all with the same A, B and magnitude (‖W0 + s·BA‖ off by ~10% per row: a trained-looking gain).
+  all with the same A, B and magnitude (‖W0 + s·BA‖ off by ~10% per row: a trained-looking gain). QDoRA cases (DoRA
+  on an NF4 base): the same on the 4-bit weight (LoRALinear4bit, PEFT on a bitsandbytes Linear4bit).
 Merge providers: ours (merge_), ours-safe, peft (LoraLayer.merge), gemm (one B @ A), floor (the weight read
 and written once, in place: the memory traffic any in-place merge needs).
 """
@@ -91,7 +92,7 @@ def lora_linear_providers(M, d_in, d_out, r, dtype, dropout, train, device, want
                                   list(base.parameters())))
     if dora:
         return providers + _dora_providers(base, r, lora_alpha, dropout, train, wanted, step, default_prepare,
-                                           lora_params, trainable)
+                                           lora_params, trainable, quantized)
     if quantized:
         return providers + _qlora_providers(base, r, lora_alpha, dropout, train, quantized, wanted, step,
                                             default_prepare, lora_params)
@@ -152,15 +153,7 @@ def _qlora_providers(base, r, lora_alpha, dropout, train, quant_type, wanted, st
         lora_params(layer.lora_A, layer.lora_B)
         providers.append(Provider("ours-dense", step(layer), prepare, list(layer.parameters())))
     if "peft" in wanted and have("peft") and have("bitsandbytes"):
-        import bitsandbytes as bnb
-        from peft.tuners.lora import LoraConfig
-        from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
-
-        base4 = bnb.nn.Linear4bit(base.in_features, base.out_features, compute_dtype=base.weight.dtype,
-                                  compress_statistics=True, quant_type=quant_type, device="meta")
-        base4.weight, base4.bias = w4.to_bnb(), base.bias
-        layer = PeftLinear4bit(base4, "default", config=LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout),
-                               r=r, lora_alpha=lora_alpha, lora_dropout=dropout).train(train)
+        layer = peft_linear4bit(base, w4, r, lora_alpha, dropout).train(train)
         lora_params(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
         providers.append(Provider("peft", step(layer), prepare, list(layer.parameters())))
     if "dequant" in wanted:
@@ -183,14 +176,36 @@ def _qlora_providers(base, r, lora_alpha, dropout, train, quant_type, wanted, st
     return providers
 
 
-def _dora_providers(base, r, lora_alpha, dropout, train, wanted, step, prepare, lora_params, trainable):
+def peft_linear4bit(base: nn.Linear, w4, r: int, lora_alpha: float, dropout: float = 0.0, use_dora: bool = False):
+    """PEFT's LoRA layer on a bitsandbytes Linear4bit holding w4's bytes and base's bias (needs peft and
+    bitsandbytes)."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    base4 = bnb.nn.Linear4bit(base.in_features, base.out_features, compute_dtype=base.weight.dtype,
+                              compress_statistics=w4.double_quant, quant_type=w4.quant_type, device="meta")
+    base4.weight, base4.bias = w4.to_bnb(), base.bias
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, use_dora=use_dora)
+    return PeftLinear4bit(base4, "default", config=config, r=r, lora_alpha=lora_alpha, lora_dropout=dropout,
+                          use_dora=use_dora)
+
+
+def _dora_providers(base, r, lora_alpha, dropout, train, wanted, step, prepare, lora_params, trainable,
+                    quantized=None):
+    """ours (DoRA), ours-lora (LoRA) and peft (DoRA) on base's weight, or (quantized: QDoRA) on its 4-bit NF4
+    quantization (LoRALinear4bit, and PEFT on a bitsandbytes Linear4bit holding the same bytes)."""
+    from lora_kernels import LoRALinear4bit, Weight4bit
+
+    w4 = Weight4bit.quantize(base.weight.detach(), 64, quantized, double_quant=True) if quantized else None
     providers = []
     magnitude = None
     for name in ("ours", "ours-lora"):
         if name not in wanted and not (name == "ours-lora" and "ours" in wanted):
             continue
-        layer = LoRALinear.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=dropout,
-                                       use_dora=name == "ours").train(train)
+        options = dict(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, use_dora=name == "ours")
+        layer = (LoRALinear.from_linear(base, **options) if w4 is None else
+                 LoRALinear4bit(w4, base.bias, **options)).train(train)
         lora_params(layer.lora_A, layer.lora_B)
         if name == "ours":
             with torch.no_grad():
@@ -202,7 +217,10 @@ def _dora_providers(base, r, lora_alpha, dropout, train, wanted, step, prepare, 
         # an optimizer step between two timed steps: the DoRA layer must recompute its cached norm
         layer_prepare = _chain(prepare, _optimizer_step_of(layer)) if train and name == "ours" else prepare
         providers.append(Provider(name, step(layer), layer_prepare, list(layer.parameters())))
-    layer = peft_linear(base, r, lora_alpha, dropout, use_dora=True) if "peft" in wanted else None
+    layer = None
+    if "peft" in wanted:
+        layer = peft_linear(base, r, lora_alpha, dropout, use_dora=True) if w4 is None else \
+            peft_linear4bit(base, w4, r, lora_alpha, dropout, use_dora=True) if have("bitsandbytes") else None
     if layer is not None:
         layer.train(train)
         lora_params(layer.lora_A["default"].weight, layer.lora_B["default"].weight)

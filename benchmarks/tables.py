@@ -83,8 +83,10 @@ def dora_table(dora: list[CaseResult]) -> list[str]:
     if not dora:
         return []
     lines = ["DoRA: *ours* is LoRALinear(use_dora=True), *ours-lora* our plain LoRA layer on the same weights, *peft* "
-             "PEFT's DoRA layer; ratios to the base layer. *targets*: ours / ours-lora at most, and peft / ours at "
-             "least (PEFT slower by that factor).", "",
+             "PEFT's DoRA layer (cases on an nf4 base, QDoRA: LoRALinear4bit(use_dora=True), our QLoRA layer, PEFT's "
+             "DoRA on a bitsandbytes Linear4bit holding the same bytes); ratios to the base layer (F.linear on the "
+             "unquantized weight). *targets*: ours / ours-lora at most, and peft / ours at least (PEFT slower by that "
+             "factor).", "",
              "| case | base | ours-lora | ours | peft | ours / ours-lora | peft / ours | targets | met |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in dora:
@@ -128,7 +130,7 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
             lines.append(f"| {r.case} | {_fmt_ratio(r, 'base', 'base')} | " + " | ".join(cells) +
                          f" | {target if target is not None else '—'} | {met} |")
         lines.append("")
-    qlora = [r for r in linear if r.params.get("quantized")]
+    qlora = [r for r in linear if r.params.get("quantized") and not r.params.get("dora")]  # QDoRA: DoRA's table
     if qlora:
         names = [n for n in dict.fromkeys(n for r in qlora for n in r.timings) if n != "base"]
         compute = "float32" if info["device"] == "cpu" else "bf16"

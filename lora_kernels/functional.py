@@ -149,8 +149,9 @@ def dora_linear(
     m ⊙ (W0 + s·BA)/‖W0 + s·BA‖, which the DoRA paper and PEFT do not take. reference.dora_linear is the spec.
 
     weight may be a Weight4bit (QDoRA: DoRA on bitsandbytes' NF4/FP4 layout): the 4-bit kernels compute the
-    products with W0 dequantized in x's dtype a panel or tile at a time (the spec: reference.dora_linear on
-    Weight4bit.dequantize(x.dtype)); the norm's terms read it a block of rows at a time; it is frozen.
+    products with W0 dequantized in x's dtype a panel or tile at a time; the norm is of its exact (float32) values,
+    read a block of rows at a time (the spec: reference.dora_linear on Weight4bit.dequantize(x.dtype) with
+    weight_norm = the norm of Weight4bit.dequantize(torch.float32)); it is frozen.
     """
     w4 = weight if isinstance(weight, Weight4bit) else None
     adapter_dtype = getattr(lora_A, "dtype", None)  # before autocast, which may cast the adapter

@@ -12,9 +12,10 @@ with <w4> a 4-bit weight's parts as lora_linear_4bit_op takes them (codes, absma
 offset, code_table, out_features, blocksize). What the math below needs of W0 comes from one of two classes:
 DenseBase (an [out, in] tensor: lora_linear's kernels, ATen GEMMs) and Base4bit (bitsandbytes' 4-bit layout:
 lora_linear_4bit's kernels, their base products, and W0 dequantized a block of rows at a time for the norm's
-terms). A 4-bit W0 is the one its kernels compute with, dequantized in x's dtype (reference.dora_linear on
-dequantize_4bit(..., x.dtype) is the spec); its norm terms use the float32 dequantized values, which the rounding
-to x's dtype changes by far less than that dtype's precision.
+terms). A 4-bit W0's products are those of its kernels, W0 dequantized in x's dtype; its norm is of the weight's
+exact values (table · scale in float32) whatever x's dtype, so that the float32 gradients of float32 adapters do
+not depend on the compute dtype's rounding of W0. The spec: reference.dora_linear on dequantize_4bit(...,
+x.dtype) with weight_norm = reference.dora_weight_norm of dequantize_4bit(..., float32).
 
 The norm n = ‖W0 + s·BA‖ of every output row never builds an [out, in] tensor:
 
@@ -158,6 +159,14 @@ class Base4bit:
     def blocks(self, acc: torch.dtype) -> list[slice]:
         return _row_slices(self.out_features, rows_per_block(self.in_features, self.w4[7], _BLOCK_ELEMENTS))
 
+    def weight_times(self, A_t: Tensor) -> Tensor | None:
+        """W0 @ A_t [out, k] from the backend's float32 base product ((A_t)ᵀ as x: one streaming pass over the
+        packed weight, ~3x faster on the CPU than dequantizing blocks first), where it has one; else None."""
+        impl = self._impl(A_t, A_t.dtype)
+        if A_t.dtype != torch.float32 or not getattr(impl, "FLOAT32_BASE_PRODUCT", False):
+            return None
+        return impl.base_forward(A_t.t().contiguous(), self.w4, None).t()
+
     def rows(self, rows: slice, acc: torch.dtype) -> Tensor:
         block = dequantize_rows(self.w4, self.in_features, rows, torch.float32)  # exact: float64 only widens
         return block if acc == torch.float32 else block.to(acc)
@@ -190,6 +199,9 @@ def _row_sq_norms(base, acc: torch.dtype) -> Tensor:
 
 def _weight_times(base, A_t: Tensor) -> Tensor:
     """W0 @ A_t [out, k] in A_t's dtype."""
+    product = base.weight_times(A_t) if isinstance(base, Base4bit) else None
+    if product is not None:
+        return product
     blocks = base.blocks(A_t.dtype)
     if not blocks:
         return A_t.new_zeros(0, A_t.shape[1])

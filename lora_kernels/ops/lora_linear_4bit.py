@@ -76,7 +76,12 @@ def _zero_adapter(x: Tensor, w4) -> tuple[Tensor, Tensor]:
 
 
 class CompiledBackend:
-    """lora_kernels._C's CPU kernels (a scaling in device memory is read here: CPU tensors only)."""
+    """lora_kernels._C's CPU kernels (a scaling in device memory is read here: CPU tensors only).
+
+    Its float32 base product streams the packed weight (panels dequantized to float32, exact, float32 FMAs): DoRA's
+    W0 Aᵀ takes it (FLOAT32_BASE_PRODUCT) instead of dequantizing blocks of rows into memory first."""
+
+    FLOAT32_BASE_PRODUCT = True
 
     @staticmethod
     def forward(x, w4, bias, lora_A, lora_B, scaling, p, seed):
