@@ -201,6 +201,27 @@ def variants(dtypes, arch: int):
                                                                0.5, check_only, torch.zeros(1, dtype=torch.int32))
                 yield (f"merge{' switch' if sub else ''}{' check' if check_only else ''}", kernel, [None], args,
                        flags, dtype, 16, None)
+        yield from _dora_variants(e, dtype, M, N)
+
+
+def _dora_variants(e, dtype, M, N):
+    """DoRA's gain epilogues (ops/triton_dora.py): y = g ⊙ z + b from a z of x's dtype and from a float32 z (float32
+    adapters), in place; g ⊙ dy with the row sums of dy ⊙ z, and alone (the dropout term's (1 − g) ⊙ dy)."""
+    import torch
+
+    from lora_kernels.ops import triton_dora as dora
+
+    f32 = lambda *shape: e(*shape, dt=torch.float32)  # noqa: E731
+    z, gain, bias, grad_y = e(M, N), f32(N), e(N), e(M, N)
+    part = f32(M // 32, N)
+    launches = [("dora gain", dora.gain_launch_args(z, gain, bias, e(M, N))),
+                ("dora gain in place", dora.gain_launch_args(z, gain, None, z)),
+                ("dora gain float32 z", dora.gain_launch_args(f32(M, N), gain, bias, e(M, N))),
+                ("dora gain grad", dora.gain_grad_launch_args(grad_y, z, gain, e(M, N), part)),
+                ("dora gain grad float32", dora.gain_grad_launch_args(grad_y, f32(M, N), gain, f32(M, N), part)),
+                ("dora gain grad alone", dora.gain_grad_launch_args(grad_y, None, gain, e(M, N), None))]
+    for name, (kernel, _, args, flags) in launches:
+        yield name, kernel, [None], args, flags, dtype, 0, None
 
 
 def _mixed_variants(lin, multi, e, dtype, M, N, K, r=16, n=32):

@@ -312,7 +312,7 @@ def step_us(step: str, path: str, M: int, out_features: int, in_features: int, r
     return predict(path, M, out_features, in_features, r, train=True).us - forward
 
 
-# ---- DoRA (ops/dora_linear.py as built: the LoRA path's kernels plus ATen epilogues) ----------------------------
+# ---- DoRA (ops/dora_linear.py as built: the LoRA path's kernels plus ops/triton_dora.py's gain epilogues) -------
 
 def _elementwise(name: str, elements: int, bytes_per_element: float) -> Kernel:
     """An ATen elementwise kernel (or reduction) over `elements`, moving bytes_per_element each."""
@@ -321,8 +321,9 @@ def _elementwise(name: str, elements: int, bytes_per_element: float) -> Kernel:
 
 def _dora_extra(M, N, K, R, e, train: bool, dropout: bool) -> list[Kernel]:
     """What dora_linear adds to the LoRA op: the row norm (training: A and B changed since the last step), the gain
-    g ⊙ z + b computed in float32 and rounded to 16 bits (two passes), with dropout the mask, x̃ and
-    the second product x W0ᵀ; in the backward g ⊙ dy, dm = Σ dy ⊙ z and, with dropout, ((1 − g) ⊙ dy) W0 masked."""
+    y = g ⊙ z + b (ops/triton_dora.py: z read, y written, one pass), with dropout the mask, x̃ and the second
+    product x W0ᵀ; in the backward g ⊙ dy with the row sums of dy ⊙ z for dm (one pass over dy and z) and, with
+    dropout, ((1 − g) ⊙ dy) W0 masked."""
     f32 = 4
     kernels = []
     if train:
@@ -332,12 +333,12 @@ def _dora_extra(M, N, K, R, e, train: bool, dropout: bool) -> list[Kernel]:
                     _gemm("x W0ᵀ (second product)", M, N, K, e, e, e),
                     _elementwise("y = P + (g−1) z + s·xa Bᵀ (fp32)", M * N, 2 * e + 3 * f32 + e)]
     else:
-        kernels += [_elementwise("g ⊙ z + b (float32)", M * N, e + f32), _elementwise("→ 16 bits", M * N, f32 + e)]
+        kernels.append(_elementwise("g ⊙ z + b (Triton, one pass)", M * N, 2 * e))
     if train:
-        kernels += [_elementwise("g ⊙ dy", M * N, e + f32 + f32 + e), _elementwise("dy ⊙ z", M * N, 2 * e + 2 * f32),
-                    _elementwise("Σ rows (dm)", M * N, f32)]
+        kernels += [_elementwise("g ⊙ dy, Σ dy ⊙ z (Triton, one pass)", M * N, 3 * e),
+                    Kernel("Σ row blocks (dm)", _cdiv(M, 32) * N * f32 + N * f32, library=True)]
         if dropout:
-            kernels += [_elementwise("dropout mask", M * K, f32), _elementwise("(1 − g) ⊙ dy", M * N, 2 * e + f32),
+            kernels += [_elementwise("dropout mask", M * K, f32), _elementwise("(1 − g) ⊙ dy (Triton)", M * N, 2 * e),
                         _gemm("((1 − g) dy) W0", M, K, N, e, e, e),
                         _elementwise("dx += (1 − mask) ⊙ ... (fp32)", M * K, 2 * e + 3 * f32 + e)]
     return kernels

@@ -431,3 +431,51 @@ def test_bad_input_is_refused_by_name_and_changes_nothing():
         layer.switch_adapter(layer.lora_A.detach(), layer.lora_B.detach())
     with pytest.raises(ValueError, match="use_dora must be a bool"):
         lk.LoRAConfig(use_dora="yes")
+
+
+@pytest.mark.skipif("triton" not in compiled_backends(), reason="triton backend not available")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_gain_kernels_match_aten(dtype):
+    """ops/triton_dora's one-pass epilogues against the ATen ones (AtenGain): y = g ⊙ z + b (bias or none, in
+    place or not, a float32 z for float32 adapters), g ⊙ dy (in dy's dtype and in float32) and Σ_rows dy ⊙ z; odd
+    shapes, an empty batch, rows of several tiles; each output within one rounding of dtype."""
+    from lora_kernels.ops import triton_dora
+    from lora_kernels.ops.dora_linear import AtenGain
+
+    g = torch.Generator().manual_seed(8)
+    for M, N in ((0, 33), (1, 70), (37, 129), (70, 33)):
+        gain = 1 + 0.3 * torch.randn(N, generator=g)
+        bias = torch.randn(N, generator=g).to(dtype)
+        for z_dtype in (dtype, torch.float32):
+            z = torch.randn(M, N, generator=g).to(z_dtype)
+            for b in (bias, None):
+                for in_place in (False, True):
+                    want = AtenGain.dora_gained(z.clone(), gain, b, dtype, in_place)
+                    got = triton_dora.dora_gained(z.clone(), gain, b, dtype, in_place)
+                    assert got.dtype == dtype and got.shape == (M, N)
+                    torch.testing.assert_close(got, want, rtol=torch.finfo(dtype).eps, atol=1e-6)
+        dy = torch.randn(M, N, generator=g).to(dtype)
+        for out_dtype in (dtype, torch.float32):
+            for z in (torch.randn(M, N, generator=g).to(dtype), torch.randn(M, N, generator=g), None):
+                want_scaled, want_sum = AtenGain.dora_gain_gradients(dy, z, gain, out_dtype)
+                got_scaled, got_sum = triton_dora.dora_gain_gradients(dy, z, gain, out_dtype)
+                torch.testing.assert_close(got_scaled, want_scaled, rtol=torch.finfo(out_dtype).eps, atol=1e-6)
+                if z is None:
+                    assert got_sum is None
+                else:
+                    torch.testing.assert_close(got_sum, want_sum, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in compiled_backends(), reason="triton backend not available")
+def test_triton_backend_runs_the_gain_kernels(use_backend, monkeypatch):
+    """On the triton backend dora_linear's epilogues are the Triton kernels (forward, and backward with dm)."""
+    from lora_kernels.ops import triton_dora
+
+    use_backend("triton")
+    calls = []
+    for name in ("dora_gained", "dora_gain_gradients"):
+        original = getattr(triton_dora, name)
+        monkeypatch.setattr(triton_dora, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    t = make_dora_inputs((7,), 33, 40, 3, torch.bfloat16)
+    _run(_ours, t, 0.0)
+    assert calls == ["dora_gained", "dora_gain_gradients"]

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import compiled_extension, implementation, requested_backend
+from ..backends import HALF_AND_FLOAT32, Implementation, compiled_extension, implementation, register, requested_backend
 from .definition import Backward, define_op, seed_value
 from .lora_linear import _backend, _dropout, _kernel_scaling, scaling_graph_input
 from .lora_linear_4bit import OP as OP_4BIT, dequantize_rows, rows_per_block
@@ -299,14 +299,39 @@ def _rows_scaled(t: Tensor, gain: Tensor) -> Tensor:
     return (t * gain).to(t.dtype)
 
 
-def _gained(z: Tensor, gain: Tensor, bias: Optional[Tensor], in_place: bool) -> Tensor:
-    """y = g ⊙ z + b, one rounding; in place into z when z is not kept. A 16-bit z: computed in float32 (type
-    promotion), then rounded to 16 bits."""
-    if in_place and z.dtype == gain.dtype:
-        y = z.mul_(gain)
-        return y.add_(bias) if bias is not None else y
-    y = torch.addcmul(bias, z, gain) if bias is not None else z * gain
-    return y.to(z.dtype)
+class AtenGain:
+    """DoRA's per-column gain epilogues in ATen ops (the reference, cpu and cuda backends of the dora_gain op; the
+    triton backend's are ops/triton_dora.py's kernels, one pass each)."""
+
+    @staticmethod
+    def dora_gained(z: Tensor, gain: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype, in_place: bool
+                    ) -> Tensor:
+        """y = g ⊙ z + b in out_dtype, one rounding (computed in gain's dtype); in place into z when allowed."""
+        if in_place and z.dtype == gain.dtype == out_dtype:
+            y = z.mul_(gain)
+            return y.add_(bias) if bias is not None else y
+        y = torch.addcmul(bias, z, gain) if bias is not None else z * gain
+        return y.to(out_dtype)
+
+    @staticmethod
+    def dora_gain_gradients(grad_y: Tensor, z: Optional[Tensor], gain: Tensor, out_dtype: torch.dtype
+                            ) -> tuple[Tensor, Optional[Tensor]]:
+        """(g ⊙ dy in out_dtype, Σ_rows dy ⊙ z in gain's dtype or None without z)."""
+        acc = gain.dtype
+        scaled = (grad_y * gain).to(out_dtype)
+        return scaled, (None if z is None else (grad_y.to(acc) * z.to(acc)).sum(0))
+
+
+GAIN_OP = "dora_gain"
+for _name in ("reference", "cpu", "cuda"):
+    register(Implementation(GAIN_OP, _name, "lora_kernels.ops.dora_linear:AtenGain",
+                            devices=None if _name == "reference" else (_name,)))
+register(Implementation(GAIN_OP, "triton", "lora_kernels.ops.triton_dora", devices=("cuda",), dtypes=HALF_AND_FLOAT32))
+
+
+def _gain_ops(x: Tensor):
+    """The dora_gain implementation for x: on a GPU under auto the Triton kernels (one pass each), else ATen."""
+    return implementation(GAIN_OP, x.device, x.dtype)
 
 
 def _forward(base, x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
@@ -316,11 +341,12 @@ def _forward(base, x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Te
     p, seed = _dropout(dropout_p, seed)
     s = _kernel_scaling(scaling)
     gain = _gain(magnitude, weight_norm)
+    gain_ops = _gain_ops(x)
     if lora_A.dtype != x.dtype:
-        return _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p, seed, keep_z)
+        return _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p, seed, keep_z, gain_ops)
     if p == 0.0:  # the LoRA forward runs without dropout (on x̃ when p > 0)
         z, xa = base.lora_forward(x, lora_A, lora_B, s)
-        y = _gained(z, gain, bias, in_place=not keep_z)
+        y = gain_ops.dora_gained(z, gain, bias, x.dtype, in_place=not keep_z)
     else:
         z, xa = base.lora_forward(_dropped(x, keep_scale(x, p, seed)), lora_A, lora_B, s)
         acc = gain.dtype
@@ -338,15 +364,21 @@ def _backward(base, grad_y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, x
     p, seed = _dropout(dropout_p, seed)
     s = _kernel_scaling(scaling)
     gain = _gain(magnitude, weight_norm)
-    if lora_A.dtype != x.dtype:
-        dx, dA, dB = _mixed_backward(base, grad_y, x, lora_A, lora_B, xa, gain, s, p, seed, need_dx)
+    gain_ops = _gain_ops(x)
+    mixed = lora_A.dtype != x.dtype
+    # g ⊙ dy (float32 for float32 adapters) and, when dm is needed, Σ_rows dy ⊙ z: dy and z read once
+    g_dy, dz = gain_ops.dora_gain_gradients(grad_y, z if need_dm or norm_gradient else None, gain,
+                                            lora_A.dtype if mixed else grad_y.dtype)
+    if mixed:
+        dx, dA, dB = _mixed_backward(base, grad_y, g_dy, x, lora_A, lora_B, xa, gain, s, p, seed, need_dx, gain_ops)
     else:
-        dx, dA, dB = base.lora_backward(_rows_scaled(grad_y, gain), x, lora_A, lora_B, xa, s, p, seed, need_dx)
+        dx, dA, dB = base.lora_backward(g_dy, x, lora_A, lora_B, xa, s, p, seed, need_dx)
         if p > 0.0 and need_dx:
             kept = keep_scale(x, p, seed)
-            base_part = base.transposed_product(_rows_scaled(grad_y, 1 - gain), x)
+            dropped_rows = gain_ops.dora_gain_gradients(grad_y, None, 1 - gain, grad_y.dtype)[0]
+            base_part = base.transposed_product(dropped_rows, x)
             dx = torch.addcmul(dx.to(kept.dtype), base_part.to(kept.dtype), 1 - kept).to(x.dtype)
-    dm = _magnitude_gradient(grad_y, z, weight_norm) if need_dm or norm_gradient else None
+    dm = dz / weight_norm if dz is not None else None
     if norm_gradient:
         dA_norm, dB_norm = _norm_gradients(base, lora_A, lora_B, -dm * gain / weight_norm, s)
         dA, dB = (dA + dA_norm).to(dA.dtype), (dB + dB_norm).to(dB.dtype)
@@ -362,7 +394,7 @@ def _norm_gradients(base, lora_A, lora_B, w: Tensor, s) -> tuple[Tensor, Tensor]
     return dA, dB
 
 
-def _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p: float, seed, keep_z: bool):
+def _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p: float, seed, keep_z: bool, gain_ops):
     """float32 adapters on a 16-bit x: the base GEMMs in x's dtype, the LoRA terms and z in float32, y rounded once."""
     acc = lora_A.dtype
     keep = keep_scale(x, p, seed) if p > 0.0 else None
@@ -371,21 +403,21 @@ def _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p: float, seed, keep_
     lora = (xa @ lora_B.t()) * s
     if keep is None:
         z = base.product(x).to(acc).add_(lora)
-        y = z * gain
+        y = gain_ops.dora_gained(z, gain, bias, x.dtype, in_place=False)
     else:
         z = base.product(_dropped(x, keep)).to(acc).add_(lora)  # x̃ W0ᵀ + s · xa Bᵀ
         y = base.product(x).to(acc).addcmul_(z, gain - 1).add_(lora)
-    if bias is not None:
-        y.add_(bias)
-    return y.to(x.dtype), xa, (z if keep_z else z.new_empty(0))
+        if bias is not None:
+            y.add_(bias)
+        y = y.to(x.dtype)
+    return y, xa, (z if keep_z else z.new_empty(0))
 
 
-def _mixed_backward(base, grad_y, x, lora_A, lora_B, xa, gain, s, p: float, seed, need_dx: bool):
-    """(dx, dA, dB) of _mixed_forward: g ⊙ dy, gb = s · (g ⊙ dy) B, dA and dB in float32; the base GEMMs in x's
-    dtype; dx rounded once."""
+def _mixed_backward(base, grad_y, g_dy, x, lora_A, lora_B, xa, gain, s, p: float, seed, need_dx: bool, gain_ops):
+    """(dx, dA, dB) of _mixed_forward from g_dy = g ⊙ dy (float32): gb = s · (g ⊙ dy) B, dA and dB in float32;
+    the base GEMMs in x's dtype; dx rounded once."""
     acc = lora_A.dtype
     keep = keep_scale(x, p, seed) if p > 0.0 else None
-    g_dy = grad_y.to(acc) * gain
     gb = (g_dy @ lora_B.to(acc)) * s
     dB = (g_dy.t() @ xa) * s
     dA = gb.t() @ (x.to(acc) if keep is None else x.to(acc) * keep)
@@ -395,7 +427,8 @@ def _mixed_backward(base, grad_y, x, lora_A, lora_B, xa, gain, s, p: float, seed
     if keep is None:
         dx = base.transposed_product(g_dy.to(x.dtype), x).to(acc).add_(lora_dx)
     else:  # dy W0 + mask/(1−p) ⊙ (((g − 1) ⊙ dy) W0 + s (g ⊙ dy) B A)
-        dropped_part = base.transposed_product(_rows_scaled(grad_y, gain - 1), x).to(acc).add_(lora_dx).mul_(keep)
+        dropped_rows = gain_ops.dora_gain_gradients(grad_y, None, gain - 1, grad_y.dtype)[0]
+        dropped_part = base.transposed_product(dropped_rows, x).to(acc).add_(lora_dx).mul_(keep)
         dx = base.transposed_product(grad_y, x).to(acc).add_(dropped_part)
     return dx.to(x.dtype), dA, dB
 
