@@ -390,3 +390,31 @@ def test_inject_lora_use_dora_on_a_quantized_model():
     model(x).sum().backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         "0.lora_A", "0.lora_B", "0.lora_magnitude", "2.lora_A", "2.lora_B", "2.lora_magnitude"]
+
+
+@needs_bnb
+def test_patched_peft_qdora_layer_under_torch_compile_fullgraph():
+    """A PEFT DoRA layer on a bitsandbytes Linear4bit, patched, compiled with fullgraph=True: PEFT's output, the
+    eager output exactly, and the magnitude trains (the norm is computed in the graph by the 4-bit norm op)."""
+    peft = pytest.importorskip("peft")
+    from benchmarks.providers import peft_linear4bit
+    from lora_kernels.peft import patch_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(128, 64)
+    layer = peft_linear4bit(base, Weight4bit.quantize(base.weight.detach(), 64, "nf4", True), 8, 16, use_dora=True)
+    assert isinstance(layer, peft.tuners.lora.bnb.Linear4bit)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.1)
+        layer.lora_magnitude_vector["default"].weight.mul_(1.1)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(5, 128)
+    expected = model(x)
+    assert len(patch_peft_model(model).patched) == 1
+    eager = model(x)
+    torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(model, fullgraph=True)
+    y = compiled(x)
+    assert torch.equal(y, eager)
+    y.square().sum().backward()
+    assert layer.lora_magnitude_vector["default"].weight.grad is not None
