@@ -128,8 +128,8 @@ class DoRANormCache:
         return tuple(state)
 
     def norm(self, weight: Tensor | Weight4bit, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor | None:
-        """‖W0 + s·BA‖ per row for this forward (W0 a tensor or a Weight4bit), or None under torch.compile (the op then computes it in the
-        graph: reading version counters there would break it)."""
+        """‖W0 + s·BA‖ per row for this forward (W0 a tensor or a Weight4bit), or None under torch.compile (the op
+        then computes it in the graph: reading version counters there would break it)."""
         if torch.compiler.is_compiling():
             return None
         key = self._state_of(weight, lora_A, lora_B) + (float(scaling),)

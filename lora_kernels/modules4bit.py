@@ -279,9 +279,9 @@ class LoRALinear4bit(_Holds4bitWeight, LoRALinear):
 
     # -- merging --------------------------------------------------------------------------------------------
     def merge(self, safe: bool = False, requantize: bool = False) -> None:
-        """Fold scaling · B A (DoRA: W ← g ⊙ (W0 + s·BA)) into the 4-bit weight: only with requantize=True (the merged weight is quantized
-        again; merge_error then holds the largest |requantized − (W0 + s·BA)|, and unmerge() restores the original
-        codes exactly). For a merged 16-bit model use merge_and_unload()."""
+        """Fold scaling · B A (DoRA: W ← g ⊙ (W0 + s·BA)) into the 4-bit weight: only with requantize=True (the
+        merged weight is quantized again; merge_error then holds the largest |requantized − (W0 + s·BA)|, and
+        unmerge() restores the original codes exactly). For a merged 16-bit model use merge_and_unload()."""
         if self.merged:
             return
         if not requantize:

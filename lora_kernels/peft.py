@@ -350,8 +350,9 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     fused op cannot serve (variants other than DoRA, lora_bias, 8-bit bases, Embedding/Conv layers) stays on
     PEFT's path and is listed in the report. DoRA adapters run lora_kernels.dora_linear (no dense W0 + s·BA; mixed
     batches with a DoRA adapter run PEFT's path). QLoRA layers (a bitsandbytes Linear4bit base) run lora_linear (a
-    DoRA adapter: dora_linear, QDoRA) on the 4-bit weight read in place (Weight4bit.from_bnb). The model keeps training, merging, saving
-    (save_pretrained) and compiling as before: only the layers' forward changes, no parameter or key.
+    DoRA adapter: dora_linear, QDoRA) on the 4-bit weight read in place (Weight4bit.from_bnb). The model keeps
+    training, merging, saving (save_pretrained) and compiling as before: only the layers' forward changes, no
+    parameter or key.
     """
     report = PatchReport()
     from peft.tuners.lora.layer import LoraLayer

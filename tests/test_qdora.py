@@ -19,6 +19,7 @@ from lora_kernels.ops.lora_linear_4bit import TRITON_4BIT, dequantize_rows, rows
 from lora_kernels.weight4bit import Weight4bit
 
 from conftest import DTYPES, compiled_backends
+from test_weight4bit import _qlora_base, assert_same_gradients
 
 SCALING = 1.5
 NAMES = ("x", "lora_A", "lora_B", "magnitude", "bias")
@@ -294,7 +295,6 @@ def test_qdora_layer_with_float32_adapters_on_bfloat16_matches_the_oracle(dropou
 
 
 def _qdora_peft(tmp_path, compute_dtype, dropout=0.0):
-    from test_weight4bit import _qlora_base
 
     peft = pytest.importorskip("peft")
     base = _qlora_base(compute_dtype, tmp_path / "base")
@@ -339,14 +339,8 @@ def test_patched_peft_qdora_model_gives_peft_outputs_and_gradients(compute_dtype
     torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=tolerance, atol=tolerance)
     out_ours.loss.backward()
     out_theirs.loss.backward()
-    grads = {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    grads = assert_same_gradients(ours, theirs, tolerance)
     assert any("lora_magnitude" in n for n in grads)
-    assert {n for n, p in ours.named_parameters() if p.grad is not None} == set(grads)
-    for name, p in ours.named_parameters():
-        if p.grad is not None:
-            scale = grads[name].abs().max()
-            torch.testing.assert_close(p.grad / scale, grads[name] / scale, rtol=tolerance, atol=tolerance,
-                                       msg=lambda m: f"{name}: {m}")
 
 
 @needs_bnb

@@ -594,6 +594,12 @@ def test_patch_peft_serves_qlora_layers_as_peft_computes_them(compute_dtype, tol
     torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=tolerance, atol=tolerance)
     out_ours.loss.backward()
     out_theirs.loss.backward()
+    assert_same_gradients(ours, theirs, tolerance)
+
+
+def assert_same_gradients(ours, theirs, tolerance) -> dict:
+    """The same parameters got gradients in both models, each within tolerance of its largest element; returns
+    theirs (name -> gradient)."""
     grads = {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None}
     assert grads and {n for n, p in ours.named_parameters() if p.grad is not None} == set(grads)
     for name, p in ours.named_parameters():
@@ -601,6 +607,7 @@ def test_patch_peft_serves_qlora_layers_as_peft_computes_them(compute_dtype, tol
             scale = grads[name].abs().max()
             torch.testing.assert_close(p.grad / scale, grads[name] / scale, rtol=tolerance, atol=tolerance,
                                        msg=lambda m: f"{name}: {m}")
+    return grads
 
 
 @needs_bnb

@@ -66,7 +66,7 @@ from .. import reference
 from ..backends import HALF_AND_FLOAT32, Implementation, compiled_extension, implementation, register, requested_backend
 from .definition import Backward, define_op, seed_value
 from .lora_linear import _backend, _dropout, _kernel_scaling, scaling_graph_input
-from .lora_linear_4bit import OP as OP_4BIT, dequantize_rows, rows_per_block
+from .lora_linear_4bit import OP as OP_4BIT, ReferenceBackend as Reference4bit, dequantize_rows, rows_per_block
 
 # Rows per block where the norm is computed densely (or a 16-bit weight widened): temporaries stay near this size.
 _BLOCK_ELEMENTS = 1 << 20
@@ -74,7 +74,7 @@ _BLOCK_ELEMENTS = 1 << 20
 _CANCELLATION = {torch.float32: 2.0**-4, torch.float64: 2.0**-20}
 
 
-def norm_dtype(weight: Tensor, lora_A: Tensor) -> torch.dtype:
+def norm_dtype(weight, lora_A: Tensor) -> torch.dtype:
     """The dtype of the row norms, the gain g and DoRA's epilogue: float64 for float64 tensors, else float32."""
     return torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype) else torch.float32
 
@@ -96,7 +96,7 @@ class DenseBase:
     base products, the weight read a block of rows at a time where it must be widened."""
 
     def __init__(self, weight: Tensor):
-        self.weight, self.device = weight, weight.device
+        self.weight, self.device, self.dtype = weight, weight.device, weight.dtype
         self.out_features, self.in_features = weight.shape
 
     def lora_forward(self, x, lora_A, lora_B, s):
@@ -127,6 +127,10 @@ class DenseBase:
         """W0[rows] in acc (a view when no cast is needed)."""
         return self.weight[rows].to(acc)
 
+    def weight_times(self, A_t: Tensor) -> Tensor:
+        """W0 @ A_t [out, k] in A_t's dtype."""
+        return _blockwise_times(self, A_t)
+
     def dense(self, dtype: torch.dtype) -> Tensor:
         return self.weight
 
@@ -135,6 +139,9 @@ class Base4bit:
     """A 4-bit W0 (w4: its kernel_args(), in_features): lora_linear_4bit's kernels for the call's backend, their base
     products (the fused GEMMs with a zero adapter, or without a LoRA stage), and blocks of rows dequantized by that
     backend (each starting a scale block) for the norm's terms: no [out, in] temporary."""
+
+    # the dtype of the values the norm is taken of: the weight's exact ones (no 4-bit weight is float64)
+    dtype = torch.float32
 
     def __init__(self, w4: tuple, in_features: int):
         self.w4, self.device = w4, w4[0].device
@@ -159,12 +166,13 @@ class Base4bit:
     def blocks(self, acc: torch.dtype) -> list[slice]:
         return _row_slices(self.out_features, rows_per_block(self.in_features, self.w4[7], _BLOCK_ELEMENTS))
 
-    def weight_times(self, A_t: Tensor) -> Tensor | None:
-        """W0 @ A_t [out, k] from the backend's float32 base product ((A_t)ᵀ as x: one streaming pass over the
-        packed weight, ~3x faster on the CPU than dequantizing blocks first), where it has one; else None."""
+    def weight_times(self, A_t: Tensor) -> Tensor:
+        """W0 @ A_t [out, k] in A_t's dtype: from the backend's float32 base product where it has one ((A_t)ᵀ as x:
+        one streaming pass over the packed weight, ~3x faster on the CPU than dequantizing blocks first), else from
+        blocks of rows."""
         impl = self._impl(A_t, A_t.dtype)
         if A_t.dtype != torch.float32 or not getattr(impl, "FLOAT32_BASE_PRODUCT", False):
-            return None
+            return _blockwise_times(self, A_t)
         return impl.base_forward(A_t.t().contiguous(), self.w4, None).t()
 
     def rows(self, rows: slice, acc: torch.dtype) -> Tensor:
@@ -173,9 +181,7 @@ class Base4bit:
 
     def dense(self, dtype: torch.dtype) -> Tensor:
         """The whole W0 in dtype, as the spec dequantizes it (for the double backward, which runs the reference)."""
-        codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize = self.w4
-        return reference.dequantize_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
-                                         self.in_features, blocksize, dtype)
+        return Reference4bit.dequantize(self.w4, self.in_features, dtype)
 
 
 def _base_of(weight) -> "DenseBase | Base4bit":
@@ -197,11 +203,8 @@ def _row_sq_norms(base, acc: torch.dtype) -> Tensor:
     return torch.cat([torch.linalg.vector_norm(base.rows(rows, acc), dim=1) for rows in blocks]).square()
 
 
-def _weight_times(base, A_t: Tensor) -> Tensor:
-    """W0 @ A_t [out, k] in A_t's dtype."""
-    product = base.weight_times(A_t) if isinstance(base, Base4bit) else None
-    if product is not None:
-        return product
+def _blockwise_times(base, A_t: Tensor) -> Tensor:
+    """W0 @ A_t [out, k] in A_t's dtype, W0 read a block of rows at a time."""
     blocks = base.blocks(A_t.dtype)
     if not blocks:
         return A_t.new_zeros(0, A_t.shape[1])
@@ -218,11 +221,11 @@ def _times_weight(C: Tensor, base) -> Tensor:
 
 def _norm(base, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, weight_sq_norm: Optional[Tensor]) -> Tensor:
     """n = ‖W0 + s·BA‖ per output row, [out] in norm_dtype (see the module docstring)."""
-    acc = norm_dtype(lora_A, lora_A) if isinstance(base, Base4bit) else norm_dtype(base.weight, lora_A)
+    acc = norm_dtype(base, lora_A)
     s = _kernel_scaling(scaling)
     A, B = lora_A.to(acc), lora_B.to(acc)
     sq = _row_sq_norms(base, acc) if weight_sq_norm is None else weight_sq_norm.to(acc)
-    cross = _weight_times(base, A.t())
+    cross = base.weight_times(A.t())
     lora_sq = ((B @ (A @ A.t())) * B).sum(1)  # ‖B_o A‖²
     n2 = sq + 2 * s * (cross * B).sum(1) + s * s * lora_sq
     scale = (sq.sqrt() + abs(s) * lora_sq.clamp_min(0).sqrt()).square()
@@ -375,8 +378,8 @@ def _backward(base, grad_y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, x
         dx, dA, dB = base.lora_backward(g_dy, x, lora_A, lora_B, xa, s, p, seed, need_dx)
         if p > 0.0 and need_dx:
             kept = keep_scale(x, p, seed)
-            dropped_rows = gain_ops.dora_gain_gradients(grad_y, None, 1 - gain, grad_y.dtype)[0]
-            base_part = base.transposed_product(dropped_rows, x)
+            one_minus_g_dy = gain_ops.dora_gain_gradients(grad_y, None, 1 - gain, grad_y.dtype)[0]
+            base_part = base.transposed_product(one_minus_g_dy, x)
             dx = torch.addcmul(dx.to(kept.dtype), base_part.to(kept.dtype), 1 - kept).to(x.dtype)
     dm = dz / weight_norm if dz is not None else None
     if norm_gradient:
@@ -389,7 +392,7 @@ def _norm_gradients(base, lora_A, lora_B, w: Tensor, s) -> tuple[Tensor, Tensor]
     """(dA, dB) through the norm for ∂L/∂V = diag(w) V, V = W0 + s·BA (module docstring), in w's dtype."""
     A, B = lora_A.to(w.dtype), lora_B.to(w.dtype)
     wB = w[:, None] * B
-    dB = (_weight_times(base, A.t()) + (B @ (A @ A.t())) * s) * (s * w[:, None])
+    dB = (base.weight_times(A.t()) + (B @ (A @ A.t())) * s) * (s * w[:, None])
     dA = (_times_weight(wB, base) + ((wB.t() @ B) @ A) * s) * s
     return dA, dB
 
@@ -427,8 +430,8 @@ def _mixed_backward(base, grad_y, g_dy, x, lora_A, lora_B, xa, gain, s, p: float
     if keep is None:
         dx = base.transposed_product(g_dy.to(x.dtype), x).to(acc).add_(lora_dx)
     else:  # dy W0 + mask/(1−p) ⊙ (((g − 1) ⊙ dy) W0 + s (g ⊙ dy) B A)
-        dropped_rows = gain_ops.dora_gain_gradients(grad_y, None, gain - 1, grad_y.dtype)[0]
-        dropped_part = base.transposed_product(dropped_rows, x).to(acc).add_(lora_dx).mul_(keep)
+        g_minus_one_dy = gain_ops.dora_gain_gradients(grad_y, None, gain - 1, grad_y.dtype)[0]
+        dropped_part = base.transposed_product(g_minus_one_dy, x).to(acc).add_(lora_dx).mul_(keep)
         dx = base.transposed_product(grad_y, x).to(acc).add_(dropped_part)
     return dx.to(x.dtype), dA, dB
 

@@ -263,9 +263,7 @@ MULTI_OP = "lora_linear_multi_4bit"
 
 def _dense(x, w4):
     """The spec's W0: the whole weight dequantized in x's dtype (the reference backend only)."""
-    codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize = w4
-    return reference.dequantize_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
-                                     x.shape[1], blocksize, x.dtype)
+    return ReferenceBackend.dequantize(w4, x.shape[1], x.dtype)
 
 
 class MultiReferenceBackend:
