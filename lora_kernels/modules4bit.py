@@ -76,7 +76,9 @@ class _Holds4bitWeight:
         validation.check_not_distributed_tensor(weight=self.weight)  # FSDP2's shards outside forward
         shape, blocksize, quant_type, dtype = self.weight_format
         nested = self.weight_nested_absmax
-        absmax = self.weight_absmax if nested is not None else self.weight_absmax.view(torch.float32)
+        # tensors over the parameters' data, never the Parameters themselves: merge replaces a parameter's data, and
+        # the weight kept for unmerge must keep the original scales
+        absmax = self.weight_absmax.data if nested is not None else self.weight_absmax.view(torch.float32)
         return Weight4bit(self.weight.data.reshape(-1), absmax, shape, blocksize, quant_type, dtype,
                           None if nested is None else nested.view(torch.float32),
                           None if nested is None else self.weight_offset.view(torch.float32).reshape(()),

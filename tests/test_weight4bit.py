@@ -986,3 +986,32 @@ def test_a_refused_load_into_a_merged_4bit_layer_leaves_it_merged_as_it_was():
         layer.load_state_dict(wrong.state_dict())
     assert layer.merged and torch.equal(layer.base_weight().codes, codes)
     assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("moved", ["load_state_dict", "to"])
+def test_requantized_merge_after_a_load_or_move_unmerges_bit_for_bit(moved, double_quant):
+    """A layer whose weight was rebuilt from its parameters (load_state_dict, .to()) merges into its 4-bit weight
+    and unmerges to the original codes and scales bit for bit. (The rebuilt weight once held the double-quantized
+    absmax Parameter itself, so merge's replacement of that Parameter's data changed the weight kept for unmerge:
+    the original codes came back with the merged scales.)"""
+    torch.manual_seed(0)
+    layer = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 96), r=4, double_quant=double_quant).eval()
+    if moved == "load_state_dict":
+        other = lk.LoRALinear4bit.quantize(torch.nn.Linear(128, 96), r=4, double_quant=double_quant)
+        layer.load_state_dict(other.state_dict())
+    else:
+        layer = layer.to("cpu", torch.float32)
+        layer._weight_changed()  # what .to() onto another device does
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(3, 128)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(x)
+    layer.merge(requantize=True)
+    layer.unmerge()
+    after = layer.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert torch.equal(layer(x), y)
