@@ -27,6 +27,13 @@ struct DeviceParts {
   // one each time (issue 18: 5.8x slower with other processes running, PEFT only in proportion).
   bool threaded_blocks;
 
+  // Whether the LoRA branch's products for `rows` rows of width `width` (in or out) and rank r are small enough
+  // to run on the calling thread alone (SerialCalls): on the CPU, up to 4M multiply-adds each (~0.1 ms on one
+  // core), where a parallel region's end costs more than the second thread saves as soon as the machine is busy.
+  bool serial_lora(int64_t rows, int64_t width, int64_t r) const {
+    return threaded_blocks && rows * width * r <= (int64_t{1} << 22);
+  }
+
   // Rows per block when the widest row involved has `width` elements.
   int64_t block_rows(int64_t width) const {
     return std::max<int64_t>(16, block_bytes / std::max<int64_t>(1, width * 4));

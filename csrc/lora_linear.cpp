@@ -72,6 +72,7 @@ void add_lora_forward(const DeviceParts& device, const at::Tensor& x, at::Tensor
                       int64_t seed, int64_t row0) {
   const int64_t M = x.size(0);
   if (M == 0) return;
+  const SerialCalls serial(device.serial_lora(M, std::max(x.size(1), y.size(1)), lora_A.size(0)));
   const bool mixed = is_mixed(x, lora_A);
   if (dropout_p == 0.0 && !mixed) {
     at::mm_out(xa, x, lora_A.t());
@@ -117,6 +118,7 @@ std::tuple<at::Tensor, at::Tensor> lora_backward(const DeviceParts& device, cons
                                                  double dropout_p, int64_t seed, int64_t row0, at::Tensor dx) {
   const int64_t M = x.size(0);
   const bool need_dx = dx.defined();
+  const SerialCalls serial(device.serial_lora(M, std::max(x.size(1), grad_y.size(1)), lora_A.size(0)));
   // float16 keeps gb, dB and dx's LoRA term in float32 (s·dy B easily leaves its range);
   // bfloat16 has float32's range, so gb = s·dy B is rounded once to bfloat16 by the
   // GEMM itself (alpha = s), like any bf16 operand, and the fast 16-bit GEMMs stay.

@@ -407,3 +407,82 @@ def test_cpu_kernels_run_on_several_threads_with_the_same_bits(use_backend):
         torch.set_num_threads(previous)
     for i, (a, b) in enumerate(zip(one, several)):
         assert torch.equal(a, b), f"result {i} differs between 1 and {previous} threads"
+
+
+_REGION_COUNTER = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+static long regions = 0;
+typedef void (*parallel_fn)(void (*)(void*), void*, unsigned, unsigned);
+void GOMP_parallel(void (*body)(void*), void* data, unsigned threads, unsigned flags) {
+  static parallel_fn next = 0;
+  if (!next) next = (parallel_fn)dlsym(RTLD_NEXT, "GOMP_parallel");
+  ++regions;
+  next(body, data, threads, flags);
+}
+long parallel_regions(void) { return regions; }
+"""
+
+_COUNT_REGIONS = r"""
+import ctypes, sys, torch
+import lora_kernels
+from lora_kernels import Weight4bit
+counter = ctypes.CDLL(sys.argv[1])
+counter.parallel_regions.restype = ctypes.c_long
+ops = torch.ops.lora_kernels
+
+def regions(call):
+    before = counter.parallel_regions()
+    call()
+    return counter.parallel_regions() - before
+
+if regions(lora_kernels._C.parallel_threads) != 1:
+    print("no-libgomp")
+    sys.exit(0)
+g = torch.Generator().manual_seed(0)
+weight = torch.randn(1024, 1024, generator=g) / 32
+A, B = torch.randn(16, 1024, generator=g) / 32, torch.randn(1024, 16, generator=g) / 32
+w4 = Weight4bit.quantize(weight, 64, "nf4", True)
+packed = (*w4.kernel_args()[:6], 1024, 64)
+for rows in (1, 16):
+    x, dy = torch.randn(rows, 1024, generator=g), torch.randn(rows, 1024, generator=g)
+    for p in (0.0, 0.1):
+        y, xa = ops.fused_forward(x, weight, None, A, B, 2.0, p, 5)
+        print("dense", rows, p, regions(lambda: ops.fused_forward(x, weight, None, A, B, 2.0, p, 5)),
+              regions(lambda: ops.fused_backward(dy, x, weight, A, B, xa, 2.0, p, 5, True)))
+        y, xa = ops.fused_forward_4bit(x, *packed, None, A, B, 2.0, p, 5)
+        print("nf4", rows, p, regions(lambda: ops.fused_forward_4bit(x, *packed, None, A, B, 2.0, p, 5)),
+              regions(lambda: ops.fused_backward_4bit(dy, x, *packed, A, B, xa, 2.0, p, 5, True)))
+"""
+
+
+@pytest.mark.skipif("cpu" not in compiled_backends(), reason="needs lora_kernels._C")
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one intra-op thread here")
+def test_a_small_batch_runs_one_parallel_region_per_direction(tmp_path):
+    """At a few rows the LoRA branch's products are ~10-100 us each: run threaded, each is a parallel region of
+    its own (MKL's or ATen's) whose end waits for every thread, a time slice each on a busy machine (issue 18:
+    a 4-bit decode train step 15x slower beside two busy processes). They run on the calling thread; a forward
+    and a backward then hold one region each (the base product: BLAS or the 4-bit kernel), dense or 4-bit, with
+    and without dropout. Counted by interposing OpenMP's GOMP_parallel (libgomp, torch's runtime on Linux)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs a C compiler on Linux to build the region counter")
+    (tmp_path / "counter.c").write_text(_REGION_COUNTER)
+    counter = tmp_path / "counter.so"
+    subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(tmp_path / "counter.c"), "-o", str(counter), "-ldl"],
+                   check=True)
+    (tmp_path / "count.py").write_text(_COUNT_REGIONS)
+    env = dict(os.environ, LD_PRELOAD=str(counter))
+    out = subprocess.run([sys.executable, str(tmp_path / "count.py"), str(counter)], env=env, capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    if out[0] == "no-libgomp":
+        pytest.skip("torch's OpenMP runtime is not libgomp here")
+    lines = [line.split() for line in out if line]
+    assert len(lines) == 8, out
+    for kind, rows, p, forward, backward in lines:
+        assert int(forward) <= 1 and int(backward) <= 1, f"{kind} M={rows} p={p}: {forward} / {backward} regions"

@@ -11,10 +11,20 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <c10/util/ParallelGuard.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <optional>
+
+// MKL's per-thread thread count (when torch links MKL, as its x86 builds do; null otherwise): returns the
+// previous per-thread setting, 0 for "the global one". (The C entry point: the lower-case mkl_set_num_threads_local
+// symbol is the Fortran one, which takes a pointer; mkl.h maps the C name to this.)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace lora_kernels {
 
@@ -37,5 +47,41 @@ void parallel_pieces(int64_t count, int64_t grain, const Body& body) {
       body(piece * grain, std::min(count, (piece + 1) * grain));
   });
 }
+
+}  // namespace lora_kernels
+
+namespace lora_kernels {
+
+// While one lives, the ATen and BLAS calls this thread makes run on this thread alone. For the small products
+// of a call (the LoRA branch at a few rows: ~10-100 us of work each): MKL and ATen give each its own parallel
+// region, and every region ends waiting for all threads; on a busy machine that is a wait for a descheduled
+// thread, a time slice per region (issue 18: a 4-bit decode train step ran 10 regions, 15x slower beside two
+// busy processes; PEFT 3x). Off (`serial` false), it does nothing.
+class SerialCalls {
+ public:
+  explicit SerialCalls(bool serial) : serial_(serial) {
+    if (!serial_) return;
+    guard_.emplace(true);  // ATen's parallel_for runs inline, as inside a region
+#ifdef _OPENMP
+    threads_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    if (MKL_Set_Num_Threads_Local != nullptr) mkl_threads_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialCalls() {
+    if (!serial_) return;
+#ifdef _OPENMP
+    omp_set_num_threads(threads_);
+#endif
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads_);
+  }
+  SerialCalls(const SerialCalls&) = delete;
+  SerialCalls& operator=(const SerialCalls&) = delete;
+
+ private:
+  bool serial_;
+  std::optional<c10::ParallelGuard> guard_;
+  int threads_ = 1, mkl_threads_ = 0;
+};
 
 }  // namespace lora_kernels

@@ -411,16 +411,18 @@ at::Tensor Packed4bit::input_grad(const at::Tensor& grad_y) const {
     const at::Tensor dy = grad_y.contiguous();
     const float* dyp = dy.data_ptr<float>();
     const int64_t shares = block_shares(kCpu, out);
-    at::Tensor partial = at::zeros({shares, M, in}, dy.options());
+    at::Tensor partial = at::empty({shares, M, in}, dy.options());
     float* pp = partial.data_ptr<float>();
     for_block_shares(kCpu, out, [&](int64_t first, int64_t end, int64_t share) {
       std::vector<float> row(in);
       float* acc = pp + share * M * in;
+      std::fill(acc, acc + M * in, 0.0f);  // here, not as at::zeros: that would be one more parallel region
       for (int64_t o = first; o < end; ++o) {
         dequantize_span(*this, isa, o * in, in, row.data());
         for (int64_t m = 0; m < M; ++m) axpy(dyp[m * out + o], row.data(), acc + m * in, in);
       }
     });
+    const SerialCalls serial(true);  // [shares, M <= 16, in]: too small for a parallel region of its own
     return shares == 1 ? partial[0] : partial.sum(0);
   }
   const int64_t cols = panel_extent(panel_bytes(grad_y.numel() * grad_y.element_size()), out,
