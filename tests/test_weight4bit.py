@@ -523,7 +523,12 @@ def test_inject_lora_quantize_nf4_without_bitsandbytes():
 
 
 def _qlora_base(compute_dtype, tmp_path):
-    """A builder of a tiny transformers Llama loaded in 4 bits by bitsandbytes (nf4, double quant, on CPU)."""
+    """A builder of a tiny transformers Llama loaded in 4 bits by bitsandbytes (nf4, double quant, on CPU).
+
+    On a CPU with AVX512-BF16, bitsandbytes runs a Linear4bit's forward without gradients in eval mode through
+    its own bfloat16 kernel (the weight repacked in place, x rounded to bfloat16: ~1e-3 off the float32
+    function); the models built here keep its float32 path, the function PEFT's layers compute everywhere else
+    and the one the comparisons hold ours to."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -531,8 +536,16 @@ def _qlora_base(compute_dtype, tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
     quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
-    return lambda: transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
-                                                                 device_map="cpu")
+
+    def build():
+        model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization,
+                                                              device_map="cpu")
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        return model
+
+    return build
 
 
 def _qlora_models(compute_dtype, tmp_path):

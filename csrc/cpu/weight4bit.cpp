@@ -2,10 +2,11 @@
 // with x (forward) and dy (dx in backward), without ever building the whole dequantized [out, in] weight.
 //
 //   M <= 16, float32 one pass over the packed weight: 32 codes at a time are looked up in the 16-entry
-//                    table (one AVX-512 permute, two AVX2 permutes and a blend), scaled, and multiplied with every
-//                    row of x in registers; for dx each of 8 fixed shares of W0's rows adds dy[m, o] times row
-//                    o, dequantized in L1, to its own dx. Decode is memory-bound: it reads 1/8 of the float32
-//                    weight's bytes.
+//                    table, scaled once per block (shifts in "lane order", then one AVX-512 permute, or two
+//                    AVX2 permutes and a blend, per vector), and multiplied with every row of x in registers;
+//                    for dx each of 8 fixed shares of W0's rows adds dy[m, o] times row o, dequantized in L1, to
+//                    its own dx. Decode reads 1/8 of the float32 weight's bytes; at M = 1 it is bound by the
+//                    decoding (~13 GB/s of codes on 2 cores, where F.linear streams ~50 GB/s), above by the FMAs.
 //   otherwise        panels of W0 (rows for y = x W0ᵀ, columns for dx = dy W0) are dequantized into one
 //                    buffer (4-16 MB: panel_bytes) in the compute dtype and fed to BLAS, which keeps the GEMM at
 //                    its own speed; panels are dequantized in parallel, one parallel region each.
