@@ -140,7 +140,11 @@ def markdown_report(results: list[CaseResult], info: dict) -> str:
                   "PEFT's LoRA layer on a bitsandbytes Linear4bit holding the same bytes; *ours-dense*: our "
                   f"LoRALinear on the {compute} weight; *dequant*: the whole weight dequantized (our kernel), then "
                   "F.linear and the LoRA branch (unsloth's and torchao's way). *target*: ours / base (CPU: decode; "
-                  "GPU: M >= 2048).", "",
+                  "GPU: M >= 2048)." + (
+                      " On this CPU (AVX512-BF16) bitsandbytes computes PEFT's forward without gradients in "
+                      "bfloat16 (its own kernel, x rounded to bfloat16: ~3e-3 relative error at 4096², measured "
+                      "2026-12-04, against ours 2e-7): its forward rows time a less exact function."
+                      if info.get("bnb_bf16_cpu") else ""), "",
                   "| case | base | " + " | ".join(names) + " | target | met |",
                   "|---|---|" + "---|" * len(names) + "---|---|"]
         for r in qlora:
