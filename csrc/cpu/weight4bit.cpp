@@ -127,21 +127,25 @@ __attribute__((target("avx2"))) inline void nibbles_in_order(const uint8_t* byte
   second = _mm_unpackhi_epi8(high, lo);
 }
 
-// 16 table values, one 512-bit permute (the whole table fits a register).
-__attribute__((target("avx512f,avx512bw"))) inline __m512 lookup16_avx512(__m128i nibbles, __m512 table) {
-  return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nibbles), table);
-}
-
+// In element order: lane j of a chunk's first vector takes element j, the nibble at bits 8·((j % 8) / 2) + 4
+// (j even: the high nibble) .. of 32-bit word j / 8; a word permute places the words, a per-lane shift the
+// nibble, and the table (scaled once per block) is permuted by the index in each lane's low 4 bits.
 __attribute__((target("avx512f,avx512bw"))) void dequantize_chunks_avx512(const Packed4bit& w, int64_t e,
                                                                          int64_t chunks, float* out) {
   const __m512 table = _mm512_loadu_ps(w.table);
+  const __m512i first_words = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i second_words = _mm512_add_epi32(first_words, _mm512_set1_epi32(2));
+  const __m512i shifts = _mm512_set_epi32(24, 28, 16, 20, 8, 12, 0, 4, 24, 28, 16, 20, 8, 12, 0, 4);
   BlockScale block_scale(w);
+  __m512 scaled = table;
   for (int64_t c = 0; c < chunks; ++c, e += kChunk, out += kChunk) {
-    const __m512 scale = _mm512_set1_ps(block_scale(e));
-    __m128i first, second;
-    nibbles_in_order(w.codes + (e >> 1), first, second);
-    _mm512_storeu_ps(out, _mm512_mul_ps(lookup16_avx512(first, table), scale));
-    _mm512_storeu_ps(out + 16, _mm512_mul_ps(lookup16_avx512(second, table), scale));
+    if (block_scale.moved(e)) scaled = _mm512_mul_ps(table, _mm512_set1_ps(block_scale.value()));
+    const __m512i words =
+        _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.codes + (e >> 1))));
+    const __m512i first = _mm512_srlv_epi32(_mm512_permutexvar_epi32(first_words, words), shifts);
+    const __m512i second = _mm512_srlv_epi32(_mm512_permutexvar_epi32(second_words, words), shifts);
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(first, scaled));
+    _mm512_storeu_ps(out + 16, _mm512_permutexvar_ps(second, scaled));
   }
 }
 
