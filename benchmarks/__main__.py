@@ -23,7 +23,7 @@ import torch
 from .cases import linear_cases, merge_cases
 from .harness import LOCAL_RESULTS_DIR, RESULTS_DIR, ROOT, machine_info, machine_slug, write_results
 from .runners import add_peak_rss, run_drift, run_linear, run_merge
-from .tables import markdown_report
+from .tables import markdown_report, paired_busy_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="write into the tracked benchmarks/results/<machine>-<date>/ that the README cites "
                              "(then commit it and run python -m benchmarks.readme_results)")
     parser.add_argument("--no-save", action="store_true", help="print only")
+    parser.add_argument("--paired-rounds", type=int, default=0, metavar="K",
+                        help="with --busy: time each LoRA-linear case K times with the busy processes paused "
+                             "(SIGSTOP) and K times running, alternating, and report ours / PEFT of both "
+                             "(medians over the rounds): the busy-machine comparison within one run")
     parser.add_argument("--busy", type=int, default=0, metavar="N",
                         help="run N busy processes beside the benchmark (a machine shared with DataLoader workers "
                              "or other jobs); the report records N")
@@ -83,11 +87,21 @@ def main(argv: list[str] | None = None) -> None:
         def tqdm(items, **_):
             return items
 
-    results = []
+    if args.paired_rounds and not args.busy:
+        parser.error("--paired-rounds needs --busy N (the processes it pauses and resumes)")
+    results, paired = [], []
     load_average = [_load_average()]
-    with busy_processes(args.busy):
+    with busy_processes(args.busy) as workers:
         for op, job in tqdm(jobs, desc="benchmark", unit="case", file=sys.stderr):
-            if op == "linear":
+            if op == "linear" and args.paired_rounds:
+                quiet, busy = [], []
+                for _ in range(args.paired_rounds):
+                    with paused(workers):
+                        quiet.append(run_linear(job, device, wanted, budget))
+                    busy.append(run_linear(job, device, wanted, budget))
+                paired.append((quiet, busy))
+                results.append(busy[-1])
+            elif op == "linear":
                 results.append(run_linear(job, device, wanted, budget))
             elif op == "merge":
                 results.append(run_merge(job, device, wanted, budget))
@@ -102,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     info["busy_processes"] = args.busy
     info["ours_backend"] = _ours_backend(device)
     report = markdown_report(results, info)
+    if paired:
+        report = "\n".join(paired_busy_table(paired, args.busy)) + "\n\n" + report
     print(report)
     if not args.no_save:
         out_dir = args.out or (RESULTS_DIR if args.save_results else LOCAL_RESULTS_DIR) / machine_slug(info)
@@ -122,6 +138,21 @@ def busy_processes(n: int):
         for worker in workers:
             worker.kill()
             worker.wait()
+
+
+@contextlib.contextmanager
+def paused(workers):
+    """The busy processes stopped (SIGSTOP) for the block and resumed after it: a quiet machine between two busy
+    stretches of the same run."""
+    import signal
+
+    for worker in workers:
+        worker.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGCONT)
 
 
 def _load_average() -> float | None:

@@ -54,6 +54,33 @@ def summary_lines(results: list[CaseResult], info: dict) -> list[str]:
     return lines + [""] if lines else []
 
 
+def paired_busy_table(paired: list[tuple[list[CaseResult], list[CaseResult]]], busy: int) -> list[str]:
+    """--paired-rounds: per case, ours / PEFT with the busy processes paused and running (medians over the rounds,
+    which alternated), its change, and whether it stayed within 10% of the quiet value (or improved)."""
+    def median(values):
+        values = sorted(values)
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+    rows, held = [], 0
+    for quiet, loaded in paired:
+        q = [r.ratio("ours", "peft") for r in quiet if r.ratio("ours", "peft") is not None]
+        b = [r.ratio("ours", "peft") for r in loaded if r.ratio("ours", "peft") is not None]
+        if not q or not b:
+            continue
+        q_med, b_med = median(q), median(b)
+        change = b_med / q_med - 1.0
+        held += change <= 0.10
+        rows.append(f"| {quiet[0].case} | {q_med:.3f} | {b_med:.3f} | {change:+.0%} | "
+                    f"{'yes' if change <= 0.10 else 'no'} |")
+    rounds = len(paired[0][0]) if paired else 0
+    processes = f"{busy} busy process" + ("es" if busy != 1 else "")
+    return [f"**Busy machine, paired**: ours / PEFT with {processes} paused and running, {rounds} "
+            f"alternating rounds per case (medians): within 10% of the quiet value (or better) in {held} of "
+            f"{len(rows)} cases.", "",
+            "| case | ours/PEFT quiet | ours/PEFT busy | change | within 10% |", "|---|---|---|---|---|"] + rows
+
+
 def busy_machine_note(results: list[CaseResult], info: dict) -> str | None:
     """A warning when the ratios may be off by more than usual: load above the core count during the
     run, or a wide spread between repetitions (interquartile range over 15% of the median) in many cases."""

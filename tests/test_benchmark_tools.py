@@ -105,6 +105,34 @@ def test_busy_processes_run_beside_the_block_and_stop_after_it():
     assert all(w.poll() is not None for w in workers)  # and stopped
 
 
+def test_paired_busy_rounds_pause_the_busy_processes_and_report_the_change_of_ours_over_peft():
+    import time
+
+    from benchmarks.__main__ import busy_processes, paused
+    from benchmarks.harness import CaseResult
+    from benchmarks.tables import paired_busy_table
+
+    def cpu_seconds(worker):
+        return sum(float(v) for v in open(f"/proc/{worker.pid}/stat").read().rsplit(")", 1)[1].split()[11:13]) / 100
+
+    with busy_processes(1) as workers:
+        time.sleep(0.3)
+        with paused(workers):
+            before = cpu_seconds(workers[0])
+            time.sleep(0.5)
+            assert cpu_seconds(workers[0]) - before < 0.05  # stopped
+        time.sleep(0.5)
+        assert cpu_seconds(workers[0]) - before > 0.2  # running again
+
+    def case(ours, peft):
+        return CaseResult("linear", "M=1 fwd", {}, _timed(base=1.0, ours=ours, peft=peft))
+
+    # quiet 0.5, 0.6, 0.55 (median 0.55); busy 0.66, 0.70, 0.50 (median 0.66): +20%, not held
+    lines = paired_busy_table([([case(1.0, 2.0), case(1.2, 2.0), case(1.1, 2.0)],
+                                [case(1.32, 2.0), case(1.4, 2.0), case(1.0, 2.0)])], 2)
+    assert "in 0 of 1 cases" in lines[0] and "| M=1 fwd | 0.550 | 0.660 | +20% | no |" in lines
+
+
 def test_dora_cost_model_counts_what_dora_adds():
     """predict_dora = the LoRA path's kernels + DoRA's: never cheaper than LoRA, dropout's second product with W0
     adds about one GEMM forward and one backward (its flops appear in the prediction)."""
