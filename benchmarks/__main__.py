@@ -3,6 +3,7 @@
     python -m benchmarks                 # --quick: the CPU comparison table (about 4 min on 2 cores, QLoRA cases included)
     python -m benchmarks --full          # more shapes, ranks, dtypes, loralib; drift
     python -m benchmarks --op merge --provider ours,peft --shape 4096
+    python -m benchmarks --op linear --busy 2 --paired-rounds 3   # ours / PEFT quiet and beside 2 busy processes
 
 Every LoRA-linear case times the providers of providers.py in one run and
 reports each as a ratio to the base layer (F.linear with the same weight).
