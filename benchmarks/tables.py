@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from .harness import CaseResult
 
 
@@ -57,18 +59,13 @@ def summary_lines(results: list[CaseResult], info: dict) -> list[str]:
 def paired_busy_table(paired: list[tuple[list[CaseResult], list[CaseResult]]], busy: int) -> list[str]:
     """--paired-rounds: per case, ours / PEFT with the busy processes paused and running (medians over the rounds,
     which alternated), its change, and whether it stayed within 10% of the quiet value (or improved)."""
-    def median(values):
-        values = sorted(values)
-        mid = len(values) // 2
-        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
     rows, held = [], 0
     for quiet, loaded in paired:
         q = [r.ratio("ours", "peft") for r in quiet if r.ratio("ours", "peft") is not None]
         b = [r.ratio("ours", "peft") for r in loaded if r.ratio("ours", "peft") is not None]
         if not q or not b:
             continue
-        q_med, b_med = median(q), median(b)
+        q_med, b_med = statistics.median(q), statistics.median(b)
         change = b_med / q_med - 1.0
         held += change <= 0.10
         rows.append(f"| {quiet[0].case} | {q_med:.3f} | {b_med:.3f} | {change:+.0%} | "

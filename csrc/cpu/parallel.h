@@ -6,7 +6,8 @@
 // descheduled one. Each thread runs with the caller's thread-local state (grad mode, inference mode, dispatch
 // keys: a body may call ATen ops, and OpenMP's threads do not inherit it); ATen and BLAS calls inside a body run
 // single-threaded (they see the parallel region). Which thread runs a piece never changes a result: bodies write
-// disjoint outputs, or per-piece partial sums added in piece order.
+// disjoint outputs, or per-piece partial sums added in piece order. SerialCalls (below) is the other way round:
+// a scope whose ATen and BLAS calls stay on the calling thread, for work too small to repay a region.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -48,10 +49,6 @@ void parallel_pieces(int64_t count, int64_t grain, const Body& body) {
   });
 }
 
-}  // namespace lora_kernels
-
-namespace lora_kernels {
-
 // While one lives, the ATen and BLAS calls this thread makes run on this thread alone. For the small products
 // of a call (the LoRA branch at a few rows: ~10-100 us of work each): MKL and ATen give each its own parallel
 // region, and every region ends waiting for all threads; on a busy machine that is a wait for a descheduled
@@ -59,8 +56,8 @@ namespace lora_kernels {
 // busy processes; PEFT 3x). Off (`serial` false), it does nothing.
 class SerialCalls {
  public:
-  explicit SerialCalls(bool serial) : serial_(serial) {
-    if (!serial_) return;
+  explicit SerialCalls(bool serial) {
+    if (!serial) return;
     guard_.emplace(true);  // ATen's parallel_for runs inline, as inside a region
 #ifdef _OPENMP
     threads_ = omp_get_max_threads();
@@ -69,7 +66,7 @@ class SerialCalls {
     if (MKL_Set_Num_Threads_Local != nullptr) mkl_threads_ = MKL_Set_Num_Threads_Local(1);
   }
   ~SerialCalls() {
-    if (!serial_) return;
+    if (!guard_.has_value()) return;
 #ifdef _OPENMP
     omp_set_num_threads(threads_);
 #endif
@@ -79,8 +76,7 @@ class SerialCalls {
   SerialCalls& operator=(const SerialCalls&) = delete;
 
  private:
-  bool serial_;
-  std::optional<c10::ParallelGuard> guard_;
+  std::optional<c10::ParallelGuard> guard_;  // engaged: serial
   int threads_ = 1, mkl_threads_ = 0;
 };
 

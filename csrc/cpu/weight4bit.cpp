@@ -4,8 +4,8 @@
 //   M <= 16, float32 one pass over the packed weight: 32 codes at a time are looked up in the 16-entry
 //                    table, scaled once per block (shifts in "lane order", then one AVX-512 permute, or two
 //                    AVX2 permutes and a blend, per vector), and multiplied with every row of x in registers;
-//                    for dx each of 8 fixed shares of W0's rows adds dy[m, o] times row o, dequantized in L1, to
-//                    its own dx. Decode reads 1/8 of the float32 weight's bytes; at M = 1 it is bound by the
+//                    for dx each of 8 fixed shares of W0's rows adds dy[m, o] times row o to its own dx, a tile
+//                    of 16 rows × 256 columns at a time (dequantized into L1, added register-blocked). Decode reads 1/8 of the float32 weight's bytes; at M = 1 it is bound by the
 //                    decoding (~13 GB/s of codes on 2 cores, where F.linear streams ~50 GB/s), above by the FMAs.
 //   otherwise        panels of W0 (rows for y = x W0ᵀ, columns for dx = dy W0) are dequantized into one
 //                    buffer (4-16 MB: panel_bytes) in the compute dtype and fed to BLAS, which keeps the GEMM at
@@ -149,15 +149,6 @@ __attribute__((target("avx512f,avx512bw"))) void dequantize_chunks_avx512(const 
   }
 }
 
-// partial[r] += Σ W0 element · x[r, k] over the chunks, for R rows of x at once: each chunk is decoded once and
-// multiplied with every row (R accumulators in registers). partial holds kLanes floats per row of x, whose sum is
-// the row's dot product: added lane-wise here, summed once at the end (fused_forward_rows), so that a row can be
-// taken in several spans at no cost.
-//
-// x is packed chunk-major in lane order (PackedX below): chunk c of row r at x + c·(R_total·32) + r·32, so that
-// the rows' loads are at fixed offsets from one pointer (row-major rows a power of two apart also share L1 sets).
-// The table is scaled once per block (table[code] · scale: the same float32 product as scaling each looked-up
-// value), so a chunk costs one broadcast load, two variable shifts and two permutes before its FMAs.
 // The decode state of dot_chunks_avx512: the table scaled for the current block, the shifts of the lane order.
 struct LaneDecodeAvx512 {
   __m512 table, scaled;
@@ -179,6 +170,15 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) inline void dot_chunk
   }
 }
 
+// partial[r] += Σ W0 element · x[r, k] over the chunks, for R rows of x at once: each chunk is decoded once and
+// multiplied with every row (R accumulators in registers). partial holds kLanes floats per row of x, whose sum is
+// the row's dot product: added lane-wise here, summed once at the end (fused_forward_rows), so that a row can be
+// taken in several spans at no cost.
+//
+// x is packed chunk-major in lane order (PackedX below): chunk c of row r at x + c·(R_total·32) + r·32, so that
+// the rows' loads are at fixed offsets from one pointer (row-major rows a power of two apart also share L1 sets).
+// The table is scaled once per block (table[code] · scale: the same float32 product as scaling each looked-up
+// value), so a chunk costs one broadcast load, two variable shifts and two permutes before its FMAs.
 template <int R>
 __attribute__((target("avx512f,avx512bw"))) void dot_chunks_avx512(const Packed4bit& w, int64_t e, int64_t chunks,
                                                                   const float* x, int64_t cstride, float* partial) {
@@ -442,6 +442,15 @@ void dequantize_panel(const Packed4bit& w, Isa isa, int64_t row0, int64_t rows, 
 // g rows g_stride apart), i in order, one rounding per term (an FMA each, as a[j] += g · v[j] compiles to). Each
 // column vector of the R rows stays in registers over the tile's rows: no load and store of acc per term.
 #ifdef LK_X86
+// Columns j0 .. cols-1 of the vector kernels' R rows, one element at a time (the same FMA per term).
+void add_tile_products_tail(const float* g, int64_t g_stride, const float* tile, int64_t tile_stride, int64_t rows,
+                            float* acc, int64_t acc_stride, int64_t j0, int64_t cols, int64_t R) {
+  for (int64_t j = j0; j < cols; ++j)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t i = 0; i < rows; ++i)
+        acc[r * acc_stride + j] = std::fma(g[r * g_stride + i], tile[i * tile_stride + j], acc[r * acc_stride + j]);
+}
+
 template <int R>
 __attribute__((target("avx512f"))) void add_tile_products_avx512(const float* g, int64_t g_stride, const float* tile,
                                                                  int64_t tile_stride, int64_t rows, float* acc,
@@ -456,10 +465,7 @@ __attribute__((target("avx512f"))) void add_tile_products_avx512(const float* g,
     }
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + r * acc_stride + j, a[r]);
   }
-  for (; j < cols; ++j)
-    for (int r = 0; r < R; ++r)
-      for (int64_t i = 0; i < rows; ++i)
-        acc[r * acc_stride + j] = std::fma(g[r * g_stride + i], tile[i * tile_stride + j], acc[r * acc_stride + j]);
+  add_tile_products_tail(g, g_stride, tile, tile_stride, rows, acc, acc_stride, j, cols, R);
 }
 
 template <int R>
@@ -476,10 +482,7 @@ __attribute__((target("avx2,fma"))) void add_tile_products_avx2(const float* g, 
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + r * acc_stride + j, a[r]);
   }
-  for (; j < cols; ++j)
-    for (int r = 0; r < R; ++r)
-      for (int64_t i = 0; i < rows; ++i)
-        acc[r * acc_stride + j] = std::fma(g[r * g_stride + i], tile[i * tile_stride + j], acc[r * acc_stride + j]);
+  add_tile_products_tail(g, g_stride, tile, tile_stride, rows, acc, acc_stride, j, cols, R);
 }
 #endif
 
