@@ -88,13 +88,6 @@ at::Tensor dropout_mask_cpu(int64_t row0, int64_t rows, int64_t cols, double p, 
 // The whole mask of x [M, in] (the op dropout_mask, which DoRA's second product with W0 needs).
 at::Tensor dropout_mask_of_cpu(const at::Tensor& x, double dropout_p, int64_t seed);
 
-// ---- DoRA with dropout (cpu/dora_dropped.cpp): the products with W0 of x's dropped elements only, d = 1 - mask.
-// keep: the [M, in] float32 mask of dropout_mask (0 where dropped).
-at::Tensor dora_dropped_product_cpu(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias,
-                                    const at::Tensor& keep);  // bias + (x ⊙ d) W0ᵀ
-void dora_dropped_gradient_cpu_(at::Tensor& dx, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& keep,
-                                double scale);                // dx += scale · d ⊙ (h W0)
-
 // ---- in-place merge: W = round(W + s · B A - s' · B' A'), the two products accumulated
 // in fp32 (fp64 for fp64 weights), one rounding per element; the subtracted adapter
 // (sub_A [r', in], sub_B [out, r'], s') is optional and serves one-pass switching.

@@ -17,7 +17,6 @@
 // (LORA_KERNELS_CPU_ISA=avx512|avx2|scalar forces one, for tests and for measuring each on one machine).
 #include "../fused_common.h"
 #include "../weight4bit.h"
-#include "isa.h"
 #include "parallel.h"
 
 #include <algorithm>
@@ -27,9 +26,39 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LK_X86 1
+#endif
+
 namespace lora_kernels {
 namespace fused {
 namespace {
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+Isa detected_isa() {
+#ifdef LK_X86
+  static const Isa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? Isa::kAvx512
+                          : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")   ? Isa::kAvx2
+                                                                                                : Isa::kScalar;
+  return best;
+#else
+  return Isa::kScalar;
+#endif
+}
+
+// The ISA the kernels use: the CPU's best, or a lower one asked for by LORA_KERNELS_CPU_ISA (read per call).
+Isa chosen_isa() {
+  const Isa best = detected_isa();
+  const char* asked = std::getenv("LORA_KERNELS_CPU_ISA");
+  if (asked == nullptr || *asked == '\0') return best;
+  Isa want = best;
+  if (std::strcmp(asked, "scalar") == 0) want = Isa::kScalar;
+  if (std::strcmp(asked, "avx2") == 0) want = Isa::kAvx2;
+  if (std::strcmp(asked, "avx512") == 0) want = Isa::kAvx512;
+  return std::min(want, best);
+}
 
 // Lanes of a partial dot product (dot_chunks_*): an AVX-512 vector.
 constexpr int64_t kLanes = 16;
