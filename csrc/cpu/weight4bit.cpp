@@ -451,37 +451,67 @@ void add_tile_products_tail(const float* g, int64_t g_stride, const float* tile,
         acc[r * acc_stride + j] = std::fma(g[r * g_stride + i], tile[i * tile_stride + j], acc[r * acc_stride + j]);
 }
 
+// Columns [j, j + 16·C) of the R rows: R·C accumulators, so that few rows still keep C·R FMAs in flight (one
+// row alone would wait on each FMA's latency).
+template <int R, int C>
+__attribute__((target("avx512f"), always_inline)) inline void tile_columns_avx512(
+    const float* g, int64_t g_stride, const float* tile, int64_t tile_stride, int64_t rows, float* acc,
+    int64_t acc_stride, int64_t j) {
+  __m512 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = _mm512_loadu_ps(acc + r * acc_stride + j + 16 * c);
+  for (int64_t i = 0; i < rows; ++i) {
+    __m512 t[C];
+    for (int c = 0; c < C; ++c) t[c] = _mm512_loadu_ps(tile + i * tile_stride + j + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 gv = _mm512_set1_ps(g[r * g_stride + i]);
+      for (int c = 0; c < C; ++c) a[r][c] = _mm512_fmadd_ps(gv, t[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + r * acc_stride + j + 16 * c, a[r][c]);
+}
+
 template <int R>
 __attribute__((target("avx512f"))) void add_tile_products_avx512(const float* g, int64_t g_stride, const float* tile,
                                                                  int64_t tile_stride, int64_t rows, float* acc,
                                                                  int64_t acc_stride, int64_t cols) {
+  constexpr int C = R >= 4 ? 1 : 4 / R;
   int64_t j = 0;
-  for (; j + 16 <= cols; j += 16) {
-    __m512 a[R];
-    for (int r = 0; r < R; ++r) a[r] = _mm512_loadu_ps(acc + r * acc_stride + j);
-    for (int64_t i = 0; i < rows; ++i) {
-      const __m512 t = _mm512_loadu_ps(tile + i * tile_stride + j);
-      for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(g[r * g_stride + i]), t, a[r]);
-    }
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + r * acc_stride + j, a[r]);
-  }
+  for (; j + 16 * C <= cols; j += 16 * C)
+    tile_columns_avx512<R, C>(g, g_stride, tile, tile_stride, rows, acc, acc_stride, j);
+  for (; j + 16 <= cols; j += 16) tile_columns_avx512<R, 1>(g, g_stride, tile, tile_stride, rows, acc, acc_stride, j);
   add_tile_products_tail(g, g_stride, tile, tile_stride, rows, acc, acc_stride, j, cols, R);
+}
+
+template <int R, int C>
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_columns_avx2(
+    const float* g, int64_t g_stride, const float* tile, int64_t tile_stride, int64_t rows, float* acc,
+    int64_t acc_stride, int64_t j) {
+  __m256 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = _mm256_loadu_ps(acc + r * acc_stride + j + 8 * c);
+  for (int64_t i = 0; i < rows; ++i) {
+    __m256 t[C];
+    for (int c = 0; c < C; ++c) t[c] = _mm256_loadu_ps(tile + i * tile_stride + j + 8 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m256 gv = _mm256_set1_ps(g[r * g_stride + i]);
+      for (int c = 0; c < C; ++c) a[r][c] = _mm256_fmadd_ps(gv, t[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + r * acc_stride + j + 8 * c, a[r][c]);
 }
 
 template <int R>
 __attribute__((target("avx2,fma"))) void add_tile_products_avx2(const float* g, int64_t g_stride, const float* tile,
                                                                int64_t tile_stride, int64_t rows, float* acc,
                                                                int64_t acc_stride, int64_t cols) {
+  constexpr int C = R >= 4 ? 1 : 4 / R;
   int64_t j = 0;
-  for (; j + 8 <= cols; j += 8) {
-    __m256 a[R];
-    for (int r = 0; r < R; ++r) a[r] = _mm256_loadu_ps(acc + r * acc_stride + j);
-    for (int64_t i = 0; i < rows; ++i) {
-      const __m256 t = _mm256_loadu_ps(tile + i * tile_stride + j);
-      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_set1_ps(g[r * g_stride + i]), t, a[r]);
-    }
-    for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + r * acc_stride + j, a[r]);
-  }
+  for (; j + 8 * C <= cols; j += 8 * C)
+    tile_columns_avx2<R, C>(g, g_stride, tile, tile_stride, rows, acc, acc_stride, j);
+  for (; j + 8 <= cols; j += 8) tile_columns_avx2<R, 1>(g, g_stride, tile, tile_stride, rows, acc, acc_stride, j);
   add_tile_products_tail(g, g_stride, tile, tile_stride, rows, acc, acc_stride, j, cols, R);
 }
 #endif
