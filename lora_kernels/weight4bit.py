@@ -220,9 +220,6 @@ class Weight4bit:
         if state is None:
             raise ValueError("param has no quant_state: a bitsandbytes Params4bit is quantized when it is moved to "
                              "a device (.to('cpu') / .cuda()); this one was not")
-        if getattr(state, "packing_format_for_cpu", False):
-            raise ValueError("this Params4bit was repacked by bitsandbytes' CPU inference path (its codes are no longer "
-                             "in the 4-bit layout): wrap the Linear4bit before running it without gradients")
         if state.nested:
             if state.state2.blocksize != NESTED_BLOCKSIZE:
                 raise ValueError(f"double quantization with blocks of {state.state2.blocksize} scales is not read "
@@ -238,6 +235,11 @@ class Weight4bit:
         """from_bnb without its checks (data-dependent), for a Params4bit whose quant_state from_bnb has accepted
         (`checked`, whose tables are reused): how it is read inside a torch.compile'd function."""
         state = param.quant_state
+        # bitsandbytes' CPU inference path (eval, no gradients) repacks in place, editing this same quant_state:
+        # a flag, not data, so it is read under torch.compile too.
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError("this Params4bit was repacked by bitsandbytes' CPU inference path (its codes are no longer "
+                             "in the 4-bit layout): wrap the Linear4bit before running it without gradients")
         codes = param.data.reshape(-1).view(torch.uint8)
         nested_absmax = offset = None
         if state.nested:

@@ -1028,3 +1028,25 @@ def test_requantized_merge_after_a_load_or_move_unmerges_bit_for_bit(moved, doub
     for key, value in before.items():
         assert torch.equal(after[key], value), key
     assert torch.equal(layer(x), y)
+
+
+@needs_bnb
+def test_a_weight_bitsandbytes_repacked_after_compiling_is_refused_not_misread(tmp_path):
+    """bitsandbytes' CPU inference path (eval, no gradients, AVX512-BF16) repacks a Params4bit in place: its data is
+    replaced and its quant_state edited (same object, scales decoded, nested cleared). A compiled patched layer that
+    had checked that quant_state once must not read the repacked bytes as 4-bit codes: it raises, as eager does."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    from lora_kernels.peft import patch_peft_model
+
+    ours, _ = _qlora_models(torch.float32, tmp_path)
+    patch_peft_model(ours)
+    layer = ours.base_model.model.model.layers[0].mlp.down_proj
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    x = torch.randn(2, 5, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    weight = layer.base_layer.weight
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    for run in (compiled, layer):
+        with pytest.raises((ValueError, RuntimeError), match="repacked"), torch.no_grad():
+            run(x)
