@@ -4,6 +4,7 @@ and the cache of row norms a layer reuses between forwards.
     merged = dora_merge_(weight, lora_A, lora_B, magnitude, scaling, safe=False, exact=False)
     dora_unmerge_(weight, lora_A, lora_B, scaling, merged)
     cache = DoRANormCache(); cache.norm(weight, lora_A, lora_B, scaling)
+    y = cached_dora_linear(cache, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
 
 A block of rows at a time, in float32 (float64 for float64 weights), one rounding per element: temporaries stay
 near 2**20 elements whatever the weight's size. The gain g used is kept in the returned DoRAMerge (a merged weight
@@ -13,16 +14,17 @@ the elements whose round trip is inexact (a MergeRecord) and unmerge restores W0
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import validation
-from .functional import dora_weight_norm
+from .functional import dora_linear, dora_linear_inference, dora_weight_norm
 from .merge_record import InexactElements, MergeRecord
 from .weight4bit import Weight4bit
-from .ops.dora_linear import _row_blocks, dora_weight_norm_op, norm_dtype, row_sq_norms
+from .ops.dora_linear import _gain, _row_blocks, dora_weight_norm_op, norm_dtype, row_sq_norms
 
 
 @dataclass
@@ -104,41 +106,95 @@ def dora_unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
 
 
 class DoRANormCache:
-    """The row norms a DoRA layer reuses: ‖W0_o‖² while W0 is unchanged, and the norm ‖W0 + s·BA‖ itself while W0,
-    A, B and s are: every forward in eval, and in training every forward between two optimizer steps (gradient
-    accumulation, activation checkpointing's recomputed forward); a step changes A and B, and the next forward
-    recomputes the adapter's terms (W0 Aᵀ: one more read of W0). A tensor counts as unchanged while its data
-    pointer, version counter, dtype, device and shape are: in-place updates (an optimizer step, load_state_dict,
-    merge) are seen; a write through ``.data`` is not (clear() after one)."""
+    """The row norms a DoRA layer reuses: ‖W0_o‖² while W0 is unchanged, the norm ‖W0 + s·BA‖ itself while W0, A, B
+    and s are (every forward in eval, and in training every forward between two optimizer steps: gradient
+    accumulation, activation checkpointing's recomputed forward; a step changes A and B, and the next forward
+    recomputes the adapter's terms, W0 Aᵀ: one more read of W0), and the gain g = m / ‖W0 + s·BA‖ while m is
+    unchanged too (forwards without gradient). A tensor counts as unchanged while it is the same tensor (the same
+    object, or a view of it: held weakly, so that a tensor freed and another allocated at its address, with the
+    same version counter, is not taken for it) with the same data pointer and version counter: in-place updates
+    (an optimizer step, load_state_dict, merge) and replaced parameters are seen; a write through ``.data`` is not
+    (clear() after one)."""
 
     def __init__(self):
         self.clear()
 
     def clear(self) -> None:
-        self._sq_norm = (None, None)
-        self._norm = (None, None)
+        self._kept: dict[str, tuple] = {}  # "sq_norm", "norm", "gain" -> (weak refs, state, value)
 
     @staticmethod
-    def _state_of(*tensors) -> tuple:
-        """Of tensors, or of a Weight4bit's codes and scales."""
-        state = []
+    def _parts(*tensors) -> list[Tensor]:
+        """The tensors a value depends on: each tensor, or a Weight4bit's codes and scales."""
+        parts = []
         for t in tensors:
-            parts = [p for p in t.kernel_args()[:6] if p is not None] if isinstance(t, Weight4bit) else [t]
-            state += [(p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in parts]
-        return tuple(state)
+            if isinstance(t, Weight4bit):
+                parts += [p for p in t.kernel_args()[:6] if p is not None]
+            else:
+                parts.append(t)
+        return parts
+
+    def _get(self, name: str, parts: list[Tensor], scaling: float | None = None) -> tuple:
+        """(the value kept under name if computed from these very tensors, unchanged, else None; their state)."""
+        state = [scaling]
+        for p in parts:
+            state += (p.data_ptr(), p._version)
+        state = tuple(state)
+        kept = self._kept.get(name)
+        if kept is None or kept[1] != state:
+            return None, state
+        for ref, p in zip(kept[0], parts):
+            if ref() is not (p if p._base is None else p._base):
+                return None, state
+        return kept[2], state
+
+    def _put(self, name: str, parts: list[Tensor], state: tuple, value: Tensor) -> Tensor:
+        self._kept[name] = ([weakref.ref(p if p._base is None else p._base) for p in parts], state, value)
+        return value
 
     def norm(self, weight: Tensor | Weight4bit, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor | None:
         """‖W0 + s·BA‖ per row for this forward (W0 a tensor or a Weight4bit), or None under torch.compile (the op
         then computes it in the graph: reading version counters there would break it)."""
         if torch.compiler.is_compiling():
             return None
-        key = self._state_of(weight, lora_A, lora_B) + (float(scaling),)
-        if self._norm[0] == key:
-            return self._norm[1]
-        weight_key = self._state_of(weight)
-        if self._sq_norm[0] != weight_key:
+        weight_parts = self._parts(weight)
+        parts = weight_parts + [lora_A, lora_B]
+        norm, state = self._get("norm", parts, float(scaling))
+        if norm is not None:
+            return norm
+        sq_norm, weight_state = self._get("sq_norm", weight_parts)
+        if sq_norm is None:
             with torch.no_grad():
-                self._sq_norm = (weight_key, row_sq_norms(weight, norm_dtype(weight, lora_A)))
-        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, self._sq_norm[1])
-        self._norm = (key, norm)
-        return norm
+                sq_norm = row_sq_norms(weight, norm_dtype(weight, lora_A))
+            self._put("sq_norm", weight_parts, weight_state, sq_norm)
+        return self._put("norm", parts, state, dora_weight_norm(weight, lora_A, lora_B, scaling, sq_norm))
+
+    def gain(self, weight: Tensor | Weight4bit, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float
+             ) -> Tensor | None:
+        """g = m / ‖W0 + s·BA‖ per row (no gradient), or None under torch.compile; the magnitude is checked
+        (validation.check_magnitude) whenever g is computed."""
+        if torch.compiler.is_compiling():
+            return None
+        parts = self._parts(weight, lora_A, lora_B, magnitude)
+        gain, state = self._get("gain", parts, float(scaling))
+        if gain is not None:
+            return gain
+        norm = self.norm(weight, lora_A, lora_B, scaling)
+        validation.check_magnitude(magnitude, weight, lora_A.dtype)
+        with torch.no_grad():
+            return self._put("gain", parts, state, _gain(magnitude, norm))
+
+def cached_dora_linear(cache: DoRANormCache, x: Tensor, weight: Tensor | Weight4bit, bias: Tensor | None,
+                       lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float, dropout_p: float,
+                       training: bool, norm_gradient: bool = False, op_scaling: float | Tensor | None = None) -> Tensor:
+    """dora_linear with what cache keeps while W0, A, B, m and s are unchanged: the norm, and for a forward without
+    gradient or dropout (eval, generation) the gain itself (dora_linear_inference: no per-call gain, no magnitude
+    check). scaling: the number the cache keys on; op_scaling: the scaling as the kernels get it (LoRALinear's
+    0-d tensor on a GPU), default scaling."""
+    op_scaling = scaling if op_scaling is None else op_scaling
+    if not torch.is_grad_enabled() and not (training and dropout_p > 0.0):
+        gain = cache.gain(weight, lora_A, lora_B, magnitude, scaling)
+        if gain is not None:
+            return dora_linear_inference(x, weight, bias, lora_A, lora_B, gain, op_scaling)
+    norm = cache.norm(weight, lora_A, lora_B, scaling)
+    return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, op_scaling, dropout_p, training, weight_norm=norm,
+                       norm_gradient=norm_gradient)

@@ -27,7 +27,7 @@ from .weight4bit import Weight4bit
 from .ops.lora_linear_multi import lora_linear_multi_op
 from .ops.merge import merge_op
 from .ops.dora_linear import dora_linear_4bit_op, dora_linear_op, dora_weight_norm_4bit_op, dora_weight_norm_op, \
-    norm_dtype
+    inference_forward as dora_inference_forward, norm_dtype
 
 __all__ = ["lora_linear", "lora_linear_multi", "merge_", "unmerge_", "switch_", "MergeRecord", "dora_linear",
            "dora_weight_norm"]
@@ -47,6 +47,19 @@ def draw_seed(device: torch.device | str | None = None) -> Tensor:
 def _seed_device(x: Tensor) -> torch.device:
     """Where the dropout seed is drawn: x's GPU, else the CPU (a meta x gets a CPU seed, as before)."""
     return x.device if x.is_cuda else torch.device("cpu")
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x [..., in] as the kernels take it, [M, in] (flatten, not reshape(-1, in): in_features may be 0)."""
+    return x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+
+
+def _shaped(y: Tensor, x: Tensor) -> Tensor:
+    """The kernels' y [M, out] as [..., out] for x [..., in]. Not y.view(...): a view as the layer's output would let
+    an in-place op on it slip past autograd hooks on the output (FSDP2's pre-backward hook); nn.Linear does the same."""
+    if x.dim() == 2:
+        return y
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
 
 def lora_linear(
@@ -77,26 +90,18 @@ def lora_linear(
     if not validation.plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         x, weight, bias, lora_A, lora_B = validation.check_and_autocast(x, weight, bias, lora_A, lora_B, scaling,
                                                                         dropout_p)
-    out_features = weight.shape[0]
     seed = draw_seed(_seed_device(x)) if training and dropout_p > 0.0 else None
-    # [M, in] for the kernels (flatten, not reshape(-1, in): in_features may be 0)
-    x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+    x2d = _rows(x)
     y, _ = lora_linear_op(x2d, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
-    if x.dim() == 2:
-        return y
-    # Not y.view(...): a view as the layer's output would let an in-place op on it slip
-    # past autograd hooks on the output (FSDP2's pre-backward hook). nn.Linear does the same.
-    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], out_features))
+    return _shaped(y, x)
 
 
 def _lora_linear_4bit(x, weight: Weight4bit, bias, lora_A, lora_B, scaling, dropout_p, training) -> Tensor:
     x, bias, lora_A, lora_B = validation.check_4bit_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     seed = draw_seed(_seed_device(x)) if training and dropout_p > 0.0 else None
-    x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+    x2d = _rows(x)
     y, _ = lora_linear_4bit_op(x2d, *weight.kernel_args(), bias, lora_A, lora_B, scaling, float(dropout_p), seed)
-    if x.dim() == 2:
-        return y
-    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.out_features))
+    return _shaped(y, x)
 
 
 def dora_weight_norm(weight: Tensor | Weight4bit, lora_A: Tensor, lora_B: Tensor, scaling: float | Tensor,
@@ -172,16 +177,27 @@ def dora_linear(
     # z [M, out] is what the magnitude's gradient (and the norm's) needs
     keep_z = torch.is_grad_enabled() and (magnitude.requires_grad or (norm_gradient and (
         lora_A.requires_grad or lora_B.requires_grad or (w4 is None and weight.requires_grad))))
-    x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+    x2d = _rows(x)
     if w4 is not None:
         y, _, _ = dora_linear_4bit_op(x2d, *w4.kernel_args(), bias, lora_A, lora_B, magnitude, weight_norm, scaling,
                                       float(dropout_p), seed, keep_z, bool(norm_gradient))
     else:
         y, _, _ = dora_linear_op(x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling,
                                  float(dropout_p), seed, keep_z, bool(norm_gradient))
-    if x.dim() == 2:
-        return y
-    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
+    return _shaped(y, x)
+
+
+def dora_linear_inference(x: Tensor, weight: Tensor | Weight4bit, bias: Tensor | None, lora_A: Tensor,
+                          lora_B: Tensor, gain: Tensor, scaling: float | Tensor) -> Tensor:
+    """dora_linear's y without gradient or dropout, from the gain g = m / ‖W0 + s·BA‖ [out] computed beforehand
+    (dora.DoRANormCache.gain: a layer in eval keeps it while W0, A, B, m and s are unchanged, so a decode step costs
+    what LoRA's does). The same checks of x, weight, bias, lora_A, lora_B and scaling, the same kernels, the same
+    bits as dora_linear; the gain is the caller's (from a checked magnitude)."""
+    if isinstance(weight, Weight4bit):
+        x, bias, lora_A, lora_B = validation.check_4bit_call(x, weight, bias, lora_A, lora_B, scaling, 0.0)
+    elif not validation.plain_valid_call(x, weight, bias, lora_A, lora_B, scaling, 0.0):
+        x, weight, bias, lora_A, lora_B = validation.check_and_autocast(x, weight, bias, lora_A, lora_B, scaling, 0.0)
+    return _shaped(dora_inference_forward(_rows(x), weight, bias, lora_A, lora_B, gain, scaling), x)
 
 
 def lora_linear_multi(
@@ -222,16 +238,14 @@ def lora_linear_multi(
     else:
         some_dropout = torch.compiler.is_compiling() or bool(dropouts.any())
     seed = draw_seed(_seed_device(x)) if training and some_dropout else None
-    x2d = x if x.dim() == 2 else x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+    x2d = _rows(x)
     drops = dropouts if seed is not None else None
     if w4 is not None:
         y, _ = lora_linear_multi_4bit_op(x2d, *w4.kernel_args(), bias, lora_A, lora_B, scalings, ids, ranks, drops,
                                          seed)
     else:
         y, _ = lora_linear_multi_op(x2d, weight, bias, lora_A, lora_B, scalings, ids, ranks, drops, seed)
-    if x.dim() == 2:
-        return y
-    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
+    return _shaped(y, x)
 
 
 @torch.no_grad()

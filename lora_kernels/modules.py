@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LoRAConfig
-from .dora import DoRAMerge, DoRANormCache, dora_merge_, dora_unmerge_
-from .functional import dora_linear, dora_weight_norm, lora_linear, merge_, switch_, unmerge_
+from .dora import DoRAMerge, DoRANormCache, cached_dora_linear, dora_merge_, dora_unmerge_
+from .functional import dora_weight_norm, lora_linear, merge_, switch_, unmerge_
 from .validation import check_adapter, check_scaling
 
 __all__ = ["LoRALinear"]
@@ -229,10 +229,10 @@ class LoRALinear(nn.Module):
                            self.lora_dropout, self.training)
 
     def _dora_forward(self, x: Tensor, weight, bias: Tensor | None) -> Tensor:
-        """dora_linear on W0 (a tensor or a Weight4bit) with the cached norm (DoRANormCache)."""
-        norm = self._dora_norms.norm(weight, self.lora_A, self.lora_B, self._scaling)
-        return dora_linear(x, weight, bias, self.lora_A, self.lora_B, self.lora_magnitude, self._scaling_for(x),
-                           self.lora_dropout, self.training, weight_norm=norm, norm_gradient=self.dora_norm_gradient)
+        """dora_linear on W0 (a tensor or a Weight4bit) with the cached norm and gain (DoRANormCache)."""
+        return cached_dora_linear(self._dora_norms, x, weight, bias, self.lora_A, self.lora_B, self.lora_magnitude,
+                                  self._scaling, self.lora_dropout, self.training, self.dora_norm_gradient,
+                                  self._scaling_for(x))
 
     def _scaling_for(self, x: Tensor):
         """The scaling as the op gets it. On a GPU always the 0-d tensor on x's device, eager calls too: the

@@ -29,8 +29,8 @@ from torch import nn
 
 from .backends import FLOAT32_ADAPTERS_ON_HALF
 from .config import LoRAConfig
-from .dora import DoRANormCache
-from .functional import dora_linear, lora_linear, lora_linear_multi
+from .dora import DoRANormCache, cached_dora_linear
+from .functional import lora_linear, lora_linear_multi
 from .model_setup import (_MODULES_TO_SAVE, inject_layers, lora_layers, mark_only_lora_as_trainable, matching_modules,
                           target_names)
 from .modules import LoRALinear, is_conv1d
@@ -174,9 +174,8 @@ def _fused_peft_dora_forward(layer, x, weight, bias, name: str):
     scaling = layer.scaling[name]
     training = layer.lora_dropout[name].training
     cache = layer.__dict__.setdefault("_lora_kernels_dora_norms", {}).setdefault(name, DoRANormCache())
-    norm = cache.norm(weight, lora_A, lora_B, scaling)
-    return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, _dropout_p(layer, name), training,
-                       weight_norm=norm)
+    return cached_dora_linear(cache, x, weight, bias, lora_A, lora_B, magnitude, scaling, _dropout_p(layer, name),
+                              training)
 
 
 def _peft_forward(layer, x, args, kwargs, names):

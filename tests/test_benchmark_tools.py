@@ -63,7 +63,8 @@ def test_gpu_check_waits_for_the_background_build_and_reports_a_failed_one(tmp_p
     assert failed["op"] == "build" and not failed["ok"] and "error: nvcc died" in failed["detail"]
 
     status.unlink()
-    threading.Timer(1.0, lambda: status.write_text("ok\n")).start()
+    part = tmp_path / "build.status.part"  # written whole, then renamed, as gpu_check.sh does (no empty file seen)
+    threading.Timer(1.0, lambda: part.write_text("ok\n") and part.rename(status)).start()
     t0 = time.time()
     wait_for_build(progress)
     assert time.time() - t0 >= 0.9  # it waited for the file

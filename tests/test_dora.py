@@ -259,6 +259,72 @@ def test_eval_caches_the_norm_until_something_changes(monkeypatch):
     assert not torch.allclose(y3, y1)
 
 
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.float16, None), (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("backend", ["reference"] + compiled_backends())
+def test_eval_keeps_the_gain_and_gives_the_bits_of_the_op(backend, dtype, adapter_dtype, fan_in_fan_out, use_backend,
+                                                          monkeypatch):
+    """A forward without gradient (eval, generation) takes g = m / n from the layer's cache (no gain computed per
+    call) and returns what the op computes for the same call with gradient, bit for bit; a changed magnitude (an
+    optimizer step) or weight gives a new g."""
+    from lora_kernels.ops import dora_linear as dora_ops
+
+    use_backend(backend)
+    layer = _trained_dora_layer(dtype, adapter_dtype, fan_in_fan_out=fan_in_fan_out).eval()
+    calls = []
+    original = dora_ops._gain
+    monkeypatch.setattr(dora_ops, "_gain", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(2, 3, 40, device=DEVICE, dtype=dtype)
+
+    def check_against_the_op() -> torch.Tensor:
+        with torch.no_grad():
+            first, second = layer(x), layer(x)
+        assert not calls, "a forward without gradient computed the gain"
+        with_grad = layer(x)  # the op (the magnitude requires grad: z is kept for dm)
+        assert calls and with_grad.requires_grad
+        calls.clear()
+        assert torch.equal(first, second) and torch.equal(first, with_grad.detach())
+        expected = reference.dora_linear(x, layer.base_weight(), layer.bias, layer.lora_A, layer.lora_B,
+                                         layer.lora_magnitude, layer.scaling)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+        torch.testing.assert_close(first, expected, rtol=tol, atol=tol * expected.abs().max().item())
+        return first
+
+    y1 = check_against_the_op()
+    with torch.no_grad():
+        layer.lora_magnitude.mul_(1.5)
+    y2 = check_against_the_op()
+    with torch.no_grad():
+        layer.weight.mul_(0.5)
+    y3 = check_against_the_op()
+    assert not torch.equal(y1, y2) and not torch.equal(y2, y3)
+
+
+def test_norm_cache_does_not_take_another_tensor_at_the_same_address_for_its_own():
+    """A tensor freed and another allocated at its address with the same version counter (an allocator reusing
+    memory) must not be served the old tensor's norm: the cache knows the tensors themselves, not only their
+    addresses and versions. Made deterministic here with two tensors on one storage."""
+    from lora_kernels.dora import DoRANormCache
+
+    torch.manual_seed(0)
+    weight, lora_B = torch.randn(36, 40), torch.randn(36, 4)
+    storage_of = lambda t: torch.empty(0).set_(t.untyped_storage(), 0, t.shape, t.stride())
+    cached_A = torch.randn(4, 40)
+    other_A = storage_of(cached_A)  # same address, its own version counter
+    writer = storage_of(cached_A)
+    while other_A._version < cached_A._version:
+        other_A.add_(0)
+    while cached_A._version < other_A._version:
+        cached_A.add_(0)
+    cache = DoRANormCache()
+    cache.norm(weight, cached_A, lora_B, 2.0)
+    writer.mul_(3.0)  # new values, written through a third tensor: neither version counter moves
+    assert other_A.data_ptr() == cached_A.data_ptr() and other_A._version == cached_A._version
+    norm = cache.norm(weight, other_A, lora_B, 2.0)
+    torch.testing.assert_close(norm, lk.dora_weight_norm(weight, other_A, lora_B, 2.0), rtol=0, atol=0)
+
+
 def test_training_reuses_the_norm_between_optimizer_steps_only(monkeypatch):
     """Gradient accumulation: forwards between two optimizer steps share one norm; after a step (A, B changed in
     place) the next forward recomputes it, and the outputs and gradients are the reference's."""

@@ -59,8 +59,8 @@ def test_patched_layers_run_dora_linear(monkeypatch):
     model = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     patch_peft_model(model)
     calls = []
-    original = lk.peft.dora_linear
-    monkeypatch.setattr(lk.peft, "dora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = lk.peft.cached_dora_linear
+    monkeypatch.setattr(lk.peft, "cached_dora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
     _logits(model)
     assert len(calls) == 2
 

@@ -238,6 +238,26 @@ def test_fresh_qdora_layer_is_the_base_layer_and_trains_every_part():
     assert layer.weight.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_qdora_eval_keeps_the_gain_and_gives_the_bits_of_the_op(dtype, monkeypatch):
+    """As for a dense W0 (test_dora.py): a forward without gradient reuses the cached g, and returns the op's bits."""
+    from lora_kernels.ops import dora_linear as dora_ops
+
+    layer = _trained(_layer(dtype)).eval()
+    calls = []
+    original = dora_ops._gain
+    monkeypatch.setattr(dora_ops, "_gain", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(3, 128, dtype=dtype)
+    with torch.no_grad():
+        first, second = layer(x), layer(x)
+    assert not calls
+    with_grad = layer(x)
+    assert calls and torch.equal(first, second) and torch.equal(first, with_grad.detach())
+    with torch.no_grad():
+        layer.lora_magnitude.mul_(0.5)
+        assert not torch.equal(layer(x), first)
+
+
 def test_qdora_layer_merges_and_unloads():
     layer = _trained(_layer()).eval()
     x = torch.randn(6, 128)
@@ -330,8 +350,8 @@ def test_patched_peft_qdora_model_gives_peft_outputs_and_gradients(compute_dtype
     report = patch_peft_model(ours)
     assert len(report.patched) == 14 and not report.skipped, report
     calls = []
-    original = lk.peft.dora_linear
-    monkeypatch.setattr(lk.peft, "dora_linear", lambda *a, **k: calls.append(isinstance(a[1], Weight4bit))
+    original = lk.peft.cached_dora_linear
+    monkeypatch.setattr(lk.peft, "cached_dora_linear", lambda *a, **k: calls.append(isinstance(a[2], Weight4bit))
                         or original(*a, **k))
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     out_ours, out_theirs = ours(ids, labels=ids), theirs(ids, labels=ids)

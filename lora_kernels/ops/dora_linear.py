@@ -95,9 +95,15 @@ class DenseBase:
     """W0 [out, in] as a tensor: the LoRA kernels lora_linear's backend choice picks for the call, ATen GEMMs for the
     base products, the weight read a block of rows at a time where it must be widened."""
 
+    __slots__ = ("weight",)
+
     def __init__(self, weight: Tensor):
-        self.weight, self.device, self.dtype = weight, weight.device, weight.dtype
-        self.out_features, self.in_features = weight.shape
+        self.weight = weight  # the rest read from it when needed: a decode step's forward needs none of it
+
+    device = property(lambda self: self.weight.device)
+    dtype = property(lambda self: self.weight.dtype)
+    out_features = property(lambda self: self.weight.shape[0])
+    in_features = property(lambda self: self.weight.shape[1])
 
     def lora_forward(self, x, lora_A, lora_B, s):
         """(z, xa): z = x W0ᵀ + s · (x Aᵀ) Bᵀ [M, out] (no bias, no dropout), xa = x Aᵀ [M, r]."""
@@ -310,9 +316,9 @@ class AtenGain:
     def dora_gained(z: Tensor, gain: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype, in_place: bool
                     ) -> Tensor:
         """y = g ⊙ z + b in out_dtype, one rounding (computed in gain's dtype); in place into z when allowed."""
+        # one ATen op either way (a decode step pays each op's dispatch), and the same formula in place or not
         if in_place and z.dtype == gain.dtype == out_dtype:
-            y = z.mul_(gain)
-            return y.add_(bias) if bias is not None else y
+            return torch.addcmul(bias, z, gain, out=z) if bias is not None else z.mul_(gain)
         y = torch.addcmul(bias, z, gain) if bias is not None else z * gain
         return y.to(out_dtype)
 
@@ -342,8 +348,24 @@ def _forward(base, x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Te
              ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, xa, z or an empty tensor) on either weight format (see the module docstring)."""
     p, seed = _dropout(dropout_p, seed)
-    s = _kernel_scaling(scaling)
-    gain = _gain(magnitude, weight_norm)
+    return _gained_forward(base, x, bias, lora_A, lora_B, _gain(magnitude, weight_norm), _kernel_scaling(scaling), p,
+                           seed, keep_z)
+
+
+def inference_forward(x: Tensor, weight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, gain: Tensor,
+                      scaling) -> Tensor:
+    """y [M, out] of the op without gradient or dropout from a gain g = m / n [out] computed beforehand (a layer in
+    eval keeps g while nothing changes: dora.DoRANormCache.gain); x [M, in] checked by the caller, weight a tensor
+    or a Weight4bit. The op's forward minus computing g: the same kernels, the same bits."""
+    base, s = _base_of(weight), _kernel_scaling(scaling)
+    if lora_A.dtype != x.dtype:
+        return _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, 0.0, None, False, _gain_ops(x))[0]
+    z, _ = base.lora_forward(x, lora_A, lora_B, s)
+    return _gain_ops(x).dora_gained(z, gain, bias, x.dtype, in_place=True)
+
+
+def _gained_forward(base, x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, gain: Tensor, s,
+                    p: float, seed: Optional[Tensor], keep_z: bool) -> tuple[Tensor, Tensor, Tensor]:
     gain_ops = _gain_ops(x)
     if lora_A.dtype != x.dtype:
         return _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p, seed, keep_z, gain_ops)
