@@ -14,6 +14,7 @@
 //   multi_forward_4bit       multi_forward_4bit_cpu    -                       lora_linear_multi.cpp
 //   multi_backward_4bit      multi_backward_4bit_cpu   -                       lora_linear_multi.cpp
 //   dequantize_4bit          dequantize_4bit_cpu       -                       cpu/weight4bit.cpp
+//   dora_gain_gradients      dora_gain_gradients_cpu   -                       cpu/dora_gain.cpp
 //
 // lora_linear.cpp composes ATen (BLAS / cuBLAS) GEMMs; the per-device pieces it
 // needs are the dropout mask generators (cpu/dropout.cpp, cuda/dropout.cu).
@@ -87,6 +88,10 @@ at::Tensor dropout_mask_cpu(int64_t row0, int64_t rows, int64_t cols, double p, 
                             at::TensorOptions options);
 // The whole mask of x [M, in] (the op dropout_mask, which DoRA's second product with W0 needs).
 at::Tensor dropout_mask_of_cpu(const at::Tensor& x, double dropout_p, int64_t seed);
+
+// ---- DoRA's backward epilogue (cpu/dora_gain.cpp): (g ⊙ dy in out_dtype, Σ_rows dy ⊙ z or an empty tensor)
+std::tuple<at::Tensor, at::Tensor> dora_gain_gradients_cpu(const at::Tensor& grad_y, const OptionalTensor& z,
+                                                           const at::Tensor& gain, at::ScalarType out_dtype);
 
 // ---- in-place merge: W = round(W + s · B A - s' · B' A'), the two products accumulated
 // in fp32 (fp64 for fp64 weights), one rounding per element; the subtracted adapter

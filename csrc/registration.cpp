@@ -43,6 +43,7 @@ TORCH_LIBRARY(lora_kernels, m) {
         "Tensor lora_B, Tensor xa, Tensor scalings, Tensor adapter_ids, Tensor? ranks, Tensor dropouts, int seed, "
         "bool need_dx) -> (Tensor, Tensor, Tensor)");
   m.def("dropout_mask(Tensor x, float dropout_p, int seed) -> Tensor");
+  m.def("dora_gain_gradients(Tensor grad_y, Tensor? z, Tensor gain, ScalarType out_dtype) -> (Tensor, Tensor)");
   m.def("dequantize_4bit(Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
         "Tensor code_table, int out_features, int in_features, int blocksize, ScalarType dtype) -> Tensor");
 }
@@ -60,6 +61,7 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("multi_backward_4bit", &lora_kernels::multi_backward_4bit_cpu);
   m.impl("dequantize_4bit", &lora_kernels::dequantize_4bit_cpu);
   m.impl("dropout_mask", &lora_kernels::dropout_mask_of_cpu);
+  m.impl("dora_gain_gradients", &lora_kernels::dora_gain_gradients_cpu);
 }
 
 #ifdef LORA_KERNELS_WITH_CUDA

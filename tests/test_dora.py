@@ -499,6 +499,47 @@ def test_bad_input_is_refused_by_name_and_changes_nothing():
         lk.LoRAConfig(use_dora="yes")
 
 
+@pytest.mark.skipif(not hasattr(torch.ops.lora_kernels, "dora_gain_gradients"), reason="lora_kernels._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_cpu_gain_gradient_kernel_matches_aten_and_a_float64_oracle(dtype):
+    """csrc/cpu/dora_gain.cpp (the cpu backend's backward epilogue): g ⊙ dy bit for bit AtenGain's (in dy's dtype
+    and in float32, a float32 z for float32 adapters), Σ_rows dy ⊙ z at least as close to a float64 oracle as
+    ATen's sum; the same bits on one thread and on two; odd shapes, an empty batch, a decode step, many rows."""
+    from lora_kernels.ops.dora_linear import AtenGain
+
+    kernel = torch.ops.lora_kernels.dora_gain_gradients
+    g = torch.Generator().manual_seed(9)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    for M, N in ((0, 33), (1, 70), (37, 129), (1000, 67), (2048, 1024)):
+        gain = (0.5 + torch.rand(N, generator=g)).to(wide)
+        dy = torch.randn(M, N, generator=g).to(dtype)
+        for out_dtype in dict.fromkeys((dtype, wide)):
+            for z in (torch.randn(M, N, generator=g).to(dtype), torch.randn(M, N, generator=g).to(wide), None):
+                want_scaled, want_sum = AtenGain.dora_gain_gradients(dy, z, gain, out_dtype)
+                got_scaled, got_sum = kernel(dy, z, gain, out_dtype)
+                assert got_scaled.dtype == out_dtype and torch.equal(got_scaled, want_scaled)
+                if z is None:
+                    assert got_sum.numel() == 0
+                    continue
+                oracle = (dy.double() * z.double()).sum(0)
+                assert got_sum.dtype == wide and got_sum.shape == (N,)
+                scale = (dy.double().abs() * z.double().abs()).sum(0).max().item() if M else 1.0
+                ours_error = (got_sum.double() - oracle).abs().max().item() if M else 0.0
+                aten_error = (want_sum.double() - oracle).abs().max().item() if M else 0.0
+                assert ours_error <= max(aten_error, 4 * M * torch.finfo(wide).eps * scale), (M, N, out_dtype)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    one_thread = kernel(dy, z, gain, out_dtype)
+                finally:
+                    torch.set_num_threads(threads)
+                assert torch.equal(one_thread[0], got_scaled) and torch.equal(one_thread[1], got_sum)
+    with pytest.raises(RuntimeError, match="gain must be"):
+        kernel(torch.randn(3, 4, dtype=dtype), None, torch.ones(5, dtype=wide), dtype)
+    with pytest.raises(RuntimeError, match="z must be"):
+        kernel(torch.randn(3, 4, dtype=dtype), torch.randn(4, 3, dtype=dtype), torch.ones(4, dtype=wide), dtype)
+
+
 @pytest.mark.skipif("triton" not in compiled_backends(), reason="triton backend not available")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_gain_kernels_match_aten(dtype):

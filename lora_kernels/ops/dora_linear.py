@@ -309,8 +309,8 @@ def _rows_scaled(t: Tensor, gain: Tensor) -> Tensor:
 
 
 class AtenGain:
-    """DoRA's per-column gain epilogues in ATen ops (the reference, cpu and cuda backends of the dora_gain op; the
-    triton backend's are ops/triton_dora.py's kernels, one pass each)."""
+    """DoRA's per-column gain epilogues in ATen ops (the reference and cuda backends of the dora_gain op, and the
+    cpu backend's forward; the triton backend's are ops/triton_dora.py's kernels, one pass each)."""
 
     @staticmethod
     def dora_gained(z: Tensor, gain: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype, in_place: bool
@@ -331,10 +331,25 @@ class AtenGain:
         return scaled, (None if z is None else (grad_y.to(acc) * z.to(acc)).sum(0))
 
 
+class CompiledGain(AtenGain):
+    """The cpu backend's: the backward epilogue in one pass (csrc/cpu/dora_gain.cpp: g ⊙ dy bit for bit AtenGain's,
+    Σ_rows dy ⊙ z summed in float64, no [M, out] temporary); the forward epilogue is AtenGain's one addcmul. An
+    extension built before the kernel existed gets AtenGain's."""
+
+    @staticmethod
+    def dora_gain_gradients(grad_y: Tensor, z: Optional[Tensor], gain: Tensor, out_dtype: torch.dtype
+                            ) -> tuple[Tensor, Optional[Tensor]]:
+        """(g ⊙ dy in out_dtype, Σ_rows dy ⊙ z in gain's dtype or None without z)."""
+        if not hasattr(torch.ops.lora_kernels, "dora_gain_gradients"):
+            return AtenGain.dora_gain_gradients(grad_y, z, gain, out_dtype)
+        scaled, dz = torch.ops.lora_kernels.dora_gain_gradients(grad_y, z, gain, out_dtype)
+        return scaled, (None if z is None else dz)
+
+
 GAIN_OP = "dora_gain"
-for _name in ("reference", "cpu", "cuda"):
-    register(Implementation(GAIN_OP, _name, "lora_kernels.ops.dora_linear:AtenGain",
-                            devices=None if _name == "reference" else (_name,)))
+register(Implementation(GAIN_OP, "reference", "lora_kernels.ops.dora_linear:AtenGain"))
+register(Implementation(GAIN_OP, "cpu", "lora_kernels.ops.dora_linear:CompiledGain", devices=("cpu",)))
+register(Implementation(GAIN_OP, "cuda", "lora_kernels.ops.dora_linear:AtenGain", devices=("cuda",)))
 register(Implementation(GAIN_OP, "triton", "lora_kernels.ops.triton_dora", devices=("cuda",), dtypes=HALF_AND_FLOAT32))
 
 
