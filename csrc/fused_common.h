@@ -148,6 +148,13 @@ void add_lora_forward(const DeviceParts& device, const at::Tensor& x, at::Tensor
                       const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
                       int64_t seed, int64_t row0);
 
+// The fused forwards' optional gain [out] (DoRA's forward without gradient, ops/dora_linear.py): checked against
+// x and the adapters (which must be in x's dtype), then y <- gain ⊙ y + bias in one ATen op, in place when y and
+// gain share a dtype, else computed in gain's dtype and rounded once to y's. A fused forward with a gain leaves
+// the bias out of its base product.
+void check_gain(const OptionalTensor& gain, const at::Tensor& x, const at::Tensor& lora_A, int64_t out);
+at::Tensor apply_gain(at::Tensor y, const at::Tensor& gain, const OptionalTensor& bias);
+
 std::tuple<at::Tensor, at::Tensor> lora_backward(const DeviceParts& device, const at::Tensor& grad_y,
                                                  const at::Tensor& x, const at::Tensor& lora_A,
                                                  const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
@@ -156,7 +163,8 @@ std::tuple<at::Tensor, at::Tensor> lora_backward(const DeviceParts& device, cons
 std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, const at::Tensor& x,
                                                  const at::Tensor& weight, const OptionalTensor& bias,
                                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                 double scaling, double dropout_p, int64_t seed);
+                                                 double scaling, double dropout_p, int64_t seed,
+                                                 const OptionalTensor& gain);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const DeviceParts& device, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,

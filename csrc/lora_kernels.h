@@ -31,10 +31,11 @@ namespace lora_kernels {
 using OptionalTensor = c10::optional<at::Tensor>;
 
 // ---- fused LoRA linear (lora_linear.cpp)
+// gain [out] (optional; DoRA's eval forward): y = gain ⊙ (x W0ᵀ + s · drop(x) Aᵀ Bᵀ) + bias, adapters in x's dtype
 std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                      const OptionalTensor& bias, const at::Tensor& lora_A,
                                                      const at::Tensor& lora_B, double scaling, double dropout_p,
-                                                     int64_t seed);
+                                                     int64_t seed, const OptionalTensor& gain);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx);
@@ -59,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_4bit_cpu(
     const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const OptionalTensor& nested_absmax,
     const OptionalTensor& nested_code, const OptionalTensor& offset, const at::Tensor& code_table,
     int64_t out_features, int64_t blocksize, const OptionalTensor& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed);
+    const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed, const OptionalTensor& gain);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_4bit_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
     const OptionalTensor& nested_absmax, const OptionalTensor& nested_code, const OptionalTensor& offset,
@@ -119,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_backward_cuda(
 std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                       const OptionalTensor& bias, const at::Tensor& lora_A,
                                                       const at::Tensor& lora_B, double scaling, double dropout_p,
-                                                      int64_t seed);
+                                                      int64_t seed, const OptionalTensor& gain);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed, bool need_dx);

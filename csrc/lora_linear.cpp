@@ -101,14 +101,35 @@ void add_lora_forward(const DeviceParts& device, const at::Tensor& x, at::Tensor
   }
 }
 
+void check_gain(const OptionalTensor& gain, const at::Tensor& x, const at::Tensor& lora_A, int64_t out) {
+  if (!gain.has_value()) return;
+  LK_CHECK(gain->dim() == 1 && gain->size(0) == out, "gain must be [", out, "], got ", gain->sizes());
+  LK_CHECK(gain->device() == x.device(), "gain must be on x's device ", x.device(), ", got ", gain->device());
+  LK_CHECK(at::isFloatingType(gain->scalar_type()), "gain must be floating point, got ", gain->scalar_type());
+  LK_CHECK(!is_mixed(x, lora_A), "a gain needs lora_A and lora_B in x's dtype ", x.scalar_type(), ", got ",
+           lora_A.scalar_type());
+}
+
+at::Tensor apply_gain(at::Tensor y, const at::Tensor& gain, const OptionalTensor& bias) {
+  // The same ATen op as the dora_gain op's epilogue in Python (AtenGain.dora_gained), so the bits are the same
+  // whichever of the two runs it; here it saves a decode step a Python call and a dispatch.
+  if (gain.scalar_type() == y.scalar_type()) {
+    return bias.has_value() ? at::addcmul_out(y, *bias, y, gain) : y.mul_(gain);
+  }
+  return (bias.has_value() ? at::addcmul(*bias, y, gain) : y * gain).to(y.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_forward(const DeviceParts& device, const at::Tensor& x,
                                                  const at::Tensor& weight, const OptionalTensor& bias,
                                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                 double scaling, double dropout_p, int64_t seed) {
+                                                 double scaling, double dropout_p, int64_t seed,
+                                                 const OptionalTensor& gain) {
   check_lora_args(x, Base{weight}, bias, lora_A, lora_B, dropout_p);
-  at::Tensor y = base_forward(x, weight, bias);
+  check_gain(gain, x, lora_A, weight.size(0));
+  at::Tensor y = base_forward(x, weight, gain.has_value() ? OptionalTensor() : bias);
   at::Tensor xa = at::empty({x.size(0), lora_A.size(0)}, lora_A.options());
   add_lora_forward(device, x, y, xa, lora_A, lora_B, scaling, dropout_p, seed, 0);
+  if (gain.has_value()) y = apply_gain(y, *gain, bias);
   return {y, xa};
 }
 
@@ -224,8 +245,8 @@ at::Tensor dropout_mask_of_cpu(const at::Tensor& x, double dropout_p, int64_t se
 std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                      const OptionalTensor& bias, const at::Tensor& lora_A,
                                                      const at::Tensor& lora_B, double scaling, double dropout_p,
-                                                     int64_t seed) {
-  return fused::fused_forward(fused::kCpu, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
+                                                     int64_t seed, const OptionalTensor& gain) {
+  return fused::fused_forward(fused::kCpu, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gain);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
@@ -242,8 +263,8 @@ at::Tensor dropout_mask_of_cuda(const at::Tensor& x, double dropout_p, int64_t s
 std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                       const OptionalTensor& bias, const at::Tensor& lora_A,
                                                       const at::Tensor& lora_B, double scaling, double dropout_p,
-                                                      int64_t seed) {
-  return fused::fused_forward(fused::kCuda, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
+                                                      int64_t seed, const OptionalTensor& gain) {
+  return fused::fused_forward(fused::kCuda, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gain);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(

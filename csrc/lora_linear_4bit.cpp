@@ -88,14 +88,16 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_4bit_cpu(
     const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const OptionalTensor& nested_absmax,
     const OptionalTensor& nested_code, const OptionalTensor& offset, const at::Tensor& code_table,
     int64_t out_features, int64_t blocksize, const OptionalTensor& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed) {
+    const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed, const OptionalTensor& gain) {
   LK_CHECK(x.dim() == 2, "x must be 2-D [M, in], got ", x.sizes());
   const fused::Packed4bit w = fused::packed_4bit(codes, absmax, nested_absmax, nested_code, offset, code_table,
                                                  out_features, x.size(1), blocksize);
   fused::check_lora_args(x, fused::Base{at::Tensor(), &w}, bias, lora_A, lora_B, dropout_p);
-  at::Tensor y = w.forward(x, bias);
+  fused::check_gain(gain, x, lora_A, out_features);
+  at::Tensor y = w.forward(x, gain.has_value() ? OptionalTensor() : bias);
   at::Tensor xa = at::empty({x.size(0), lora_A.size(0)}, lora_A.options());
   fused::add_lora_forward(fused::kCpu, x, y, xa, lora_A, lora_B, scaling, dropout_p, seed, 0);
+  if (gain.has_value()) y = fused::apply_gain(y, *gain, bias);
   return {y, xa};
 }
 

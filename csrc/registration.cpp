@@ -14,7 +14,7 @@
 
 TORCH_LIBRARY(lora_kernels, m) {
   m.def("fused_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-        "float scaling, float dropout_p, int seed) -> (Tensor, Tensor)");
+        "float scaling, float dropout_p, int seed, Tensor? gain=None) -> (Tensor, Tensor)");
   m.def("fused_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
         "Tensor xa, float scaling, float dropout_p, int seed, bool need_dx) "
         "-> (Tensor, Tensor, Tensor)");
@@ -29,7 +29,7 @@ TORCH_LIBRARY(lora_kernels, m) {
         "Tensor? sub_A, Tensor? sub_B, float sub_scaling) -> Tensor");
   m.def("fused_forward_4bit(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
         "Tensor? offset, Tensor code_table, int out_features, int blocksize, Tensor? bias, Tensor lora_A, "
-        "Tensor lora_B, float scaling, float dropout_p, int seed) -> (Tensor, Tensor)");
+        "Tensor lora_B, float scaling, float dropout_p, int seed, Tensor? gain=None) -> (Tensor, Tensor)");
   m.def("fused_backward_4bit(Tensor grad_y, Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, "
         "Tensor? nested_code, Tensor? offset, Tensor code_table, int out_features, int blocksize, Tensor lora_A, "
         "Tensor lora_B, Tensor xa, float scaling, float dropout_p, int seed, bool need_dx) "

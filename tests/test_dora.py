@@ -12,6 +12,7 @@ import lora_kernels as lk
 from lora_kernels import reference, testing
 from lora_kernels.functional import draw_seed
 from lora_kernels.ops.dora_linear import dora_linear_op
+from lora_kernels.weight4bit import Weight4bit
 
 from conftest import DEVICE, DTYPES, compiled_backends, make_lora_inputs
 
@@ -538,6 +539,47 @@ def test_cpu_gain_gradient_kernel_matches_aten_and_a_float64_oracle(dtype):
         kernel(torch.randn(3, 4, dtype=dtype), None, torch.ones(5, dtype=wide), dtype)
     with pytest.raises(RuntimeError, match="z must be"):
         kernel(torch.randn(3, 4, dtype=dtype), torch.randn(4, 3, dtype=dtype), torch.ones(4, dtype=wide), dtype)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.lora_kernels, "fused_forward"), reason="lora_kernels._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_fused_forward_gain_epilogue_is_the_lora_forward_then_atens_epilogue(dtype):
+    """The C++ fused forwards' gain (DoRA's forward without gradient on the cpu backend, dense and 4-bit W0):
+    y = g ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b bit for bit what the LoRA forward without bias followed by AtenGain's epilogue
+    gives (so eval, generation and a call with gradient agree), xa unchanged; a float32 gain on 16-bit y; bias or
+    none; an empty batch; and a bad gain refused by name with the inputs untouched."""
+    from lora_kernels.ops.dora_linear import AtenGain
+
+    ops = torch.ops.lora_kernels
+    g = torch.Generator().manual_seed(3)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    quantized = dtype != torch.float64 and hasattr(ops, "fused_forward_4bit")
+    for M, in_f, out_f, r in ((0, 33, 70, 3), (1, 64, 70, 1), (37, 128, 33, 16), (300, 64, 129, 8)):
+        x = torch.randn(M, in_f, generator=g).to(dtype)
+        W = (torch.randn(out_f, in_f, generator=g) * 0.1).to(dtype)
+        A = (torch.randn(r, in_f, generator=g) * 0.1).to(dtype)
+        B = (torch.randn(out_f, r, generator=g) * 0.1).to(dtype)
+        gain = (0.5 + torch.rand(out_f, generator=g)).to(wide)
+        w4 = Weight4bit.quantize(W.float(), 64, "nf4", True).kernel_args() if quantized else None
+        for bias in (torch.randn(out_f, generator=g).to(dtype), None):
+            want_z, want_xa = ops.fused_forward(x, W, None, A, B, 1.5, 0.0, 0)
+            want = AtenGain.dora_gained(want_z, gain, bias, dtype, in_place=True)
+            got, got_xa = ops.fused_forward(x, W, bias, A, B, 1.5, 0.0, 0, gain)
+            assert got.dtype == dtype and torch.equal(got, want) and torch.equal(got_xa, want_xa), (M, bias is None)
+            if w4 is not None:
+                z4, xa4 = ops.fused_forward_4bit(x, *w4, None, A, B, 1.5, 0.0, 0)
+                want4 = AtenGain.dora_gained(z4, gain, bias, dtype, in_place=True)
+                got4, got_xa4 = ops.fused_forward_4bit(x, *w4, bias, A, B, 1.5, 0.0, 0, gain)
+                assert torch.equal(got4, want4) and torch.equal(got_xa4, xa4), (M, bias is None)
+    kept = [t.clone() for t in (x, W, A, B)]
+    for bad, message in ((torch.ones(out_f + 1, dtype=wide), "gain must be"),
+                         (torch.ones(out_f, dtype=torch.int32), "gain must be floating point")):
+        with pytest.raises(RuntimeError, match=message):
+            ops.fused_forward(x, W, None, A, B, 1.5, 0.0, 0, bad)
+    if dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(RuntimeError, match="a gain needs lora_A and lora_B in x's dtype"):
+            ops.fused_forward(x, W, None, A.float(), B.float(), 1.5, 0.0, 0, gain)
+    assert all(torch.equal(a, b) for a, b in zip(kept, (x, W, A, B)))
 
 
 @pytest.mark.skipif("triton" not in compiled_backends(), reason="triton backend not available")

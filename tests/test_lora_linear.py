@@ -449,10 +449,11 @@ for rows in (1, 16):
     for p in (0.0, 0.1):
         y, xa = ops.fused_forward(x, weight, None, A, B, 2.0, p, 5)
         print("dense", rows, p, regions(lambda: ops.fused_forward(x, weight, None, A, B, 2.0, p, 5)),
-              regions(lambda: ops.fused_backward(dy, x, weight, A, B, xa, 2.0, p, 5, True)))
+              regions(lambda: ops.fused_backward(dy, x, weight, A, B, xa, 2.0, p, 5, True)),
+              regions(lambda: x @ weight.t()), regions(lambda: dy @ weight))
         y, xa = ops.fused_forward_4bit(x, *packed, None, A, B, 2.0, p, 5)
         print("nf4", rows, p, regions(lambda: ops.fused_forward_4bit(x, *packed, None, A, B, 2.0, p, 5)),
-              regions(lambda: ops.fused_backward_4bit(dy, x, *packed, A, B, xa, 2.0, p, 5, True)))
+              regions(lambda: ops.fused_backward_4bit(dy, x, *packed, A, B, xa, 2.0, p, 5, True)), 1, 1)
 """
 
 
@@ -463,7 +464,9 @@ def test_a_small_batch_runs_one_parallel_region_per_direction(tmp_path):
     its own (MKL's or ATen's) whose end waits for every thread, a time slice each on a busy machine (issue 18:
     a 4-bit decode train step 15x slower beside two busy processes). They run on the calling thread; a forward
     and a backward then hold one region each (the base product: BLAS or the 4-bit kernel), dense or 4-bit, with
-    and without dropout. Counted by interposing OpenMP's GOMP_parallel (libgomp, torch's runtime on Linux)."""
+    and without dropout. Counted by interposing OpenMP's GOMP_parallel (libgomp, torch's runtime on Linux). The
+    base product's own count is MKL's business: one region on the Intel Xeon and the Zen 2 EPYC, two for an sgemm of
+    8 to 64 rows on a Zen 5 EPYC (MKL 2024.2, 2026-12-07); the call may hold what its base product alone does."""
     import os
     import shutil
     import subprocess
@@ -484,5 +487,7 @@ def test_a_small_batch_runs_one_parallel_region_per_direction(tmp_path):
         pytest.skip("torch's OpenMP runtime is not libgomp here")
     lines = [line.split() for line in out if line]
     assert len(lines) == 8, out
-    for kind, rows, p, forward, backward in lines:
-        assert int(forward) <= 1 and int(backward) <= 1, f"{kind} M={rows} p={p}: {forward} / {backward} regions"
+    for kind, rows, p, forward, backward, base_forward, base_backward in lines:
+        assert int(forward) <= max(1, int(base_forward)) and int(backward) <= max(1, int(base_backward)), \
+            f"{kind} M={rows} p={p}: {forward} / {backward} regions (the base products alone: {base_forward} / " \
+            f"{base_backward})"

@@ -242,6 +242,8 @@ def test_opcheck_compiled_kernels():
     t = make_lora_inputs((6,), 33, 70, 3, torch.float32)
     args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0, 0.25, 7)
     torch.library.opcheck(torch.ops.lora_kernels.fused_forward.default, args)
+    gain = torch.rand(70, device=DEVICE) + 0.5  # DoRA's epilogue (no dropout there, but the op allows it)
+    torch.library.opcheck(torch.ops.lora_kernels.fused_forward.default, args[:6] + (0.0, 0, gain))
     _, xa = torch.ops.lora_kernels.fused_forward(*args)
     grad_y = torch.randn(6, 70, device=DEVICE)
     torch.library.opcheck(torch.ops.lora_kernels.fused_backward.default,

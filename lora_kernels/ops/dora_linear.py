@@ -110,6 +110,12 @@ class DenseBase:
         return _backend("forward", x, self.weight, lora_A, 0.0).forward(x, self.weight, None, lora_A, lora_B, s,
                                                                         0.0, None)
 
+    def gained_forward(self, x, bias, lora_A, lora_B, s, gain):
+        """(y, xa): y = g ⊙ (x W0ᵀ + s · (x Aᵀ) Bᵀ) + b [M, out] in x's dtype, xa = x Aᵀ (no dropout; adapters in
+        x's dtype)."""
+        return _gained(_backend("forward", x, self.weight, lora_A, 0.0), x, self.weight, bias, lora_A, lora_B, s,
+                       gain)
+
     def lora_backward(self, grad, x, lora_A, lora_B, xa, s, p: float, seed, need_dx: bool):
         """(dx, dA, dB) of lora_linear for the output gradient grad (with the forward's dropout mask)."""
         return _backend("backward", x, self.weight, lora_A, p).backward(grad, x, self.weight, lora_A, lora_B, xa, s,
@@ -160,6 +166,9 @@ class Base4bit:
     def lora_forward(self, x, lora_A, lora_B, s):
         return self._impl(x, lora_A.dtype).forward(x, self.w4, None, lora_A, lora_B, s, 0.0, None)
 
+    def gained_forward(self, x, bias, lora_A, lora_B, s, gain):
+        return _gained(self._impl(x, lora_A.dtype), x, self.w4, bias, lora_A, lora_B, s, gain)
+
     def lora_backward(self, grad, x, lora_A, lora_B, xa, s, p: float, seed, need_dx: bool):
         return self._impl(x, lora_A.dtype).backward(grad, x, self.w4, lora_A, lora_B, xa, s, p, seed, need_dx)
 
@@ -188,6 +197,17 @@ class Base4bit:
     def dense(self, dtype: torch.dtype) -> Tensor:
         """The whole W0 in dtype, as the spec dequantizes it (for the double backward, which runs the reference)."""
         return Reference4bit.dequantize(self.w4, self.in_features, dtype)
+
+
+def _gained(lora_impl, x: Tensor, weight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, s, gain: Tensor
+            ) -> tuple[Tensor, Tensor]:
+    """(y, xa) of y = g ⊙ (x W0ᵀ + s · (x Aᵀ) Bᵀ) + b from a LoRA backend (weight as it takes it): on the CPU in the
+    compiled kernel's epilogue (one call instead of two from Python: ~20 µs of a decode step), elsewhere its forward
+    and the dora_gain op's epilogue (on a GPU one Triton pass). On the CPU both are the same ATen op: the same bits."""
+    if x.device.type == "cpu" and hasattr(lora_impl, "gained_forward"):
+        return lora_impl.gained_forward(x, weight, bias, lora_A, lora_B, s, gain)
+    z, xa = lora_impl.forward(x, weight, None, lora_A, lora_B, s, 0.0, None)
+    return _gain_ops(x).dora_gained(z, gain, bias, x.dtype, in_place=True), xa
 
 
 def _base_of(weight) -> "DenseBase | Base4bit":
@@ -375,18 +395,19 @@ def inference_forward(x: Tensor, weight, bias: Optional[Tensor], lora_A: Tensor,
     base, s = _base_of(weight), _kernel_scaling(scaling)
     if lora_A.dtype != x.dtype:
         return _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, 0.0, None, False, _gain_ops(x))[0]
-    z, _ = base.lora_forward(x, lora_A, lora_B, s)
-    return _gain_ops(x).dora_gained(z, gain, bias, x.dtype, in_place=True)
+    return base.gained_forward(x, bias, lora_A, lora_B, s, gain)[0]
 
 
 def _gained_forward(base, x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, gain: Tensor, s,
                     p: float, seed: Optional[Tensor], keep_z: bool) -> tuple[Tensor, Tensor, Tensor]:
-    gain_ops = _gain_ops(x)
     if lora_A.dtype != x.dtype:
-        return _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p, seed, keep_z, gain_ops)
-    if p == 0.0:  # the LoRA forward runs without dropout (on x̃ when p > 0)
+        return _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p, seed, keep_z, _gain_ops(x))
+    if p == 0.0 and not keep_z:  # g and b in the LoRA kernel's epilogue where it has one
+        y, xa = base.gained_forward(x, bias, lora_A, lora_B, s, gain)
+        return y, xa, y.new_empty(0)
+    if p == 0.0:  # z kept for the backward: the LoRA forward, then y from z (on x̃ when p > 0)
         z, xa = base.lora_forward(x, lora_A, lora_B, s)
-        y = gain_ops.dora_gained(z, gain, bias, x.dtype, in_place=not keep_z)
+        y = _gain_ops(x).dora_gained(z, gain, bias, x.dtype, in_place=False)
     else:
         z, xa = base.lora_forward(_dropped(x, keep_scale(x, p, seed)), lora_A, lora_B, s)
         acc = gain.dtype

@@ -70,6 +70,14 @@ class CompiledBackend:
         return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
 
     @staticmethod
+    def gained_forward(x, weight, bias, lora_A, lora_B, scaling, gain):
+        """(y, xa): y = g ⊙ (x W0ᵀ + s·(x Aᵀ) Bᵀ) + b [M, out] without dropout, g [out] applied in the kernel's
+        epilogue (DoRA's forward, ops/dora_linear.py); adapters in x's dtype."""
+        if isinstance(scaling, Tensor):
+            return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B * scaling, 1.0, 0.0, 0, gain)
+        return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, 0, gain)
+
+    @staticmethod
     def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed, need_dx):
         seed = seed_value(seed)
         if isinstance(scaling, Tensor):
@@ -221,7 +229,7 @@ lora_linear_op = define_op(
 
 if compiled_extension() is not None:  # fakes of the C++ kernels, so that opcheck and torch.compile see through them
     @torch.library.register_fake("lora_kernels::fused_forward")
-    def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gain=None):
         return _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
     @torch.library.register_fake("lora_kernels::fused_backward")

@@ -89,6 +89,12 @@ class CompiledBackend:
                                                          seed_value(seed))
 
     @staticmethod
+    def gained_forward(x, w4, bias, lora_A, lora_B, scaling, gain):
+        """(y, xa): y = g ⊙ (x W0ᵀ + s·(x Aᵀ) Bᵀ) + b [M, out] without dropout (QDoRA's forward), g [out] applied
+        in the kernel's epilogue; adapters in x's dtype."""
+        return torch.ops.lora_kernels.fused_forward_4bit(x, *w4, bias, lora_A, lora_B, float(scaling), 0.0, 0, gain)
+
+    @staticmethod
     def backward(grad_y, x, w4, lora_A, lora_B, xa, scaling, p, seed, need_dx):
         return torch.ops.lora_kernels.fused_backward_4bit(grad_y, x, *w4, lora_A, lora_B, xa, float(scaling), p,
                                                           seed_value(seed), need_dx)
@@ -234,7 +240,7 @@ lora_linear_4bit_op = define_op(
 if compiled_extension() is not None:  # fakes of the C++ kernels, so that opcheck and torch.compile see through them
     @torch.library.register_fake("lora_kernels::fused_forward_4bit")
     def _(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features, blocksize, bias, lora_A,
-          lora_B, scaling, dropout_p, seed):
+          lora_B, scaling, dropout_p, seed, gain=None):
         return _forward_fake(x, codes, absmax, nested_absmax, nested_code, offset, code_table, out_features,
                              blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
