@@ -31,7 +31,8 @@ The op, with g = m / n [out] (the norm a constant, as in PEFT and the DoRA paper
 
     p = 0:  (z, xa) = the fused LoRA forward without bias: z = x W0ᵀ + s · xa Bᵀ, one pass over y
             y = g ⊙ z + b
-    p > 0:  (z, xa) = the fused LoRA forward of x̃ = drop(x): z = x̃ W0ᵀ + s · xa Bᵀ, xa = x̃ Aᵀ
+    p > 0:  [x W0ᵀ; x̃ W0ᵀ] = [x; x̃] W0ᵀ, one product (each W0 tile read once for both), x̃ = drop(x)
+            xa = x̃ Aᵀ,  z = x̃ W0ᵀ + s · xa Bᵀ
             y = x W0ᵀ + b + (g − 1) ⊙ z + s · xa Bᵀ           (PEFT's terms, regrouped)
 
 and its backward (z is what dm needs; nothing [out, in] is ever built):
@@ -50,8 +51,8 @@ DoRA runs wherever LoRA does. float32 adapters on a 16-bit base (PEFT's default)
 LoRA terms, z and g ⊙ dy in float32 (_mixed_forward / _mixed_backward): the LoRA kernels take the gradient in
 x's dtype, and g ⊙ dy rounded to 16 bits would cost dA and dB their float32 accuracy.
 
-With dropout PEFT's function needs a second product with W0, x̃ W0ᵀ (and dx one more): two GEMMs where LoRA has
-one, the cost of DoRA with dropout. (A product over the dropped elements only, x̃ = (x − x⊙(1−keep))/(1−p), was
+With dropout PEFT's function needs a second product with W0, x̃ W0ᵀ (and dx one more): twice the multiply-adds
+of LoRA's products, the cost of DoRA with dropout; the forward's two share one read of W0 (stacked rows). (A product over the dropped elements only, x̃ = (x − x⊙(1−keep))/(1−p), was
 built and measured: no faster on a 2-core CPU; benchmarks/NOTES.md.)
 """
 
@@ -409,13 +410,36 @@ def _gained_forward(base, x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lor
         z, xa = base.lora_forward(x, lora_A, lora_B, s)
         y = _gain_ops(x).dora_gained(z, gain, bias, x.dtype, in_place=False)
     else:
-        z, xa = base.lora_forward(_dropped(x, keep_scale(x, p, seed)), lora_A, lora_B, s)
+        x_dropped, base_x, base_dropped = _products_with_dropped(base, x, keep_scale(x, p, seed))
+        xa = x_dropped @ lora_A.t()
+        z = _plus_lora(base_dropped, xa, lora_B, s)  # x̃ W0ᵀ + s · xa Bᵀ
         acc = gain.dtype
-        y = base.product(x, bias).to(acc)
-        y.addcmul_(z.to(acc), gain - 1)
+        y = torch.addcmul(base_x.to(acc), z.to(acc), gain - 1)
         y.addmm_(xa.to(acc), (lora_B.to(acc) * s).t())
+        if bias is not None:
+            y.add_(bias)
         y = y.to(x.dtype)
     return y, xa, (z if keep_z else z.new_empty(0))
+
+
+def _plus_lora(c: Tensor, xa: Tensor, lora_B: Tensor, s) -> Tensor:
+    """c + s · xa Bᵀ [M, out], a new tensor, s applied in the product's accumulator (a 0-d tensor s scales B; so
+    does s = 0, which BLAS would take as leave to skip the product and its NaN/Inf)."""
+    if isinstance(s, Tensor) or s == 0.0:
+        return torch.addmm(c, xa, (lora_B * s).t())
+    return torch.addmm(c, xa, lora_B.t(), alpha=s)
+
+
+def _products_with_dropped(base, x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(x̃ = drop(x) [M, in] in x's dtype, x W0ᵀ, x̃ W0ᵀ [M, out]) from one product of [x; x̃] stacked: each tile of
+    W0 is read once for both (a small batch is bound by W0's traffic, a 4-bit W0 by its dequantization; at large M
+    one GEMM of 2M rows costs what two of M rows do). keep: keep_scale(x, ...)."""
+    M = x.shape[0]
+    stacked = x.new_empty(2 * M, x.shape[1])
+    stacked[:M].copy_(x)
+    stacked[M:].copy_(x * keep)  # one rounding of x · mask/(1−p), as _dropped
+    both = base.product(stacked)
+    return stacked[M:], both[:M], both[M:]
 
 
 def _backward(base, grad_y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, z: Tensor,
@@ -466,8 +490,9 @@ def _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p: float, seed, keep_
         z = base.product(x).to(acc).add_(lora)
         y = gain_ops.dora_gained(z, gain, bias, x.dtype, in_place=False)
     else:
-        z = base.product(_dropped(x, keep)).to(acc).add_(lora)  # x̃ W0ᵀ + s · xa Bᵀ
-        y = base.product(x).to(acc).addcmul_(z, gain - 1).add_(lora)
+        _, base_x, base_dropped = _products_with_dropped(base, x, keep)
+        z = base_dropped.to(acc).add_(lora)  # x̃ W0ᵀ + s · xa Bᵀ
+        y = base_x.to(acc).addcmul_(z, gain - 1).add_(lora)
         if bias is not None:
             y.add_(bias)
         y = y.to(x.dtype)
