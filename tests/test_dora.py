@@ -628,3 +628,26 @@ def test_triton_backend_runs_the_gain_kernels(use_backend, monkeypatch):
     t = make_dora_inputs((7,), 33, 40, 3, torch.bfloat16)
     _run(_ours, t, 0.0)
     assert calls == ["dora_gained", "dora_gain_gradients"]
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_dropout_forward_reads_w0_once_for_both_products(quantized, monkeypatch):
+    """With dropout PEFT's function needs x W0ᵀ and x̃ W0ᵀ: one base product of [x; x̃] stacked (each W0 tile, or a
+    4-bit W0's codes, read once for both), whose halves are the two products; the op still matches the reference."""
+    from lora_kernels.ops import dora_linear as dora_ops
+
+    t = make_dora_inputs((6,), 64, 40, 3, torch.float32)
+    weight = Weight4bit.quantize(t["weight"], 32, "nf4", False) if quantized else t["weight"]
+    base_class = dora_ops.Base4bit if quantized else dora_ops.DenseBase
+    rows = []
+    original = base_class.product
+    monkeypatch.setattr(base_class, "product", lambda self, x, *a: rows.append(x.shape[0]) or original(self, x, *a))
+    torch.manual_seed(1234)
+    y = lk.dora_linear(t["x"], weight, t["bias"], t["lora_A"], t["lora_B"], t["magnitude"], SCALING, 0.3, True)
+    assert rows == [12]  # one product, of the 6 rows of x and the 6 of x̃
+    dense = weight.dequantize(torch.float32) if quantized else t["weight"]
+    torch.manual_seed(1234)
+    seed = int(draw_seed())
+    want = reference.dora_linear(t["x"].double(), dense.double(), t["bias"].double(), t["lora_A"].double(),
+                                 t["lora_B"].double(), t["magnitude"].double(), SCALING, 0.3, seed)
+    torch.testing.assert_close(y.double(), want, rtol=2e-5, atol=2e-5)
