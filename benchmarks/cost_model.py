@@ -68,7 +68,8 @@ def main(argv=None) -> int:
         print(f"{shape:<24}{'train' if row['train'] else 'fwd':<7}{row['path']:<8}{row['launches']:>9}"
               f"{row['mb']:>9.1f}{row['gflop']:>9.2f}{row['us']:>10.1f}{row['vs_base']:>8.3f}")
     dora = list(dora_rows())
-    print("\nDoRA as built (dora_linear: the LoRA path's kernels + the Triton gain epilogues of ops/triton_dora.py), against the LoRA step on the same path"
+    print("\nDoRA as built (dora_linear: the LoRA path's kernels, the gain in the Triton GEMM's epilogue or after cuBLAS,"
+          " the backward's Triton epilogue), against the LoRA step on the same path"
           " (the DoRA issue's GPU target: train <= 1.15x at M >= 2048):")
     print(f"{'shape':<24}{'step':<14}{'path':<8}{'launches':>9}{'MB':>9}{'us':>10}{'x LoRA':>8}")
     for row in dora:

@@ -174,6 +174,8 @@ def variants(dtypes, arch: int):
                     launches.append(("decode scaling in memory", lin.fused_gemm_launch_args(
                         e(16, K), weight.t(), bias, e(16, r), lora_B.t(), lora_A.t(), e(16, N),
                         e((), dt=torch.float64), p, seed, shrink_in_loop=True, dropout_epilogue=False)))
+                if p == 0.0:  # DoRA's forward: y = g ⊙ (...) + b in the epilogue, z stored beside y (training)
+                    launches += _dora_gemm_variants(lin, e, x, weight, bias, xa, lora_A, lora_B, r, M, N, K, seed)
                 if p == 0.0:
                     launches += [
                         ("shrink gb", lin.shrink_launch_args(grad_y, lora_B, gb, 0.0, None)),
@@ -202,6 +204,34 @@ def variants(dtypes, arch: int):
                 yield (f"merge{' switch' if sub else ''}{' check' if check_only else ''}", kernel, [None], args,
                        flags, dtype, 16, None)
         yield from _dora_variants(e, dtype, M, N)
+
+
+def _dora_gemm_variants(lin, e, x, weight, bias, xa, lora_A, lora_B, r, M, N, K, seed):
+    """The fused GEMM with DoRA's gain in its epilogue (GAIN, and STORE_Z when training keeps z): large M, decode,
+    and at r = 16 the split decode with its finish kernel."""
+    import torch
+
+    gain = e(N, dt=torch.float32)
+    launches = []
+    for z in (e(M, N), None):
+        keep = " z" if z is not None else ""
+        launches += [
+            ("dora gemm y" + keep, lin.fused_gemm_launch_args(
+                x, weight.t(), bias, xa, lora_B.t(), None, e(M, N), 2.0, 0.0, seed, shrink_in_loop=False,
+                dropout_epilogue=False, gain=gain, z=z)),
+            ("dora decode" + keep, lin.fused_gemm_launch_args(
+                e(16, K), weight.t(), bias, e(16, r), lora_B.t(), lora_A.t(), e(16, N), 2.0, 0.0, seed,
+                shrink_in_loop=True, dropout_epilogue=False, gain=gain, z=None if z is None else e(16, N)))]
+    if r == 16:
+        n = 1024
+        part, part_l = e(4, 16, n, dt=torch.float32), e(4, 16, 16, dt=torch.float32)
+        launches += [
+            ("dora split decode z", lin.fused_gemm_launch_args(
+                e(16, K), weight[:n].t(), bias[:n], e(16, r), lora_B[:n].t(), lora_A.t(), e(16, n), 2.0, 0.0, seed,
+                shrink_in_loop=True, dropout_epilogue=False, part=part, part_l=part_l, gain=gain[:n], z=e(16, n))),
+            ("dora split finish z", lin.split_finish_launch_args(part, part_l, bias[:n], e(16, r), lora_B[:n].t(),
+                                                                 e(16, n), 2.0, 0.0, gain[:n], e(16, n)))]
+    return launches
 
 
 def _dora_variants(e, dtype, M, N):
@@ -298,6 +328,13 @@ def _weight4bit_variants(lin, e, dtype, M, N, K):
     launches.append(("4bit split decode", lin.fused_gemm_launch_args(
         e(16, K), None, bias[:n_narrow], e(16, 16), e(16, n_narrow), e(K, 16), e(16, n_narrow), 2.0, 0.0, None, True,
         False, w4=empty_kernel_args(n_narrow, K), w4_transposed=True, part=f32(4, 16, n_narrow), part_l=f32(4, 16, 16))))
+    for z in (e(M, N), None):  # QDoRA's forward: the gain in the (transposed) epilogue, z stored or not
+        launches.append(("4bit dora gemm y" + (" z" if z is not None else ""), lin.fused_gemm_launch_args(
+            x, None, bias, e(M, 16), e(16, N), None, e(M, N), 2.0, 0.0, None, False, False, w4=w4,
+            w4_transposed=True, gain=f32(N), z=z)))
+    launches.append(("4bit dora decode z", lin.fused_gemm_launch_args(
+        e(16, K), None, bias, e(16, 16), e(16, N), e(K, 16), e(16, N), 2.0, 0.0, None, True, False, w4=w4,
+        w4_transposed=True, gain=f32(N), z=e(16, N))))
     launches += [("4bit mixed decode", lin.fused_gemm_launch_args(
                      e(16, K), None, bias, f32(16, 16), f32(16, N), f32(K, 16), e(16, N), 2.0, 0.1, seed, True, False,
                      w4=w4, w4_transposed=True)),

@@ -25,7 +25,7 @@ predict() to choose a path per shape until a measured table exists (lora_kernels
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -312,18 +312,20 @@ def step_us(step: str, path: str, M: int, out_features: int, in_features: int, r
     return predict(path, M, out_features, in_features, r, train=True).us - forward
 
 
-# ---- DoRA (ops/dora_linear.py as built: the LoRA path's kernels plus ops/triton_dora.py's gain epilogues) -------
+# ---- DoRA (ops/dora_linear.py as built: the LoRA path's kernels, the gain in the Triton GEMMs' epilogue or in
+# ops/triton_dora.py's one pass after cuBLAS, and ops/triton_dora.py's backward epilogue) -------------------------
 
 def _elementwise(name: str, elements: int, bytes_per_element: float) -> Kernel:
     """An ATen elementwise kernel (or reduction) over `elements`, moving bytes_per_element each."""
     return Kernel(name, elements * bytes_per_element, library=True)
 
 
-def _dora_extra(M, N, K, R, e, train: bool, dropout: bool) -> list[Kernel]:
+def _dora_extra(M, N, K, R, e, train: bool, dropout: bool, gain_in_gemm: bool) -> list[Kernel]:
     """What dora_linear adds to the LoRA op: the row norm (training: A and B changed since the last step), the gain
-    y = g ⊙ z + b (ops/triton_dora.py: z read, y written, one pass), with dropout the mask, x̃ and the second
-    product x W0ᵀ; in the backward g ⊙ dy with the row sums of dy ⊙ z for dm (one pass over dy and z) and, with
-    dropout, ((1 − g) ⊙ dy) W0 masked."""
+    y = g ⊙ z + b (gain_in_gemm: in the GEMM's epilogue, counted there by predict_dora; else ops/triton_dora.py's
+    pass: z read, y written), with dropout the mask, x̃ and the second product x W0ᵀ (as the LoRA op on x̃ plus a
+    GEMM: the stacked product [x; x̃] W0ᵀ has the same flops and bytes); in the backward g ⊙ dy with the row sums
+    of dy ⊙ z for dm (one pass over dy and z) and, with dropout, ((1 − g) ⊙ dy) W0 masked."""
     f32 = 4
     kernels = []
     if train:
@@ -332,7 +334,7 @@ def _dora_extra(M, N, K, R, e, train: bool, dropout: bool) -> list[Kernel]:
         kernels += [_elementwise("dropout mask", M * K, f32), _elementwise("x̃ = x ⊙ mask", M * K, 2 * e + f32),
                     _gemm("x W0ᵀ (second product)", M, N, K, e, e, e),
                     _elementwise("y = P + (g−1) z + s·xa Bᵀ (fp32)", M * N, 2 * e + 3 * f32 + e)]
-    else:
+    elif not gain_in_gemm:
         kernels.append(_elementwise("g ⊙ z + b (Triton, one pass)", M * N, 2 * e))
     if train:
         kernels += [_elementwise("g ⊙ dy, Σ dy ⊙ z (Triton, one pass)", M * N, 3 * e),
@@ -347,10 +349,20 @@ def _dora_extra(M, N, K, R, e, train: bool, dropout: bool) -> list[Kernel]:
 def predict_dora(path: str, M: int, out_features: int, in_features: int, r: int, train: bool = False,
                  dropout: bool = False, element_bytes: int = 2, device: Device = H200) -> Prediction:
     """The predicted GPU time of dora_linear (16-bit tensors and adapters) on a LoRA path ("triton" or "cuda"):
-    the LoRA op's kernels (with dropout, on x̃) plus _dora_extra. Unmeasured, like everything here."""
+    the LoRA op's kernels (with dropout, on x̃) plus _dora_extra. On the triton path without dropout the gain is in
+    the GEMM's epilogue: the kernel that writes y reads g and, in training, also writes z. Unmeasured, like
+    everything here."""
     lora = predict(path, M, out_features, in_features, r, train, element_bytes, device=device)
-    extra = _dora_extra(M, out_features, in_features, r, element_bytes, train, dropout)
-    return Prediction(f"dora on {path}", lora.kernels + extra, device)
+    kernels = list(lora.kernels)
+    gain_in_gemm = path == "triton" and not dropout
+    if gain_in_gemm:
+        writes_y = len(predict(path, M, out_features, in_features, r, False, element_bytes, device=device).kernels) - 1
+        epilogue = out_features * 4 + (M * out_features * element_bytes if train else 0)
+        gemm = kernels[writes_y]
+        kernels[writes_y] = replace(gemm, name=gemm.name + (" + gain, z" if train else " + gain"),
+                                    bytes=gemm.bytes + epilogue)
+    extra = _dora_extra(M, out_features, in_features, r, element_bytes, train, dropout, gain_in_gemm)
+    return Prediction(f"dora on {path}", kernels + extra, device)
 
 
 # ---- QLoRA (lora_linear_4bit): W0 in bitsandbytes' 4-bit layout ------------------------------------------------

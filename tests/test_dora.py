@@ -616,20 +616,81 @@ def test_triton_gain_kernels_match_aten(dtype):
 
 
 @pytest.mark.skipif("triton" not in compiled_backends(), reason="triton backend not available")
-def test_triton_backend_runs_the_gain_kernels(use_backend, monkeypatch):
-    """On the triton backend dora_linear's epilogues are the Triton kernels (forward, and backward with dm)."""
-    from lora_kernels.ops import triton_dora
+def test_triton_backend_runs_the_gain_in_the_gemm_and_the_gradient_kernel(use_backend, monkeypatch):
+    """On the triton backend DoRA's forward is the fused GEMM with the gain in its epilogue (y and z from one
+    accumulator, no pass of its own over y), in training and in eval (the same bits), and its backward's epilogue
+    the one-pass gradient kernel; dense and 4-bit W0."""
+    from lora_kernels.ops import triton_dora, triton_lora_linear as lin
 
     use_backend("triton")
+    monkeypatch.setenv("LORA_KERNELS_4BIT_PATH", "fused")
     calls = []
-    for name in ("dora_gained", "dora_gain_gradients"):
-        original = getattr(triton_dora, name)
-        monkeypatch.setattr(triton_dora, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    t = make_dora_inputs((7,), 33, 40, 3, torch.bfloat16)
-    _run(_ours, t, 0.0)
-    assert calls == ["dora_gained", "dora_gain_gradients"]
+    four_bit = lin.Weight4bitBackend
+    for module, name in ((triton_dora, "dora_gained"), (triton_dora, "dora_gain_gradients"),
+                         (lin, "gained_forward"), (lin, "gained_forward_keeping_z"),
+                         (four_bit, "gained_forward"), (four_bit, "gained_forward_keeping_z")):
+        original = getattr(module, name)
+        prefix = "4bit " if module is four_bit else ""
+        monkeypatch.setattr(module, name, staticmethod(
+            lambda *a, _f=original, _n=prefix + name, **k: calls.append(_n) or _f(*a, **k)))
+    t = make_dora_inputs((7,), 64, 40, 3, torch.bfloat16)
+    for weight, prefix in ((t["weight"], ""), (Weight4bit.quantize(t["weight"].float(), 32, "nf4", True), "4bit ")):
+        calls.clear()
+        args = (t["x"], weight, t["bias"], t["lora_A"], t["lora_B"], t["magnitude"], SCALING)
+        trained = lk.dora_linear(*(a.detach().requires_grad_(a.dtype != torch.uint8 and a is not weight)
+                                   if isinstance(a, torch.Tensor) else a for a in args))
+        trained.backward(torch.ones_like(trained))
+        with torch.no_grad():
+            evaluated = lk.dora_linear(*args)
+        assert calls == [prefix + "gained_forward_keeping_z", "dora_gain_gradients", prefix + "gained_forward"]
+        assert torch.equal(trained.detach(), evaluated)
 
 
+@pytest.mark.skipif("triton" not in compiled_backends(), reason="triton backend not available")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_gemm_gain_epilogue_matches_a_float64_oracle(dtype, monkeypatch):
+    """The fused GEMM's DoRA epilogue (ops/triton_lora_linear: gained_forward, gained_forward_keeping_z) on every
+    path it has: decode (the shrink in the K loop), decode split over K (the finish kernel's epilogue), the large-M
+    GEMM, and a 4-bit W0 at decode and large M (its tiles computed transposed); bias or none, the scaling as a
+    number or a 0-d tensor. y = g ⊙ z + b and z = x W0ᵀ + s·(x Aᵀ) Bᵀ within the dtype rule of a float64 oracle,
+    xa the LoRA forward's, y the same bits with and without z."""
+    from lora_kernels.ops import triton_lora_linear as lin
+
+    monkeypatch.setenv("LORA_KERNELS_4BIT_PATH", "fused")
+    g = torch.Generator().manual_seed(21)
+    in_f, out_f, r = 64, 40, 5
+    for M, splits, quantized in ((1, 1, False), (16, 1, False), (9, 3, False), (37, 1, False), (3, 1, True),
+                                 (37, 1, True)):
+        monkeypatch.setattr(lin.gpu_paths, "decode_splits", lambda *a, _n=splits: _n)
+        x = torch.randn(M, in_f, generator=g).to(dtype)
+        W = torch.randn(out_f, in_f, generator=g) / 8
+        w4 = Weight4bit.quantize(W, 32, "nf4", True) if quantized else None
+        W = (w4.dequantize(torch.float32) if quantized else W).to(dtype)
+        A = (torch.randn(r, in_f, generator=g) / 8).to(dtype)
+        B = (torch.randn(out_f, r, generator=g) / 8).to(dtype)
+        gain = 0.5 + torch.rand(out_f, generator=g)
+        for bias, scaling in ((torch.randn(out_f, generator=g).to(dtype), 1.5), (None, torch.tensor(0.75))):
+            s = float(scaling)
+            if quantized:
+                w4_args = w4.kernel_args()
+                y, xa = lin.Weight4bitBackend.gained_forward(x, w4_args, bias, A, B, scaling, gain)
+                y_z, xa_z, z = lin.Weight4bitBackend.gained_forward_keeping_z(x, w4_args, bias, A, B, scaling, gain)
+                _, want_xa = lin.Weight4bitBackend.forward(x, w4_args, None, A, B, scaling, 0.0, None)
+            else:
+                y, xa = lin.gained_forward(x, W, bias, A, B, scaling, gain)
+                y_z, xa_z, z = lin.gained_forward_keeping_z(x, W, bias, A, B, scaling, gain)
+                _, want_xa = lin.forward(x, W, None, A, B, scaling, 0.0, None)
+            assert torch.equal(y, y_z) and torch.equal(xa, xa_z) and torch.equal(xa, want_xa), (M, splits, quantized)
+
+            def oracle(wide):
+                z_ = wide(x) @ wide(W).t() + s * (wide(x) @ wide(A).t()) @ wide(B).t()
+                y_ = z_ * wide(gain) + (wide(bias) if bias is not None else 0)
+                return y_, z_
+
+            exact = oracle(lambda t: t.double())
+            plain = tuple(t.to(dtype) for t in oracle(lambda t: t.to(dtype)))
+            testing.assert_all_match_reference([f"y M={M} splits={splits} nf4={quantized}", "z"], (y, z), exact,
+                                               plain)
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
 def test_dropout_forward_reads_w0_once_for_both_products(quantized, monkeypatch):
     """With dropout PEFT's function needs x W0ᵀ and x̃ W0ᵀ: one base product of [x; x̃] stacked (each W0 tile, or a

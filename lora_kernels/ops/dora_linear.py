@@ -52,8 +52,9 @@ LoRA terms, z and g ⊙ dy in float32 (_mixed_forward / _mixed_backward): the Lo
 x's dtype, and g ⊙ dy rounded to 16 bits would cost dA and dB their float32 accuracy.
 
 With dropout PEFT's function needs a second product with W0, x̃ W0ᵀ (and dx one more): twice the multiply-adds
-of LoRA's products, the cost of DoRA with dropout; the forward's two share one read of W0 (stacked rows). (A product over the dropped elements only, x̃ = (x − x⊙(1−keep))/(1−p), was
-built and measured: no faster on a 2-core CPU; benchmarks/NOTES.md.)
+of LoRA's products, the cost of DoRA with dropout; the forward's two share one read of W0 (stacked rows). (A
+product over the dropped elements only, x̃ = (x − x⊙(1−keep))/(1−p), was built and measured three ways: no
+faster on a 2-core CPU; benchmarks/NOTES.md.)
 """
 
 from __future__ import annotations
@@ -111,11 +112,11 @@ class DenseBase:
         return _backend("forward", x, self.weight, lora_A, 0.0).forward(x, self.weight, None, lora_A, lora_B, s,
                                                                         0.0, None)
 
-    def gained_forward(self, x, bias, lora_A, lora_B, s, gain):
-        """(y, xa): y = g ⊙ (x W0ᵀ + s · (x Aᵀ) Bᵀ) + b [M, out] in x's dtype, xa = x Aᵀ (no dropout; adapters in
-        x's dtype)."""
+    def gained_forward(self, x, bias, lora_A, lora_B, s, gain, keep_z: bool):
+        """(y, xa, z or an empty tensor): y = g ⊙ z + b [M, out] in x's dtype, z = x W0ᵀ + s · xa Bᵀ, xa = x Aᵀ (no
+        dropout; adapters in x's dtype)."""
         return _gained(_backend("forward", x, self.weight, lora_A, 0.0), x, self.weight, bias, lora_A, lora_B, s,
-                       gain)
+                       gain, keep_z)
 
     def lora_backward(self, grad, x, lora_A, lora_B, xa, s, p: float, seed, need_dx: bool):
         """(dx, dA, dB) of lora_linear for the output gradient grad (with the forward's dropout mask)."""
@@ -167,8 +168,8 @@ class Base4bit:
     def lora_forward(self, x, lora_A, lora_B, s):
         return self._impl(x, lora_A.dtype).forward(x, self.w4, None, lora_A, lora_B, s, 0.0, None)
 
-    def gained_forward(self, x, bias, lora_A, lora_B, s, gain):
-        return _gained(self._impl(x, lora_A.dtype), x, self.w4, bias, lora_A, lora_B, s, gain)
+    def gained_forward(self, x, bias, lora_A, lora_B, s, gain, keep_z: bool):
+        return _gained(self._impl(x, lora_A.dtype), x, self.w4, bias, lora_A, lora_B, s, gain, keep_z)
 
     def lora_backward(self, grad, x, lora_A, lora_B, xa, s, p: float, seed, need_dx: bool):
         return self._impl(x, lora_A.dtype).backward(grad, x, self.w4, lora_A, lora_B, xa, s, p, seed, need_dx)
@@ -200,15 +201,26 @@ class Base4bit:
         return Reference4bit.dequantize(self.w4, self.in_features, dtype)
 
 
-def _gained(lora_impl, x: Tensor, weight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, s, gain: Tensor
-            ) -> tuple[Tensor, Tensor]:
-    """(y, xa) of y = g ⊙ (x W0ᵀ + s · (x Aᵀ) Bᵀ) + b from a LoRA backend (weight as it takes it): on the CPU in the
-    compiled kernel's epilogue (one call instead of two from Python: ~20 µs of a decode step), elsewhere its forward
-    and the dora_gain op's epilogue (on a GPU one Triton pass). On the CPU both are the same ATen op: the same bits."""
-    if x.device.type == "cpu" and hasattr(lora_impl, "gained_forward"):
-        return lora_impl.gained_forward(x, weight, bias, lora_A, lora_B, s, gain)
+def _gained(lora_impl, x: Tensor, weight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, s, gain: Tensor,
+            keep_z: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, xa, z or an empty tensor) of y = g ⊙ z + b, z = x W0ᵀ + s · (x Aᵀ) Bᵀ from a LoRA backend (weight as it
+    takes it), the gain applied where the backend can: in the Triton GEMMs' epilogue (y and z stored from one
+    accumulator, y written once), in the C++ fused forward on the CPU (one call from Python instead of two: ~20 µs
+    of a decode step; the same ATen op as the dora_gain op's, so the same bits), else after the backend's forward
+    by the dora_gain op (on a GPU one Triton pass)."""
+    if keep_z and hasattr(lora_impl, "gained_forward_keeping_z"):
+        return lora_impl.gained_forward_keeping_z(x, weight, bias, lora_A, lora_B, s, gain)
+    if not keep_z and hasattr(lora_impl, "gained_forward") and not _gain_after_kernel(lora_impl, x):
+        return (*lora_impl.gained_forward(x, weight, bias, lora_A, lora_B, s, gain), x.new_empty(0))
     z, xa = lora_impl.forward(x, weight, None, lora_A, lora_B, s, 0.0, None)
-    return _gain_ops(x).dora_gained(z, gain, bias, x.dtype, in_place=True), xa
+    y = _gain_ops(x).dora_gained(z, gain, bias, x.dtype, in_place=not keep_z)
+    return y, xa, (z if keep_z else z.new_empty(0))
+
+
+def _gain_after_kernel(lora_impl, x: Tensor) -> bool:
+    """Whether the C++ kernels' gain (ATen's epilogue after the product) is worse than the dora_gain op's: on a GPU,
+    where that op's Triton kernel is one pass over y."""
+    return x.is_cuda and not hasattr(lora_impl, "gained_forward_keeping_z")
 
 
 def _base_of(weight) -> "DenseBase | Base4bit":
@@ -396,19 +408,15 @@ def inference_forward(x: Tensor, weight, bias: Optional[Tensor], lora_A: Tensor,
     base, s = _base_of(weight), _kernel_scaling(scaling)
     if lora_A.dtype != x.dtype:
         return _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, 0.0, None, False, _gain_ops(x))[0]
-    return base.gained_forward(x, bias, lora_A, lora_B, s, gain)[0]
+    return base.gained_forward(x, bias, lora_A, lora_B, s, gain, False)[0]
 
 
 def _gained_forward(base, x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, gain: Tensor, s,
                     p: float, seed: Optional[Tensor], keep_z: bool) -> tuple[Tensor, Tensor, Tensor]:
     if lora_A.dtype != x.dtype:
         return _mixed_forward(base, x, bias, lora_A, lora_B, gain, s, p, seed, keep_z, _gain_ops(x))
-    if p == 0.0 and not keep_z:  # g and b in the LoRA kernel's epilogue where it has one
-        y, xa = base.gained_forward(x, bias, lora_A, lora_B, s, gain)
-        return y, xa, y.new_empty(0)
-    if p == 0.0:  # z kept for the backward: the LoRA forward, then y from z (on x̃ when p > 0)
-        z, xa = base.lora_forward(x, lora_A, lora_B, s)
-        y = _gain_ops(x).dora_gained(z, gain, bias, x.dtype, in_place=False)
+    if p == 0.0:  # g and b in the LoRA kernel's epilogue where it has one
+        return base.gained_forward(x, bias, lora_A, lora_B, s, gain, keep_z)
     else:
         x_dropped, base_x, base_dropped = _products_with_dropped(base, x, keep_scale(x, p, seed))
         xa = x_dropped @ lora_A.t()

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .. import gpu_paths
 from .lora_linear import _backend as dense_backend  # lora_linear's path per step and shape
+from .triton_dora import dora_gained
 from .triton_common import (RANK_CHUNK, block_r, cast, configs, dequantized_tile, dot, dropout_args, dropped,
                             fitting_configs, full_precision, gpu_configs, grouped_mask, interpreted, keep_mask,
                             kernel_seed, multiprocessors, on_device, soft_bf16, weight4bit_aligned,
@@ -124,13 +125,46 @@ def _scaling_value(scaling, SCALING_IN_MEMORY: tl.constexpr):
 
 
 @triton.jit
+def _store_output(acc, rows, cols, row_ok, col_ok, y_ptr, z_ptr, gain_ptr, bias_ptr, stride_ym, stride_yn,
+                  ADD_BIAS: tl.constexpr, GAIN: tl.constexpr, STORE_Z: tl.constexpr, SOFT_BF16: tl.constexpr,
+                  TRANSPOSED: tl.constexpr):
+    """The GEMMs' last stage: the float32 tile acc [rows, cols] (TRANSPOSED: [cols, rows]) stored as y, with GAIN
+    as DoRA's y = g ⊙ acc + bias (g [N] float32: the gain in the epilogue, y written once, no second pass) and,
+    with STORE_Z, acc itself stored as z (y's shape and strides: what the magnitude's gradient needs), each
+    rounded once from the same accumulator. ADD_BIAS: the bias is added here (decode, or after the gain) rather
+    than in the accumulator's first stage."""
+    if TRANSPOSED:
+        offsets = rows.to(tl.int64)[None, :] * stride_ym + cols.to(tl.int64)[:, None] * stride_yn
+        ok = row_ok[None, :] & col_ok[:, None]
+    else:
+        offsets = rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
+        ok = row_ok[:, None] & col_ok[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + offsets, cast(acc, z_ptr.dtype.element_ty, SOFT_BF16), mask=ok)
+    if GAIN:
+        gain = tl.load(gain_ptr + cols, mask=col_ok, other=0.0)
+        if TRANSPOSED:
+            acc = acc * gain[:, None]
+        else:
+            acc = acc * gain[None, :]
+    if ADD_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if TRANSPOSED:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    tl.store(y_ptr + offsets, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=ok)
+
+
+@triton.jit
 def _decode_epilogue(acc, l_acc, rows, cols, ranks, row_ok, col_ok, rank_ok, write_l, l_ptr, u_ptr, bias_ptr, y_ptr,
-                     stride_lm, stride_lr, stride_ur, stride_un, stride_ym, stride_yn, scaling, inv_keep,
-                     HAS_BIAS: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """Decode's last stage: y = acc + s·(L U) + bias from the K loop's sums acc = x W0 and l_acc = drop(x) D
-    (float32), L rounded to xa's dtype and written out as xa where write_l (one column block). Rank lanes beyond R
-    hold 0·x, NaN where x is ±Inf: they are zeroed, or the zero-padded rows of U would turn them into NaN across
-    the whole row of y."""
+                     z_ptr, gain_ptr, stride_lm, stride_lr, stride_ur, stride_un, stride_ym, stride_yn, scaling,
+                     inv_keep, HAS_BIAS: tl.constexpr, GAIN: tl.constexpr, STORE_Z: tl.constexpr,
+                     SCALING_IN_MEMORY: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Decode's last stage: y = acc + s·(L U) + bias (GAIN: y = g ⊙ (acc + s·(L U)) + bias, and z as
+    _store_output says) from the K loop's sums acc = x W0 and l_acc = drop(x) D (float32), L rounded to xa's dtype
+    and written out as xa where write_l (one column block). Rank lanes beyond R hold 0·x, NaN where x is ±Inf:
+    they are zeroed, or the zero-padded rows of U would turn them into NaN across the whole row of y."""
     l_acc = tl.where(rank_ok[None, :], l_acc * inv_keep, 0.0)
     lora_left = cast(l_acc, l_ptr.dtype.element_ty, SOFT_BF16)
     if write_l:  # xa is saved for the backward
@@ -140,24 +174,22 @@ def _decode_epilogue(acc, l_acc, rows, cols, ranks, row_ok, col_ok, rank_ok, wri
                 mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
     lora = dot(lora_left, u, tl.zeros(acc.shape, dtype=tl.float32), SOFT_BF16)
     acc += lora * _scaling_value(scaling, SCALING_IN_MEMORY)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
-    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & col_ok[None, :])
+    _store_output(acc, rows, cols, row_ok, col_ok, y_ptr, z_ptr, gain_ptr, bias_ptr, stride_ym, stride_yn, HAS_BIAS,
+                  GAIN, STORE_Z, SOFT_BF16, False)
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "splits", "threshold"])
 def _fused_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, l_ptr, u_ptr, d_ptr, y_ptr, seed_ptr,
+    x_ptr, w_ptr, bias_ptr, l_ptr, u_ptr, d_ptr, y_ptr, z_ptr, gain_ptr, seed_ptr,
     absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr, part_ptr, part_l_ptr,
     M, N, K, R, M_BUCKET, splits,
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_ur, stride_un, stride_dk, stride_dr, stride_ym, stride_yn,
     scaling, threshold, inv_keep,
-    HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, DROPOUT_SHRINK: tl.constexpr,
-    DROPOUT_EPILOGUE: tl.constexpr, GROUPED_MASK: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr,
-    SOFT_BF16: tl.constexpr, W4: tl.constexpr, W4_TRANSPOSED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    BLOCKSIZE: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GAIN: tl.constexpr, STORE_Z: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr,
+    DROPOUT_SHRINK: tl.constexpr, DROPOUT_EPILOGUE: tl.constexpr, GROUPED_MASK: tl.constexpr,
+    SCALING_IN_MEMORY: tl.constexpr, SOFT_BF16: tl.constexpr, W4: tl.constexpr, W4_TRANSPOSED: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -176,7 +208,9 @@ def _fused_gemm_kernel(
     drop?(x) @ d[K, R] and written to l_ptr by the first column block. With SPLIT_K (decode of a layer too narrow
     to fill the GPU), program (·, s) of the 2-D grid takes slice s of `splits` slices of K and writes its float32
     sums x W0 and drop(x) D to part_ptr [splits, M, N] and part_l_ptr [splits, M, BLOCK_R]; _split_finish_kernel
-    adds them and applies the LoRA term, the bias and the rounding. With SCALING_IN_MEMORY,
+    adds them and applies the LoRA term, the bias and the rounding. With GAIN (DoRA's forward), y = g ⊙ (x W0ᵀ +
+    s·L U) + bias, g [N] read at gain_ptr, and with STORE_Z the tile before the gain is also stored at z_ptr (y's
+    strides): _store_output. With SCALING_IN_MEMORY,
     `scaling` points to a 0-d tensor read at run time (a replayed CUDA graph sees its current value).
     M_BUCKET (M rounded up to a power of two) is not used here: it is the
     autotuner's key, so that batches of every new length do not re-tune.
@@ -232,7 +266,7 @@ def _fused_gemm_kernel(
             if SWAP_AB:
                 keep = tl.trans(keep)
             acc = tl.where(keep, acc * inv_keep, 0.0)
-        if HAS_BIAS:
+        if HAS_BIAS and not GAIN:  # with a gain, the bias comes after it (_store_output)
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             if SWAP_AB:
                 acc += bias[:, None]
@@ -290,23 +324,21 @@ def _fused_gemm_kernel(
             tl.store(part_l, l_acc, mask=row_ok[:, None])
     elif SHRINK_IN_LOOP:  # Stage 3 (decode): the LoRA term from the loop's L (the launcher keeps R <= BLOCK_R)
         _decode_epilogue(acc, l_acc, rows, cols, ranks, row_ok, col_ok, rank_ok, pid_n == 0, l_ptr, u_ptr,
-                         bias_ptr, y_ptr, stride_lm, stride_lr, stride_ur, stride_un, stride_ym, stride_yn, scaling,
-                         inv_keep, HAS_BIAS, SCALING_IN_MEMORY, SOFT_BF16)
-    elif SWAP_AB:
-        y_ptrs = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + cols.to(tl.int64)[:, None] * stride_yn
-        tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[None, :] & col_ok[:, None])
+                         bias_ptr, y_ptr, z_ptr, gain_ptr, stride_lm, stride_lr, stride_ur, stride_un, stride_ym,
+                         stride_yn, scaling, inv_keep, HAS_BIAS, GAIN, STORE_Z, SCALING_IN_MEMORY, SOFT_BF16)
     else:
-        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
-        tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, SOFT_BF16), mask=row_ok[:, None] & col_ok[None, :])
+        _store_output(acc, rows, cols, row_ok, col_ok, y_ptr, z_ptr, gain_ptr, bias_ptr, stride_ym, stride_yn,
+                      HAS_BIAS and GAIN, GAIN, STORE_Z, SOFT_BF16, SWAP_AB)
 
 
 @triton.jit(do_not_specialize=["M", "splits"])
 def _split_finish_kernel(
-    part_ptr, part_l_ptr, l_ptr, u_ptr, bias_ptr, y_ptr,
+    part_ptr, part_l_ptr, l_ptr, u_ptr, bias_ptr, y_ptr, z_ptr, gain_ptr,
     M, N, R, splits,
     stride_lm, stride_lr, stride_ur, stride_un, stride_ym, stride_yn,
     scaling, inv_keep,
-    HAS_BIAS: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr, SOFT_BF16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GAIN: tl.constexpr, STORE_Z: tl.constexpr, SCALING_IN_MEMORY: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Split decode's end: acc = Σ_s part[s] and l_acc = Σ_s part_l[s] (slices added in order: the same bits at
@@ -325,14 +357,16 @@ def _split_finish_kernel(
         l_acc += tl.load(part_l_ptr + (slice_ * M + rows64) * BLOCK_R + ranks[None, :], mask=row_ok[:, None],
                          other=0.0)
     _decode_epilogue(acc, l_acc, rows, cols, ranks, row_ok, col_ok, rank_ok, pid_n == 0, l_ptr, u_ptr, bias_ptr,
-                     y_ptr, stride_lm, stride_lr, stride_ur, stride_un, stride_ym, stride_yn, scaling, inv_keep,
-                     HAS_BIAS, SCALING_IN_MEMORY, SOFT_BF16)
+                     y_ptr, z_ptr, gain_ptr, stride_lm, stride_lr, stride_ur, stride_un, stride_ym, stride_yn,
+                     scaling, inv_keep, HAS_BIAS, GAIN, STORE_Z, SCALING_IN_MEMORY, SOFT_BF16)
 
 
 # Keyed on M's power-of-two bucket, not M: training batches of varying length
 # would otherwise pay a full autotuning run (seconds) for every new M. The flags
 # that change a config's shared memory or registers (bias, dropout, the rank tile)
-# are part of the key, so a config tuned without dropout is never reused with it.
+# are part of the key, so a config tuned without dropout is never reused with it. DoRA's GAIN and STORE_Z are
+# not: they only add a load and a store after the loop, and one config for both keeps the K loop's order, so an
+# eval forward (no z) gives the training forward's bits.
 _KEY = ["N", "K", "R", "HAS_BIAS", "DROPOUT_SHRINK", "DROPOUT_EPILOGUE", "BLOCK_R", "W4", "W4_TRANSPOSED"]
 _PRUNE = {"early_config_prune": fitting_configs}
 _fused_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET"] + _KEY, prune_configs_by=_PRUNE)(
@@ -471,9 +505,11 @@ def decode_split_count(M: int, N: int, K: int, sms: int) -> int:
 
 
 def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed, shrink_in_loop, dropout_epilogue,
-                           w4=None, w4_transposed=False, part=None, part_l=None):
+                           w4=None, w4_transposed=False, part=None, part_l=None, gain=None, z=None):
     """(autotuned kernel, grid, args, flags) of y = x @ w_kn + bias + scaling · left @ u_rn
-    (see _fused_gemm_kernel); w_kn, u_rn, d_kr are views; scaling is a float or a 0-d tensor on x's device;
+    (see _fused_gemm_kernel); with gain [N] (float32), y = gain ⊙ (x @ w_kn + scaling · left @ u_rn) + bias, and
+    z (y's shape and strides, or None) gets the part before the gain; w_kn, u_rn, d_kr are views; scaling is a
+    float or a 0-d tensor on x's device;
     seed a 0-d int64 tensor on x's device when p > 0. With w4 (a 4-bit weight W0's kernel_args(), w_kn None),
     w_kn is W0ᵀ (w4_transposed: the forward) or W0 (dx). With part [splits, M, N] and part_l [splits, M, BLOCK_R]
     (float32, decode only) the launch is split over K and writes its sums there (split_finish_launch_args ends it)."""
@@ -501,14 +537,18 @@ def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed,
                         SWAP_AB=not shrink_in_loop,  # decode's 16-row tiles stay as they are (mma.sync)
                         # the double-quantized scale's product and sum rounded apart, as the spec does
                         enable_fp_fusion=not double_quant)
+    if z is not None and (gain is None or z.shape != y.shape or z.stride() != y.stride()):
+        raise ValueError("z needs a gain and y's shape and strides")
     args = (x, w, bias if bias is not None else y, left, u_rn, d_kr if d_kr is not None else left, y,
-            seed if p > 0.0 else y, *w4_pointers, *((part, part_l) if part is not None else (y, y)),
+            z if z is not None else y, gain if gain is not None else y, seed if p > 0.0 else y, *w4_pointers,
+            *((part, part_l) if part is not None else (y, y)),
             M, N, K, R, triton.next_power_of_2(M), splits,
             x.stride(0), x.stride(1), *w_strides,
             left.stride(0), left.stride(1), u_rn.stride(0), u_rn.stride(1), *d_strides, y.stride(0), y.stride(1),
             scaling, threshold, inv_keep)
-    flags = dict(HAS_BIAS=bias is not None, SHRINK_IN_LOOP=shrink_in_loop,
-                 DROPOUT_SHRINK=shrink_in_loop and p > 0.0, DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
+    flags = dict(HAS_BIAS=bias is not None, GAIN=gain is not None, STORE_Z=z is not None,
+                 SHRINK_IN_LOOP=shrink_in_loop, DROPOUT_SHRINK=shrink_in_loop and p > 0.0,
+                 DROPOUT_EPILOGUE=dropout_epilogue and p > 0.0,
                  GROUPED_MASK=grouped_mask(K if shrink_in_loop else N),  # decode masks x, dx's epilogue dx
                  SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor), SOFT_BF16=soft_bf16(x.dtype),
                  W4=False, W4_TRANSPOSED=False, DOUBLE_QUANT=False, BLOCKSIZE=64, SWAP_AB=False,
@@ -518,19 +558,21 @@ def fused_gemm_launch_args(x, w_kn, bias, left, u_rn, d_kr, y, scaling, p, seed,
     return kernel, grid, args, flags
 
 
-def split_finish_launch_args(part, part_l, bias, left, u_rn, y, scaling, p):
+def split_finish_launch_args(part, part_l, bias, left, u_rn, y, scaling, p, gain=None, z=None):
     """(kernel, grid, args, flags) of a split decode's end (_split_finish_kernel): y and xa (left) from the
-    slices' sums part [splits, M, N] and part_l [splits, M, BLOCK_R]."""
+    slices' sums part [splits, M, N] and part_l [splits, M, BLOCK_R] (gain, z: as fused_gemm_launch_args)."""
     splits, M, N = part.shape
     R = u_rn.shape[0]
     _, inv_keep = dropout_args(p)
     block_n = 32 if interpreted() else 64
     grid = (triton.cdiv(N, block_n),)
-    args = (part, part_l, left, u_rn, bias if bias is not None else y, y, M, N, R, splits,
+    args = (part, part_l, left, u_rn, bias if bias is not None else y, y, z if z is not None else y,
+            gain if gain is not None else y, M, N, R, splits,
             left.stride(0), left.stride(1), u_rn.stride(0), u_rn.stride(1), y.stride(0), y.stride(1), scaling,
             inv_keep)
-    flags = dict(HAS_BIAS=bias is not None, SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor),
-                 SOFT_BF16=soft_bf16(y.dtype), BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=part_l.shape[2])
+    flags = dict(HAS_BIAS=bias is not None, GAIN=gain is not None, STORE_Z=z is not None,
+                 SCALING_IN_MEMORY=isinstance(scaling, torch.Tensor), SOFT_BF16=soft_bf16(y.dtype), BLOCK_M=16,
+                 BLOCK_N=block_n, BLOCK_R=part_l.shape[2])
     return _split_finish_kernel, grid, args, flags
 
 
@@ -609,14 +651,32 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed):
         return _forward(x, weight, bias, lora_A, lora_B, scaling, p, kernel_seed(seed, x))
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed, w4=None):
-    """forward's launches; with w4 (a 4-bit W0's kernel_args(), weight None) its tiles are dequantized in the GEMM."""
+def gained_forward(x, weight, bias, lora_A, lora_B, scaling, gain):
+    """(y, xa): DoRA's forward without dropout, y = g ⊙ (x W0ᵀ + s·xa Bᵀ) + b [M, out], the gain g [out] (float32)
+    applied in the GEMM's epilogue, so y is written once (ops/dora_linear.py); adapters in x's dtype."""
+    with on_device(x):
+        return _forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None, gain=gain)
+
+
+def gained_forward_keeping_z(x, weight, bias, lora_A, lora_B, scaling, gain):
+    """(y, xa, z): gained_forward and z = x W0ᵀ + s·xa Bᵀ [M, out] (what DoRA's magnitude gradient needs), both
+    stored from the GEMM's one accumulator."""
+    with on_device(x):
+        z = torch.empty(x.shape[0], lora_B.shape[0], device=x.device, dtype=x.dtype)
+        return (*_forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None, gain=gain, z=z), z)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed, w4=None, gain=None, z=None):
+    """forward's launches; with w4 (a 4-bit W0's kernel_args(), weight None) its tiles are dequantized in the GEMM;
+    with gain (and z), DoRA's epilogue (fused_gemm_launch_args)."""
     _check_dtype(x)
     M = x.shape[0]
     N, R = (weight.shape[0] if w4 is None else w4[6]), lora_A.shape[0]
     w_kn = weight.t() if w4 is None else None
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     xa = torch.empty(M, R, device=x.device, dtype=lora_A.dtype)
+    if gain is not None:
+        gain = gain.contiguous()
     if M == 0:
         return y, xa
     if M <= DECODE_MAX_M and R <= RANK_CHUNK:  # the shrink's accumulator holds every rank
@@ -627,14 +687,15 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed, w4=None):
             part_l = torch.empty(splits, M, block_r(R), device=x.device, dtype=torch.float32)
         _fused_gemm_launch(x, w_kn, bias, xa, lora_B.t(), lora_A.t(), y, scaling, p, seed,
                            shrink_in_loop=True, dropout_epilogue=False, w4=w4, w4_transposed=True, part=part,
-                           part_l=part_l)
+                           part_l=part_l, gain=gain, z=z)
         if splits > 1:
-            kernel, grid, args, flags = split_finish_launch_args(part, part_l, bias, xa, lora_B.t(), y, scaling, p)
+            kernel, grid, args, flags = split_finish_launch_args(part, part_l, bias, xa, lora_B.t(), y, scaling, p,
+                                                                 gain, z)
             kernel[grid](*args, **flags)
     else:
         xa = _shrink(x, lora_A.t(), p, seed, lora_A.dtype)
         _fused_gemm_launch(x, w_kn, bias, xa, lora_B.t(), None, y, scaling, p, seed,
-                           shrink_in_loop=False, dropout_epilogue=False, w4=w4, w4_transposed=True)
+                           shrink_in_loop=False, dropout_epilogue=False, w4=w4, w4_transposed=True, gain=gain, z=z)
     return y, xa
 
 
@@ -690,6 +751,31 @@ class Weight4bitBackend:
                 return dense_backend("forward", x, dense, lora_A, p).forward(x, dense, bias, lora_A, lora_B, scaling,
                                                                              p, seed)
             return _forward(x, None, bias, lora_A, lora_B, scaling, p, kernel_seed(seed, x), w4=w4)
+
+    @staticmethod
+    def gained_forward(x, w4, bias, lora_A, lora_B, scaling, gain):
+        """(y, xa) of DoRA's forward without dropout (QDoRA): the gain in the fused GEMM's epilogue."""
+        y, xa, _ = Weight4bitBackend._gained(x, w4, bias, lora_A, lora_B, scaling, gain, False)
+        return y, xa
+
+    @staticmethod
+    def gained_forward_keeping_z(x, w4, bias, lora_A, lora_B, scaling, gain):
+        """(y, xa, z): gained_forward and z = x W0ᵀ + s·xa Bᵀ."""
+        return Weight4bitBackend._gained(x, w4, bias, lora_A, lora_B, scaling, gain, True)
+
+    @staticmethod
+    def _gained(x, w4, bias, lora_A, lora_B, scaling, gain, keep_z: bool):
+        with on_device(x):
+            z = torch.empty(x.shape[0], w4[6], device=x.device, dtype=x.dtype) if keep_z else None
+            dense = _dequantized_for("forward", x, w4, x.shape[1], lora_A.shape[0])
+            impl = None if dense is None else dense_backend("forward", x, dense, lora_A, 0.0)
+            if impl is None or hasattr(impl, "gained_forward_keeping_z"):  # these kernels, packed or dequantized
+                y, xa = _forward(x, dense, bias, lora_A, lora_B, scaling, 0.0, None,
+                                 w4=w4 if dense is None else None, gain=gain, z=z)
+                return y, xa, z
+            # lora_linear's cuBLAS composition on the dequantized W0, then the gain kernel (one pass)
+            z, xa = impl.forward(x, dense, None, lora_A, lora_B, scaling, 0.0, None)
+            return dora_gained(z, gain, bias, x.dtype, in_place=not keep_z), xa, (z if keep_z else None)
 
     @staticmethod
     def backward(grad_y, x, w4, lora_A, lora_B, xa, scaling, p: float, seed, need_dx: bool):
