@@ -29,8 +29,8 @@ dense computation's, and those rows are computed densely (a block of rows at a t
 
 The op, with g = m / n [out] (the norm a constant, as in PEFT and the DoRA paper's §4.3):
 
-    p = 0:  (z, xa) = the fused LoRA forward without bias: z = x W0ᵀ + s · xa Bᵀ, one pass over y
-            y = g ⊙ z + b
+    p = 0:  the fused LoRA forward with g in its epilogue where the backend has one (y written once; z = x W0ᵀ +
+            s · xa Bᵀ stored beside it when kept), else the LoRA forward (z, xa), then y = g ⊙ z + b
     p > 0:  [x W0ᵀ; x̃ W0ᵀ] = [x; x̃] W0ᵀ, one product (each W0 tile read once for both), x̃ = drop(x)
             xa = x̃ Aᵀ,  z = x̃ W0ᵀ + s · xa Bᵀ
             y = x W0ᵀ + b + (g − 1) ⊙ z + s · xa Bᵀ           (PEFT's terms, regrouped)
@@ -107,11 +107,6 @@ class DenseBase:
     out_features = property(lambda self: self.weight.shape[0])
     in_features = property(lambda self: self.weight.shape[1])
 
-    def lora_forward(self, x, lora_A, lora_B, s):
-        """(z, xa): z = x W0ᵀ + s · (x Aᵀ) Bᵀ [M, out] (no bias, no dropout), xa = x Aᵀ [M, r]."""
-        return _backend("forward", x, self.weight, lora_A, 0.0).forward(x, self.weight, None, lora_A, lora_B, s,
-                                                                        0.0, None)
-
     def gained_forward(self, x, bias, lora_A, lora_B, s, gain, keep_z: bool):
         """(y, xa, z or an empty tensor): y = g ⊙ z + b [M, out] in x's dtype, z = x W0ᵀ + s · xa Bᵀ, xa = x Aᵀ (no
         dropout; adapters in x's dtype)."""
@@ -164,9 +159,6 @@ class Base4bit:
     @staticmethod
     def _impl(x: Tensor, adapter_dtype: torch.dtype):
         return implementation(OP_4BIT, x.device, x.dtype, adapter_dtype)
-
-    def lora_forward(self, x, lora_A, lora_B, s):
-        return self._impl(x, lora_A.dtype).forward(x, self.w4, None, lora_A, lora_B, s, 0.0, None)
 
     def gained_forward(self, x, bias, lora_A, lora_B, s, gain, keep_z: bool):
         return _gained(self._impl(x, lora_A.dtype), x, self.w4, bias, lora_A, lora_B, s, gain, keep_z)
