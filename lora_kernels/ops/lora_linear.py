@@ -63,19 +63,17 @@ class CompiledBackend:
     """
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
+    def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, gain=None):
         seed = seed_value(seed)
         if isinstance(scaling, Tensor):
-            return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B * scaling, 1.0, p, seed)
-        return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+            return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B * scaling, 1.0, p, seed, gain)
+        return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, gain)
 
     @staticmethod
     def gained_forward(x, weight, bias, lora_A, lora_B, scaling, gain):
         """(y, xa): y = g ⊙ (x W0ᵀ + s·(x Aᵀ) Bᵀ) + b [M, out] without dropout, g [out] applied in the kernel's
         epilogue (DoRA's forward, ops/dora_linear.py); adapters in x's dtype."""
-        if isinstance(scaling, Tensor):
-            return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B * scaling, 1.0, 0.0, 0, gain)
-        return torch.ops.lora_kernels.fused_forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, 0, gain)
+        return CompiledBackend.forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None, gain)
 
     @staticmethod
     def backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, p, seed, need_dx):

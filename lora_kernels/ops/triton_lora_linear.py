@@ -655,15 +655,22 @@ def gained_forward(x, weight, bias, lora_A, lora_B, scaling, gain):
     """(y, xa): DoRA's forward without dropout, y = g ⊙ (x W0ᵀ + s·xa Bᵀ) + b [M, out], the gain g [out] (float32)
     applied in the GEMM's epilogue, so y is written once (ops/dora_linear.py); adapters in x's dtype."""
     with on_device(x):
-        return _forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None, gain=gain)
+        return _gained_forward(x, weight, bias, lora_A, lora_B, scaling, gain, False)[:2]
 
 
 def gained_forward_keeping_z(x, weight, bias, lora_A, lora_B, scaling, gain):
     """(y, xa, z): gained_forward and z = x W0ᵀ + s·xa Bᵀ [M, out] (what DoRA's magnitude gradient needs), both
     stored from the GEMM's one accumulator."""
     with on_device(x):
-        z = torch.empty(x.shape[0], lora_B.shape[0], device=x.device, dtype=x.dtype)
-        return (*_forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None, gain=gain, z=z), z)
+        return _gained_forward(x, weight, bias, lora_A, lora_B, scaling, gain, True)
+
+
+def _gained_forward(x, weight, bias, lora_A, lora_B, scaling, gain, keep_z: bool, w4=None):
+    """(y, xa, z or None): the launches of the gained forwards (W0 dense, or 4-bit as w4 with weight None)."""
+    N = weight.shape[0] if w4 is None else w4[6]
+    z = torch.empty(x.shape[0], N, device=x.device, dtype=x.dtype) if keep_z else None
+    y, xa = _forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None, w4=w4, gain=gain, z=z)
+    return y, xa, z
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, p: float, seed, w4=None, gain=None, z=None):
@@ -766,13 +773,12 @@ class Weight4bitBackend:
     @staticmethod
     def _gained(x, w4, bias, lora_A, lora_B, scaling, gain, keep_z: bool):
         with on_device(x):
-            z = torch.empty(x.shape[0], w4[6], device=x.device, dtype=x.dtype) if keep_z else None
             dense = _dequantized_for("forward", x, w4, x.shape[1], lora_A.shape[0])
-            impl = None if dense is None else dense_backend("forward", x, dense, lora_A, 0.0)
-            if impl is None or hasattr(impl, "gained_forward_keeping_z"):  # these kernels, packed or dequantized
-                y, xa = _forward(x, dense, bias, lora_A, lora_B, scaling, 0.0, None,
-                                 w4=w4 if dense is None else None, gain=gain, z=z)
-                return y, xa, z
+            if dense is None:  # the fused GEMM dequantizes W0's tiles
+                return _gained_forward(x, None, bias, lora_A, lora_B, scaling, gain, keep_z, w4=w4)
+            impl = dense_backend("forward", x, dense, lora_A, 0.0)
+            if hasattr(impl, "gained_forward_keeping_z"):  # these kernels on the dequantized W0
+                return _gained_forward(x, dense, bias, lora_A, lora_B, scaling, gain, keep_z)
             # lora_linear's cuBLAS composition on the dequantized W0, then the gain kernel (one pass)
             z, xa = impl.forward(x, dense, None, lora_A, lora_B, scaling, 0.0, None)
             return dora_gained(z, gain, bias, x.dtype, in_place=not keep_z), xa, (z if keep_z else None)
